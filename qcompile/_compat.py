@@ -1,0 +1,38 @@
+"""Everything that touches PyTorch internals whose shape changes between torch 2.11 and 2.14, in one place."""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def source_name(node: torch.fx.Node) -> str | None:
+    """Dynamo's source string for a placeholder, e.g. "L['self']._modules['fc']._parameters['weight']"."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None or getattr(grapharg, "source", None) is None:
+        return None
+    name = grapharg.source.name
+    return name() if callable(name) else name
+
+
+def dynamo_example_value(node: torch.fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list) -> torch.fx.GraphModule:
+    """Trace a Dynamo graph into an aten-level graph on the same fake inputs (same symbolic shapes), without
+    functionalization or Inductor's decompositions: linear becomes t + mm/addmm (+ views), as AOTAutograd
+    would see it. Node metadata (nn_module_stack, stack traces) is carried over from the Dynamo nodes."""
+    interpreter = torch.fx.Interpreter(gm)
+
+    def run(*args):
+        return interpreter.run(*args)
+
+    with torch.fx.traceback.preserve_node_meta(), torch.no_grad():
+        return make_fx(run, tracing_mode="symbolic", record_module_stack=False)(*fake_args)
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list):
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    return inductor_compile_fx(gm, example_inputs)

@@ -1,0 +1,143 @@
+"""The `qcompile` torch.compile backend: Dynamo graph -> aten graph -> linear pass -> device lowering -> Inductor.
+
+    torch.compile(model, backend="qcompile", options={"scheme": "int4_weight_only"})
+
+Per graph Dynamo hands us: trace it to aten; find which inputs are parameters/buffers (and their names);
+quantize each matched linear's weight once (cached per tensor, so tied weights and recompiles reuse it);
+rewrite the graph; let the device lowering swap patterns for fused kernels; compile with Inductor. The
+compiled function receives the quantized tensors as extra inputs, never the float weights they replace.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _compat
+from .options import QuantOptions
+from .passes.lower import lower_for_device
+from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
+
+# tensor -> {(options key, cast dtype, layout, version): quantized tensors}
+_QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# float weights whose storage qcompile released, and weights some compiled graph still reads in float
+_RELEASED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+_READ_IN_FLOAT: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+
+
+def weight_path(source: str) -> str:
+    """"L['self']._modules['fc']._parameters['weight']" -> "fc.weight"."""
+    path = re.sub(r"_(modules|parameters|buffers)\['([^']*)'\]", r"\2", source)
+    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".") or source
+
+
+def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
+    """Graph inputs that are parameters or buffers (Dynamo lifts them as inputs), by position."""
+    found = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        source = _compat.source_name(node) or ""
+        if isinstance(value, torch.Tensor) and (
+                isinstance(value, torch.nn.Parameter) or "_parameters[" in source or "_buffers[" in source):
+            found[i] = WeightRef(name=weight_path(source) if source else node.name, tensor=value)
+    return found
+
+
+def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_is_nk: bool) -> dict:
+    """The scheme's quantized tensors for one weight, computed once per (tensor, options)."""
+    tensor = ref.tensor
+    key = (options.cache_key(), cast_dtype, weight_is_nk, tensor._version)
+    per_tensor = _QUANTIZED.setdefault(tensor, {})
+    if key not in per_tensor:
+        if tensor in _RELEASED:
+            raise RuntimeError(
+                f"qcompile: the float weight {ref.name!r} was released after an earlier compile quantized it "
+                f"with other options; compile with options={{'keep_float_weights': True}} to quantize one model "
+                f"several ways")
+        with torch.no_grad():
+            w = tensor.detach()
+            w = w if weight_is_nk else w.t()
+            w = w.to(cast_dtype) if cast_dtype is not None else w
+            per_tensor[key] = dict(options.scheme_def.quantize_weight(w.contiguous(), options))
+    return per_tensor[key]
+
+
+def _drop_unused_weight_inputs(result: PassResult, weight_indices) -> list[int]:
+    """Remove float-weight placeholders the rewritten graph no longer reads; return kept input positions."""
+    kept = []
+    placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
+    n_original = len(placeholders) - len(result.constants)
+    for i, node in enumerate(placeholders[:n_original]):
+        if i in weight_indices and not node.users:
+            result.gm.graph.erase_node(node)
+        else:
+            kept.append(i)
+    result.gm.recompile()
+    return kept
+
+
+def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> None:
+    kept_set = set(kept)
+    for i, ref in weights.items():
+        t = ref.tensor
+        if i in kept_set:
+            _READ_IN_FLOAT.add(t)
+            if t in _RELEASED:
+                raise RuntimeError(
+                    f"qcompile: this graph reads the float weight {ref.name!r}, which an earlier compile released "
+                    f"after quantizing it; compile with options={{'keep_float_weights': True}}")
+            continue
+        storage = t.untyped_storage()
+        owns_storage = storage.nbytes() == t.numel() * t.element_size()
+        if t not in _READ_IN_FLOAT and owns_storage and storage.nbytes() > 0:
+            storage.resize_(0)  # shapes and strides stay (Dynamo's guards hold); the memory is freed
+            _RELEASED.add(t)
+
+
+def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
+    """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_args = [_compat.dynamo_example_value(n) for n in placeholders]
+    aten_gm = _compat.trace_to_aten(gm, fake_args)
+    aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    if len(aten_placeholders) != len(example_inputs):
+        raise RuntimeError(f"qcompile: traced graph has {len(aten_placeholders)} inputs, Dynamo gave "
+                           f"{len(example_inputs)}")
+    weights = find_weight_inputs(gm, example_inputs)
+    result = quantize_linears(
+        aten_gm, {aten_placeholders[i]: ref for i, ref in weights.items()}, options,
+        lambda ref, cast, nk: quantized_weight(ref, options, cast, nk))
+    kept = _drop_unused_weight_inputs(result, weights)
+    device = _device_of(example_inputs)
+    lower_for_device(result.gm, device)
+    constants = [t for _, t in result.constants]
+    compiled = _compat.compile_fx(result.gm, [example_inputs[i] for i in kept] + constants)
+    if not options.keep_float_weights:
+        _release_float_weights(weights, kept)
+
+    def run(*args):
+        return compiled(*[args[i] for i in kept], *constants)
+
+    run.qcompile_result = result  # for debugging tools and tests
+    return run, result
+
+
+def _device_of(example_inputs) -> torch.device:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return t.device
+    return torch.device("cpu")
+
+
+def qcompile_backend(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
+    """The Dynamo backend registered as "qcompile" (entry point torch_dynamo_backends)."""
+    if kwargs:
+        warnings.warn(f"qcompile: ignoring backend arguments {sorted(kwargs)}", stacklevel=2)
+    opts = QuantOptions.from_dict(options)
+    run, _ = compile_quantized(gm, example_inputs, opts)
+    return run

@@ -1,0 +1,184 @@
+"""The linear pass: rewrite every matched linear into the chosen scheme's explicit `qcompile::` nodes.
+
+Input: an aten-level GraphModule whose weights are placeholders, and a `WeightRef` for each such placeholder
+(its name and real tensor). Output: the same graph where each quantized linear reads new placeholders —
+the quantized weight, scales, zero points — appended after the existing ones, in the order of
+`PassResult.constants`; the caller feeds those tensors. The pass asks `quantize(ref, cast_dtype)` for the
+quantized tensors (the backend caches them, so a tied or recompiled weight is quantized once) and the
+scheme to emit nodes; it does no math of its own.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..options import QuantOptions
+from .match_linear import LinearMatch, match_linear
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    name: str  # the parameter's path, e.g. "layers.0.q_proj.weight"
+    tensor: torch.Tensor
+
+
+@dataclass
+class LinearRecord:
+    module: str
+    weight: str
+    out_features: int
+    in_features: int
+    scheme: str | None  # None when skipped
+    form: str
+    reason: str | None = None  # why it stays in float
+    output_node: str | None = None  # name of the node that now produces the linear's output
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    constants: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    linears: list[LinearRecord] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LinearRecord]:
+        return [r for r in self.linears if r.scheme is not None]
+
+    @property
+    def skipped(self) -> list[LinearRecord]:
+        return [r for r in self.linears if r.scheme is None]
+
+
+def _identifier(text: str) -> str:
+    return re.sub(r"\W+", "_", text).strip("_") or "linear"
+
+
+def _module_of(match: LinearMatch, ref: WeightRef) -> str:
+    """The owning module's path: the innermost module on the node's nn_module_stack (right for tied weights,
+    e.g. lm_head reading embed_tokens.weight), else the weight's own path minus its attribute name."""
+    stack = match.node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_module_path(path)
+    return ref.name.rsplit(".", 1)[0] if "." in ref.name else ref.name
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo writes e.g. "L['self'].layers[0].q_proj" or "L['self']._modules['layers']._modules['0']"
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.strip(".")
+
+
+class _Emitter:
+    """Inserts nodes before the matched linear, named after the module, with fake values for shapes."""
+
+    def __init__(self, graph, anchor: Node, prefix: str, fake_mode, meta: dict):
+        self.graph, self.anchor, self.prefix, self.fake_mode, self.meta = graph, anchor, prefix, fake_mode, meta
+
+    def _new(self, target, args, name) -> Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args)
+        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}_{name}", node)
+        node.meta["qcompile"] = dict(self.meta)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*map_arg(args, lambda n: n.meta.get("val")))
+        return node
+
+    def call(self, op, *args):
+        node = self._new(op, args, op._schema.name.split("::")[-1])
+        if len(op._schema.returns) == 1:
+            return node
+        outs = []
+        for i, ret in enumerate(op._schema.returns):
+            item = self._new(__import__("operator").getitem, (node, i), ret.name or f"out{i}")
+            if self.fake_mode is not None:
+                item.meta["val"] = node.meta["val"][i]
+            outs.append(item)
+        return tuple(outs)
+
+    def linear(self, x, weight, bias):
+        return self._new(aten.linear.default, (x, weight, bias), "linear")
+
+
+def _selected(module: str, options: QuantOptions) -> bool:
+    if options.include and not any(fnmatch.fnmatchcase(module, p) for p in options.include):
+        return False
+    return not any(fnmatch.fnmatchcase(module, p) for p in options.exclude)
+
+
+def quantize_linears(gm: GraphModule, weights: dict[Node, WeightRef], options: QuantOptions,
+                     quantize: Callable[[WeightRef, torch.dtype | None], dict[str, torch.Tensor]]) -> PassResult:
+    graph = gm.graph
+    scheme = options.scheme_def
+    fake_mode = torch._guards.detect_fake_mode(
+        [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    result = PassResult(gm)
+    weight_inputs: dict[tuple[Node, torch.dtype | None], dict[str, Node]] = {}
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+    def placeholders_for(match: LinearMatch, ref: WeightRef) -> dict[str, Node]:
+        nonlocal last_placeholder
+        key = (match.weight, match.cast_dtype)
+        if key not in weight_inputs:  # tied weights: one set of constants for every use
+            nodes = {}
+            for name, tensor in quantize(ref, match.cast_dtype, match.weight_is_nk).items():
+                with graph.inserting_after(last_placeholder):
+                    ph = graph.placeholder(f"{_identifier(ref.name)}__{name}")
+                ph.meta["qcompile"] = {"weight": ref.name, "role": name}
+                if fake_mode is not None:
+                    ph.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+                result.constants.append((ph.name, tensor))
+                nodes[name] = last_placeholder = ph
+            weight_inputs[key] = nodes
+        return weight_inputs[key]
+
+    for node in list(graph.nodes):
+        match = match_linear(node, lambda n: n in weights)
+        if match is None:
+            continue
+        ref = weights[match.weight]
+        shape = tuple(ref.tensor.shape)
+        N, K = shape if match.weight_is_nk else shape[::-1]
+        module = _module_of(match, ref)
+        record = LinearRecord(module=module, weight=ref.name, out_features=N, in_features=K, scheme=None,
+                              form=match.form)
+        result.linears.append(record)
+        if not _selected(module, options):
+            record.reason = "excluded by the include/exclude options"
+            continue
+        reason = scheme.skip_reason(N, K, options)
+        if reason is None and not ref.tensor.dtype.is_floating_point:
+            reason = f"weight dtype {ref.tensor.dtype} is not floating point"
+        if reason is not None:
+            record.reason = reason
+            warnings.warn(f"qcompile: linear {module!r} ({N}x{K}) stays in float for scheme "
+                          f"{scheme.name!r}: {reason}", stacklevel=2)
+            continue
+        w_nodes = placeholders_for(match, ref)
+        out_dtype = node.meta["val"].dtype if "val" in node.meta else (match.cast_dtype or ref.tensor.dtype)
+        emitter = _Emitter(graph, node, _identifier(module), fake_mode,
+                           {"module": module, "scheme": scheme.name, "weight": ref.name})
+        out = scheme.emit(emitter, match.x, w_nodes, match.bias, options, out_dtype)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        record.scheme, record.output_node = scheme.name, out.name
+
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return result
