@@ -1,12 +1,27 @@
 """Device lowering: replace patterns of `qcompile::` reference nodes with fused kernels for the device.
 
-CPU: nothing yet — the reference ops decompose into aten and Inductor's C++ codegen compiles them.
-CUDA: the Triton template family (kernels/triton) registers its patterns here.
+Each device's lowering lives in its own module and registers itself here; a pattern no lowering claims keeps
+the reference ops, which decompose into aten and compile everywhere (slow, but correct).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# device type ("cuda", "cpu") -> lowerings applied in order; each rewrites the graph in place
+LOWERINGS: dict[str, list[Callable[[torch.fx.GraphModule, torch.device], None]]] = {}
+
+
+def register_lowering(device_type: str):
+    def register(fn):
+        LOWERINGS.setdefault(device_type, []).append(fn)
+        return fn
+    return register
 
 
 def lower_for_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
-    return None
+    for lowering in LOWERINGS.get(device.type, []):
+        lowering(gm, device)
+    gm.graph.lint()
+    gm.recompile()
