@@ -1,6 +1,8 @@
 """Everything that touches PyTorch internals whose shape changes between torch 2.11 and 2.14, in one place."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -13,6 +15,17 @@ def source_name(node: torch.fx.Node) -> str | None:
         return None
     name = grapharg.source.name
     return name() if callable(name) else name
+
+
+def dynamo_path(text: str) -> str:
+    """A Dynamo source or nn_module_stack path as a module path:
+    "L['args'][0]._modules['model']._modules['fc']._parameters['weight']" and "L['self'].model.fc.weight"
+    both give "model.fc.weight" (the root — the compiled module or function argument — is dropped)."""
+    path = re.sub(r"_(modules|parameters|buffers)\['([^']*)'\]", r"\2", text)
+    path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])*", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return re.sub(r"\.+", ".", path).strip(".")
 
 
 def dynamo_example_value(node: torch.fx.Node):

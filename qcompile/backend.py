@@ -9,7 +9,6 @@ compiled function receives the quantized tensors as extra inputs, never the floa
 """
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 
@@ -28,14 +27,6 @@ _RELEASED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
 _READ_IN_FLOAT: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
 
 
-def weight_path(source: str) -> str:
-    """"L['self']._modules['fc']._parameters['weight']" -> "fc.weight"."""
-    path = re.sub(r"_(modules|parameters|buffers)\['([^']*)'\]", r"\2", source)
-    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".") or source
-
-
 def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
     """Graph inputs that are parameters or buffers (Dynamo lifts them as inputs), by position."""
     found = {}
@@ -44,7 +35,7 @@ def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, We
         source = _compat.source_name(node) or ""
         if isinstance(value, torch.Tensor) and (
                 isinstance(value, torch.nn.Parameter) or "_parameters[" in source or "_buffers[" in source):
-            found[i] = WeightRef(name=weight_path(source) if source else node.name, tensor=value)
+            found[i] = WeightRef(name=_compat.dynamo_path(source) if source else node.name, tensor=value)
     return found
 
 
@@ -99,11 +90,12 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> No
             _RELEASED.add(t)
 
 
-def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
-    """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
+def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
+    """Dynamo graph -> rewritten aten graph, without compiling it. Returns (PassResult, weights by input
+    position, kept input positions): the rewritten graph takes `example_inputs[i] for i in kept` followed by
+    the PassResult's constants."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_args = [_compat.dynamo_example_value(n) for n in placeholders]
-    aten_gm = _compat.trace_to_aten(gm, fake_args)
+    aten_gm = _compat.trace_to_aten(gm, [_compat.dynamo_example_value(n) for n in placeholders])
     aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(aten_placeholders) != len(example_inputs):
         raise RuntimeError(f"qcompile: traced graph has {len(aten_placeholders)} inputs, Dynamo gave "
@@ -113,8 +105,13 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
         aten_gm, {aten_placeholders[i]: ref for i, ref in weights.items()}, options,
         lambda ref, cast, nk: quantized_weight(ref, options, cast, nk))
     kept = _drop_unused_weight_inputs(result, weights)
-    device = _device_of(example_inputs)
-    lower_for_device(result.gm, device)
+    return result, weights, kept
+
+
+def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
+    """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
+    result, weights, kept = quantize_graph(gm, example_inputs, options)
+    lower_for_device(result.gm, _device_of(example_inputs))
     constants = [t for _, t in result.constants]
     compiled = _compat.compile_fx(result.gm, [example_inputs[i] for i in kept] + constants)
     if not options.keep_float_weights:

@@ -19,6 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from .._compat import dynamo_path
 from ..options import QuantOptions
 from .match_linear import LinearMatch, match_linear
 
@@ -59,7 +60,8 @@ class PassResult:
 
 
 def _identifier(text: str) -> str:
-    return re.sub(r"\W+", "_", text).strip("_") or "linear"
+    name = re.sub(r"\W+", "_", text).strip("_") or "linear"
+    return name if not name[0].isdigit() else f"_{name}"
 
 
 def _module_of(match: LinearMatch, ref: WeightRef) -> str:
@@ -68,17 +70,8 @@ def _module_of(match: LinearMatch, ref: WeightRef) -> str:
     stack = match.node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        return _clean_module_path(path)
+        return dynamo_path(path)
     return ref.name.rsplit(".", 1)[0] if "." in ref.name else ref.name
-
-
-def _clean_module_path(path: str) -> str:
-    # Dynamo writes e.g. "L['self'].layers[0].q_proj" or "L['self']._modules['layers']._modules['0']"
-    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
 
 
 class _Emitter:
@@ -89,8 +82,7 @@ class _Emitter:
 
     def _new(self, target, args, name) -> Node:
         with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args)
-        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}_{name}", node)
+            node = self.graph.create_node("call_function", target, args, name=f"{self.prefix}_{name}")
         node.meta["qcompile"] = dict(self.meta)
         for key in ("nn_module_stack", "stack_trace"):
             if key in self.anchor.meta:
