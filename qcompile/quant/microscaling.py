@@ -37,7 +37,7 @@ def quantize_mxfp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = _blocks(x, MX_BLOCK)
     amax = b.abs().amax(-1)
     exp = torch.ceil(torch.log2(amax / E4M3_MAX))
-    exp = torch.where(amax > 0, exp, torch.full_like(exp, -E8M0_BIAS))
+    exp = torch.where(amax == 0, torch.full_like(exp, -E8M0_BIAS), exp)
     exp = torch.nan_to_num(exp, nan=E8M0_BIAS + 1.0, posinf=E8M0_BIAS + 1.0).clamp(-E8M0_BIAS, E8M0_BIAS + 1)
     scale = torch.exp2(exp)
     # exponent 128 (biased 255) is e8m0's NaN: a block holding NaN/inf keeps a NaN scale
