@@ -24,3 +24,28 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def run_pass(model, args, options, kwargs=None):
+    """Compile `model` with a backend that runs qcompile's pass (no Inductor) and executes the rewritten aten
+    graph eagerly. Returns (outputs, [PassResult per Dynamo graph])."""
+    from qcompile.backend import quantize_graph
+    from qcompile.options import QuantOptions
+
+    opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
+    results = []
+
+    def backend(gm, example_inputs, **_):
+        result, _, kept = quantize_graph(gm, example_inputs, opts)
+        results.append(result)
+        constants = [t for _, t in result.constants]
+        return lambda *a: result.gm(*[a[i] for i in kept], *constants)
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(*args, **(kwargs or {}))
+    return out, results
+
+
+@pytest.fixture
+def pass_runner():
+    return run_pass
