@@ -1,0 +1,524 @@
+// qcompile CPU intx linear micro-kernels: y = x @ dequant(W)^T (+ bias) for 1-8 bit group-wise weights.
+// Inductor pastes this file into its output code (qcompile/kernels/cpu/template.py); the ARM tests compile it
+// standalone. Self-contained on purpose: no torch headers, C++17, one ISA chosen at compile time.
+//
+// Weight layout read (no repack needed, see layout.md): the bit-plane layout of qcompile/quant/packing.py.
+// Row n is K*BITS/8 contiguous bytes; plane of width w (8, 4, 2, 1 where BITS has that bit) starts at byte
+// K*col/8 (col = BITS & ~(2w-1), the wider planes' widths) and holds value bits [lo, lo+w) (lo = BITS & (w-1));
+// value k sits in byte k/(8/w) at bit (k%(8/w))*w. Unsigned u in [0, 2^BITS); the kernel uses w = u - 2^(BITS-1).
+// Scales: [N, K/GROUP] (float or bfloat16), row-major. GROUP is a multiple of 32; K a multiple of GROUP.
+//
+// Two entry points, each a GEMV for M < QC_GEMM_MIN_M and a blocked GEMM (weights unpacked once per row block,
+// reused by QC_MR tokens at a time) above:
+//   intx_linear_dynamic_int8: activations quantized per token to asymmetric int8 in front (torchao numerics:
+//     scale = max(max(x,0)-min(x,0), eps*255)/255, zero = clamp(-128 - round(min(x,0)/scale)), q = round(x/scale)+zero),
+//     exact int32 dot per group, then y = scale_x * sum_g scale_w[g] * dot_g (+ bias).
+//   intx_linear_float: float activations against weights dequantized to float (weight-only schemes).
+#ifndef QCOMPILE_INTX_LINEAR_H
+#define QCOMPILE_INTX_LINEAR_H
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QC_X86_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define QC_ARM_NEON 1
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define QC_ARM_I8MM 1
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#define QC_ARM_DOTPROD 1
+#endif
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace qcompile_cpu {
+
+constexpr int QC_MR = 4;          // tokens sharing one unpacked weight row in the GEMM
+constexpr int QC_NB = 16;         // weight rows unpacked per block in the GEMM
+constexpr int64_t QC_GEMM_MIN_M = 4;
+
+// Which micro-kernels this translation unit was compiled with (the tests check it).
+inline const char* isa_name() {
+#if defined(QC_X86_AVX2)
+  return "x86_avx2";
+#elif defined(QC_ARM_I8MM)
+  return "arm_i8mm";
+#elif defined(QC_ARM_DOTPROD)
+  return "arm_dotprod";
+#elif defined(QC_ARM_NEON)
+  return "arm_neon";
+#else
+  return "portable";
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Unpacking: 32 consecutive values k0..k0+31 of one row, as signed w = u - 2^(BITS-1).
+// ---------------------------------------------------------------------------------------------------------
+template <int BITS>
+inline void unpack32(const uint8_t* row, int64_t K, int64_t k0, int8_t* out) {
+  uint8_t u[32] = {0};
+  for (int w = 8; w >= 1; w >>= 1) {
+    if (!(BITS & w)) continue;
+    const int per_byte = 8 / w, lo = BITS & (w - 1), col = BITS & ~(2 * w - 1);
+    const uint8_t mask = (uint8_t)((1 << w) - 1);
+    const uint8_t* p = row + (int64_t)col * K / 8 + k0 / per_byte;
+    for (int i = 0; i < 32; ++i)
+      u[i] |= (uint8_t)(((p[i / per_byte] >> ((i % per_byte) * w)) & mask) << lo);
+  }
+  for (int i = 0; i < 32; ++i) out[i] = (int8_t)((int)u[i] - (1 << (BITS - 1)));
+}
+
+#if defined(QC_X86_AVX2)
+template <int BITS>
+inline void unpack32_x86(const uint8_t* row, int64_t K, int64_t k0, __m256i& w_lo, __m256i& w_hi) {
+  if constexpr (BITS == 8) {
+    const __m256i u = _mm256_loadu_si256((const __m256i*)(row + k0));
+    const __m256i mid = _mm256_set1_epi16(128);
+    w_lo = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)), mid);
+    w_hi = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1)), mid);
+  } else if constexpr (BITS == 4) {
+    const __m128i p = _mm_loadu_si128((const __m128i*)(row + k0 / 2));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i even = _mm_and_si128(p, m), odd = _mm_and_si128(_mm_srli_epi16(p, 4), m);
+    const __m256i mid = _mm256_set1_epi16(8);
+    w_lo = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(even, odd)), mid);
+    w_hi = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(even, odd)), mid);
+  } else {
+    alignas(32) int8_t t[32];
+    unpack32<BITS>(row, K, k0, t);
+    w_lo = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)t));
+    w_hi = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)(t + 16)));
+  }
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+#if defined(QC_ARM_NEON)
+template <int BITS>
+inline void unpack32_arm(const uint8_t* row, int64_t K, int64_t k0, int8x16_t& w_lo, int8x16_t& w_hi) {
+  if constexpr (BITS == 8) {
+    const int8x16_t mid = vdupq_n_s8((int8_t)-128);
+    w_lo = veorq_s8(vreinterpretq_s8_u8(vld1q_u8(row + k0)), mid);  // u ^ 0x80 == u - 128 as int8
+    w_hi = veorq_s8(vreinterpretq_s8_u8(vld1q_u8(row + k0 + 16)), mid);
+  } else if constexpr (BITS == 4) {
+    const uint8x16_t p = vld1q_u8(row + k0 / 2);
+    const uint8x16_t even = vandq_u8(p, vdupq_n_u8(0x0F)), odd = vshrq_n_u8(p, 4);
+    const int8x16_t mid = vdupq_n_s8(8);
+    w_lo = vsubq_s8(vreinterpretq_s8_u8(vzip1q_u8(even, odd)), mid);
+    w_hi = vsubq_s8(vreinterpretq_s8_u8(vzip2q_u8(even, odd)), mid);
+  } else {
+    int8_t t[32];
+    unpack32<BITS>(row, K, k0, t);
+    w_lo = vld1q_s8(t);
+    w_hi = vld1q_s8(t + 16);
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// Quantized activations. x86/portable keep a - zero as int16 (madd_epi16 then needs no zero-point term);
+// ARM keeps int8 a (for sdot / smmla) and subtracts zero * sum(w) per group.
+// ---------------------------------------------------------------------------------------------------------
+#if defined(QC_ARM_NEON)
+using act_t = int8_t;
+constexpr bool ACT_HOLDS_ZERO = false;
+#else
+using act_t = int16_t;
+constexpr bool ACT_HOLDS_ZERO = true;
+#endif
+
+template <typename XT>
+inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* scale_out, int32_t* zero_out) {
+  float mn = 0.f, mx = 0.f;
+  int64_t k = 0;
+#if defined(QC_X86_AVX2)
+  if constexpr (std::is_same_v<XT, float>) {
+    __m256 vmn = _mm256_setzero_ps(), vmx = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vmn = _mm256_min_ps(vmn, v);
+      vmx = _mm256_max_ps(vmx, v);
+    }
+    alignas(32) float t0[8], t1[8];
+    _mm256_store_ps(t0, vmn);
+    _mm256_store_ps(t1, vmx);
+    for (int i = 0; i < 8; ++i) mn = std::min(mn, t0[i]), mx = std::max(mx, t1[i]);
+  }
+#endif
+  for (; k < K; ++k) {
+    const float v = static_cast<float>(x[k]);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+  const float scale = std::max((mx - mn) / 255.0f, FLT_EPSILON);
+  const float zero_f = std::min(std::max(-128.0f - std::nearbyint(mn / scale), -128.0f), 127.0f);
+  const float inv = 1.0f / scale;
+  const float lo = -128.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f), hi = 127.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f);
+  const float add = ACT_HOLDS_ZERO ? 0.f : zero_f;
+  k = 0;
+#if defined(QC_X86_AVX2)
+  if constexpr (std::is_same_v<XT, float>) {
+    // stores round(x/scale) clamped to [-128-zero, 127-zero] == q - zero, as int16
+    const __m256 vinv = _mm256_set1_ps(inv), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    for (; k + 16 <= K; k += 16) {
+      __m256 r0 = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256 r1 = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r0 = _mm256_min_ps(_mm256_max_ps(r0, vlo), vhi);
+      r1 = _mm256_min_ps(_mm256_max_ps(r1, vlo), vhi);
+      const __m256i i16 = _mm256_packs_epi32(_mm256_cvtps_epi32(r0), _mm256_cvtps_epi32(r1));
+      _mm256_storeu_si256((__m256i*)(a + k), _mm256_permute4x64_epi64(i16, 0xD8));
+    }
+  }
+#endif
+  for (; k < K; ++k) {
+    const float q = std::nearbyint(static_cast<float>(x[k]) * inv) + add;
+    a[k] = (act_t)std::min(std::max(q, lo), hi);
+  }
+  *scale_out = scale;
+  *zero_out = (int32_t)zero_f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Integer dot of one weight row (packed, streamed: the GEMV) with one token, per group, scaled and summed.
+// ---------------------------------------------------------------------------------------------------------
+template <int BITS, int GROUP, typename ST>
+inline float gemv_row(const uint8_t* row, const ST* srow, const act_t* a, int32_t a_zero, int64_t K) {
+#if defined(QC_X86_AVX2)
+  (void)a_zero;
+  __m256 facc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+      __m256i wl, wh;
+      unpack32_x86<BITS>(row, K, k0, wl, wh);
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i*)(a + k0))));
+      isum = _mm256_add_epi32(isum, _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i*)(a + k0 + 16))));
+    }
+    facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(static_cast<float>(srow[g])), facc);
+  }
+  return hsum_ps(facc);
+#elif defined(QC_ARM_NEON)
+  float32x4_t facc = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32x4_t isum = vdupq_n_s32(0), wsum = vdupq_n_s32(0);
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+      int8x16_t wl, wh;
+      unpack32_arm<BITS>(row, K, k0, wl, wh);
+      const int8x16_t al = vld1q_s8(a + k0), ah = vld1q_s8(a + k0 + 16);
+#if defined(QC_ARM_DOTPROD)
+      const int8x16_t ones = vdupq_n_s8(1);
+      isum = vdotq_s32(vdotq_s32(isum, wl, al), wh, ah);
+      wsum = vdotq_s32(vdotq_s32(wsum, wl, ones), wh, ones);
+#else
+      // no dotprod: widening multiplies (each |w*a| <= 2^14 fits int16), pairwise-accumulated into int32
+      isum = vpadalq_s16(isum, vmull_s8(vget_low_s8(wl), vget_low_s8(al)));
+      isum = vpadalq_s16(isum, vmull_high_s8(wl, al));
+      isum = vpadalq_s16(isum, vmull_s8(vget_low_s8(wh), vget_low_s8(ah)));
+      isum = vpadalq_s16(isum, vmull_high_s8(wh, ah));
+      wsum = vpadalq_s16(wsum, vaddq_s16(vpaddlq_s8(wl), vpaddlq_s8(wh)));
+#endif
+    }
+    isum = vmlsq_n_s32(isum, wsum, a_zero);
+    facc = vfmaq_n_f32(facc, vcvtq_f32_s32(isum), static_cast<float>(srow[g]));
+  }
+  return vaddvq_f32(facc);
+#else
+  float acc = 0.f;
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32_t isum = 0;
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+      int8_t w[32];
+      unpack32<BITS>(row, K, k0, w);
+      for (int i = 0; i < 32; ++i) isum += (int32_t)w[i] * (int32_t)a[k0 + i];
+    }
+    acc += static_cast<float>(srow[g]) * (float)isum;
+  }
+  (void)a_zero;
+  return acc;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM: a block of rows is unpacked once into `wbuf` (w_t per value, row-major [rows][K], plus the per-group
+// sums of w that ARM's zero-point term needs), then QC_MR tokens at a time read it from cache.
+// ---------------------------------------------------------------------------------------------------------
+#if defined(QC_X86_AVX2)
+using w_t = int16_t;
+#elif defined(QC_ARM_NEON)
+using w_t = int8_t;
+#else
+using w_t = int16_t;
+#endif
+
+template <int BITS, int GROUP>
+inline void unpack_row(const uint8_t* row, int64_t K, w_t* w, int32_t* wsum) {
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32_t s = 0;
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+#if defined(QC_X86_AVX2)
+      __m256i wl, wh;
+      unpack32_x86<BITS>(row, K, k0, wl, wh);
+      _mm256_storeu_si256((__m256i*)(w + k0), wl);
+      _mm256_storeu_si256((__m256i*)(w + k0 + 16), wh);
+#elif defined(QC_ARM_NEON)
+      int8x16_t wl, wh;
+      unpack32_arm<BITS>(row, K, k0, wl, wh);
+      vst1q_s8(w + k0, wl);
+      vst1q_s8(w + k0 + 16, wh);
+      s += vaddlvq_s8(wl) + vaddlvq_s8(wh);
+#else
+      int8_t t[32];
+      unpack32<BITS>(row, K, k0, t);
+      for (int i = 0; i < 32; ++i) w[k0 + i] = t[i];
+#endif
+    }
+    wsum[g] = s;
+  }
+}
+
+// out[t] = sum_g scale[g] * dot_g(w, a_t) for `mr` <= QC_MR tokens a_t = a + t * K
+template <int GROUP, typename ST>
+inline void gemm_row_tokens(const w_t* w, const int32_t* wsum, const ST* srow, const act_t* a, const int32_t* a_zero,
+                            int mr, int64_t K, float* out) {
+#if defined(QC_X86_AVX2)
+  (void)wsum; (void)a_zero;
+  __m256 facc[QC_MR];
+  for (int t = 0; t < QC_MR; ++t) facc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    __m256i isum[QC_MR];
+    for (int t = 0; t < QC_MR; ++t) isum[t] = _mm256_setzero_si256();
+    for (int c = 0; c < GROUP; c += 16) {
+      const int64_t k0 = g * GROUP + c;
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + k0));
+      for (int t = 0; t < QC_MR; ++t)
+        if (t < mr)
+          isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i*)(a + t * K + k0))));
+    }
+    const __m256 s = _mm256_set1_ps(static_cast<float>(srow[g]));
+    for (int t = 0; t < QC_MR; ++t)
+      if (t < mr) facc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), s, facc[t]);
+  }
+  for (int t = 0; t < mr; ++t) out[t] = hsum_ps(facc[t]);
+#elif defined(QC_ARM_I8MM)
+  // smmla: (2 tokens x 8 k) x (8 k x 2 rows)^T; here one row, so the second row lane duplicates it
+  float32x4_t facc[QC_MR / 2];
+  for (int p = 0; p < QC_MR / 2; ++p) facc[p] = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32x4_t isum[QC_MR / 2];
+    for (int p = 0; p < QC_MR / 2; ++p) isum[p] = vdupq_n_s32(0);
+    for (int c = 0; c < GROUP; c += 16) {
+      const int64_t k0 = g * GROUP + c;
+      const int8x8_t w0 = vld1_s8(w + k0), w1 = vld1_s8(w + k0 + 8);
+      const int8x16_t ww0 = vcombine_s8(w0, w0), ww1 = vcombine_s8(w1, w1);
+      for (int p = 0; p < QC_MR / 2; ++p) {
+        if (2 * p >= mr) break;
+        const act_t* a0 = a + (2 * p) * K;
+        const act_t* a1 = (2 * p + 1 < mr) ? a0 + K : a0;
+        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0), vld1_s8(a1 + k0)), ww0);
+        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0 + 8), vld1_s8(a1 + k0 + 8)), ww1);
+      }
+    }
+    const float s = static_cast<float>(srow[g]);
+    for (int p = 0; p < QC_MR / 2; ++p) {
+      if (2 * p >= mr) break;
+      const int32_t z0 = a_zero[2 * p], z1 = (2 * p + 1 < mr) ? a_zero[2 * p + 1] : z0;
+      const int32_t zz[4] = {z0, z0, z1, z1};
+      const int32x4_t corr = vmulq_n_s32(vld1q_s32(zz), wsum[g]);
+      facc[p] = vfmaq_n_f32(facc[p], vcvtq_f32_s32(vsubq_s32(isum[p], corr)), s);
+    }
+  }
+  // lanes: [a0.w, a0.w, a1.w, a1.w]
+  for (int t = 0; t < mr; ++t) out[t] = (t % 2) ? vgetq_lane_f32(facc[t / 2], 2) : vgetq_lane_f32(facc[t / 2], 0);
+#elif defined(QC_ARM_NEON)
+  float32x4_t facc[QC_MR];
+  for (int t = 0; t < QC_MR; ++t) facc[t] = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32x4_t isum[QC_MR];
+    for (int t = 0; t < QC_MR; ++t) isum[t] = vdupq_n_s32(0);
+    for (int c = 0; c < GROUP; c += 16) {
+      const int64_t k0 = g * GROUP + c;
+      const int8x16_t wv = vld1q_s8(w + k0);
+      for (int t = 0; t < QC_MR; ++t) {
+        if (t >= mr) break;
+        const int8x16_t av = vld1q_s8(a + t * K + k0);
+#if defined(QC_ARM_DOTPROD)
+        isum[t] = vdotq_s32(isum[t], wv, av);
+#else
+        isum[t] = vpadalq_s16(isum[t], vmull_s8(vget_low_s8(wv), vget_low_s8(av)));
+        isum[t] = vpadalq_s16(isum[t], vmull_high_s8(wv, av));
+#endif
+      }
+    }
+    const float s = static_cast<float>(srow[g]);
+    for (int t = 0; t < QC_MR; ++t) {
+      if (t >= mr) break;
+      const int32_t dot = vaddvq_s32(isum[t]) - a_zero[t] * wsum[g];
+      facc[t] = vsetq_lane_f32(vgetq_lane_f32(facc[t], 0) + s * (float)dot, facc[t], 0);
+    }
+  }
+  for (int t = 0; t < mr; ++t) out[t] = vgetq_lane_f32(facc[t], 0);
+#else
+  (void)wsum; (void)a_zero;
+  for (int t = 0; t < mr; ++t) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < K / GROUP; ++g) {
+      int32_t isum = 0;
+      for (int i = 0; i < GROUP; ++i) isum += (int32_t)w[g * GROUP + i] * (int32_t)a[t * K + g * GROUP + i];
+      acc += static_cast<float>(srow[g]) * (float)isum;
+    }
+    out[t] = acc;
+  }
+#endif
+}
+
+template <typename T>
+inline T* thread_scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry point 1: int8 dynamic activations x intx weights. x [M, K], packed [N, K*BITS/8], scale [N, K/GROUP],
+// bias [N] or nullptr, y [M, N].
+// ---------------------------------------------------------------------------------------------------------
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
+                              int64_t M, int64_t N, int64_t K, int num_threads) {
+  static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
+  static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+  const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  static thread_local std::vector<act_t> act_storage;
+  static thread_local std::vector<float> ascale_storage;
+  static thread_local std::vector<int32_t> azero_storage;
+  act_t* act = thread_scratch(act_storage, (size_t)(M * K));
+  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
+  int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
+  (void)num_threads;
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_token_int8_asym<XT>(x + m * K, K, act + m * K, a_scale + m, a_zero + m);
+    if (M < QC_GEMM_MIN_M) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t m = 0; m < M; ++m) {
+          float v = gemv_row<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, act + m * K, a_zero[m], K) * a_scale[m];
+          if (bias) v += static_cast<float>(bias[n]);
+          y[m * N + n] = static_cast<OT>(v);
+        }
+      }
+    } else {
+      static thread_local std::vector<w_t> wbuf_storage;
+      static thread_local std::vector<int32_t> wsum_storage;
+      w_t* wbuf = thread_scratch(wbuf_storage, (size_t)(QC_NB * K));
+      int32_t* wsum = thread_scratch(wsum_storage, (size_t)(QC_NB * groups));
+#pragma omp for schedule(static)
+      for (int64_t n0 = 0; n0 < N; n0 += QC_NB) {
+        const int64_t nb = std::min<int64_t>(QC_NB, N - n0);
+        for (int64_t r = 0; r < nb; ++r)
+          unpack_row<BITS, GROUP>(packed + (n0 + r) * row_bytes, K, wbuf + r * K, wsum + r * groups);
+        for (int64_t m0 = 0; m0 < M; m0 += QC_MR) {
+          const int mr = (int)std::min<int64_t>(QC_MR, M - m0);
+          for (int64_t r = 0; r < nb; ++r) {
+            const int64_t n = n0 + r;
+            float out[QC_MR];
+            gemm_row_tokens<GROUP, ST>(wbuf + r * K, wsum + r * groups, scale + n * groups, act + m0 * K, a_zero + m0,
+                                       mr, K, out);
+            const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+            for (int t = 0; t < mr; ++t) y[(m0 + t) * N + n] = static_cast<OT>(out[t] * a_scale[m0 + t] + b);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry point 2: float activations x intx weights (weight-only): each row is dequantized to float once into a
+// per-thread buffer, then dotted with every token.
+// ---------------------------------------------------------------------------------------------------------
+inline float dot_f32(const float* a, const float* b, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(QC_X86_AVX2)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  acc = hsum_ps(_mm256_add_ps(s0, s1));
+#elif defined(QC_ARM_NEON)
+  float32x4_t s0 = vdupq_n_f32(0.f), s1 = vdupq_n_f32(0.f);
+  for (; k + 8 <= K; k += 8) {
+    s0 = vfmaq_f32(s0, vld1q_f32(a + k), vld1q_f32(b + k));
+    s1 = vfmaq_f32(s1, vld1q_f32(a + k + 4), vld1q_f32(b + k + 4));
+  }
+  acc = vaddvq_f32(vaddq_f32(s0, s1));
+#endif
+  for (; k < K; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
+                       int64_t N, int64_t K, int num_threads) {
+  static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
+  static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+  const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  const float* xf;
+  static thread_local std::vector<float> xf_storage;
+  if constexpr (std::is_same_v<XT, float>) {
+    xf = x;
+  } else {
+    float* buf = thread_scratch(xf_storage, (size_t)(M * K));
+    for (int64_t i = 0; i < M * K; ++i) buf[i] = static_cast<float>(x[i]);
+    xf = buf;
+  }
+  (void)num_threads;
+#pragma omp parallel num_threads(num_threads)
+  {
+    static thread_local std::vector<float> wf_storage;
+    float* wf = thread_scratch(wf_storage, (size_t)K);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* row = packed + n * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = static_cast<float>(scale[n * groups + g]);
+        for (int c = 0; c < GROUP; c += 32) {
+          int8_t t[32];
+          unpack32<BITS>(row, K, g * GROUP + c, t);
+          for (int i = 0; i < 32; ++i) wf[g * GROUP + c + i] = (float)t[i] * s;
+        }
+      }
+      const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(dot_f32(xf + m * K, wf, K) + b);
+    }
+  }
+}
+
+}  // namespace qcompile_cpu
+
+#endif  // QCOMPILE_INTX_LINEAR_H

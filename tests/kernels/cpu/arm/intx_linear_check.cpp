@@ -1,0 +1,123 @@
+// Standalone check of qcompile/kernels/cpu/intx_linear.h against a float64 reference, for every bit width,
+// GEMV and GEMM shapes. Built natively and cross-compiled for aarch64 (run under qemu) by test_arm_qemu.py.
+// Prints "isa <name>" then "<passed> passed, <failed> failed"; exits non-zero on any failure.
+#include "intx_linear.h"
+
+#include <cstdio>
+#include <random>
+
+namespace {
+
+// The bit-plane packing of qcompile/quant/packing.py, written independently of the kernel's unpacker.
+std::vector<uint8_t> pack_rows(const std::vector<int>& u, int64_t N, int64_t K, int bits) {
+  std::vector<uint8_t> out(N * K * bits / 8, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t col = 0;  // bytes before this plane, per row
+    for (int w : {8, 4, 2, 1}) {
+      if (!(bits & w)) continue;
+      const int lo = bits & (w - 1), per_byte = 8 / w;
+      for (int64_t k = 0; k < K; ++k) {
+        const int v = (u[n * K + k] >> lo) & ((1 << w) - 1);
+        out[n * K * bits / 8 + col + k / per_byte] |= (uint8_t)(v << ((k % per_byte) * w));
+      }
+      col += K * w / 8;
+    }
+  }
+  return out;
+}
+
+struct Case {
+  int64_t M, N, K;
+};
+
+int passed = 0, failed = 0;
+
+void report(const char* what, int bits, int group, const Case& c, double err, double tol) {
+  if (err <= tol) {
+    ++passed;
+  } else {
+    ++failed;
+    std::printf("FAIL %s bits=%d group=%d M=%lld N=%lld K=%lld rel_err=%.3g (tol %.3g)\n", what, bits, group,
+                (long long)c.M, (long long)c.N, (long long)c.K, err, tol);
+  }
+}
+
+template <int BITS, int GROUP>
+void check(const Case& c, std::mt19937& rng) {
+  const int64_t M = c.M, N = c.N, K = c.K, G = K / GROUP;
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_int_distribution<int> uval(0, (1 << BITS) - 1);
+  std::uniform_real_distribution<float> uscale(0.01f, 0.1f);
+  std::vector<float> x(M * K), scale(N * G), bias(N), y(M * N);
+  std::vector<int> u(N * K);
+  for (auto& v : x) v = normal(rng) + 0.3f;  // skewed so the zero point is not trivial
+  for (auto& v : u) v = uval(rng);
+  for (auto& v : scale) v = uscale(rng);
+  for (auto& v : bias) v = normal(rng);
+  const std::vector<uint8_t> packed = pack_rows(u, N, K, BITS);
+  const int mid = 1 << (BITS - 1);
+
+  // dynamic int8: the reference quantizes the same way in float, then sums exactly in 64-bit / double
+  qcompile_cpu::intx_linear_dynamic_int8<BITS, GROUP, float, float, float, float>(
+      x.data(), packed.data(), scale.data(), bias.data(), y.data(), M, N, K, 2);
+  double max_err = 0, max_ref = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    float mn = 0.f, mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mn = std::min(mn, x[m * K + k]), mx = std::max(mx, x[m * K + k]);
+    const float s = std::max((mx - mn) / 255.0f, FLT_EPSILON);
+    const float z = std::min(std::max(-128.0f - std::nearbyint(mn / s), -128.0f), 127.0f);
+    const float inv = 1.0f / s;
+    std::vector<int> q(K);
+    for (int64_t k = 0; k < K; ++k) q[k] = (int)std::min(std::max(std::nearbyint(x[m * K + k] * inv) + z, -128.f), 127.f);
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t dot = 0;
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) dot += (int64_t)(q[k] - (int)z) * (u[n * K + k] - mid);
+        acc += (double)scale[n * G + g] * (double)dot;
+      }
+      const double ref = acc * s + bias[n];
+      max_err = std::max(max_err, std::fabs(ref - y[m * N + n]));
+      max_ref = std::max(max_ref, std::fabs(ref));
+    }
+  }
+  report("dynamic_int8", BITS, GROUP, c, max_err / max_ref, 2e-6);
+
+  qcompile_cpu::intx_linear_float<BITS, GROUP, float, float, float, float>(
+      x.data(), packed.data(), scale.data(), bias.data(), y.data(), M, N, K, 2);
+  max_err = 0, max_ref = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = bias[n];
+      for (int64_t k = 0; k < K; ++k) acc += (double)x[m * K + k] * (u[n * K + k] - mid) * scale[n * G + k / GROUP];
+      max_err = std::max(max_err, std::fabs(acc - y[m * N + n]));
+      max_ref = std::max(max_ref, std::fabs(acc));
+    }
+  report("float", BITS, GROUP, c, max_err / max_ref, 2e-6);
+}
+
+template <int BITS>
+void check_bits(std::mt19937& rng) {
+  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail
+  for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}}) {
+    check<BITS, 32>(c, rng);
+    check<BITS, 128>(c, rng);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::printf("isa %s\n", qcompile_cpu::isa_name());
+  std::mt19937 rng(0);
+  check_bits<1>(rng);
+  check_bits<2>(rng);
+  check_bits<3>(rng);
+  check_bits<4>(rng);
+  check_bits<5>(rng);
+  check_bits<6>(rng);
+  check_bits<7>(rng);
+  check_bits<8>(rng);
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
