@@ -9,13 +9,13 @@ compiled function receives the quantized tensors as extra inputs, never the floa
 """
 from __future__ import annotations
 
+import os
 import warnings
-import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compat
+from . import _compat, calibration
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
@@ -23,8 +23,9 @@ from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}
 _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # float weights whose storage qcompile released, and weights some compiled graph still reads in float
-_RELEASED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
-_READ_IN_FLOAT: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+# (tensor-identity sets: a WeakSet would compare tensors with ==)
+_RELEASED = WeakIdKeyDictionary()
+_READ_IN_FLOAT = WeakIdKeyDictionary()
 
 
 def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
@@ -39,8 +40,10 @@ def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, We
     return found
 
 
-def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_is_nk: bool) -> dict:
-    """The scheme's quantized tensors for one weight, computed once per (tensor, options)."""
+def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_is_nk: bool,
+                     hessian: torch.Tensor | None = None) -> dict:
+    """The scheme's quantized tensors for one weight, computed once per (tensor, options). `hessian`: the
+    calibration statistics of the weight's inputs, for algorithm "gptq"."""
     tensor = ref.tensor
     key = (options.cache_key(), cast_dtype, weight_is_nk, tensor._version)
     per_tensor = _QUANTIZED.setdefault(tensor, {})
@@ -54,7 +57,8 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
             w = tensor.detach()
             w = w if weight_is_nk else w.t()
             w = w.to(cast_dtype) if cast_dtype is not None else w
-            per_tensor[key] = dict(options.scheme_def.quantize_weight(w.contiguous(), options))
+            extra = () if options.algorithm != "gptq" else (hessian,)
+            per_tensor[key] = dict(options.scheme_def.quantize_weight(w.contiguous(), options, *extra))
     return per_tensor[key]
 
 
@@ -77,7 +81,7 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> No
     for i, ref in weights.items():
         t = ref.tensor
         if i in kept_set:
-            _READ_IN_FLOAT.add(t)
+            _READ_IN_FLOAT[t] = True
             if t in _RELEASED:
                 raise RuntimeError(
                     f"qcompile: this graph reads the float weight {ref.name!r}, which an earlier compile released "
@@ -87,7 +91,7 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> No
         owns_storage = storage.nbytes() == t.numel() * t.element_size()
         if t not in _READ_IN_FLOAT and owns_storage and storage.nbytes() > 0:
             storage.resize_(0)  # shapes and strides stay (Dynamo's guards hold); the memory is freed
-            _RELEASED.add(t)
+            _RELEASED[t] = True
 
 
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
@@ -101,9 +105,12 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
         raise RuntimeError(f"qcompile: traced graph has {len(aten_placeholders)} inputs, Dynamo gave "
                            f"{len(example_inputs)}")
     weights = find_weight_inputs(gm, example_inputs)
+    hessians = {}
+    if options.algorithm == "gptq":  # run the calibration inputs through the float graph first
+        hessians = calibration.weight_hessians(gm, aten_gm, example_inputs, weights, options.calibration)
     result = quantize_linears(
         aten_gm, {aten_placeholders[i]: ref for i, ref in weights.items()}, options,
-        lambda ref, cast, nk: quantized_weight(ref, options, cast, nk))
+        lambda ref, cast, nk: quantized_weight(ref, options, cast, nk, hessians.get(id(ref.tensor))))
     kept = _drop_unused_weight_inputs(result, weights)
     return result, weights, kept
 
@@ -111,6 +118,9 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
 def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
     """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
     result, weights, kept = quantize_graph(gm, example_inputs, options)
+    if os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
+        from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
+        write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
     lower_for_device(result.gm, _device_of(example_inputs))
     constants = [t for _, t in result.constants]
     compiled = _compat.compile_fx(result.gm, [example_inputs[i] for i in kept] + constants)

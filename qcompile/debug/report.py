@@ -1,0 +1,224 @@
+"""`qcompile.diff`: what the pass did to each graph and where the accuracy goes, per linear and for the model,
+with the smallest exclude list (greedy) that reaches a target output SQNR."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..options import QuantOptions
+from ..quant.metrics import sqnr_db
+from .capture import CapturingBackend, GraphCapture, LinearSite
+
+DEFAULT_TARGET_SQNR_DB = 30.0
+
+
+@dataclass
+class LayerReport:
+    graph: int
+    module: str
+    weight: str
+    out_features: int
+    in_features: int
+    scheme: str | None  # None: stays in float
+    reason: str | None  # why it stays in float
+    weight_bytes: int  # as compiled: the quantized tensors, or the float weight when skipped
+    float_weight_bytes: int
+    weight_share: float = 0.0  # of all linears' weight bytes as compiled
+    weight_sqnr_db: float | None = None
+    output_sqnr_db: float | None = None  # its quantized output vs its float output, same float input
+    max_abs_error: float | None = None
+
+
+@dataclass
+class GraphReport:
+    index: int
+    before: str  # the aten graph before the pass, as readable Python
+    after: str
+    diff: str  # unified diff before -> after
+    layers: list[LayerReport]
+    output_sqnr_db: float | None = None  # this graph's outputs, all linears quantized
+
+
+@dataclass
+class Suggestion:
+    target_sqnr_db: float
+    exclude: list[str]  # module names, ready for options={"exclude": ...}
+    reached_sqnr_db: float
+    met: bool
+
+
+@dataclass
+class Report:
+    options: dict
+    graphs: list[GraphReport]
+    output_sqnr_db: float  # the model's (or, from the backend hook, the graph's) output, all quantized
+    suggestion: Suggestion | None = None
+    inputs: str = ""  # what the figures were measured on
+
+    @property
+    def layers(self) -> list[LayerReport]:
+        return [layer for g in self.graphs for layer in g.layers]
+
+    def __str__(self) -> str:
+        from .table import format_report
+        return format_report(self)
+
+    def to_html(self, path) -> None:
+        from .html import write_html
+        write_html(self, path)
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _outputs_sqnr(reference, approx) -> float:
+    """SQNR over every floating-point tensor of two output structures, together."""
+    ref = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    out = [t for t in pytree.tree_leaves(approx) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not ref or len(ref) != len(out):
+        raise ValueError(f"qcompile.diff: the model's outputs hold {len(ref)} float tensors in float and "
+                         f"{len(out)} quantized; expected the same, at least one")
+    return sqnr_db(torch.cat([t.detach().flatten().double() for t in ref]),
+                   torch.cat([t.detach().flatten().double() for t in out]))
+
+
+def _layer_report(capture: GraphCapture, site: LinearSite) -> LayerReport:
+    rec = site.record
+    float_bytes = _nbytes(site.weight.tensor)
+    layer = LayerReport(graph=capture.index, module=rec.module, weight=rec.weight, out_features=rec.out_features,
+                        in_features=rec.in_features, scheme=rec.scheme, reason=rec.reason,
+                        weight_bytes=float_bytes, float_weight_bytes=float_bytes)
+    if not site.quantized:
+        return layer
+    layer.weight_bytes = sum(_nbytes(capture.result.constants[i][1]) for i, (name, _) in
+                             enumerate(capture.result.constants) if _constant_weight(capture, name) == rec.weight)
+    with torch.no_grad():
+        w = capture.float_weight(site)
+        layer.weight_sqnr_db = sqnr_db(w, capture.effective_weight(site))
+        quantized = [capture.quantized_linear(site, values.__getitem__) for values in site.float_inputs]
+    ref = torch.cat([y.flatten() for y in site.float_outputs])
+    out = torch.cat([y.flatten() for y in quantized])
+    layer.output_sqnr_db = sqnr_db(ref, out)
+    layer.max_abs_error = (ref.double() - out.double()).abs().max().item()
+    return layer
+
+
+def _constant_weight(capture: GraphCapture, placeholder_name: str) -> str | None:
+    node = next((n for n in capture.result.gm.graph.nodes if n.name == placeholder_name), None)
+    return node.meta.get("qcompile", {}).get("weight") if node is not None else None
+
+
+class ModelUnderTest:
+    """Runs the model (or one graph) on fixed inputs with a chosen set of modules left in float.
+    run(quantized) executes it with the linears `quantized(site)` picks quantized and returns the outputs."""
+
+    def __init__(self, run: Callable[[Callable[[LinearSite], bool]], Any], reference):
+        self.run, self.reference = run, reference
+
+    def output_sqnr(self, float_modules: frozenset[str] = frozenset()) -> float:
+        with torch.no_grad():
+            return _outputs_sqnr(self.reference, self.run(lambda site: site.record.module not in float_modules))
+
+
+def suggest_exclude(model: ModelUnderTest, modules: list[str], all_quantized_db: float,
+                    target_db: float) -> Suggestion:
+    """Greedy: rank modules by the output SQNR with that module alone in float (one run each), then find the
+    shortest prefix of that ranking that reaches the target (binary search: leaving more in float rarely lowers
+    the SQNR; the found prefix is checked by a run)."""
+    if all_quantized_db >= target_db or not modules:
+        return Suggestion(target_db, [], all_quantized_db, all_quantized_db >= target_db)
+    gain = {m: model.output_sqnr(frozenset([m])) for m in modules}
+    ranked = sorted(modules, key=lambda m: -gain[m])
+    reached: dict[int, float] = {}
+
+    def sqnr_with(k: int) -> float:
+        if k not in reached:
+            reached[k] = model.output_sqnr(frozenset(ranked[:k]))
+        return reached[k]
+
+    lo, hi = 1, len(ranked)
+    if sqnr_with(hi) < target_db:
+        return Suggestion(target_db, ranked, sqnr_with(hi), False)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sqnr_with(mid) >= target_db:
+            hi = mid
+        else:
+            lo = mid + 1
+    return Suggestion(target_db, ranked[:lo], sqnr_with(lo), sqnr_with(lo) >= target_db)
+
+
+def build_report(captures: list[GraphCapture], model: ModelUnderTest, options: QuantOptions,
+                 target_sqnr_db: float | None, inputs: str) -> Report:
+    graphs = []
+    for capture in captures:
+        layers = [_layer_report(capture, site) for site in capture.sites]
+        graphs.append(GraphReport(capture.index, capture.before, capture.after, capture.diff, layers))
+    all_layers = [layer for g in graphs for layer in g.layers]
+    seen, total = set(), 0
+    for layer in all_layers:  # a weight two linears share (tied) counts once
+        if layer.weight not in seen:
+            seen.add(layer.weight)
+            total += layer.weight_bytes
+    for layer in all_layers:
+        layer.weight_share = layer.weight_bytes / total if total else 0.0
+    all_quantized_db = model.output_sqnr()
+    suggestion = None
+    if target_sqnr_db is not None:
+        modules = list(dict.fromkeys(layer.module for layer in all_layers if layer.scheme is not None))
+        suggestion = suggest_exclude(model, modules, all_quantized_db, target_sqnr_db)
+    opts = {k: v for k, v in vars(options).items() if v not in (None, ())}
+    return Report(options=opts, graphs=graphs, output_sqnr_db=all_quantized_db, suggestion=suggestion,
+                  inputs=inputs)
+
+
+def describe_inputs(args, kwargs) -> str:
+    parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if isinstance(t, torch.Tensor) else
+             type(t).__name__ for t in pytree.tree_leaves((args, kwargs))]
+    return ", ".join(parts)
+
+
+def diff(model, args, options: Mapping[str, Any] | QuantOptions, kwargs: Mapping[str, Any] | None = None,
+         target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB) -> Report:
+    """Quantize `model` as `torch.compile(model, backend="qcompile", options=options)` would, without Inductor
+    and without touching the model, run it on `args`/`kwargs`, and report per graph and per linear what the
+    pass did and how much error each linear adds. target_sqnr_db=None skips the exclude suggestion."""
+    if not isinstance(args, (tuple, list)):
+        args = (args,)
+    kwargs = dict(kwargs or {})
+    opts = QuantOptions.from_dict(options).replace(keep_float_weights=True)
+    backend = CapturingBackend(opts)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+        compiled(*args, **kwargs)  # captures every graph and records each linear's float input and output
+    if not backend.graphs:
+        raise ValueError("qcompile.diff: torch.compile captured no graph from the model on these inputs")
+
+    def run(quantized):
+        backend.quantized = quantized
+        return compiled(*args, **kwargs)
+
+    return build_report(backend.graphs, ModelUnderTest(run, reference), opts, target_sqnr_db,
+                        describe_inputs(args, kwargs))

@@ -1,0 +1,68 @@
+"""The debugging report as a plain-text table for the terminal (`str(report)`)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import Report
+
+
+def format_db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "exact" if value > 0 else "-inf"
+    return f"{value:.1f}"
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """Columns padded to their widest cell; `right` aligns numbers."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_report(report: "Report") -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if k != "keep_float_weights")
+    out = [f"qcompile diff: {opts}", f"inputs: {report.inputs}" if report.inputs else ""]
+    header = ("graph", "module", "N x K", "scheme", "weight SQNR dB", "output SQNR dB", "max abs err", "bytes",
+              "share")
+    right = (True, False, True, False, True, True, True, True, True)
+    rows = []
+    for layer in report.layers:
+        rows.append((
+            layer.graph, layer.module, f"{layer.out_features} x {layer.in_features}",
+            layer.scheme or "float", format_db(layer.weight_sqnr_db), format_db(layer.output_sqnr_db),
+            "-" if layer.max_abs_error is None else f"{layer.max_abs_error:.3g}",
+            format_bytes(layer.weight_bytes), f"{100 * layer.weight_share:.1f}%"))
+    out.append(format_table(header, rows, right))
+    for g in report.graphs:
+        for layer in g.layers:
+            if layer.scheme is None:
+                out.append(f"  graph {g.index} {layer.module}: stays in float: {layer.reason}")
+    n_quant = sum(layer.scheme is not None for layer in report.layers)
+    out.append(f"{len(report.graphs)} graph(s), {len(report.layers)} linears, {n_quant} quantized, "
+               f"{len(report.layers) - n_quant} in float")
+    out.append(f"output SQNR (all quantized): {format_db(report.output_sqnr_db)} dB")
+    s = report.suggestion
+    if s is not None:
+        if not s.exclude:
+            out.append(f"target {s.target_sqnr_db:g} dB: reached with every linear quantized")
+        else:
+            verdict = "reaches" if s.met else "does not reach even with all listed in float:"
+            out.append(f"to reach {s.target_sqnr_db:g} dB leave {len(s.exclude)} linear(s) in float ({verdict} "
+                       f"{format_db(s.reached_sqnr_db)} dB):")
+            out.append(f"  options={{'exclude': {s.exclude!r}}}")
+    return "\n".join(line for line in out if line)

