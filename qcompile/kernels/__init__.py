@@ -1,0 +1,1 @@
+"""Kernels: compute only, no graph knowledge. One package per device."""

@@ -1,0 +1,101 @@
+"""Inductor lowering of the fused CPU intx ops: a CppTemplate that pastes intx_linear.h into Inductor's output code
+and calls it, so the kernel is compiled with the graph (and embedded in AOTInductor packages).
+
+Every Inductor internal this package touches is in this file (CppTemplate, CppTemplateKernel.def_kernel,
+register_lowering, the template buffer's epilogue-fusion switch); it is written against torch 2.11-2.14.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch._inductor import ir
+from torch._inductor.lowering import fallback_handler, register_lowering  # first: it imports the codegen modules
+from torch._inductor.codegen.cpp import get_export_declaration
+from torch._inductor.codegen.cpp_template import CppTemplate
+from torch._inductor.codegen.cpp_utils import cexpr_index
+from torch._inductor.utils import IndentedBuffer, parallel_num_threads, sympy_product
+from torch._inductor.virtualized import V
+
+from . import ops
+
+KERNEL_SOURCE = (Path(__file__).parent / "intx_linear.h").read_text()
+
+# op -> (C++ entry point in intx_linear.h, activation dtypes it accepts)
+ENTRY_POINTS = {
+    ops.intx_linear_dynamic_int8_cpu: "intx_linear_dynamic_int8",
+    ops.intx_linear_float_cpu: "intx_linear_float",
+}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class IntxLinearTemplate(CppTemplate):
+    """One instance per lowered linear: y[M, N] = entry<BITS, GROUP>(x[M, K], packed, scale, bias)."""
+
+    def __init__(self, entry: str, input_nodes, layout: ir.Layout, bits: int, group_size: int, has_bias: bool):
+        super().__init__(f"qcompile_{entry}_b{bits}_g{group_size}", input_nodes, layout, parallel_num_threads())
+        self.entry, self.bits, self.group_size, self.has_bias = entry, bits, group_size, has_bias
+
+    def render(self, kernel, template_buffer_node=None, flag_template_buffer_has_other_users=None,
+               epilogue_nodes=None, **kwargs) -> str:
+        if epilogue_nodes:
+            raise NotImplementedError("qcompile intx template: epilogue fusion is switched off for this buffer")
+        x, packed, scale = self.input_nodes[:3]
+        bias = self.input_nodes[3] if self.has_bias else None
+        y = template_buffer_node if template_buffer_node is not None else self.output_node
+        inputs = {"X": x, "W": packed, "S": scale}
+        if bias is not None:
+            inputs["B"] = bias
+        signature = kernel.def_kernel(inputs=inputs, outputs={"Y": y})
+        K = x.get_size()[-1]
+        N = packed.get_size()[0]
+        M = cexpr_index(kernel.rename_indexing(sympy_product(x.get_size()[:-1])))
+        bias_arg = "B" if bias is not None else "static_cast<const float*>(nullptr)"
+        bias_type = kernel.dtype(bias) if bias is not None else "float"
+        code = IndentedBuffer()
+        code.splice(self.header())
+        code.splice(KERNEL_SOURCE)
+        code.writeline(f'extern "C" {get_export_declaration()}')
+        code.writeline(signature)
+        code.writeline("{")
+        with code.indent():
+            code.writeline(
+                f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, {kernel.dtype(scale)}, "
+                f"{bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {cexpr_index(N)}, {cexpr_index(K)}, "
+                f"{self.num_threads});")
+        code.writeline("}")
+        return code.getvalue()
+
+
+def _realized(node):
+    return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(node))
+
+
+def _lower(op, x, packed, scale, bias, bits, group_size, dtype):
+    """Inductor lowering: a CppTemplateBuffer running the generated kernel (CPU, float activations), else the op's
+    reference as an extern fallback."""
+    K = x.get_size()[-1]
+    usable = (x.get_device().type == "cpu" and x.get_dtype() in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES
+              and scale.get_dtype() in _FLOAT_DTYPES and packed.get_dtype() == torch.uint8
+              and (bias is None or bias.get_dtype() in _FLOAT_DTYPES)
+              and 1 <= bits <= 8 and group_size % 32 == 0 and V.graph.sizevars.statically_known_equals(K % group_size, 0))
+    if not usable:
+        return fallback_handler(op, add_to_fallback_set=False)(x, packed, scale, bias, bits, group_size, dtype)
+    inputs = [_realized(x), _realized(packed), _realized(scale)] + ([_realized(bias)] if bias is not None else [])
+    size = [*x.get_size()[:-1], packed.get_size()[0]]
+    layout = ir.FixedLayout(x.get_device(), dtype, size, ir.FlexibleLayout.contiguous_strides(size))
+    template = IntxLinearTemplate(ENTRY_POINTS[op], inputs, layout, bits, group_size, bias is not None)
+    node = template.generate().output_node()
+    # the kernel writes its output buffer directly; it has no code path for fused pointwise epilogues
+    node.data.data.allow_epilogue_fusion = False
+    return node
+
+
+@functools.lru_cache(None)
+def register_inductor_lowerings() -> None:
+    for op in ENTRY_POINTS:
+        register_lowering(op, type_promotion_kind=None)(functools.partial(_lower, op))
+
+
+register_inductor_lowerings()
