@@ -28,6 +28,17 @@ def dynamo_path(text: str) -> str:
     return re.sub(r"\.+", ".", path).strip(".")
 
 
+def dynamo_frame():
+    """(code, locals, globals) of the Python frame Dynamo is compiling when it calls the backend, or None.
+    The locals are the frame's real argument values (the module, the call's tensors)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    return tx.f_code, tx.f_locals, tx.f_globals
+
+
 def dynamo_example_value(node: torch.fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 

@@ -5,8 +5,11 @@ Every error names the key, the bad value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import torch
 
 from .schemes import SCHEMES, Scheme, get_scheme
 
@@ -19,6 +22,11 @@ _KEYS_DOC = {
     "exclude": "glob pattern(s) on module names: these linears stay in float",
     "keep_float_weights": "keep the float weights of quantized linears alive (default False: their storage "
                           "is released after compiling, see README)",
+    "algorithm": "how weights are rounded: 'rtn' (default), 'gptq' (needs 'calibration') or 'hqq' (data-free); "
+                 "gptq/hqq for schemes " + ", ".join(s.name for s in SCHEMES.values() if len(s.algorithms) > 1),
+    "calibration": "for algorithm 'gptq': an iterable of example inputs to the compiled callable, each a tuple "
+                   "of positional args or a dict of keyword args",
+    "act_order": "for algorithm 'gptq': quantize columns in order of decreasing Hessian diagonal (default True)",
 }
 
 
@@ -31,6 +39,10 @@ class QuantOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_float_weights: bool = False
+    algorithm: str = "rtn"
+    act_order: bool = True
+    # read once by the backend's calibration step; never compared, hashed or guarded on
+    calibration: Any = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def scheme_def(self) -> Scheme:
@@ -38,7 +50,9 @@ class QuantOptions:
 
     def cache_key(self) -> tuple:
         """What decides the quantized weights (not which layers are picked)."""
-        return (self.scheme, self.group_size, self.bits, self.granularity)
+        calibration = None if self.calibration is None else id(self.calibration)
+        return (self.scheme, self.group_size, self.bits, self.granularity, self.algorithm, self.act_order,
+                calibration)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "QuantOptions":
@@ -66,6 +80,7 @@ class QuantOptions:
             include=_patterns(options, "include"),
             exclude=_patterns(options, "exclude"),
             keep_float_weights=_bool(options, "keep_float_weights"),
+            **_algorithm(options, scheme),
         )
 
     def replace(self, **changes) -> "QuantOptions":
@@ -100,8 +115,55 @@ def _patterns(options, key) -> tuple[str, ...]:
     raise ValueError(f"option {key!r} must be a glob pattern string or a list of them, got {value!r}")
 
 
-def _bool(options, key) -> bool:
-    value = options.get(key, False)
+def _algorithm(options, scheme: Scheme) -> dict:
+    algorithm = options.get("algorithm") or "rtn"
+    if algorithm not in ("rtn", "gptq", "hqq"):
+        raise ValueError(f"option algorithm={algorithm!r} is not valid; valid: 'rtn', 'gptq', 'hqq'")
+    if algorithm not in scheme.algorithms:
+        takes = [s.name for s in SCHEMES.values() if algorithm in s.algorithms]
+        raise ValueError(f"option algorithm={algorithm!r} does not apply to scheme {scheme.name!r} (its weights are "
+                         f"rounded only by 'rtn'); schemes that take it: {', '.join(takes)}")
+    calibration = options.get("calibration")
+    if algorithm == "gptq":
+        if calibration is None or isinstance(calibration, (str, bytes, Mapping)) or not hasattr(calibration,
+                                                                                                 "__iter__"):
+            raise ValueError("algorithm 'gptq' needs option 'calibration': an iterable of example inputs (tuples "
+                             f"of positional args or dicts of keyword args), got {type(calibration).__name__}")
+        calibration = _reiterable(calibration)
+        items = list(calibration)
+        bad = [i for i, c in enumerate(items) if not isinstance(c, (tuple, list, Mapping, torch.Tensor))]
+        if not items:
+            raise ValueError("option 'calibration' is empty; give at least one example input")
+        if bad:
+            raise ValueError(f"option 'calibration' item {bad[0]} is a {type(items[bad[0]]).__name__}; each "
+                             f"example input must be a tuple of args, a dict of kwargs or a tensor")
+    elif calibration is not None:
+        raise ValueError(f"option 'calibration' is only used by algorithm 'gptq' (algorithm is {algorithm!r}: "
+                         f"{'data-free' if algorithm == 'hqq' else 'round to nearest'}); drop it or use 'gptq'")
+    if "act_order" in options and algorithm != "gptq":
+        raise ValueError(f"option 'act_order' applies to algorithm 'gptq' only, not {algorithm!r}")
+    return {"algorithm": algorithm, "calibration": calibration,
+            "act_order": _bool(options, "act_order", default=True)}
+
+
+# one-shot iterators (generators) handed as 'calibration' -> their items: each graph of a model reads them
+_MATERIALIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _reiterable(calibration):
+    """The user's list/tuple as is (its identity keys the caches), or a one-shot iterator's items, read once."""
+    if iter(calibration) is not calibration:
+        return calibration
+    try:
+        if calibration not in _MATERIALIZED:
+            _MATERIALIZED[calibration] = tuple(calibration)
+        return _MATERIALIZED[calibration]
+    except TypeError:  # not weak-referenceable: only the first graph compiled gets its items
+        return tuple(calibration)
+
+
+def _bool(options, key, default: bool = False) -> bool:
+    value = options.get(key, default)
     if not isinstance(value, bool):
         raise ValueError(f"option {key!r} must be True or False, got {value!r}")
     return value

@@ -32,7 +32,8 @@ class Scheme:
     name: str
     summary: str
     aliases: tuple[str, ...]
-    # quantize_weight(weight [N, K], options) -> named tensors (each becomes a graph constant)
+    # quantize_weight(weight [N, K], options[, hessian [K, K]]) -> named tensors (each becomes a graph constant);
+    # the Hessian of the layer's inputs is passed only for algorithm "gptq"
     quantize_weight: Callable[[torch.Tensor, "QuantOptions"], QuantizedWeight]
     # emit(emitter, x, weight nodes by name, bias node or None, options, output dtype) -> output node
     emit: Callable[..., "Node"]
@@ -44,6 +45,7 @@ class Scheme:
     granularities: tuple[str, ...] = ()  # allowed `granularity` values; () = fixed
     # K must be a multiple of this (block formats); group-wise schemes use the group size instead
     k_multiple: int = 1
+    algorithms: tuple[str, ...] = ("rtn",)  # rounding algorithms its quantize_weight implements
     extra_skip: Callable[[int, int, "QuantOptions"], str | None] | None = field(default=None)
 
     def skip_reason(self, out_features: int, in_features: int, options: "QuantOptions") -> str | None:

@@ -5,13 +5,20 @@ import torch
 
 from .. import ops
 from ..quant import affine, packing
+from ..quant.grids import AffineGrid
 from .base import Scheme
+from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
-def quantize(w, options):
+def quantize(w, options, hessian=None):
     g = options.group_size
-    scale = affine.choose_qparams_symmetric(w, g, bits=4).to(w.dtype)
-    q = affine.quantize_symmetric(w, scale.float(), g, bits=4)
+    if options.algorithm == "rtn":
+        scale = affine.choose_qparams_symmetric(w, g, bits=4).to(w.dtype)
+        q = affine.quantize_symmetric(w, scale.float(), g, bits=4)
+    else:
+        q, scale, _ = round_onto_grid(w, AffineGrid(bits=4, zero_domain="none", qparam_dtype=w.dtype), options,
+                                      hessian)
+        scale = scale.to(w.dtype)
     return {"qweight": packing.pack_along_k(q.to(torch.int32) + 8, 4), "scale": scale}
 
 
@@ -30,4 +37,5 @@ SCHEME = Scheme(
     activation="float8 e4m3 per row",
     group_sizes=(32, 64, 128, 256),
     default_group_size=128,
+    algorithms=GRID_ALGORITHMS,
 )

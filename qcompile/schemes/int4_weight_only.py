@@ -2,14 +2,21 @@
 float activations (torchao Int4WeightOnlyConfig). w' = (q - 8) * scale + zero; scale/zero in the weight dtype."""
 from .. import ops
 from ..quant import affine, packing
+from ..quant.grids import AffineGrid
 from .base import Scheme
+from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
-def quantize(w, options):
+def quantize(w, options, hessian=None):
     g = options.group_size
-    scale, zero = affine.choose_qparams_tinygemm(w, g)
-    scale, zero = scale.to(w.dtype), zero.to(w.dtype)  # as torchao: qparams in the weight's dtype
-    q = affine.quantize_tinygemm(w, scale, zero, g)
+    if options.algorithm == "rtn":
+        scale, zero = affine.choose_qparams_tinygemm(w, g)
+        scale, zero = scale.to(w.dtype), zero.to(w.dtype)  # as torchao: qparams in the weight's dtype
+        q = affine.quantize_tinygemm(w, scale, zero, g)
+    else:
+        grid = AffineGrid(bits=4, zero_domain="float", qparam_dtype=w.dtype)
+        q, scale, zero = round_onto_grid(w, grid, options, hessian)
+        scale, zero = scale.to(w.dtype), grid.value_zero(scale, zero)
     return {"qweight": packing.pack_along_k(q, 4), "scale": scale, "zero": zero}
 
 
@@ -26,4 +33,5 @@ SCHEME = Scheme(
     emit=emit,
     group_sizes=(32, 64, 128, 256),
     default_group_size=128,
+    algorithms=GRID_ALGORITHMS,
 )

@@ -4,13 +4,20 @@ import torch
 
 from .. import ops
 from ..quant import affine, packing
+from ..quant.grids import AffineGrid
 from .base import Scheme
+from .rounding import GRID_ALGORITHMS, round_onto_grid
+
+EPS = 1e-6  # torchao's for this config
 
 
-def quantize(w, options):
+def quantize(w, options, hessian=None):
     g = options.group_size
-    scale, zero = affine.choose_qparams_asymmetric(w, g, bits=4, signed=False, eps=1e-6)
-    u = affine.quantize_asymmetric(w, scale, zero, g, bits=4, signed=False)
+    if options.algorithm == "rtn":
+        scale, zero = affine.choose_qparams_asymmetric(w, g, bits=4, signed=False, eps=EPS)
+        u = affine.quantize_asymmetric(w, scale, zero, g, bits=4, signed=False)
+    else:
+        u, scale, zero = round_onto_grid(w, AffineGrid(bits=4, zero_domain="int", eps=EPS), options, hessian)
     return {"qweight": packing.pack_along_k(u, 4), "scale": scale, "zero": zero.to(torch.uint8)}
 
 
@@ -29,4 +36,5 @@ SCHEME = Scheme(
     activation="int8 per token, asymmetric",
     group_sizes=(32, 64, 128, 256),
     default_group_size=32,
+    algorithms=GRID_ALGORITHMS,
 )

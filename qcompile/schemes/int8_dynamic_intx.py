@@ -3,6 +3,7 @@
 from .. import ops
 from .base import Scheme
 from .intx_weight_only import quantize_intx_symmetric
+from .rounding import GRID_ALGORITHMS
 
 
 def emit(g, x, w, bias, options, dtype):
@@ -22,4 +23,5 @@ SCHEME = Scheme(
     default_group_size=32,
     bits=tuple(range(1, 9)),
     default_bits=8,
+    algorithms=GRID_ALGORITHMS,
 )

@@ -4,13 +4,20 @@ import torch
 
 from .. import ops
 from ..quant import affine, packing
+from ..quant.grids import AffineGrid
 from .base import Scheme
+from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
-def quantize_intx_symmetric(w, options):
+def quantize_intx_symmetric(w, options, hessian=None):
     bits, g = options.bits, options.group_size
-    scale = affine.choose_qparams_symmetric(w, g, bits).to(w.dtype)  # scale in the weight's dtype, as torchao
-    q = affine.quantize_symmetric(w, scale.float(), g, bits)
+    if options.algorithm == "rtn":
+        scale = affine.choose_qparams_symmetric(w, g, bits).to(w.dtype)  # scale in the weight's dtype, as torchao
+        q = affine.quantize_symmetric(w, scale.float(), g, bits)
+    else:
+        q, scale, _ = round_onto_grid(w, AffineGrid(bits=bits, zero_domain="none", qparam_dtype=w.dtype), options,
+                                      hessian)
+        scale = scale.to(w.dtype)
     u = q.to(torch.int32) + (1 << (bits - 1))
     return {"qweight": packing.pack_along_k(u, bits), "scale": scale}
 
@@ -30,4 +37,5 @@ SCHEME = Scheme(
     default_group_size=32,
     bits=tuple(range(1, 9)),
     default_bits=8,
+    algorithms=GRID_ALGORITHMS,
 )
