@@ -25,3 +25,7 @@ def lower_for_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
         lowering(gm, device)
     gm.graph.lint()
     gm.recompile()
+
+
+# Device lowerings register themselves on import.
+from . import lower_cpu  # noqa: E402,F401
