@@ -3,14 +3,16 @@ grid's parameters by half-quadratic splitting of  min ||W - dequant(quant(W))||_
 
 Starting from the min/max (RTN) parameters, each iteration
   q = quant(W);  W_e = shrink_p(W - dequant(q), beta)            (the sparse outlier part of the error)
-  float zero (tinygemm): zero  = mean_g(q - (W - W_e) / scale)   (HQQ's closed-form zero; scale fixed, as HQQ)
-  integer zero        : the same zero, rounded, then the scale refit by least squares to W - W_e
-                        (a rounded zero alone rarely moves, so the scale carries the optimisation)
-  symmetric (no zero) : scale = <q, W - W_e>_g / <q, q>_g          (only the scale can be optimised)
+  asymmetric grids: zero = mean_g(q - (W - W_e) / scale)           (HQQ's closed-form zero step; rounded
+                    for integer zero points)
+  every grid      : scale = <q - zero, W - W_e>_g / <q - zero, q - zero>_g   (least-squares scale step)
   beta *= kappa
 with shrink_p(x, beta) = sign(x) * relu(|x| - |x|^(p-1) / beta). All parameters are kept representable
-(`AffineGrid.representable`). Each group keeps the parameters with the
-lowest mean |W - W'| seen (HQQ keeps the best per tensor and stops at the first step without improvement).
+(`AffineGrid.representable`). Each group keeps the parameters with the lowest mean |W - W'| seen (HQQ keeps
+the best per tensor and stops at the first step without improvement).
+HQQ itself moves only the zero; the scale step is ours: symmetric grids have no zero to move, a rounded
+integer zero rarely moves, and on tinygemm's grid it lowers the output error further (0.95x -> 0.87x of RTN's
+on a correlated test layer).
 """
 from __future__ import annotations
 
@@ -57,9 +59,8 @@ def hqq_quantize(w: torch.Tensor, grid: AffineGrid, group_size: int, iters: int 
         if grid.zero_domain != "none":
             zero = (q - target / s).mean(-1)
             scale, zero = grid.representable(scale, zero)
-        if grid.zero_domain != "float":
-            scale = _least_squares_scale(q - zero.unsqueeze(-1), target, scale)
-            scale, zero = grid.representable(scale, zero)
+        scale = _least_squares_scale(q - zero.unsqueeze(-1), target, scale)
+        scale, zero = grid.representable(scale, zero)
         beta *= kappa
     q = grid.quantize(w, best_scale, best_zero, group_size)
     return q, best_scale, best_zero
