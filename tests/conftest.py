@@ -7,6 +7,11 @@ os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels are tested in Triton's interpreter on CPU; triton.jit reads this when triton is imported,
+    # which `import qcompile` already does
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import qcompile  # noqa: E402,F401  (registers the qcompile:: ops)
 
 

@@ -27,5 +27,7 @@ def lower_for_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
     gm.recompile()
 
 
-# Device lowerings register themselves on import.
+# Device lowerings register themselves on import. lower_cuda needs only torch until it runs (it imports
+# Triton then, and keeps the reference path where Triton is missing), so CPU-only installs import it too.
+from . import lower_cuda  # noqa: E402,F401
 from . import lower_cpu  # noqa: E402,F401

@@ -1,0 +1,80 @@
+"""Dynamic activation quantization as one Triton kernel per call: one program per row, the whole row in
+registers. Formats follow qcompile.quant exactly (round half to even, the same eps and clamps):
+
+  int8_sym / int8_asym : int8 per row, float32 scale [M] (+ int32 zero [M])      (affine.py)
+  fp8_row / fp8_tensor : e4m3, float32 scale [M] or [] (tensor amax given)       (float8.py)
+  mxfp8 / nvfp4        : quantize then dequantize in place, output in x's dtype  (microscaling.py)
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dequant import cast_to, float_to_e2m1, round_half_even, round_to_e4m3
+
+FP32_EPS = 1.1920928955078125e-07
+FLOAT8_EPS = 1e-12
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _ceil_log2(v):
+    """ceil(log2(v)) for float32 v > 0, exact (from the bits); subnormals give -127."""
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    exponent = tl.where((bits & 0x7FFFFF) != 0, exponent + 1, exponent)
+    return tl.where(((bits >> 23) & 0xFF) == 0, -127, exponent).to(tl.float32)
+
+
+@triton.jit
+def quantize_activation_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, tensor_amax_ptr, K, stride_xm, stride_qm,
+                               FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    in_row = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=in_row, other=0.0).to(tl.float32)
+    q_ptrs = q_ptr + row * stride_qm + offs
+    if FORMAT == "int8_sym":
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.5, FP32_EPS)
+        q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)), -128.0), 127.0)
+        tl.store(q_ptrs, q.to(tl.int8), mask=in_row)
+        tl.store(scale_ptr + row, scale)
+    elif FORMAT == "int8_asym":
+        min_neg = tl.minimum(tl.min(x, axis=0), 0.0)
+        max_pos = tl.maximum(tl.max(x, axis=0), 0.0)
+        scale = tl.maximum((max_pos - min_neg) / 255.0, FP32_EPS)
+        zero = tl.minimum(tl.maximum(-128.0 - round_half_even(min_neg / scale), -128.0), 127.0)
+        q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)) + zero, -128.0), 127.0)
+        tl.store(q_ptrs, q.to(tl.int8), mask=in_row)
+        tl.store(scale_ptr + row, scale)
+        tl.store(zero_ptr + row, zero.to(tl.int32))
+    elif FORMAT == "fp8_row" or FORMAT == "fp8_tensor":
+        if FORMAT == "fp8_row":
+            amax = tl.max(tl.abs(x), axis=0)
+        else:
+            amax = tl.load(tensor_amax_ptr).to(tl.float32)
+        scale = tl.maximum(amax / E4M3_MAX, FLOAT8_EPS)
+        q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX))
+        tl.store(q_ptrs, q.to(tl.float8e4nv), mask=in_row)
+        if FORMAT == "fp8_row":
+            tl.store(scale_ptr + row, scale)
+        else:
+            tl.store(scale_ptr, scale, mask=row == 0)
+    elif FORMAT == "mxfp8":  # blocks of 32, scale 2^ceil(log2(amax / 448)), e4m3 elements
+        blocks = tl.reshape(x, (BLOCK_K // 32, 32))
+        amax = tl.max(tl.abs(blocks), axis=1)
+        exponent = tl.where(amax > 0, _ceil_log2(amax / E4M3_MAX), -127.0)
+        exponent = tl.minimum(tl.maximum(exponent, -127.0), 128.0)
+        scale = tl.where(exponent > 127.0, float("nan"), tl.exp2(exponent))[:, None]
+        q = round_to_e4m3(tl.minimum(tl.maximum(blocks / scale, -E4M3_MAX), E4M3_MAX))
+        out = tl.reshape(q * scale, (BLOCK_K,))
+        tl.store(q_ptrs, cast_to(out, q_ptr.dtype.element_ty, BF16_BY_BITS), mask=in_row)
+    else:  # nvfp4: blocks of 16, e4m3 block scale, float32 tensor scale, e2m1 elements
+        tensor_scale = tl.maximum(tl.load(tensor_amax_ptr).to(tl.float32) / (E4M3_MAX * 6.0), FLOAT8_EPS)
+        blocks = tl.reshape(x, (BLOCK_K // 16, 16))
+        block_amax = tl.max(tl.abs(blocks), axis=1)
+        block_scale = tl.minimum(tl.maximum(block_amax / 6.0 / tensor_scale, -E4M3_MAX), E4M3_MAX)
+        total = (round_to_e4m3(block_scale) * tensor_scale)[:, None]
+        safe = tl.where(total == 0, 1.0, total)
+        out = tl.reshape(float_to_e2m1(blocks / safe) * total, (BLOCK_K,))
+        tl.store(q_ptrs, cast_to(out, q_ptr.dtype.element_ty, BF16_BY_BITS), mask=in_row)

@@ -1,0 +1,110 @@
+"""The one Triton template for quantized linears: out[M, N] = x[M, K] @ dequant(W[N, K])^T, scaled, + bias.
+
+Constexprs pick the variant: the weight format (dequant.load_weight_tile), the activation format (float, or
+int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M < 16: broadcast-multiply-reduce on CUDA
+cores) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), and split-K (SPLIT_K > 1: fp32 partials added
+atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
+bias in float32 and casts once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dequant import cast_to, load_group_param, load_weight_tile
+
+
+@triton.jit
+def _tile_product(a, w, A_FORMAT: tl.constexpr, USE_DOT: tl.constexpr, INT_DOT: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """a [BLOCK_M, BLOCK_K] x w [BLOCK_K, BLOCK_N] -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT, else float32)."""
+    if USE_DOT:
+        if INT_DOT:
+            return tl.dot(a, w, out_dtype=tl.int32)
+        elif DOT_FP32:  # the interpreter multiplies bf16 bit patterns in tl.dot
+            return tl.dot(a.to(tl.float32), w.to(tl.float32))
+        elif A_FORMAT == "fp8":
+            if w.dtype == tl.float8e4nv:
+                return tl.dot(a, w)
+            else:
+                return tl.dot(a, w.to(tl.float16).to(tl.float8e4nv))  # int4 values are exact in e4m3
+        else:
+            return tl.dot(a, w.to(a.dtype))
+    else:
+        return tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def quantized_linear_kernel(
+        x_ptr, x_scale_ptr, x_zero_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        A_FORMAT: tl.constexpr,  # "float" (x's dtype), "int8", "fp8"
+        A_SCALE: tl.constexpr,  # "none", "row", "tensor"
+        A_HAS_ZERO: tl.constexpr,
+        W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, W_HAS_ZERO: tl.constexpr,
+        W_SCALE: tl.constexpr,  # weight scale left for the epilogue: "none", "row", "tensor"
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    RAW: tl.constexpr = A_FORMAT != "float"
+    SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
+    INT_DOT: tl.constexpr = USE_DOT and A_FORMAT == "int8"
+
+    # grouped program order: GROUP_M row blocks share each weight block while it is in L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = rows % M  # loads stay in bounds without masks; the store is masked
+    cols_in = cols % N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if INT_DOT and not SCALE_PER_GROUP:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if A_HAS_ZERO:
+        a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
+
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_span
+    k_end = min(K, k_start + k_span)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
+        w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, offs_k, K, stride_wn,
+                             W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+        part = _tile_product(a, w, A_FORMAT, USE_DOT, INT_DOT, DOT_FP32)
+        if SCALE_PER_GROUP:
+            if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
+                part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=0)[None, :]).to(part.dtype)
+            scale = load_group_param(w_scale_ptr, cols_in, k0, offs_k, K // GROUP_SIZE, GROUP_SIZE, BLOCK_K)
+            acc += part.to(tl.float32) * scale
+        else:
+            acc += part
+
+    out = acc.to(tl.float32)
+    if A_SCALE == "row":
+        out *= tl.load(x_scale_ptr + rows_in)[:, None]
+    elif A_SCALE == "tensor":
+        out *= tl.load(x_scale_ptr)
+    if W_SCALE == "row":
+        out *= tl.load(w_scale_ptr + cols_in).to(tl.float32)[None, :]
+    elif W_SCALE == "tensor":
+        out *= tl.load(w_scale_ptr).to(tl.float32)
+    if HAS_BIAS:  # added by the first K split only
+        out += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, out, mask=mask)

@@ -1,0 +1,156 @@
+"""Launchers for the Triton linear template: which constexprs a (activation, weight format) pair sets, what
+the kernels can take, and one call that quantizes the activation and runs the GEMM with a chosen config."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from .activation import quantize_activation_kernel
+from .gemm import quantized_linear_kernel
+
+ACTIVATIONS = ("float", "int8_sym", "int8_asym", "fp8_row", "fp8_tensor", "mxfp8", "nvfp4")
+WEIGHT_FORMATS = ("int8", "fp8", "int4_tinygemm", "intx", "codebook", "mxfp8", "nvfp4")
+# activations the GEMM reads as quantized integers / e4m3; the rest reach it in x's dtype
+_GEMM_ACTIVATION = {"int8_sym": "int8", "int8_asym": "int8", "fp8_row": "fp8", "fp8_tensor": "fp8"}
+_NATIVE_WEIGHTS = {"int8": ("int8", "intx"), "fp8": ("fp8", "intx")}  # weights a quantized activation multiplies
+MIN_BLOCK_K = 32
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """What one fused linear computes; everything the kernels specialise on except shapes."""
+    activation: str
+    weight_format: str
+    bits: int = 8
+    group_size: int = 0  # 0: not group-wise
+    w_scale_per_tensor: bool = False
+    has_w_zero: bool = False
+    has_bias: bool = False
+
+    @property
+    def gemm_activation(self) -> str:
+        return _GEMM_ACTIVATION.get(self.activation, "float")
+
+    @property
+    def epilogue_w_scale(self) -> str:
+        if self.weight_format in ("int8", "fp8", "codebook"):
+            return "tensor" if self.w_scale_per_tensor else "row"
+        return "none"
+
+    @property
+    def scales_per_group_in_loop(self) -> bool:
+        return self.gemm_activation != "float" and self.weight_format == "intx"
+
+    def key(self) -> str:
+        return (f"{self.activation}/{self.weight_format}/b{self.bits}/g{self.group_size}/"
+                f"{'t' if self.w_scale_per_tensor else 'r'}{'z' if self.has_w_zero else ''}")
+
+
+def unsupported_reason(spec: LinearSpec, x_dtype: torch.dtype, out_dtype: torch.dtype, K: int) -> str | None:
+    """Why the Triton kernels cannot run this linear (it then keeps the reference ops), or None."""
+    if spec.activation not in ACTIVATIONS or spec.weight_format not in WEIGHT_FORMATS:
+        return f"no Triton kernel for activation {spec.activation!r} with weight format {spec.weight_format!r}"
+    if x_dtype not in (torch.bfloat16, torch.float16):
+        return f"activation dtype {x_dtype} (the Triton kernels take bfloat16/float16)"
+    if out_dtype != x_dtype:
+        return f"output dtype {out_dtype} differs from the activation dtype {x_dtype}"
+    if K % MIN_BLOCK_K:
+        return f"in_features={K} is not a multiple of {MIN_BLOCK_K}"
+    gemm_act = spec.gemm_activation
+    if gemm_act != "float" and spec.weight_format not in _NATIVE_WEIGHTS[gemm_act]:
+        return f"{spec.activation} activations with {spec.weight_format} weights"
+    if spec.scales_per_group_in_loop and spec.group_size < MIN_BLOCK_K:
+        return f"group_size {spec.group_size} < {MIN_BLOCK_K} with quantized activations"
+    if spec.activation == "int8_asym" and spec.weight_format != "intx":
+        return "asymmetric int8 activations need group-wise intx weights"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def quantize_activation(x: torch.Tensor, activation: str):
+    """x [M, K] -> (x for the GEMM, row/tensor scale or None, zero or None)."""
+    if activation == "float":
+        return x, None, None
+    M, K = x.shape
+    block_k = triton.next_power_of_2(K)
+    scale = zero = tensor_amax = x  # placeholders for pointers the format does not read
+    if activation in ("fp8_tensor", "nvfp4"):
+        tensor_amax = x.abs().amax().float().reshape(1)
+    if activation in ("mxfp8", "nvfp4"):
+        q = torch.empty_like(x)
+    elif activation.startswith("int8"):
+        q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    else:
+        q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    if activation != "mxfp8" and activation != "nvfp4":
+        scale = torch.empty((1 if activation == "fp8_tensor" else M,), dtype=torch.float32, device=x.device)
+    if activation == "int8_asym":
+        zero = torch.empty((M,), dtype=torch.int32, device=x.device)
+    wrap_triton(quantize_activation_kernel)[(M,)](
+        x, q, scale, zero, tensor_amax, K, x.stride(0), q.stride(0), FORMAT=activation, BLOCK_K=block_k,
+        BF16_BY_BITS=_interpreting(),
+        num_warps=4 if block_k <= 4096 else 8)
+    if activation in ("mxfp8", "nvfp4"):
+        return q, None, None
+    return q, (scale if activation == "fp8_tensor" else scale.view(M, 1)), (
+        zero.view(M, 1) if activation == "int8_asym" else None)
+
+
+def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, config):
+    """The template GEMM on an already-quantized activation [M, K]; returns [M, N] in out_dtype."""
+    M, K = xq.shape
+    N = qweight.shape[0]
+    if K % config.block_k or (spec.scales_per_group_in_loop and spec.group_size % config.block_k):
+        raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
+                         + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
+    any_tensor = xq
+    split_k = config.split_k
+    if split_k == 1:
+        out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.zeros((M, N), dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
+    wrap_triton(quantized_linear_kernel)[grid](
+        xq, any_tensor if x_scale is None else x_scale, any_tensor if x_zero is None else x_zero,
+        qweight, any_tensor if w_scale is None else w_scale, any_tensor if w_zero is None else w_zero,
+        any_tensor if w_aux is None else w_aux, any_tensor if bias is None else bias, out,
+        M, N, K, xq.stride(0), qweight.stride(0), out.stride(0),
+        A_FORMAT=spec.gemm_activation,
+        A_SCALE="none" if x_scale is None else ("tensor" if spec.activation == "fp8_tensor" else "row"),
+        A_HAS_ZERO=x_zero is not None,
+        W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
+        W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        GROUP_M=config.group_m, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
+        BF16_BY_BITS=_interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even
+
+
+def run_library(xq, x_scale, qweight, w_scale, bias, spec: LinearSpec, out_dtype, library: str):
+    """Library GEMMs the autotuner may pick at large M: `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
+    M = xq.shape[0]
+    N = qweight.shape[0]
+    if library == "scaled_mm":
+        a_scale = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
+        b_scale = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
+        return torch._scaled_mm(xq, qweight.t(), a_scale, b_scale, bias=bias, out_dtype=out_dtype)
+    if library == "int_mm":
+        out = torch._int_mm(xq, qweight.t()).float() * x_scale.float() * w_scale.float().reshape(1, -1)
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    raise ValueError(f"unknown library GEMM {library!r}; known: scaled_mm, int_mm")
+
+
+def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, config):
+    """Quantize x [M, K] as spec.activation says, then multiply by the quantized weight with `config`."""
+    xq, x_scale, x_zero = quantize_activation(x, spec.activation)
+    if config.library:
+        return run_library(xq, x_scale, qweight, w_scale, bias, spec, out_dtype, config.library)
+    return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)

@@ -1,0 +1,74 @@
+"""`qcompile::fused_linear`: one quantized linear as a `torch.library.triton_op`, so Inductor traces into it and
+emits its Triton kernels as user-defined kernels in the output code (and AOTInductor can embed them).
+
+The config is chosen when the op is traced or first run (tuning.select_config); tuning measures candidates on
+random tensors of the real shapes, so it also works while Inductor traces with fake tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .linear import LinearSpec, run_linear
+from .tuning import KernelConfig, select_config
+
+
+def _hint(size) -> int:
+    """A concrete value for a possibly symbolic size, without adding a guard (tuning only)."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 1
+    return int(size)
+
+
+def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A real tensor with t's shape and dtype and non-trivial values, for timing configs."""
+    if t is None:
+        return None
+    shape = [_hint(s) for s in t.shape]
+    if t.dtype.is_floating_point:
+        return (torch.rand(shape, device=t.device) + 0.5).to(t.dtype)
+    low, high = (-128, 128) if t.dtype in (torch.int8, torch.int32) else (0, 256)
+    return torch.randint(low, high, shape, device=t.device).to(t.dtype)
+
+
+def _measure_on_random(tensors, spec: LinearSpec, out_dtype):
+    def measure(config: KernelConfig) -> float:
+        with unset_fake_temporarily(), torch.no_grad():
+            x, qweight, w_scale, w_zero, w_aux, bias = (_random_like(t) for t in tensors)
+            if spec.weight_format == "codebook":
+                w_aux = torch.linspace(-1, 1, 16, device=x.device)
+            run = lambda: run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)  # noqa: E731
+            return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+    return measure
+
+
+def spec_for(activation, weight_format, bits, group_size, w_scale, w_zero, bias) -> LinearSpec:
+    return LinearSpec(activation=activation, weight_format=weight_format, bits=bits, group_size=group_size,
+                      w_scale_per_tensor=w_scale is not None and w_scale.numel() == 1,
+                      has_w_zero=w_zero is not None, has_bias=bias is not None)
+
+
+@torch.library.triton_op("qcompile::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: Optional[torch.Tensor],
+                 w_zero: Optional[torch.Tensor], w_aux: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 activation: str, weight_format: str, bits: int, group_size: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] (bf16/fp16) times a quantized weight [N, K(packed)] -> [..., N] in out_dtype; see linear.py."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2d = x.reshape(-1, K).contiguous()
+    M = x2d.shape[0]
+    spec = spec_for(activation, weight_format, bits, group_size, w_scale, w_zero, bias)
+    tunable = x.device.type == "cuda"
+    device_name = torch.cuda.get_device_name(x.device) if tunable else x.device.type
+    measure = _measure_on_random((x2d, qweight, w_scale, w_zero, w_aux, bias), spec, out_dtype) if tunable \
+        else None
+    config = select_config(spec, _hint(M), N, K, device_name, measure)
+    out = run_linear(x2d, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
+    return out.reshape(*x.shape[:-1], N)
+
+

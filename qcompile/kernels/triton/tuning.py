@@ -1,0 +1,143 @@
+"""Autotuning of the Triton linear template per (spec, M bucket, N, K), with the winners cached on disk.
+
+Candidates are generated per M bucket (GEMV / split-K for decode, tiled for prefill) and filtered to those the
+shape allows; library GEMMs join at large M. The cache file (QCOMPILE_CACHE_DIR, default ~/.cache/qcompile)
+is keyed by device name and Triton version, so a second process reuses the choice without tuning.
+QCOMPILE_AUTOTUNE=0 skips measuring and takes each bucket's first (heuristic) candidate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import triton
+
+from .linear import LinearSpec
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    library: str = ""  # "scaled_mm" / "int_mm": a library GEMM instead of the template
+
+
+def m_bucket(M: int) -> int:
+    """Decode sizes keep their own power of two (the GEMV tile height); larger M share a bucket."""
+    if M <= 8:
+        return triton.next_power_of_2(max(M, 1))
+    for edge in (16, 64, 256):
+        if M <= edge:
+            return edge
+    return 8192
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket
+_GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4, 2, 3), (64, 256, 4, 4, 2),
+         (128, 128, 4, 4, 3), (32, 128, 8, 4, 3)]
+_SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
+          (128, 64, 4, 4, 4)]
+_MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
+           (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
+_LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
+          (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
+
+
+def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
+    bucket = m_bucket(M)
+    if bucket <= 8:
+        configs = [KernelConfig(bucket, *c) for c in _GEMV]
+    elif bucket == 16:
+        configs = [KernelConfig(16, *c) for c in _SMALL]
+    else:
+        configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
+
+    def fits(c: KernelConfig) -> bool:
+        if K % c.block_k or K < c.block_k * c.split_k:
+            return False
+        if spec.scales_per_group_in_loop and spec.group_size % c.block_k:
+            return False  # one group scale per K block
+        return True
+
+    kept = [c for c in configs if fits(c)]
+    if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)
+        kept = [KernelConfig(min(bucket, 16) if bucket <= 16 else 64, 32, 32, 1, 4, 2)]
+    if bucket >= 64 and spec.weight_format == "fp8" and spec.gemm_activation == "fp8":
+        kept.append(KernelConfig(0, 0, 0, library="scaled_mm"))
+    if bucket >= 64 and spec.weight_format == "int8" and spec.activation == "int8_sym":
+        kept.append(KernelConfig(0, 0, 0, library="int_mm"))
+    return kept
+
+
+class ConfigCache:
+    """Chosen configs by key, mirrored to one JSON file (merged on write, so processes can share it)."""
+
+    def __init__(self, path: Path | None = None):
+        root = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile"))
+        self.path = path or root / "triton_linear_configs.json"
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def get(self, key: str) -> KernelConfig | None:
+        with self._lock:
+            if self._entries is None:
+                self._entries = self._load()
+            entry = self._entries.get(key)
+        return KernelConfig(**entry) if entry is not None else None
+
+    def put(self, key: str, config: KernelConfig) -> None:
+        with self._lock:
+            entries = self._load()
+            entries[key] = asdict(config)
+            self._entries = entries
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+
+
+CACHE = ConfigCache()
+
+
+def cache_key(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> str:
+    return f"{device_name}|triton {triton.__version__}|{spec.key()}|M{m_bucket(M)}|N{N}|K{K}"
+
+
+def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
+                  measure: Callable[[KernelConfig], float] | None) -> KernelConfig:
+    """The cached choice, else the fastest candidate by `measure` (seconds), else the first candidate."""
+    key = cache_key(spec, M, N, K, device_name)
+    cached = CACHE.get(key)
+    if cached is not None:
+        return cached
+    options = candidates(spec, M, N, K)
+    if measure is None or os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0" or len(options) == 1:
+        return options[0]
+    timings = []
+    for config in options:
+        try:
+            timings.append((measure(config), config))
+        except Exception:  # a config the compiler rejects (shared memory, registers) just loses
+            continue
+    if not timings:
+        return options[0]
+    best = min(timings, key=lambda t: t[0])[1]
+    CACHE.put(key, best)
+    return best
