@@ -1,0 +1,121 @@
+"""lower_cuda on graphs the real pass produced: every scheme's linears become one qcompile::fused_linear each
+(readable graphs via expecttest), the lowered graph computes what the reference graph computes (kernels run in
+the interpreter on CPU), and linears the kernels cannot take keep their reference nodes."""
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+
+from qcompile.backend import quantize_graph
+from qcompile.options import QuantOptions
+from qcompile.passes import lower_cuda
+from qcompile.quant.metrics import sqnr_db
+from qcompile.schemes import SCHEMES
+
+from triton_cases import DEVICE
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 96)
+        self.down = nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def lower_and_run(options: dict, dtype=torch.bfloat16):
+    """(reference output, lowered output, lowered GraphModule) for MLP on a [2, 3, 64] input."""
+    model = MLP().to(DEVICE, dtype)
+    x = torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
+    opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        result, _, kept = quantize_graph(gm, example_inputs, opts)
+        reference_graph = torch.fx.Graph()
+        reference_graph.output(reference_graph.graph_copy(result.gm.graph, {}))
+        reference = torch.fx.GraphModule(result.gm, reference_graph)
+        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"))
+        result.gm.recompile()
+        constants = [t for _, t in result.constants]
+        graphs.append(result.gm)
+
+        def run(*args):
+            inputs = [args[i] for i in kept] + constants
+            reference_outputs.append(reference(*inputs)[0])
+            return result.gm(*inputs)
+        return run
+
+    reference_outputs = []
+    with torch.no_grad():
+        lowered_out = torch.compile(model, backend=backend)(x)
+    return reference_outputs[0], lowered_out, graphs[0]
+
+
+def _options(scheme: str) -> dict:
+    extra = {"group_size": 32} if SCHEMES[scheme].group_sizes else {}
+    return {"scheme": scheme, **extra, **({"bits": 3} if SCHEMES[scheme].bits else {})}
+
+
+def _targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_every_scheme_lowers_to_fused_linear_and_matches_reference(scheme):
+    lower_cuda.COUNTS.clear()
+    reference, lowered, gm = lower_and_run(_options(scheme))
+    targets = _targets(gm)
+    assert targets.count("qcompile.fused_linear.default") == 2
+    assert not [t for t in targets if t.startswith("qcompile.") and t != "qcompile.fused_linear.default"]
+    assert sum(v for k, v in lower_cuda.COUNTS.items() if k.startswith("lowered/")) == 2
+    assert sqnr_db(reference.float(), lowered.float()) > 30
+
+
+def test_float32_linears_keep_the_reference_path():
+    lower_cuda.COUNTS.clear()
+    reference, lowered, gm = lower_and_run({"scheme": "int8_dynamic"}, dtype=torch.float32)
+    assert "qcompile.fused_linear.default" not in _targets(gm)
+    assert lower_cuda.COUNTS == {"kept/activation dtype torch.float32 (the Triton kernels take bfloat16/float16)": 2}
+    assert torch.equal(reference, lowered)
+
+
+def _graph(gm) -> str:
+    def arg(a):
+        return a.name if isinstance(a, torch.fx.Node) else str(a)
+    return "\n".join(f"{n.name} = {str(n.target).replace('.default', '')}({', '.join(map(arg, n.args))})"
+                     for n in gm.graph.nodes if n.op == "call_function")
+
+
+class TestLoweredGraphs(expecttest.TestCase):
+    def test_weight_only_int4(self):
+        self.assertExpectedInline(_graph(lower_and_run(_options("int4_weight_only"))[2]), """\
+view = aten.view(arg2_1, [6, 64])
+fused_linear_default = qcompile.fused_linear(view, up_weight__qweight, up_weight__scale, up_weight__zero, None, arg1_1, float, int4_tinygemm, 4, 32, torch.bfloat16)
+view_1 = aten.view(fused_linear_default, [2, 3, 96])
+relu = aten.relu(view_1)
+view_2 = aten.view(relu, [6, 96])
+fused_linear_default_1 = qcompile.fused_linear(view_2, down_weight__qweight, down_weight__scale, down_weight__zero, None, None, float, int4_tinygemm, 4, 32, torch.bfloat16)
+_unsafe_view = aten._unsafe_view(fused_linear_default_1, [2, 3, 64])""")
+
+    def test_dynamic_int8_int4(self):
+        self.assertExpectedInline(_graph(lower_and_run(_options("int8_dynamic_int4"))[2]), """\
+view = aten.view(arg2_1, [6, 64])
+fused_linear_default = qcompile.fused_linear(view, up_weight__qweight, up_weight__scale, up_weight__zero, None, arg1_1, int8_asym, intx, 4, 32, torch.bfloat16)
+view_1 = aten.view(fused_linear_default, [2, 3, 96])
+relu = aten.relu(view_1)
+view_2 = aten.view(relu, [6, 96])
+fused_linear_default_1 = qcompile.fused_linear(view_2, down_weight__qweight, down_weight__scale, down_weight__zero, None, None, int8_asym, intx, 4, 32, torch.bfloat16)
+_unsafe_view = aten._unsafe_view(fused_linear_default_1, [2, 3, 64])""")
+
+    def test_nvfp4(self):
+        self.assertExpectedInline(_graph(lower_and_run(_options("nvfp4"))[2]), """\
+view = aten.view(arg2_1, [6, 64])
+fused_linear_default = qcompile.fused_linear(view, up_weight__qweight, up_weight__block_scale, None, up_weight__tensor_scale, arg1_1, nvfp4, nvfp4, 4, 16, torch.bfloat16)
+view_1 = aten.view(fused_linear_default, [2, 3, 96])
+relu = aten.relu(view_1)
+view_2 = aten.view(relu, [6, 96])
+fused_linear_default_1 = qcompile.fused_linear(view_2, down_weight__qweight, down_weight__block_scale, None, down_weight__tensor_scale, None, nvfp4, nvfp4, 4, 16, torch.bfloat16)
+_unsafe_view = aten._unsafe_view(fused_linear_default_1, [2, 3, 64])""")

@@ -1,0 +1,35 @@
+"""Autotuning: candidates per M bucket fit the shape, the fastest is chosen, and the choice is read back from
+disk by a fresh cache (a second process does not tune again)."""
+from qcompile.kernels.triton import tuning
+from qcompile.kernels.triton.linear import LinearSpec
+
+
+def test_choice_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
+    cache = tuning.ConfigCache(tmp_path / "configs.json")
+    monkeypatch.setattr(tuning, "CACHE", cache)
+    spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128)
+    options = tuning.candidates(spec, 1, 4096, 4096)
+    fastest = options[-1]
+    measured = []
+
+    def measure(config):
+        measured.append(config)
+        return 1.0 if config == fastest else 2.0
+
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", measure) == fastest
+    assert measured == options
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache(tmp_path / "configs.json"))  # a new process
+
+    def must_not_measure(config):
+        raise AssertionError("tuned again despite the cache")
+
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", must_not_measure) == fastest
+    assert tuning.select_config(spec, 1, 4096, 4096, "other GPU", None) == options[0]  # keyed by device
+
+
+def test_buckets_and_library_candidates():
+    assert [tuning.m_bucket(m) for m in (1, 2, 3, 9, 16, 17, 128, 300, 8192)] == [1, 2, 4, 16, 16, 64, 256, 8192,
+                                                                               8192]
+    fp8 = LinearSpec("fp8_row", "fp8")
+    assert "scaled_mm" in [c.library for c in tuning.candidates(fp8, 8192, 4096, 4096)]
+    assert all(c.block_m <= 16 for c in tuning.candidates(fp8, 16, 4096, 4096))
