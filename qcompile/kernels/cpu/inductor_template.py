@@ -7,6 +7,7 @@ register_lowering, the template buffer's epilogue-fusion switch); it is written 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch._inductor.virtualized import V
 
 from . import ops
 
+log = logging.getLogger(__name__)
 KERNEL_SOURCE = (Path(__file__).parent / "intx_linear.h").read_text()
 
 # op -> (C++ entry point in intx_linear.h, activation dtypes it accepts)
@@ -48,9 +50,9 @@ class IntxLinearTemplate(CppTemplate):
         if bias is not None:
             inputs["B"] = bias
         signature = kernel.def_kernel(inputs=inputs, outputs={"Y": y})
-        K = x.get_size()[-1]
-        N = packed.get_size()[0]
-        M = cexpr_index(kernel.rename_indexing(sympy_product(x.get_size()[:-1])))
+        N, row_bytes = packed.get_size()
+        K = row_bytes * 8 // self.bits  # from the weight: static even where Dynamo made x's dims symbolic
+        M, N, K = (cexpr_index(kernel.rename_indexing(e)) for e in (sympy_product(x.get_size()[:-1]), N, K))
         bias_arg = "B" if bias is not None else "static_cast<const float*>(nullptr)"
         bias_type = kernel.dtype(bias) if bias is not None else "float"
         code = IndentedBuffer()
@@ -62,7 +64,7 @@ class IntxLinearTemplate(CppTemplate):
         with code.indent():
             code.writeline(
                 f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, {kernel.dtype(scale)}, "
-                f"{bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {cexpr_index(N)}, {cexpr_index(K)}, "
+                f"{bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {N}, {K}, "
                 f"{self.num_threads});")
         code.writeline("}")
         return code.getvalue()
@@ -72,15 +74,26 @@ def _realized(node):
     return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(node))
 
 
+def _unusable(x, packed, scale, bias, bits, group_size, dtype) -> str | None:
+    if x.get_device().type != "cpu":
+        return f"device {x.get_device()} is not the CPU"
+    dtypes = {"activation": x.get_dtype(), "output": dtype, "scale": scale.get_dtype()}
+    if bias is not None:
+        dtypes["bias"] = bias.get_dtype()
+    bad = {k: v for k, v in dtypes.items() if v not in _FLOAT_DTYPES}
+    if bad or packed.get_dtype() != torch.uint8:
+        return f"dtypes {bad or packed.get_dtype()} (needs float32/bfloat16/float16, uint8 packed weights)"
+    if not (1 <= bits <= 8 and group_size % 32 == 0):
+        return f"bits={bits}, group_size={group_size} (needs 1-8 bits, group size a multiple of 32)"
+    return None
+
+
 def _lower(op, x, packed, scale, bias, bits, group_size, dtype):
     """Inductor lowering: a CppTemplateBuffer running the generated kernel (CPU, float activations), else the op's
     reference as an extern fallback."""
-    K = x.get_size()[-1]
-    usable = (x.get_device().type == "cpu" and x.get_dtype() in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES
-              and scale.get_dtype() in _FLOAT_DTYPES and packed.get_dtype() == torch.uint8
-              and (bias is None or bias.get_dtype() in _FLOAT_DTYPES)
-              and 1 <= bits <= 8 and group_size % 32 == 0 and V.graph.sizevars.statically_known_equals(K % group_size, 0))
-    if not usable:
+    reason = _unusable(x, packed, scale, bias, bits, group_size, dtype)
+    if reason is not None:
+        log.warning("qcompile: %s runs its reference implementation, not the generated kernel: %s", op, reason)
         return fallback_handler(op, add_to_fallback_set=False)(x, packed, scale, bias, bits, group_size, dtype)
     inputs = [_realized(x), _realized(packed), _realized(scale)] + ([_realized(bias)] if bias is not None else [])
     size = [*x.get_size()[:-1], packed.get_size()[0]]
