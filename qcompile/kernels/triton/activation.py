@@ -12,9 +12,9 @@ import triton.language as tl
 
 from .dequant import cast_to, float_to_e2m1, round_half_even, round_to_e4m3
 
-FP32_EPS = 1.1920928955078125e-07
-FLOAT8_EPS = 1e-12
-E4M3_MAX = 448.0
+FP32_EPS = tl.constexpr(1.1920928955078125e-07)  # globals a kernel reads must be constexpr
+FLOAT8_EPS = tl.constexpr(1e-12)
+E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit

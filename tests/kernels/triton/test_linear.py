@@ -78,7 +78,7 @@ def test_every_candidate_config_fits_its_shape():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("M", [1, 16, 128, 1000])
+@pytest.mark.parametrize("M", [1, 16, 300])
 def test_real_shapes_on_gpu(case, M):
     n, k = 4096, 4096
     x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)

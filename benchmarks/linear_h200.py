@@ -1,0 +1,289 @@
+"""Times qcompile's Triton linears on the four linears of one Llama-3.1-8B layer, every scheme, M = 1, 16, 128,
+8192, next to bf16 cuBLAS and the peers (../shared/bench/peers_h200.py) in the same process.
+
+    python benchmarks/linear_h200.py --out results/ [--peers PATH/peers_h200.py] [--budget-s 420]
+
+Writes results/linear_h200.json (every timing, device, versions, ceilings) and results/linear_h200.md (the
+table for BENCHMARKS.md). Times are medians of CUDA-graph replays, as the peers' script takes them. Configs are
+tuned on first use and cached on disk (QCOMPILE_CACHE_DIR); kernels are compiled up front in worker processes
+so the main process only loads them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+MS = [1, 16, 128, 8192]
+# scheme -> options; group-wise schemes at group 128 (intx at 2 and 3 bits)
+SCHEMES = {
+    "int4_weight_only": {"group_size": 128},
+    "int8_weight_only": {},
+    "float8_weight_only": {},
+    "float8_dynamic": {"granularity": "row"},
+    "int8_dynamic": {},
+    "int8_dynamic_int4": {"group_size": 128},
+    "float8_dynamic_int4": {"group_size": 128},
+    "intx_weight_only_3bit": {"scheme": "intx_weight_only", "bits": 3, "group_size": 128},
+    "intx_weight_only_2bit": {"scheme": "intx_weight_only", "bits": 2, "group_size": 128},
+    "codebook": {},
+    "mxfp8": {},
+    "nvfp4": {},
+}
+# scheme -> peers that implement it (names from peers_h200.py); peers run in this order until the budget ends
+PEERS = {
+    "int4_weight_only": ["gemlite_a16w4_g128", "torchao_int4_wo_tinygemm"],
+    "int8_weight_only": ["gemlite_a16w8_int8", "torchao_int8_wo"],
+    "float8_weight_only": ["torchao_fp8_wo"],
+    "float8_dynamic": ["raw_fp8_rowwise_scaled_mm", "torchao_fp8_rowwise", "gemlite_a8w8_fp8_dyn"],
+    "int8_dynamic": ["gemlite_a8w8_int8_dyn", "raw_int8_int_mm_dyn", "torchao_int8_dyn"],
+}
+PEER_ORDER = ["gemlite_a16w4_g128", "torchao_int4_wo_tinygemm", "gemlite_a16w8_int8", "raw_fp8_rowwise_scaled_mm",
+              "gemlite_a8w8_fp8_dyn", "gemlite_a8w8_int8_dyn", "torchao_fp8_rowwise", "torchao_int8_dyn",
+              "torchao_fp8_wo", "raw_int8_int_mm_dyn", "torchao_int8_wo"]
+PEER_SKIP_M = {"torchao_int8_wo": {16, 128, 8192}}  # seconds per call at M > 1 (peers-h200.md)
+
+
+def scheme_options(name: str) -> dict:
+    opts = dict(SCHEMES[name])
+    return {"scheme": opts.pop("scheme", name), **opts}
+
+
+def fused_linear_args(name: str, w: torch.Tensor):
+    """(fused_linear arguments after x, bias) for a bf16 weight, through the scheme's own quantize_weight."""
+    from qcompile.options import QuantOptions
+
+    options = QuantOptions.from_dict(scheme_options(name))
+    q = options.scheme_def.quantize_weight(w, options)
+    table = {  # scheme -> (activation, weight format, qweight, w_scale, w_zero, w_aux, bits, group size)
+        "int4_weight_only": ("float", "int4_tinygemm", "qweight", "scale", "zero", None, 4),
+        "int8_weight_only": ("float", "int8", "qweight", "scale", None, None, 8),
+        "float8_weight_only": ("float", "fp8", "qweight", "scale", None, None, 8),
+        "float8_dynamic": ("fp8_row", "fp8", "qweight", "scale", None, None, 8),
+        "int8_dynamic": ("int8_sym", "int8", "qweight", "scale", None, None, 8),
+        "int8_dynamic_int4": ("int8_asym", "intx", "qweight", "scale", "zero", None, 4),
+        "float8_dynamic_int4": ("fp8_row", "intx", "qweight", "scale", None, None, 4),
+        "intx_weight_only": ("float", "intx", "qweight", "scale", None, None, options.bits),
+        "codebook": ("float", "codebook", "qweight", "scale", None, "codebook", 4),
+        "mxfp8": ("mxfp8", "mxfp8", "qweight", "scale", None, None, 8),
+        "nvfp4": ("nvfp4", "nvfp4", "qweight", "block_scale", None, "tensor_scale", 4),
+    }[options.scheme]
+    act, fmt, qw, sc, zr, aux, bits = table
+    group = {"mxfp8": 32, "nvfp4": 16}.get(fmt, options.group_size or 0)
+    get = lambda k: None if k is None else q[k]  # noqa: E731
+    return (get(qw), get(sc), get(zr), get(aux), act, fmt, bits, group)
+
+
+def _precompile_one(task):
+    """Worker: compile one (scheme, M, config) on small tensors with the same specialisation as the real ones."""
+    name, M, config = task
+    os.environ.setdefault("QCOMPILE_AUTOTUNE", "0")
+    from qcompile.kernels.triton.linear import run_linear
+    from qcompile.kernels.triton.ops import spec_for
+
+    torch.manual_seed(0)
+    N, K = 256, 4096
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    qw, sc, zr, aux, act, fmt, bits, group = fused_linear_args(name, w)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    spec = spec_for(act, fmt, bits, group, sc, zr, None)
+    try:
+        run_linear(x, qw, sc, zr, aux, None, spec, torch.bfloat16, config)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # reported; the tuner skips configs that fail
+        return f"{name} M={M} {config}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(names, workers: int) -> list[str]:
+    from qcompile.kernels.triton.ops import spec_for
+    from qcompile.kernels.triton.tuning import candidates
+
+    tasks = []
+    for name in names:
+        w = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+        qw, sc, zr, aux, act, fmt, bits, group = fused_linear_args(name, w)
+        spec = spec_for(act, fmt, bits, group, sc, zr, None)
+        for M in MS:
+            tasks += [(name, M, c) for c in candidates(spec, M, 4096, 4096) if not c.library]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return [r for r in pool.imap_unordered(_precompile_one, tasks) if r]
+
+
+def bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+    except Exception:
+        return triton.testing.do_bench(fn, warmup=25, rep=80, return_mode="median") * 1e3
+
+
+def time_ours(names, rows, deadline):
+    from qcompile.kernels.triton.ops import fused_linear
+    from qcompile.kernels.triton.tuning import CACHE, cache_key
+    from qcompile.kernels.triton.ops import spec_for
+
+    device_name = torch.cuda.get_device_name()
+    for name in names:
+        for shape, N, K in SHAPES:
+            if time.time() > deadline:
+                print("budget reached", flush=True)
+                return
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            args = fused_linear_args(name, w)
+            del w
+            for M in MS:
+                if name.startswith("intx") and M > 16:
+                    continue
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                fn = lambda: fused_linear(x, *args[:4], None, *args[4:], torch.bfloat16)  # noqa: E731
+                try:
+                    with torch.no_grad():
+                        us = bench(fn)
+                    spec = spec_for(*args[4:8], args[1], args[2], None)
+                    config = CACHE.get(cache_key(spec, M, N, K, device_name))
+                    rows.append(dict(kind=f"qcompile_{name}", shape=shape, N=N, K=K, M=M, us=us,
+                                     config=None if config is None else config.__dict__))
+                    print(f"qcompile_{name:24s} {shape:8s} M={M:5d} {us:9.1f} us  {config}", flush=True)
+                except Exception as e:
+                    rows.append(dict(kind=f"qcompile_{name}", shape=shape, M=M, err=f"{type(e).__name__}: {e}"[:300]))
+                    print(f"qcompile_{name} {shape} M={M}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            del args
+            torch.cuda.empty_cache()
+
+
+def time_peers(peers_mod, kinds, rows, deadline):
+    for kind in kinds:
+        for shape, N, K in SHAPES:
+            if time.time() > deadline:
+                print(f"peer budget reached at {kind}", flush=True)
+                return
+            try:
+                if kind.startswith("torchao"):
+                    fn = peers_mod.torchao_fn(kind, N, K)
+                elif kind.startswith("gemlite"):
+                    fn = peers_mod.gemlite_fn(kind, N, K)
+                else:
+                    fn = peers_mod.raw_fn(kind, N, K)
+            except Exception as e:
+                rows.append(dict(kind=kind, shape=shape, M=None, err=f"build: {type(e).__name__}: {str(e)[:200]}"))
+                print(f"{kind} {shape}: build failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            for M in MS:
+                if M in PEER_SKIP_M.get(kind, ()):
+                    continue
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                try:
+                    with torch.no_grad():
+                        us = bench(lambda: fn(x))
+                    rows.append(dict(kind=kind, shape=shape, N=N, K=K, M=M, us=us))
+                    print(f"{kind:28s} {shape:8s} M={M:5d} {us:9.1f} us", flush=True)
+                except Exception as e:
+                    rows.append(dict(kind=kind, shape=shape, M=M, err=f"{type(e).__name__}: {str(e)[:200]}"))
+                    print(f"{kind} {shape} M={M}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            del fn
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+
+
+def layer_totals(rows) -> dict[str, dict[int, float]]:
+    """kind -> M -> sum over the four linears (only where all four were timed)."""
+    per = {}
+    for r in rows:
+        if "us" in r:
+            per.setdefault(r["kind"], {}).setdefault(r["M"], {})[r["shape"]] = r["us"]
+    return {k: {M: sum(d.values()) for M, d in ms.items() if len(d) == len(SHAPES)} for k, ms in per.items()}
+
+
+def markdown(result: dict) -> str:
+    totals = layer_totals(result["rows"])
+    base = totals.get("bf16_cublas", {})
+
+    def cell(kind, M):
+        t = totals.get(kind, {}).get(M)
+        if t is None:
+            return "—"
+        return f"{t:.0f} us ({base[M] / t:.2f}x)" if M in base else f"{t:.0f} us"
+
+    lines = ["| scheme | M=1 | M=16 | M=128 | M=8192 |", "|---|---|---|---|---|",
+             "| bf16 cuBLAS (`F.linear`) | " + " | ".join(cell("bf16_cublas", M) for M in MS) + " |"]
+    for name in SCHEMES:
+        lines.append(f"| **qcompile {name}** | " + " | ".join(cell(f"qcompile_{name}", M) for M in MS) + " |")
+        for peer in PEERS.get(name, []):
+            if peer in totals:
+                lines.append(f"| &nbsp;&nbsp;peer {peer} | " + " | ".join(cell(peer, M) for M in MS) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--peers", default=None, help="path to peers_h200.py (peers are skipped without it)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--budget-s", type=float, default=420, help="stop timing after this many seconds")
+    ap.add_argument("--peer-budget-s", type=float, default=150)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--wait-for", default=None, help="a pid to wait for before timing (a GPU test run)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = a.schemes.split(",")
+    start = time.time()
+    torch._dynamo.config.recompile_limit = 10**4
+    torch._dynamo.config.accumulated_recompile_limit = 10**5
+
+    failures = precompile(names, a.workers)
+    print(f"precompiled in {time.time() - start:.0f} s; {len(failures)} configs failed", flush=True)
+    for f in failures[:20]:
+        print("  ", f, flush=True)
+    if a.wait_for:
+        while os.path.exists(f"/proc/{a.wait_for}"):
+            time.sleep(1)
+    peers_mod = None
+    if a.peers:
+        spec = importlib.util.spec_from_file_location("peers_h200", a.peers)
+        peers_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peers_mod)
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__, "rows": [], "precompile_failures": failures}
+    if peers_mod is not None:
+        result["ceilings"] = peers_mod.ceilings()
+        for k in ("torchao", "gemlite"):
+            try:
+                result[k] = __import__(k).__version__
+            except Exception as e:
+                result[k] = f"unavailable: {type(e).__name__}"
+    deadline = start + a.budget_s
+    rows = result["rows"]
+    time_peers(peers_mod, ["bf16_cublas"], rows, deadline + 60) if peers_mod else None
+    if peers_mod is None:
+        for shape, N, K in SHAPES:
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            for M in MS:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                rows.append(dict(kind="bf16_cublas", shape=shape, N=N, K=K, M=M, us=bench(lambda: F.linear(x, w))))
+    time_ours(names, rows, deadline)
+    (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
+    if peers_mod is not None:
+        wanted = {p for n in names for p in PEERS.get(n, [])}
+        time_peers(peers_mod, [k for k in PEER_ORDER if k in wanted], rows,
+                   min(time.time() + a.peer_budget_s, start + a.budget_s + a.peer_budget_s))
+    result["wall_s"] = time.time() - start
+    (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
+    (out / "linear_h200.md").write_text(markdown(result) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
