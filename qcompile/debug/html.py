@@ -107,7 +107,7 @@ def render_html(report: "Report") -> str:
         else:
             summary.append(f"To reach {s.target_sqnr_db:g} dB ({'reached' if s.met else 'not reached'}: "
                            f"{format_db(s.reached_sqnr_db)} dB) leave {len(s.exclude)} linear(s) in float: "
-                           f"<code>options={{'exclude': {escape(repr(s.exclude))}}}</code>")
+                           f"<code>{escape(repr({'exclude': s.exclude}))}</code>")
     body = [f"<h1>qcompile diff: {escape(opts)}</h1>",
             f"<p>Inputs: {escape(report.inputs)}</p>" if report.inputs else "",
             "".join(f'<p class="summary">{line}</p>' for line in summary),

@@ -188,9 +188,20 @@ def build_report(captures: list[GraphCapture], model: ModelUnderTest, options: Q
     if target_sqnr_db is not None:
         modules = list(dict.fromkeys(layer.module for layer in all_layers if layer.scheme is not None))
         suggestion = suggest_exclude(model, modules, all_quantized_db, target_sqnr_db)
-    opts = {k: v for k, v in vars(options).items() if v not in (None, ())}
-    return Report(options=opts, graphs=graphs, output_sqnr_db=all_quantized_db, suggestion=suggestion,
-                  inputs=inputs)
+    return Report(options=_shown_options(options), graphs=graphs, output_sqnr_db=all_quantized_db,
+                  suggestion=suggestion, inputs=inputs)
+
+
+def _shown_options(options: QuantOptions) -> dict:
+    """The options that decide what the report shows (not keep_float_weights, not calibration data)."""
+    shown = {}
+    for key, value in vars(options).items():
+        if key in ("keep_float_weights", "calibration") or value in (None, ()):
+            continue
+        if key == "act_order" and options.algorithm != "gptq":
+            continue
+        shown[key] = list(value) if isinstance(value, tuple) else value
+    return shown
 
 
 def describe_inputs(args, kwargs) -> str:
