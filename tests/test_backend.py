@@ -1,0 +1,176 @@
+"""The backend end to end through Inductor on CPU: every scheme, real transformers models, recompiles,
+options errors, and what happens to the float weights."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.backend import compile_quantized, qcompile_backend
+from qcompile.options import QuantOptions
+from qcompile.quant.metrics import sqnr_db
+
+# output SQNR (dB) of one Gaussian 512 -> 256 linear: the scheme's own noise, measured once and kept as a window
+GAUSSIAN_SQNR_DB = {
+    "int8_weight_only": 42.5, "int8_dynamic": 39.5, "float8_weight_only": 31.6, "float8_dynamic": 28.6,
+    "int4_weight_only": 20.0, "float8_dynamic_int4": 18.8, "int8_dynamic_int4": 21.8, "intx_weight_only": 45.1,
+    "int8_dynamic_intx": 40.9, "codebook": 19.8, "mxfp8": 28.6, "nvfp4": 17.5,
+}
+
+
+def compile_with(model, options):
+    return torch.compile(model, backend="qcompile", options=options)
+
+
+@pytest.mark.parametrize("scheme", sorted(GAUSSIAN_SQNR_DB))
+def test_each_scheme_adds_its_own_noise_on_a_gaussian_layer(scheme):
+    lin = nn.Linear(512, 256, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_()
+    x = torch.randn(64, 512)
+    with torch.no_grad():
+        ref = lin(x)
+        out = compile_with(lin, {"scheme": scheme})(x)
+    expected = GAUSSIAN_SQNR_DB[scheme]
+    assert expected - 1.5 < sqnr_db(ref, out) < expected + 1.5  # not "no change", not much worse
+
+
+def tiny_llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+# logits SQNR floors on the tiny random Llama (measured ~6 dB above each)
+LLAMA_FLOOR_DB = {
+    "int8_weight_only": 30, "int8_dynamic": 28, "float8_weight_only": 20, "float8_dynamic": 17,
+    "int4_weight_only": 9, "float8_dynamic_int4": 7, "int8_dynamic_int4": 10, "intx_weight_only": 30,
+    "int8_dynamic_intx": 28, "codebook": 9, "mxfp8": 17, "nvfp4": 6,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", sorted(LLAMA_FLOOR_DB))
+def test_every_scheme_on_a_tiny_transformers_llama(scheme, dtype):
+    model = tiny_llama(dtype)
+    ids = torch.randint(0, 256, (2, 16))
+    results = []
+
+    def backend(gm, example_inputs, **_):
+        run, result = compile_quantized(gm, example_inputs, QuantOptions.from_dict({"scheme": scheme}))
+        results.append(result)
+        return run
+
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = torch.compile(model, backend=backend)(ids).logits.float()
+    assert sum(len(r.quantized) for r in results) == 15  # 2 layers x 7 linears + the tied lm_head
+    db = sqnr_db(ref, out)
+    floor = LLAMA_FLOOR_DB[scheme] - (3 if dtype == torch.bfloat16 else 0)
+    assert floor < db < 200, f"{scheme} {dtype}: {db:.1f} dB"
+
+
+def test_bert_encoder_linears_are_all_matched():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    _, results = _capture(model, (torch.randint(0, 100, (2, 12)),), {"scheme": "int8_dynamic"})
+    names = sorted(r.module for res in results for r in res.quantized)
+    assert len(names) == 13  # 2 x (q, k, v, attention out, intermediate, output) + pooler
+    assert "pooler.dense" in names and "encoder.layer.1.attention.self.query" in names
+
+
+def _capture(model, args, options):
+    from conftest import run_pass
+    return run_pass(model, args, options)
+
+
+def test_no_recompile_per_batch_size_or_repeated_call():
+    calls = []
+
+    def backend(gm, example_inputs, **_):
+        calls.append(1)
+        return qcompile_backend(gm, example_inputs, options={"scheme": "int8_dynamic", "keep_float_weights": True})
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for batch in (2, 3, 4, 7, 9, 9, 9):
+            x = torch.randn(batch, 32)
+            assert sqnr_db(model(x), compiled(x)) > 25
+    assert len(calls) == 2  # the first shape, then one dynamic-batch graph for every later size
+
+
+def test_bad_options_name_the_problem():
+    model = nn.Linear(32, 32)
+    with pytest.raises(Exception, match="unknown scheme 'int3'.*valid schemes"):
+        compile_with(model, {"scheme": "int3"})(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="group_size=48 is not valid.*32, 64, 128, 256"):
+        QuantOptions.from_dict({"scheme": "int4_weight_only", "group_size": 48})
+    with pytest.raises(ValueError, match="unknown qcompile option.*'groupsize'"):
+        QuantOptions.from_dict({"scheme": "int4_weight_only", "groupsize": 32})
+    with pytest.raises(ValueError, match="'bits' does not apply to scheme 'int8_dynamic'"):
+        QuantOptions.from_dict({"scheme": "int8_dynamic", "bits": 4})
+    with pytest.raises(ValueError, match="bits=9 is not valid"):
+        QuantOptions.from_dict({"scheme": "intx_weight_only", "bits": 9})
+    with pytest.raises(ValueError, match="needs options"):
+        QuantOptions.from_dict(None)
+    assert QuantOptions.from_dict({"scheme": "Int4WeightOnlyConfig"}).scheme == "int4_weight_only"
+    assert QuantOptions.from_dict({"scheme": "intx_weight_only"}).group_size == 32
+
+
+def test_unfit_layer_stays_float_with_a_named_warning():
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 16))
+    x = torch.randn(3, 96)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = model(x)
+        out = compile_with(model, {"scheme": "int4_weight_only", "group_size": 64})(x)
+    msgs = [str(w.message) for w in caught if "qcompile" in str(w.message)]
+    assert msgs == ["qcompile: linear '0' (64x96) stays in float for scheme 'int4_weight_only': in_features=96 is "
+                    "not divisible by group_size=64 (group_size 32 would fit)"]
+    assert 15 < sqnr_db(ref, out) < 60
+
+
+def test_float_weights_are_released_after_compiling():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = compile_with(model, {"scheme": "int8_weight_only"})
+        first = compiled(x)
+        assert model[0].weight.untyped_storage().nbytes() == 0  # quantized: float storage freed
+        assert model[0].bias.untyped_storage().nbytes() > 0  # biases stay float and in use
+        assert model[0].weight.shape == (64, 64)
+        # later calls and a recompile for a new shape still work from the cached quantized weights
+        assert torch.equal(compiled(x), first)
+        out3d = compiled(torch.randn(2, 3, 64))
+        assert out3d.shape == (2, 3, 64)
+    assert sqnr_db(ref, first) > 35
+
+
+def test_keep_float_weights_keeps_them():
+    model = nn.Linear(64, 64)
+    with torch.no_grad():
+        compile_with(model, {"scheme": "int8_weight_only", "keep_float_weights": True})(torch.randn(2, 64))
+        assert model.weight.untyped_storage().nbytes() == 64 * 64 * 4
+        model(torch.randn(2, 64))
+
+
+def test_backend_name_works_without_importing_qcompile():
+    code = ("import torch\n"
+            "m = torch.nn.Linear(32, 16)\n"
+            "with torch.no_grad():\n"
+            "    y = torch.compile(m, backend='qcompile', options={'scheme': 'int8_dynamic'})(torch.randn(2, 32))\n"
+            "import sys; assert 'qcompile' in sys.modules and y.shape == (2, 16); print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert qcompile.qcompile_backend is qcompile_backend
