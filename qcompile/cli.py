@@ -270,19 +270,25 @@ def _device(name: str) -> torch.device:
 HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_weight_only")
 
 
-def _scheme_list(text: str | None, device: torch.device, model: models.LoadedModel) -> list[str]:
-    if text is None or text == "all":
-        supported = supported_schemes(device)
-        if text is None and model.is_language_model:
-            return [name for name in HEADLINE_SCHEMES if name in supported]
-        return supported
+def _explicit_schemes(text: str | None) -> list[str] | None:
+    """--schemes as canonical names; None for the default or 'all' (resolved once the model is known)."""
+    if text is None or text.strip() == "all":
+        return None
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
-        raise SystemExit("qcompile: --schemes is empty; give a comma-separated list, e.g. int8_dynamic,int4_weight_only")
+        raise SystemExit("qcompile: --schemes is empty; give a comma-separated list, e.g. "
+                         "int8_dynamic,int4_weight_only, or 'all'")
     try:
         return [get_scheme(n).name for n in names]
     except ValueError as e:
         raise SystemExit(f"qcompile: --schemes: {e}") from None
+
+
+def _default_schemes(text: str | None, device: torch.device, model: models.LoadedModel) -> list[str]:
+    supported = supported_schemes(device)
+    if text is None and model.is_language_model:
+        return [name for name in HEADLINE_SCHEMES if name in supported]
+    return supported
 
 
 def _stderr_print(message: str) -> None:
@@ -307,8 +313,9 @@ def table_command(argv: list[str]) -> int:
     if args.seq_len < 2 or args.repeats < 1:
         parser.error("--seq-len must be at least 2 and --repeats at least 1")
     device = _device(args.device)
+    schemes = _explicit_schemes(args.schemes)
     model = _pick_model(args.model, _stderr_print)
-    schemes = _scheme_list(args.schemes, device, model)
+    schemes = schemes or _default_schemes(args.schemes, device, model)
     progress = Progress(total=1 + len(schemes))
     with torch._dynamo.config.patch(recompile_limit=max(8, 4 * (len(schemes) + 1))):
         rows = run_table(model, schemes, device, args.seq_len, args.repeats, progress)
