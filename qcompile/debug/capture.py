@@ -61,8 +61,11 @@ class GraphCapture:
         self.before = readable(float_gm)
         self.after = readable(result.gm)
         self.diff = unified_diff(self.before, self.after)
-        self._float_nodes = {n.name: n for n in float_gm.graph.nodes}
+        self.float_nodes = {n.name: n for n in float_gm.graph.nodes}
         self._constants = dict(result.constants)
+        # constant placeholder -> the float weight it quantizes
+        self.constant_owner = {n.name: n.meta["qcompile"]["weight"] for n in result.gm.graph.nodes
+                               if n.op == "placeholder" and "qcompile" in n.meta}
         placeholders = [n for n in float_gm.graph.nodes if n.op == "placeholder"]
         weight_nodes = {placeholders[i]: ref for i, ref in weights.items()}
         matches = [m for n in float_gm.graph.nodes if (m := match_linear(n, lambda w: w in weight_nodes))]
@@ -81,7 +84,7 @@ class GraphCapture:
             if site.quantized:
                 site.inserted = self._inserted_nodes(after_nodes[record.output_node])
                 site.inputs = list(dict.fromkeys(i.name for n in site.inserted for i in n.all_input_nodes
-                                                 if i.name in self._float_nodes))
+                                                 if i.name in self.float_nodes))
             self.sites.append(site)
         self.site_of_node = {s.match.node: s for s in self.sites}
 
@@ -90,7 +93,7 @@ class GraphCapture:
         found, stack = set(), [output]
         while stack:
             n = stack.pop()
-            if n in found or n.name in self._float_nodes:
+            if n in found or n.name in self.float_nodes:
                 continue
             found.add(n)
             stack.extend(n.all_input_nodes)
@@ -142,11 +145,11 @@ class _MixedInterpreter(torch.fx.Interpreter):
     def run_node(self, n: Node):
         site = self.capture.site_of_node.get(n)
         if site is not None and site.quantized and self.quantized(site):
-            nodes = self.capture._float_nodes
+            nodes = self.capture.float_nodes
             return self.capture.quantized_linear(site, lambda name: self.env[nodes[name]])
         value = super().run_node(n)
         if site is not None and self.record:
-            nodes = self.capture._float_nodes
+            nodes = self.capture.float_nodes
             site.float_inputs.append({name: self.env[nodes[name]] for name in site.inputs})
             site.float_outputs.append(value)
         return value

@@ -111,8 +111,8 @@ def _layer_report(capture: GraphCapture, site: LinearSite) -> LayerReport:
                         weight_bytes=float_bytes, float_weight_bytes=float_bytes)
     if not site.quantized:
         return layer
-    layer.weight_bytes = sum(_nbytes(capture.result.constants[i][1]) for i, (name, _) in
-                             enumerate(capture.result.constants) if _constant_weight(capture, name) == rec.weight)
+    layer.weight_bytes = sum(_nbytes(t) for name, t in capture.result.constants
+                             if capture.constant_owner.get(name) == rec.weight)
     with torch.no_grad():
         w = capture.float_weight(site)
         layer.weight_sqnr_db = sqnr_db(w, capture.effective_weight(site))
@@ -122,11 +122,6 @@ def _layer_report(capture: GraphCapture, site: LinearSite) -> LayerReport:
     layer.output_sqnr_db = sqnr_db(ref, out)
     layer.max_abs_error = (ref.double() - out.double()).abs().max().item()
     return layer
-
-
-def _constant_weight(capture: GraphCapture, placeholder_name: str) -> str | None:
-    node = next((n for n in capture.result.gm.graph.nodes if n.name == placeholder_name), None)
-    return node.meta.get("qcompile", {}).get("weight") if node is not None else None
 
 
 class ModelUnderTest:
