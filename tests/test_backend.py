@@ -174,3 +174,17 @@ def test_backend_name_works_without_importing_qcompile():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
     assert qcompile.qcompile_backend is qcompile_backend
+
+
+@pytest.mark.parametrize("scheme", sorted(GAUSSIAN_SQNR_DB))
+def test_nan_and_inf_inputs_propagate_to_their_tokens_only(scheme):
+    lin = nn.Linear(128, 64)
+    x = torch.randn(4, 128)
+    x[1, 7] = float("nan")
+    x[2, 100] = float("inf")
+    with torch.no_grad():
+        out = compile_with(lin, {"scheme": scheme, "group_size": 32} if qcompile.get_scheme(scheme).group_sizes
+                           else {"scheme": scheme})(x)
+    assert not torch.isfinite(out[1]).all() and not torch.isfinite(out[2]).all()
+    if scheme != "nvfp4":  # nvfp4's per-tensor activation scale is shared by every token, as in torchao
+        assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
