@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 
 from . import models
 from .backend import compile_quantized, find_weight_inputs
-from .debug.report import DEFAULT_TARGET_SQNR_DB, diff
+from .debug.report import DEFAULT_TARGET_SQNR_DB, diff, json_safe
 from .debug.table import format_bytes, format_db, format_table
 from .options import QuantOptions
 from .quant.metrics import sqnr_db
@@ -34,6 +33,7 @@ class Progress:
         self.total, self.done, self.width = total, 0, width
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self._last_status = 0.0
 
     def show(self, label: str) -> None:
         filled = self.width * self.done // max(self.total, 1)
@@ -44,6 +44,13 @@ class Progress:
     def advance(self, label: str = "") -> None:
         self.done += 1
         self.show(label)
+
+    def status(self, label: str) -> None:
+        """A message between steps: in place on a terminal, at most one line per 5 s otherwise."""
+        now = time.monotonic()
+        if self.tty or now - self._last_status > 5:
+            self._last_status = now
+            self.show(label)
 
     def close(self) -> None:
         if self.tty:
@@ -326,18 +333,8 @@ def table_command(argv: list[str]) -> int:
     if args.json:
         payload = {"model": model.name, "device": str(device), "seq_len": args.seq_len,
                    "is_language_model": model.is_language_model, "rows": [asdict(r) for r in rows]}
-        args.json.write_text(json.dumps(_json_safe(payload), indent=1))
+        args.json.write_text(json.dumps(json_safe(payload), indent=1))
     return 1 if any(r.error for r in rows) else 0
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def diff_command(argv: list[str]) -> int:
@@ -377,7 +374,10 @@ def diff_command(argv: list[str]) -> int:
                           "of --prompt")
         ids = model.example_input_ids(DEFAULT_SEQ_LEN)
     _stderr_print(f"qcompile: diff of {scheme.name} on {model.name}, {ids.shape[1]} tokens")
-    report = diff(model.module, (ids,), options, target_sqnr_db=args.target_sqnr or None)
+    progress = Progress(total=1)
+    report = diff(model.module, (ids,), options, target_sqnr_db=args.target_sqnr or None, progress=progress.status)
+    progress.advance("done")
+    progress.close()
     print(report)
     if args.graph_diff:
         for g in report.graphs:

@@ -72,17 +72,17 @@ class Report:
         write_html(self, path)
 
     def to_dict(self) -> dict:
-        return _finite(asdict(self))
+        return json_safe(asdict(self))
 
 
-def _finite(obj):
+def json_safe(obj):
     """JSON has no inf/nan: write them as strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -128,8 +128,10 @@ class ModelUnderTest:
     """Runs the model (or one graph) on fixed inputs with a chosen set of modules left in float.
     run(quantized) executes it with the linears `quantized(site)` picks quantized and returns the outputs."""
 
-    def __init__(self, run: Callable[[Callable[[LinearSite], bool]], Any], reference):
+    def __init__(self, run: Callable[[Callable[[LinearSite], bool]], Any], reference,
+                 progress: Callable[[str], None] | None = None):
         self.run, self.reference = run, reference
+        self.progress = progress or (lambda message: None)
 
     def output_sqnr(self, float_modules: frozenset[str] = frozenset()) -> float:
         with torch.no_grad():
@@ -143,12 +145,16 @@ def suggest_exclude(model: ModelUnderTest, modules: list[str], all_quantized_db:
     the SQNR; the found prefix is checked by a run)."""
     if all_quantized_db >= target_db or not modules:
         return Suggestion(target_db, [], all_quantized_db, all_quantized_db >= target_db)
-    gain = {m: model.output_sqnr(frozenset([m])) for m in modules}
+    gain = {}
+    for i, m in enumerate(modules):
+        model.progress(f"exclude search: {m} alone in float ({i + 1}/{len(modules)})")
+        gain[m] = model.output_sqnr(frozenset([m]))
     ranked = sorted(modules, key=lambda m: -gain[m])
     reached: dict[int, float] = {}
 
     def sqnr_with(k: int) -> float:
         if k not in reached:
+            model.progress(f"exclude search: the {k} most sensitive in float")
             reached[k] = model.output_sqnr(frozenset(ranked[:k]))
         return reached[k]
 
@@ -206,10 +212,12 @@ def describe_inputs(args, kwargs) -> str:
 
 
 def diff(model, args, options: Mapping[str, Any] | QuantOptions, kwargs: Mapping[str, Any] | None = None,
-         target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB) -> Report:
+         target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB,
+         progress: Callable[[str], None] | None = None) -> Report:
     """Quantize `model` as `torch.compile(model, backend="qcompile", options=options)` would, without Inductor
     and without touching the model, run it on `args`/`kwargs`, and report per graph and per linear what the
-    pass did and how much error each linear adds. target_sqnr_db=None skips the exclude suggestion."""
+    pass did and how much error each linear adds. target_sqnr_db=None skips the exclude suggestion (which runs
+    the model once per quantized linear); progress(message) hears about those runs."""
     if not isinstance(args, (tuple, list)):
         args = (args,)
     kwargs = dict(kwargs or {})
@@ -226,5 +234,5 @@ def diff(model, args, options: Mapping[str, Any] | QuantOptions, kwargs: Mapping
         backend.quantized = quantized
         return compiled(*args, **kwargs)
 
-    return build_report(backend.graphs, ModelUnderTest(run, reference), opts, target_sqnr_db,
+    return build_report(backend.graphs, ModelUnderTest(run, reference, progress), opts, target_sqnr_db,
                         describe_inputs(args, kwargs))
