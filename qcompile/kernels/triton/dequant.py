@@ -1,7 +1,9 @@
 """Weight-load and decode steps of the Triton linear template: one small `@triton.jit` function per format.
 
-Each `load_*_tile` returns the weight tile for K rows [k0, k0 + BLOCK_K) and the columns `offs_n`, laid out
-[BLOCK_K, BLOCK_N] (ready for `tl.dot(x_tile, w_tile)`), decoded as qcompile.quant writes the format.
+`load_weight_tile` returns the weight for the rows `offs_n` and K columns [k0, k0 + BLOCK_K) as a [BLOCK_N,
+BLOCK_K] tile (K contiguous, as stored), decoded as qcompile.quant writes the format. Packed bytes are loaded
+once, as wide vectors, and spread to values with shifts and interleaves; group parameters are loaded once per
+group and broadcast over the group's values.
 """
 from __future__ import annotations
 
@@ -37,30 +39,70 @@ def round_to_e4m3(v):
 
 
 @triton.jit
-def unpack_bit_planes(w_ptr, row_offsets, offs_k, K, BITS: tl.constexpr):
-    """b-bit unsigned values at [k, n] from bit-plane packed rows (quant/packing.py): planes widest first,
-    plane of width w holds 8/w values per byte, low bits first; the widest plane holds the high bits."""
-    u = tl.zeros(offs_k.shape, dtype=tl.int32)[:, None] + tl.zeros(row_offsets.shape, dtype=tl.int32)[None, :]
-    for p in tl.static_range(4):
-        width: tl.constexpr = 8 >> p
-        if (BITS & width) != 0:
-            per_byte: tl.constexpr = 8 // width
-            low: tl.constexpr = BITS & (width - 1)  # the narrower planes hold the low bits
-            col: tl.constexpr = BITS - (BITS & (2 * width - 1))  # wider planes' bits = start column in K/8
-            byte = tl.load(w_ptr + row_offsets[None, :] + (col * K) // 8 + (offs_k // per_byte)[:, None])
-            shift = ((offs_k % per_byte) * width)[:, None]
-            u = u | (((byte.to(tl.int32) >> shift) & ((1 << width) - 1)) << low)
+def _unpack_plane(w_ptr, row_offsets, k0, K, WIDTH: tl.constexpr, LOW: tl.constexpr, COL: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One bit plane's values for [rows, k0:k0+BLOCK_K], shifted to their place (LOW) in the b-bit value."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    MASK: tl.constexpr = (1 << WIDTH) - 1
+    cols = (COL * K) // 8 + k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)
+    b = tl.load(w_ptr + row_offsets[:, None] + cols[None, :]).to(tl.int32)
+    if PER_BYTE == 1:
+        v = b
+    elif PER_BYTE == 2:  # value k sits in byte k // 2 at bit (k % 2) * 4: interleave low and high nibbles
+        v = tl.interleave(b & MASK, b >> 4)
+    elif PER_BYTE == 4:
+        v = tl.interleave(tl.interleave(b & MASK, (b >> 4) & MASK), tl.interleave((b >> 2) & MASK, b >> 6))
+    else:
+        v = tl.interleave(
+            tl.interleave(tl.interleave(b & 1, (b >> 4) & 1), tl.interleave((b >> 2) & 1, (b >> 6) & 1)),
+            tl.interleave(tl.interleave((b >> 1) & 1, (b >> 5) & 1), tl.interleave((b >> 3) & 1, b >> 7)))
+    return v << LOW
+
+
+@triton.jit
+def unpack_bit_planes(w_ptr, row_offsets, k0, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """b-bit unsigned values [rows, BLOCK_K] from bit-plane packed rows (quant/packing.py): planes widest
+    first; the narrower planes hold the low bits; plane p starts at column K * (bits of wider planes) / 8."""
+    u = tl.zeros((row_offsets.shape[0], BLOCK_K), dtype=tl.int32)
+    if (BITS & 8) != 0:
+        u = u | _unpack_plane(w_ptr, row_offsets, k0, K, 8, 0, 0, BLOCK_K)
+    if (BITS & 4) != 0:
+        u = u | _unpack_plane(w_ptr, row_offsets, k0, K, 4, BITS & 3, BITS - (BITS & 7), BLOCK_K)
+    if (BITS & 2) != 0:
+        u = u | _unpack_plane(w_ptr, row_offsets, k0, K, 2, BITS & 1, BITS - (BITS & 3), BLOCK_K)
+    if (BITS & 1) != 0:
+        u = u | _unpack_plane(w_ptr, row_offsets, k0, K, 1, 0, BITS - 1, BLOCK_K)
     return u
 
 
 @triton.jit
-def load_group_param(ptr, offs_n, k0, offs_k, n_groups, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A per-(row n, group of K) parameter as a float32 tile broadcastable to [BLOCK_K, BLOCK_N]: one load
-    per column when the K block sits inside one group, else one per element."""
+def load_group_param(ptr, offs_n, k0, n_groups, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The per-(row, group) parameters of the tile as float32 [BLOCK_N, groups in the tile] (one per row when
+    the K block sits inside one group)."""
     if BLOCK_K <= GROUP_SIZE:
-        return tl.load(ptr + offs_n * n_groups + k0 // GROUP_SIZE).to(tl.float32)[None, :]
+        return tl.load(ptr + offs_n * n_groups + k0 // GROUP_SIZE).to(tl.float32)[:, None]
     else:
-        return tl.load(ptr + offs_n[None, :] * n_groups + ((k0 + offs_k) // GROUP_SIZE)[:, None]).to(tl.float32)
+        groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        return tl.load(ptr + offs_n[:, None] * n_groups + groups[None, :]).to(tl.float32)
+
+
+@triton.jit
+def group_affine(v, scale, shift, SHIFT_FIRST: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per group along K: (v - shift) * scale (SHIFT_FIRST) or v * scale + shift; v [BLOCK_N, BLOCK_K], the
+    parameters [BLOCK_N, groups in the tile] from load_group_param."""
+    if BLOCK_K <= GROUP_SIZE:
+        if SHIFT_FIRST:
+            return (v - shift) * scale
+        else:
+            return v * scale + shift
+    else:
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
+        g = tl.reshape(v, (v.shape[0], NG, GROUP_SIZE))
+        if SHIFT_FIRST:
+            g = (g - shift[:, :, None]) * scale[:, :, None]
+        else:
+            g = g * scale[:, :, None] + shift[:, :, None]
+        return tl.reshape(g, (v.shape[0], BLOCK_K))
 
 
 @triton.jit
@@ -94,42 +136,43 @@ def e8m0_to_float(e):
 
 
 @triton.jit
-def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, offs_k, K, stride_wn,
+def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
                      W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                      HAS_ZERO: tl.constexpr, RAW: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] weight tile. RAW=True (quantized activations): integer values (u - zero) as int8,
+    """The [BLOCK_N, BLOCK_K] weight tile. RAW=True (quantized activations): integer values (u - zero) as int8,
     or e4m3 as stored; group scales are then applied to the partial product by the caller. RAW=False:
     float32 with every scale that varies along K applied (row scales stay for the epilogue)."""
-    ks = k0 + offs_k
-    if W_FORMAT == "int8" or W_FORMAT == "fp8":
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None])
-        if not RAW:
+    rows = offs_n * stride_wn
+    if W_FORMAT == "int8" or W_FORMAT == "fp8" or W_FORMAT == "mxfp8":
+        w = tl.load(w_ptr + rows[:, None] + (k0 + tl.arange(0, BLOCK_K))[None, :])
+        if W_FORMAT == "mxfp8":  # e4m3 * 2^(e - 127) per 32
+            e = load_group_param(s_ptr, offs_n, k0, K // 32, 32, BLOCK_K)
+            w = group_affine(w.to(tl.float32), e8m0_to_float(e), tl.zeros((1, 1), tl.float32), False, 32, BLOCK_K)
+        elif not RAW:
             w = w.to(tl.float32)
-    elif W_FORMAT == "mxfp8":
-        q = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None]).to(tl.float32)
-        e = tl.load(s_ptr + offs_n[None, :] * (K // 32) + (ks // 32)[:, None])
-        w = q * e8m0_to_float(e)
     else:  # sub-byte formats, bit-plane packed along K
-        u = unpack_bit_planes(w_ptr, offs_n * stride_wn, ks, K, BITS)
+        u = unpack_bit_planes(w_ptr, rows, k0, K, BITS, BLOCK_K)
         n_groups = K // GROUP_SIZE
         if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero, float zero domain
-            scale = load_group_param(s_ptr, offs_n, k0, offs_k, n_groups, GROUP_SIZE, BLOCK_K)
-            zero = load_group_param(z_ptr, offs_n, k0, offs_k, n_groups, GROUP_SIZE, BLOCK_K)
-            w = (u.to(tl.float32) - 8.0) * scale + zero
+            scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+            zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+            w = group_affine((u - 8).to(tl.float32), scale, zero, False, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "intx":  # (u - zero) * scale; symmetric: zero = 2^(bits-1)
-            if HAS_ZERO:
-                zero = tl.load(z_ptr + offs_n[None, :] * n_groups + (ks // GROUP_SIZE)[:, None]).to(tl.int32)
-                centred = u - zero
+            if RAW:  # BLOCK_K <= GROUP_SIZE here: one zero per row
+                if HAS_ZERO:
+                    w = (u - tl.load(z_ptr + offs_n * n_groups + k0 // GROUP_SIZE).to(tl.int32)[:, None]).to(tl.int8)
+                else:
+                    w = (u - (1 << (BITS - 1))).to(tl.int8)
             else:
-                centred = u - (1 << (BITS - 1))
-            if RAW:
-                w = centred.to(tl.int8)
-            else:
-                w = centred.to(tl.float32) * load_group_param(s_ptr, offs_n, k0, offs_k, n_groups, GROUP_SIZE,
-                                                              BLOCK_K)
+                scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+                if HAS_ZERO:
+                    zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+                else:
+                    zero = tl.full((1, 1), 1 << (BITS - 1), tl.float32)
+                w = group_affine(u.to(tl.float32), scale, zero, True, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "codebook":  # lookup; the row scale is applied in the epilogue
             w = tl.load(aux_ptr + u)
         else:  # nvfp4: e2m1 * e4m3 block scale (per 16) * float32 tensor scale
-            block_scale = tl.load(s_ptr + offs_n[None, :] * (K // 16) + (ks // 16)[:, None]).to(tl.float32)
-            w = e2m1_to_float(u) * (block_scale * tl.load(aux_ptr))
+            block_scale = load_group_param(s_ptr, offs_n, k0, K // 16, 16, BLOCK_K) * tl.load(aux_ptr)
+            w = group_affine(e2m1_to_float(u), block_scale, tl.zeros((1, 1), tl.float32), False, 16, BLOCK_K)
     return w

@@ -11,27 +11,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import cast_to, load_group_param, load_weight_tile
+from .dequant import cast_to, load_weight_tile
 
 
 @triton.jit
 def _tile_product(a, w, A_FORMAT: tl.constexpr, USE_DOT: tl.constexpr, INT_DOT: tl.constexpr,
                   DOT_FP32: tl.constexpr):
-    """a [BLOCK_M, BLOCK_K] x w [BLOCK_K, BLOCK_N] -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT, else float32)."""
+    """a [BLOCK_M, BLOCK_K] x w [BLOCK_N, BLOCK_K]^T -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT, else float32)."""
     if USE_DOT:
         if INT_DOT:
-            return tl.dot(a, w, out_dtype=tl.int32)
+            return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
         elif DOT_FP32:  # the interpreter multiplies bf16 bit patterns in tl.dot
-            return tl.dot(a.to(tl.float32), w.to(tl.float32))
+            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
         elif A_FORMAT == "fp8":
             if w.dtype == tl.float8e4nv:
-                return tl.dot(a, w)
+                return tl.dot(a, tl.trans(w))
             else:
-                return tl.dot(a, w.to(tl.float16).to(tl.float8e4nv))  # int4 values are exact in e4m3
+                return tl.dot(a, tl.trans(w.to(tl.float16).to(tl.float8e4nv)))  # int4 values are exact in e4m3
         else:
-            return tl.dot(a, w.to(a.dtype))
-    else:
-        return tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            return tl.dot(a, tl.trans(w.to(a.dtype)))
+    else:  # GEMV: multiply on CUDA cores, reduce along K (contiguous in each thread's registers)
+        return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
@@ -80,14 +80,14 @@ def quantized_linear_kernel(
     k_end = min(K, k_start + k_span)
     for k0 in range(k_start, k_end, BLOCK_K):
         a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
-        w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, offs_k, K, stride_wn,
+        w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
                              W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
         part = _tile_product(a, w, A_FORMAT, USE_DOT, INT_DOT, DOT_FP32)
-        if SCALE_PER_GROUP:
+        if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
             if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
-                part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=0)[None, :]).to(part.dtype)
-            scale = load_group_param(w_scale_ptr, cols_in, k0, offs_k, K // GROUP_SIZE, GROUP_SIZE, BLOCK_K)
-            acc += part.to(tl.float32) * scale
+                part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]).to(part.dtype)
+            scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+            acc += part.to(tl.float32) * scale[None, :]
         else:
             acc += part
 
@@ -108,3 +108,23 @@ def quantized_linear_kernel(
         tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask)
     else:
         tl.atomic_add(out_ptrs, out, mask=mask)
+
+
+@triton.jit
+def dequantize_weight_kernel(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, out_ptr, N, K, stride_wn,
+                             W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                             W_HAS_ZERO: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The whole weight in out's dtype, every scale applied: the first half of the dequantize-then-cuBLAS
+    candidate the autotuner may pick at large M (where the GEMM is compute-bound and cuBLAS's is fastest)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = cols % N
+    k0 = tl.program_id(1) * BLOCK_K
+    w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
+                         W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, False, BLOCK_K)
+    if W_SCALE == "row":
+        w = w * tl.load(w_scale_ptr + cols_in).to(tl.float32)[:, None]
+    elif W_SCALE == "tensor":
+        w = w * tl.load(w_scale_ptr).to(tl.float32)
+    out_ptrs = out_ptr + cols[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    tl.store(out_ptrs, cast_to(w, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=(cols < N)[:, None])

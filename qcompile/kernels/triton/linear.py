@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch.library import wrap_triton
 
 from .activation import quantize_activation_kernel
-from .gemm import quantized_linear_kernel
+from .gemm import dequantize_weight_kernel, quantized_linear_kernel
 
 ACTIVATIONS = ("float", "int8_sym", "int8_asym", "fp8_row", "fp8_tensor", "mxfp8", "nvfp4")
 WEIGHT_FORMATS = ("int8", "fp8", "int4_tinygemm", "intx", "codebook", "mxfp8", "nvfp4")
@@ -134,10 +135,28 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even
 
 
-def run_library(xq, x_scale, qweight, w_scale, bias, spec: LinearSpec, out_dtype, library: str):
-    """Library GEMMs the autotuner may pick at large M: `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
-    M = xq.shape[0]
+def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int, dtype):
+    """The weight [N, K] in `dtype` with every scale applied (the template's own decode step)."""
     N = qweight.shape[0]
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    block_n, block_k = 64, 128 if K % 128 == 0 else MIN_BLOCK_K
+    any_tensor = qweight
+    wrap_triton(dequantize_weight_kernel)[(triton.cdiv(N, block_n), K // block_k)](
+        qweight, any_tensor if w_scale is None else w_scale, any_tensor if w_zero is None else w_zero,
+        any_tensor if w_aux is None else w_aux, out, N, K, qweight.stride(0),
+        W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
+        W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, BLOCK_N=block_n, BLOCK_K=block_k,
+        BF16_BY_BITS=_interpreting(), num_warps=4)
+    return out
+
+
+def run_library(xq, x_scale, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, library: str):
+    """Library GEMMs the autotuner may pick at large M: cuBLAS on the dequantized weight (float activations),
+    `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
+    M, K = xq.shape
+    N = qweight.shape[0]
+    if library == "dequant_mm":
+        return F.linear(xq, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, K, xq.dtype), bias)
     if library == "scaled_mm":
         a_scale = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
         b_scale = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
@@ -145,12 +164,12 @@ def run_library(xq, x_scale, qweight, w_scale, bias, spec: LinearSpec, out_dtype
     if library == "int_mm":
         out = torch._int_mm(xq, qweight.t()).float() * x_scale.float() * w_scale.float().reshape(1, -1)
         return (out if bias is None else out + bias.float()).to(out_dtype)
-    raise ValueError(f"unknown library GEMM {library!r}; known: scaled_mm, int_mm")
+    raise ValueError(f"unknown library GEMM {library!r}; known: dequant_mm, scaled_mm, int_mm")
 
 
 def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, config):
     """Quantize x [M, K] as spec.activation says, then multiply by the quantized weight with `config`."""
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
     if config.library:
-        return run_library(xq, x_scale, qweight, w_scale, bias, spec, out_dtype, config.library)
+        return run_library(xq, x_scale, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config.library)
     return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)

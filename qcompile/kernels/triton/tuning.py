@@ -29,7 +29,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    library: str = ""  # "scaled_mm" / "int_mm": a library GEMM instead of the template
+    library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
 
 
 def m_bucket(M: int) -> int:
@@ -44,9 +44,9 @@ def m_bucket(M: int) -> int:
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket
 _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4, 2, 3), (64, 256, 4, 4, 2),
-         (128, 128, 4, 4, 3), (32, 128, 8, 4, 3)]
+         (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
-          (128, 64, 4, 4, 4)]
+          (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
            (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
@@ -72,6 +72,8 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)
         kept = [KernelConfig(min(bucket, 16) if bucket <= 16 else 64, 32, 32, 1, 4, 2)]
+    if bucket >= 256 and spec.gemm_activation == "float":
+        kept.append(KernelConfig(0, 0, 0, library="dequant_mm"))
     if bucket >= 64 and spec.weight_format == "fp8" and spec.gemm_activation == "fp8":
         kept.append(KernelConfig(0, 0, 0, library="scaled_mm"))
     if bucket >= 64 and spec.weight_format == "int8" and spec.activation == "int8_sym":

@@ -15,6 +15,7 @@ from triton_cases import CASES, DEVICE, bits_of, case_id, quantized
 N, K = 96, 256  # N is not a multiple of the 64-wide tiles: the masked edge is exercised
 # (M, config): GEMV at M=1, GEMV with split-K at M=5, tensor-core tiles with split-K at M=33
 VARIANTS = [(1, KernelConfig(1, 32, 128, 1)), (5, KernelConfig(8, 64, 64, 2)), (33, KernelConfig(16, 64, 32, 2))]
+LIBRARY = {"float": "dequant_mm", "int8": "int_mm", "fp8": "scaled_mm"}  # the library candidate of each
 
 
 def _inputs(dtype=torch.bfloat16):
@@ -53,6 +54,19 @@ def test_kernel_matches_reference_ops(case):
         assert torch.isfinite(out).all()
         assert sqnr_db(reference.float(), out.float()) > 30, f"M={M} {config}"
         assert _as_accurate(out, reference, exact), f"M={M} {config}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.weight_format != "intx"], ids=case_id)
+def test_library_candidate_matches_reference_ops(case):
+    if case.activation.startswith("fp8") and DEVICE == "cpu":
+        pytest.skip("torch._scaled_mm needs CUDA")  # the GPU run covers it
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    x = x_all[:33]
+    out = run_linear(x, *weight_args, bias, spec, x.dtype, KernelConfig(0, 0, 0, library=LIBRARY[spec.gemm_activation]))
+    assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.scheme in ("int4_weight_only", "int8_dynamic")],
