@@ -136,6 +136,25 @@ def e8m0_to_float(e):
 
 
 @triton.jit
+def _pick(bit, book_ptr, hi: tl.constexpr, lo: tl.constexpr):
+    return tl.where(bit, tl.load(book_ptr + hi), tl.load(book_ptr + lo))
+
+
+@triton.jit
+def codebook_lookup(book_ptr, index):
+    """book[index] for 4-bit indices: a select tree over the index bits on the 16 entries as scalars in
+    registers (a per-weight gather from memory costs far more)."""
+    b0 = (index & 1) != 0
+    b1 = (index & 2) != 0
+    b2 = (index & 4) != 0
+    low = tl.where(b1, _pick(b0, book_ptr, 3, 2), _pick(b0, book_ptr, 1, 0))
+    low = tl.where(b2, tl.where(b1, _pick(b0, book_ptr, 7, 6), _pick(b0, book_ptr, 5, 4)), low)
+    high = tl.where(b1, _pick(b0, book_ptr, 11, 10), _pick(b0, book_ptr, 9, 8))
+    high = tl.where(b2, tl.where(b1, _pick(b0, book_ptr, 15, 14), _pick(b0, book_ptr, 13, 12)), high)
+    return tl.where((index & 8) != 0, high, low)
+
+
+@triton.jit
 def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
                      W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                      HAS_ZERO: tl.constexpr, RAW: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -171,7 +190,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
                     zero = tl.full((1, 1), 1 << (BITS - 1), tl.float32)
                 w = group_affine(u.to(tl.float32), scale, zero, True, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "codebook":  # lookup; the row scale is applied in the epilogue
-            w = tl.load(aux_ptr + u)
+            w = codebook_lookup(aux_ptr, u)
         else:  # nvfp4: e2m1 * e4m3 block scale (per 16) * float32 tensor scale
             block_scale = load_group_param(s_ptr, offs_n, k0, K // 16, 16, BLOCK_K) * tl.load(aux_ptr)
             w = group_affine(e2m1_to_float(u), block_scale, tl.zeros((1, 1), tl.float32), False, 16, BLOCK_K)

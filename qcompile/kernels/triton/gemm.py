@@ -1,9 +1,9 @@
 """The one Triton template for quantized linears: out[M, N] = x[M, K] @ dequant(W[N, K])^T, scaled, + bias.
 
 Constexprs pick the variant: the weight format (dequant.load_weight_tile), the activation format (float, or
-int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M < 16: broadcast-multiply-reduce on CUDA
-cores) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), and split-K (SPLIT_K > 1: fp32 partials added
-atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
+int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multiply-accumulate on CUDA cores,
+one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), and split-K (SPLIT_K > 1: fp32
+partials added atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
 bias in float32 and casts once.
 """
 from __future__ import annotations
@@ -15,23 +15,19 @@ from .dequant import cast_to, load_weight_tile
 
 
 @triton.jit
-def _tile_product(a, w, A_FORMAT: tl.constexpr, USE_DOT: tl.constexpr, INT_DOT: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
-    """a [BLOCK_M, BLOCK_K] x w [BLOCK_N, BLOCK_K]^T -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT, else float32)."""
-    if USE_DOT:
-        if INT_DOT:
-            return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        elif DOT_FP32:  # the interpreter multiplies bf16 bit patterns in tl.dot
-            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
-        elif A_FORMAT == "fp8":
-            if w.dtype == tl.float8e4nv:
-                return tl.dot(a, tl.trans(w))
-            else:
-                return tl.dot(a, tl.trans(w.to(tl.float16).to(tl.float8e4nv)))  # int4 values are exact in e4m3
+def _tile_dot(a, w, A_FORMAT: tl.constexpr, INT_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """a [BLOCK_M, BLOCK_K] x w [BLOCK_N, BLOCK_K]^T on tensor cores -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT)."""
+    if INT_DOT:
+        return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+    elif DOT_FP32:  # the interpreter multiplies bf16 bit patterns in tl.dot
+        return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+    elif A_FORMAT == "fp8":
+        if w.dtype == tl.float8e4nv:
+            return tl.dot(a, tl.trans(w))
         else:
-            return tl.dot(a, tl.trans(w.to(a.dtype)))
-    else:  # GEMV: multiply on CUDA cores, reduce along K (contiguous in each thread's registers)
-        return tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            return tl.dot(a, tl.trans(w.to(tl.float16).to(tl.float8e4nv)))  # int4 values are exact in e4m3
+    else:
+        return tl.dot(a, tl.trans(w.to(a.dtype)))
 
 
 @triton.jit
@@ -46,7 +42,7 @@ def quantized_linear_kernel(
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
     INT_DOT: tl.constexpr = USE_DOT and A_FORMAT == "int8"
@@ -68,28 +64,43 @@ def quantized_linear_kernel(
     cols_in = cols % N
     offs_k = tl.arange(0, BLOCK_K)
 
-    if INT_DOT and not SCALE_PER_GROUP:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if A_HAS_ZERO:
-        a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
-
     k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = pid_k * k_span
     k_end = min(K, k_start + k_span)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
-        w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
-                             W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
-        part = _tile_product(a, w, A_FORMAT, USE_DOT, INT_DOT, DOT_FP32)
-        if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
-            if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
-                part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]).to(part.dtype)
-            scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
-            acc += part.to(tl.float32) * scale[None, :]
+    if USE_DOT:
+        if INT_DOT and not SCALE_PER_GROUP:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
-            acc += part
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if A_HAS_ZERO:
+            a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
+            w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
+                                 W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+            part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32)
+            if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
+                if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
+                    part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]).to(part.dtype)
+                scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+                acc += part.to(tl.float32) * scale[None, :]
+            else:
+                acc += part
+    else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once
+        row = pid_m % M
+        acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a = tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32)
+            if A_HAS_ZERO:
+                a = a - tl.load(x_zero_ptr + row).to(tl.float32)
+            w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
+                                 W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+            product = w.to(tl.float32) * a[None, :]
+            if SCALE_PER_GROUP:
+                scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+                product = product * scale[:, None]
+            acc_tile += product
+        acc = tl.sum(acc_tile, axis=1)[None, :]
 
     out = acc.to(tl.float32)
     if A_SCALE == "row":

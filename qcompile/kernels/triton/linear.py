@@ -108,6 +108,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     """The template GEMM on an already-quantized activation [M, K]; returns [M, N] in out_dtype."""
     M, K = xq.shape
     N = qweight.shape[0]
+    if config.block_m not in (1, 16, 32, 64, 128, 256):
+        raise ValueError(f"Triton linear: BLOCK_M={config.block_m}; the template takes 1 (GEMV) or 16..256")
     if K % config.block_k or (spec.scales_per_group_in_loop and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))

@@ -33,9 +33,9 @@ class KernelConfig:
 
 
 def m_bucket(M: int) -> int:
-    """Decode sizes keep their own power of two (the GEMV tile height); larger M share a bucket."""
-    if M <= 8:
-        return triton.next_power_of_2(max(M, 1))
+    """1 (GEMV), 16 (decode batches: 16-row tensor-core tiles), 64, 256, or 8192 (prefill)."""
+    if M <= 1:
+        return 1
     for edge in (16, 64, 256):
         if M <= edge:
             return edge
@@ -55,8 +55,8 @@ _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     bucket = m_bucket(M)
-    if bucket <= 8:
-        configs = [KernelConfig(bucket, *c) for c in _GEMV]
+    if bucket == 1:
+        configs = [KernelConfig(1, *c) for c in _GEMV]
     elif bucket == 16:
         configs = [KernelConfig(16, *c) for c in _SMALL]
     else:
@@ -71,7 +71,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)
-        kept = [KernelConfig(min(bucket, 16) if bucket <= 16 else 64, 32, 32, 1, 4, 2)]
+        kept = [KernelConfig(bucket if bucket <= 16 else 64, 32, 32, 1, 4, 2)]
     if bucket >= 256 and spec.gemm_activation == "float":
         kept.append(KernelConfig(0, 0, 0, library="dequant_mm"))
     if bucket >= 64 and spec.weight_format == "fp8" and spec.gemm_activation == "fp8":

@@ -28,8 +28,7 @@ def test_choice_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
 
 
 def test_buckets_and_library_candidates():
-    assert [tuning.m_bucket(m) for m in (1, 2, 3, 9, 16, 17, 128, 300, 8192)] == [1, 2, 4, 16, 16, 64, 256, 8192,
-                                                                               8192]
+    assert [tuning.m_bucket(m) for m in (1, 2, 9, 16, 17, 128, 300, 8192)] == [1, 16, 16, 16, 64, 256, 8192, 8192]
     fp8 = LinearSpec("fp8_row", "fp8")
     assert "scaled_mm" in [c.library for c in tuning.candidates(fp8, 8192, 4096, 4096)]
     assert all(c.block_m <= 16 for c in tuning.candidates(fp8, 16, 4096, 4096))
