@@ -237,6 +237,7 @@ def main():
     ap.add_argument("--out", default="results")
     ap.add_argument("--peers", default=None, help="path to peers_h200.py (peers are skipped without it)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
     ap.add_argument("--budget-s", type=float, default=420, help="stop timing qcompile after this many seconds")
     ap.add_argument("--peer-budget-s", type=float, default=150)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -244,6 +245,7 @@ def main():
     ap.add_argument("--skip-peers-after-ours", action="store_true")
     ap.add_argument("--wait-for", default=None, help="a pid to wait for before timing (a GPU test run)")
     a = ap.parse_args()
+    MS[:] = [int(m) for m in a.ms.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = a.schemes.split(",")
