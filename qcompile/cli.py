@@ -22,6 +22,8 @@ from .quant.metrics import sqnr_db
 from .schemes import SCHEMES, Scheme, get_scheme
 
 DEFAULT_SEQ_LEN = 64
+# A real LM compiles for minutes per scheme on 2 CPU cores: by default it gets one scheme per family.
+HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_weight_only")
 
 
 # --- progress on stderr ----------------------------------------------------------------------------------
@@ -271,10 +273,6 @@ def _device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"qcompile: --device {name}: expected cpu or cuda")
     return device
-
-
-# A real LM compiles for minutes per scheme on 2 CPU cores: by default it gets one scheme per family.
-HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_weight_only")
 
 
 def _explicit_schemes(text: str | None) -> list[str] | None:
