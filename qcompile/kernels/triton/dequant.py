@@ -39,6 +39,22 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def small_int_to_float(u, OFFSET: tl.constexpr):
+    """float32(u - OFFSET) for int32 0 <= u < 2^22, exactly, by placing u in the mantissa of 2^23: two
+    full-rate instructions instead of a quarter-rate integer-to-float conversion."""
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def to_float(w):
+    """A weight tile as float32; int8 goes through small_int_to_float."""
+    if w.dtype == tl.int8:
+        return small_int_to_float(w.to(tl.int32) + 128, 128)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
 def _unpack_plane(w_ptr, row_offsets, k0, K, WIDTH: tl.constexpr, LOW: tl.constexpr, COL: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """One bit plane's values for [rows, k0:k0+BLOCK_K], shifted to their place (LOW) in the b-bit value."""
@@ -107,13 +123,13 @@ def group_affine(v, scale, shift, SHIFT_FIRST: tl.constexpr, GROUP_SIZE: tl.cons
 
 @triton.jit
 def e2m1_to_float(code):
-    """fp4 e2m1 code (sign bit 3) -> float32: magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6."""
-    mag_code = code & 7
-    exponent = mag_code >> 1
-    mantissa = (mag_code & 1).to(tl.float32)
-    normal = tl.exp2((exponent - 1).to(tl.float32)) * (1.0 + 0.5 * mantissa)
-    mag = tl.where(exponent == 0, 0.5 * mantissa, normal)
-    return tl.where((code & 8) != 0, -mag, mag)
+    """fp4 e2m1 code (sign bit 3) -> float32 (magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), built from bits: exponent
+    field e, mantissa bit m: 2^(e-1) * (1 + m/2), or m/2 when e = 0."""
+    code = code.to(tl.int32)
+    exponent = (code >> 1) & 3
+    mantissa = code & 1
+    bits = tl.where(exponent == 0, mantissa * (126 << 23), ((exponent + 126) << 23) | (mantissa << 22))
+    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -168,14 +184,14 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
             e = load_group_param(s_ptr, offs_n, k0, K // 32, 32, BLOCK_K)
             w = group_affine(w.to(tl.float32), e8m0_to_float(e), tl.zeros((1, 1), tl.float32), False, 32, BLOCK_K)
         elif not RAW:
-            w = w.to(tl.float32)
+            w = to_float(w)
     else:  # sub-byte formats, bit-plane packed along K
         u = unpack_bit_planes(w_ptr, rows, k0, K, BITS, BLOCK_K)
         n_groups = K // GROUP_SIZE
         if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero, float zero domain
             scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
             zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
-            w = group_affine((u - 8).to(tl.float32), scale, zero, False, GROUP_SIZE, BLOCK_K)
+            w = group_affine(small_int_to_float(u, 8), scale, zero, False, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "intx":  # (u - zero) * scale; symmetric: zero = 2^(bits-1)
             if RAW:  # BLOCK_K <= GROUP_SIZE here: one zero per row
                 if HAS_ZERO:
@@ -186,9 +202,10 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
                 scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
                 if HAS_ZERO:
                     zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
-                else:
-                    zero = tl.full((1, 1), 1 << (BITS - 1), tl.float32)
-                w = group_affine(u.to(tl.float32), scale, zero, True, GROUP_SIZE, BLOCK_K)
+                    w = group_affine(small_int_to_float(u, 0), scale, zero, True, GROUP_SIZE, BLOCK_K)
+                else:  # the symmetric zero point folds into the conversion
+                    w = group_affine(small_int_to_float(u, 1 << (BITS - 1)), scale, tl.zeros((1, 1), tl.float32),
+                                     False, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "codebook":  # lookup; the row scale is applied in the epilogue
             w = codebook_lookup(aux_ptr, u)
         else:  # nvfp4: e2m1 * e4m3 block scale (per 16) * float32 tensor scale

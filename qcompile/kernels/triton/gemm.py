@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import cast_to, load_weight_tile
+from .dequant import cast_to, load_weight_tile, to_float
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def quantized_linear_kernel(
                 a = a - tl.load(x_zero_ptr + row).to(tl.float32)
             w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
                                  W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
-            product = w.to(tl.float32) * a[None, :]
+            product = to_float(w) * a[None, :]
             if SCALE_PER_GROUP:
                 scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
                 product = product * scale[:, None]
