@@ -63,6 +63,8 @@ class GraphCapture:
         self.diff = unified_diff(self.before, self.after)
         self.float_nodes = {n.name: n for n in float_gm.graph.nodes}
         self._constants = dict(result.constants)
+        # inserted nodes that read only constants (dequantized weights): computed once, then reused
+        self._folded: dict[Node, Any] = {}
         # constant placeholder -> the float weight it quantizes
         self.constant_owner = {n.name: n.meta["qcompile"]["weight"] for n in result.gm.graph.nodes
                                if n.op == "placeholder" and "qcompile" in n.meta}
@@ -110,10 +112,14 @@ class GraphCapture:
             return env[n] if n in env else value_of(n.name)
 
         for n in site.inserted:
-            if n.op == "placeholder":
-                env[n] = self._constants[n.name]
+            if n in self._folded:
+                env[n] = self._folded[n]
+            elif n.op == "placeholder":
+                env[n] = self._folded[n] = self._constants[n.name]
             else:
                 env[n] = n.target(*map_arg(n.args, lookup), **map_arg(n.kwargs, lookup))
+                if all(i in self._folded for i in n.all_input_nodes):
+                    self._folded[n] = env[n]
         return env[site.inserted[-1]]
 
     def effective_weight(self, site: LinearSite) -> torch.Tensor:
