@@ -67,17 +67,23 @@ inline const char* isa_name() {
 // ---------------------------------------------------------------------------------------------------------
 // Unpacking: 32 consecutive values k0..k0+31 of one row, as signed w = u - 2^(BITS-1).
 // ---------------------------------------------------------------------------------------------------------
+template <int BITS, int W>
+inline void unpack_plane32(const uint8_t* row, int64_t K, int64_t k0, uint8_t* u) {
+  if constexpr ((BITS & W) != 0) {
+    constexpr int per_byte = 8 / W, lo = BITS & (W - 1), col = BITS & ~(2 * W - 1);
+    constexpr unsigned mask = (1u << W) - 1;
+    const uint8_t* p = row + (int64_t)col * K / 8 + k0 / per_byte;
+    for (int i = 0; i < 32; ++i) u[i] |= (uint8_t)(((p[i / per_byte] >> ((i % per_byte) * W)) & mask) << lo);
+  }
+}
+
 template <int BITS>
 inline void unpack32(const uint8_t* row, int64_t K, int64_t k0, int8_t* out) {
   uint8_t u[32] = {0};
-  for (int w = 8; w >= 1; w >>= 1) {
-    if (!(BITS & w)) continue;
-    const int per_byte = 8 / w, lo = BITS & (w - 1), col = BITS & ~(2 * w - 1);
-    const uint8_t mask = (uint8_t)((1 << w) - 1);
-    const uint8_t* p = row + (int64_t)col * K / 8 + k0 / per_byte;
-    for (int i = 0; i < 32; ++i)
-      u[i] |= (uint8_t)(((p[i / per_byte] >> ((i % per_byte) * w)) & mask) << lo);
-  }
+  unpack_plane32<BITS, 8>(row, K, k0, u);
+  unpack_plane32<BITS, 4>(row, K, k0, u);
+  unpack_plane32<BITS, 2>(row, K, k0, u);
+  unpack_plane32<BITS, 1>(row, K, k0, u);
   for (int i = 0; i < 32; ++i) out[i] = (int8_t)((int)u[i] - (1 << (BITS - 1)));
 }
 
@@ -501,17 +507,17 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
 #pragma omp parallel num_threads(num_threads)
   {
     static thread_local std::vector<float> wf_storage;
+    static thread_local std::vector<w_t> wq_storage;
+    static thread_local std::vector<int32_t> wsum_storage;
     float* wf = thread_scratch(wf_storage, (size_t)K);
+    w_t* wq = thread_scratch(wq_storage, (size_t)K);
+    int32_t* wsum = thread_scratch(wsum_storage, (size_t)groups);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      const uint8_t* row = packed + n * row_bytes;
+      unpack_row<BITS, GROUP>(packed + n * row_bytes, K, wq, wsum);
       for (int64_t g = 0; g < groups; ++g) {
         const float s = static_cast<float>(scale[n * groups + g]);
-        for (int c = 0; c < GROUP; c += 32) {
-          int8_t t[32];
-          unpack32<BITS>(row, K, g * GROUP + c, t);
-          for (int i = 0; i < 32; ++i) wf[g * GROUP + c + i] = (float)t[i] * s;
-        }
+        for (int i = 0; i < GROUP; ++i) wf[g * GROUP + i] = (float)wq[g * GROUP + i] * s;
       }
       const float b = bias ? static_cast<float>(bias[n]) : 0.f;
       for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(dot_f32(xf + m * K, wf, K) + b);

