@@ -5,6 +5,7 @@ Every error names the key, the bad value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -53,6 +54,12 @@ class QuantOptions:
         calibration = None if self.calibration is None else id(self.calibration)
         return (self.scheme, self.group_size, self.bits, self.granularity, self.algorithm, self.act_order,
                 calibration)
+
+    def selects(self, module: str) -> bool:
+        """Whether the include / exclude patterns let the linear in `module` be quantized."""
+        if self.include and not any(fnmatch.fnmatchcase(module, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(module, p) for p in self.exclude)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "QuantOptions":

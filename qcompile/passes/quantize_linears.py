@@ -9,7 +9,6 @@ scheme to emit nodes; it does no math of its own.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -108,12 +107,6 @@ class _Emitter:
         return self._new(aten.linear.default, (x, weight, bias), "linear")
 
 
-def _selected(module: str, options: QuantOptions) -> bool:
-    if options.include and not any(fnmatch.fnmatchcase(module, p) for p in options.include):
-        return False
-    return not any(fnmatch.fnmatchcase(module, p) for p in options.exclude)
-
-
 def quantize_linears(gm: GraphModule, weights: dict[Node, WeightRef], options: QuantOptions,
                      quantize: Callable[[WeightRef, torch.dtype | None], dict[str, torch.Tensor]]) -> PassResult:
     graph = gm.graph
@@ -151,7 +144,7 @@ def quantize_linears(gm: GraphModule, weights: dict[Node, WeightRef], options: Q
         record = LinearRecord(module=module, weight=ref.name, out_features=N, in_features=K, scheme=None,
                               form=match.form)
         result.linears.append(record)
-        if not _selected(module, options):
+        if not options.selects(module):
             record.reason = "excluded by the include/exclude options"
             continue
         reason = scheme.skip_reason(N, K, options)
