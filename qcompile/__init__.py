@@ -5,9 +5,10 @@
 from . import ops  # noqa: F401  (registers the qcompile:: operators)
 from .backend import qcompile_backend  # noqa: F401
 from .export import export  # noqa: F401
+from .prepare import prepare  # noqa: F401
 from .debug import diff  # noqa: F401
 from .options import QuantOptions  # noqa: F401
 from .schemes import SCHEMES, get_scheme  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["qcompile_backend", "export", "QuantOptions", "SCHEMES", "get_scheme", "diff"]
+__all__ = ["qcompile_backend", "export", "prepare", "QuantOptions", "SCHEMES", "get_scheme", "diff"]

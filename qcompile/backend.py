@@ -87,11 +87,17 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> No
                     f"qcompile: this graph reads the float weight {ref.name!r}, which an earlier compile released "
                     f"after quantizing it; compile with options={{'keep_float_weights': True}}")
             continue
-        storage = t.untyped_storage()
-        owns_storage = storage.nbytes() == t.numel() * t.element_size()
-        if t not in _READ_IN_FLOAT and owns_storage and storage.nbytes() > 0:
-            storage.resize_(0)  # shapes and strides stay (Dynamo's guards hold); the memory is freed
-            _RELEASED[t] = True
+        if t not in _READ_IN_FLOAT:
+            release_float_weight(t)
+
+
+def release_float_weight(t: torch.Tensor) -> None:
+    """Free a quantized weight's float storage. Shape, dtype and strides stay, so Dynamo's guards hold and a
+    recompile finds the cached quantized tensors; a tensor sharing its storage with others is left alone."""
+    storage = t.untyped_storage()
+    if storage.nbytes() == t.numel() * t.element_size() and storage.nbytes() > 0:
+        storage.resize_(0)
+        _RELEASED[t] = True
 
 
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):

@@ -1,0 +1,57 @@
+"""Quantize a model's linear weights ahead of compiling, one layer at a time, onto the target device.
+
+    model = build_model_on_cpu_or_meta_then_load()            # float weights in host memory
+    qcompile.prepare(model, {"scheme": "int4_weight_only"}, device="cuda")
+    cm = torch.compile(model, backend="qcompile", options={"scheme": "int4_weight_only"})
+
+Each nn.Linear weight is moved to `device`, quantized there (into the same cache the backend reads), and its
+float storage released at once; every other parameter and buffer is moved as usual. The device never holds
+more than one float linear weight, so a model whose float weights do not fit can still be quantized onto it.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from .backend import quantized_weight, release_float_weight
+from .options import QuantOptions
+from .passes.quantize_linears import WeightRef
+
+
+def prepare(model: nn.Module, options, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
+    """Quantize every selected nn.Linear weight of `model` onto `device` (default: where it is) and move the
+    rest of the model there. Returns the model. Weights shared with other modules (tied embeddings) and layers
+    the scheme cannot take are moved in float; torch.compile with the same options then reuses the quantized
+    tensors. After this the model runs only compiled (the float linear weights are gone)."""
+    opts = QuantOptions.from_dict(options)
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and opts.selects(name) and owners[id(m.weight)] == 1
+               and m.weight.dtype.is_floating_point
+               and opts.scheme_def.skip_reason(m.out_features, m.in_features, opts) is None]
+    start = time.monotonic()
+    with torch.no_grad():
+        for i, (name, module) in enumerate(linears):
+            weight = nn.Parameter(module.weight.detach().to(device), requires_grad=module.weight.requires_grad)
+            module.weight = weight  # the host copy is freed once nothing else holds it
+            quantized_weight(WeightRef(f"{name}.weight", weight), opts, None, True)
+            release_float_weight(weight)
+            if progress:
+                _draw(i + 1, len(linears), name, start)
+        model.to(device)
+    if progress and linears:
+        sys.stderr.write("\n")
+    return model
+
+
+def _draw(done: int, total: int, name: str, start: float, width: int = 30) -> None:
+    filled = width * done // total
+    sys.stderr.write(f"\rqcompile: quantizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                     f"{time.monotonic() - start:.0f}s {name[-40:]:<40}")
+    sys.stderr.flush()
