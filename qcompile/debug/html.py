@@ -41,14 +41,14 @@ def bar_chart(layers: list["LayerReport"]) -> str:
               if v is not None and math.isfinite(v)]
     top = max([10.0, *finite]) * 1.1
     scale = _CHART_WIDTH / top
-    height = _BAR_HEIGHT * len(layers) + 40
+    height = _BAR_HEIGHT * len(layers) + 46
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_LABEL_WIDTH + _CHART_WIDTH + 90}" '
              f'height="{height}" font-family="system-ui, sans-serif" font-size="12">']
     for tick in range(0, int(top) + 1, 10):
         x = _LABEL_WIDTH + tick * scale
-        parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height - 30}" stroke="#e3e3e3"/>'
-                     f'<text x="{x:.1f}" y="{height - 14}" text-anchor="middle" fill="#666">{tick}</text>')
-    parts.append(f'<text x="{_LABEL_WIDTH + _CHART_WIDTH / 2}" y="{height - 1}" text-anchor="middle" '
+        parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height - 36}" stroke="#e3e3e3"/>'
+                     f'<text x="{x:.1f}" y="{height - 20}" text-anchor="middle" fill="#666">{tick}</text>')
+    parts.append(f'<text x="{_LABEL_WIDTH + _CHART_WIDTH / 2}" y="{height - 4}" text-anchor="middle" '
                  f'fill="#333">SQNR dB (bar: output, tick: weight; grey: left in float)</text>')
     for i, layer in enumerate(layers):
         y = i * _BAR_HEIGHT + 2
