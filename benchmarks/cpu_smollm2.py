@@ -175,7 +175,9 @@ def measured_bandwidth_gbs(threads: int) -> float:
 # --- the run ----------------------------------------------------------------------------------------------------
 
 def engines(decode_tokens: int, threads: int, only: set[str] | None):
-    intx = lambda scheme, bits: {"scheme": scheme, "bits": bits, "group_size": 32}  # noqa: E731
+    # keep_float_weights: the safetensors weights are mmapped, and the backend cannot release (resize) those
+    intx = lambda scheme, bits: {"scheme": scheme, "bits": bits, "group_size": 32,  # noqa: E731
+                                 "keep_float_weights": True}
     specs = [
         ("fp32 eager", lambda: TorchEngine("fp32 eager", None, None, decode_tokens)),
         ("fp32 Inductor", lambda: TorchEngine("fp32 Inductor", None, "inductor", decode_tokens)),

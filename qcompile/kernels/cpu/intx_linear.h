@@ -88,13 +88,20 @@ inline void unpack32(const uint8_t* row, int64_t K, int64_t k0, int8_t* out) {
 }
 
 #if defined(QC_X86_AVX2)
-template <int BITS>
+// PLANE_ORDER (4-bit only): values come out as the nibbles lie, evens of the 32 then odds, which saves the
+// interleave; the activations are then stored in the same order (see plane_order_x86).
+template <int BITS, bool PLANE_ORDER = false>
 inline void unpack32_x86(const uint8_t* row, int64_t K, int64_t k0, __m256i& w_lo, __m256i& w_hi) {
   if constexpr (BITS == 8) {
     const __m256i u = _mm256_loadu_si256((const __m256i*)(row + k0));
     const __m256i mid = _mm256_set1_epi16(128);
     w_lo = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)), mid);
     w_hi = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1)), mid);
+  } else if constexpr (BITS == 4 && PLANE_ORDER) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + k0 / 2)));
+    const __m256i mid = _mm256_set1_epi16(8);
+    w_lo = _mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), mid);
+    w_hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), mid);
   } else if constexpr (BITS == 4) {
     const __m128i p = _mm_loadu_si128((const __m128i*)(row + k0 / 2));
     const __m128i m = _mm_set1_epi8(0x0F);
@@ -151,6 +158,21 @@ constexpr bool ACT_HOLDS_ZERO = false;
 using act_t = int16_t;
 constexpr bool ACT_HOLDS_ZERO = true;
 #endif
+
+#if defined(QC_X86_AVX2)
+template <int BITS>
+constexpr bool plane_order_x86 = BITS == 4;
+#endif
+
+// Reorders each 32-value chunk to evens then odds (the 4-bit plane order of unpack32_x86<4, true>).
+template <typename T>
+inline void to_plane_order(T* a, int64_t K) {
+  T t[32];
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    for (int i = 0; i < 16; ++i) t[i] = a[k0 + 2 * i], t[16 + i] = a[k0 + 2 * i + 1];
+    std::memcpy(a + k0, t, sizeof(t));
+  }
+}
 
 template <typename XT>
 inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* scale_out, int32_t* zero_out) {
@@ -216,7 +238,7 @@ inline float gemv_row(const uint8_t* row, const ST* srow, const act_t* a, int32_
     for (int c = 0; c < GROUP; c += 32) {
       const int64_t k0 = g * GROUP + c;
       __m256i wl, wh;
-      unpack32_x86<BITS>(row, K, k0, wl, wh);
+      unpack32_x86<BITS, plane_order_x86<BITS>>(row, K, k0, wl, wh);
       isum = _mm256_add_epi32(isum, _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i*)(a + k0))));
       isum = _mm256_add_epi32(isum, _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i*)(a + k0 + 16))));
     }
@@ -278,7 +300,8 @@ using w_t = int8_t;
 using w_t = int16_t;
 #endif
 
-template <int BITS, int GROUP>
+// PLANE_ORDER: as the dynamic-int8 activations are stored (x86 4-bit); false for float activations
+template <int BITS, int GROUP, bool PLANE_ORDER>
 inline void unpack_row(const uint8_t* row, int64_t K, w_t* w, int32_t* wsum) {
   for (int64_t g = 0; g < K / GROUP; ++g) {
     int32_t s = 0;
@@ -286,7 +309,7 @@ inline void unpack_row(const uint8_t* row, int64_t K, w_t* w, int32_t* wsum) {
       const int64_t k0 = g * GROUP + c;
 #if defined(QC_X86_AVX2)
       __m256i wl, wh;
-      unpack32_x86<BITS>(row, K, k0, wl, wh);
+      unpack32_x86<BITS, PLANE_ORDER>(row, K, k0, wl, wh);
       _mm256_storeu_si256((__m256i*)(w + k0), wl);
       _mm256_storeu_si256((__m256i*)(w + k0 + 16), wh);
 #elif defined(QC_ARM_NEON)
@@ -426,7 +449,12 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
 #pragma omp parallel num_threads(num_threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) quantize_token_int8_asym<XT>(x + m * K, K, act + m * K, a_scale + m, a_zero + m);
+    for (int64_t m = 0; m < M; ++m) {
+      quantize_token_int8_asym<XT>(x + m * K, K, act + m * K, a_scale + m, a_zero + m);
+#if defined(QC_X86_AVX2)
+      if constexpr (plane_order_x86<BITS>) to_plane_order(act + m * K, K);
+#endif
+    }
     if (M < QC_GEMM_MIN_M) {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) {
@@ -445,7 +473,7 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
       for (int64_t n0 = 0; n0 < N; n0 += QC_NB) {
         const int64_t nb = std::min<int64_t>(QC_NB, N - n0);
         for (int64_t r = 0; r < nb; ++r)
-          unpack_row<BITS, GROUP>(packed + (n0 + r) * row_bytes, K, wbuf + r * K, wsum + r * groups);
+          unpack_row<BITS, GROUP, true>(packed + (n0 + r) * row_bytes, K, wbuf + r * K, wsum + r * groups);
         for (int64_t m0 = 0; m0 < M; m0 += QC_MR) {
           const int mr = (int)std::min<int64_t>(QC_MR, M - m0);
           for (int64_t r = 0; r < nb; ++r) {
@@ -514,7 +542,7 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
     int32_t* wsum = thread_scratch(wsum_storage, (size_t)groups);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      unpack_row<BITS, GROUP>(packed + n * row_bytes, K, wq, wsum);
+      unpack_row<BITS, GROUP, false>(packed + n * row_bytes, K, wq, wsum);
       for (int64_t g = 0; g < groups; ++g) {
         const float s = static_cast<float>(scale[n * groups + g]);
         for (int i = 0; i < GROUP; ++i) wf[g * GROUP + i] = (float)wq[g * GROUP + i] * s;
