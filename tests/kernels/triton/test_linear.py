@@ -57,6 +57,20 @@ def test_kernel_matches_reference_ops(case):
         assert _as_accurate(out, reference, exact), f"M={M} {config}"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.scheme in ("int4_weight_only", "float8_dynamic", "nvfp4")],
+                         ids=case_id)
+def test_float16_activations(case):
+    x_all, w, bias = _inputs(torch.float16)
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    for M, config in VARIANTS[1:3]:  # GEMV with split-K, and tensor-core tiles
+        x = x_all[:M]
+        out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
+        assert out.dtype == torch.float16
+        assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30, f"M={M} {config}"
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.weight_format != "intx"], ids=case_id)
 def test_library_candidate_matches_reference_ops(case):
     if case.activation.startswith("fp8") and DEVICE == "cpu":
