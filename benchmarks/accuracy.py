@@ -14,6 +14,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -432,6 +433,8 @@ def main():
     parser.add_argument("--write", type=Path, help="write the accuracy section of this markdown file")
     parser.add_argument("--budget-min", type=float, default=20.0, help="stop starting new rows after this long")
     parser.add_argument("--only", choices=("lm", "embedding"), help="run one model's rows")
+    parser.add_argument("--rows", help="regular expression on '<model> <row label>': run only matching rows, "
+                                       "e.g. '^MiniLM (int8|float8)'")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.monotonic()
@@ -452,6 +455,7 @@ def main():
         bench = benches[name]
         rows = bench["rows"][done[name]:None if count is None else done[name] + count]
         done[name] += len(rows)
+        rows = [r for r in rows if args.rows is None or re.search(args.rows, f"{name} {r.label}")]
         ran, skipped = run_rows(rows, bench["load"], bench["measure"], bench["calibration"], deadline, name)
         results[name] += ran
         left[name] += skipped
@@ -463,8 +467,7 @@ def main():
     left = [f"SmolLM2 {r.label}" for r in lm_left] + [f"MiniLM {r.label}" for r in emb_left]
     report = "\n\n".join(filter(None, [
         "## Accuracy (issue 5)",
-        f"Command: `HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --write BENCHMARKS.md --budget-min "
-        f"{args.budget_min:g}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Command: `HF_HUB_OFFLINE=1 python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{elapsed / 60:.1f} minutes for this run, on a 2-core CPU shared with other jobs).",
         protocol_text(tokens, len(lines)),
         lm_table(lm_results, tokens) if lm_results else "",
