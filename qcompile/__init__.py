@@ -11,4 +11,20 @@ from .options import QuantOptions  # noqa: F401
 from .schemes import SCHEMES, get_scheme  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def _register_backend_name() -> None:
+    """Installed, the torch_dynamo_backends entry point makes backend="qcompile" work; from a source tree
+    (PYTHONPATH, no entry point) importing qcompile registers the name instead."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "qcompile" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "qcompile" not in _COMPILER_FNS:
+        register_backend(qcompile_backend, name="qcompile")
+
+
+_register_backend_name()
 __all__ = ["qcompile_backend", "export", "prepare", "QuantOptions", "SCHEMES", "get_scheme", "diff"]
