@@ -48,6 +48,10 @@ namespace qcompile_cpu {
 constexpr int QC_MR = 4;          // tokens sharing one unpacked weight row in the GEMM
 constexpr int QC_NB = 16;         // weight rows unpacked per block in the GEMM
 constexpr int64_t QC_GEMM_MIN_M = 4;
+// Below this much work a call runs on one thread: a decode-step GEMV is memory-bound and one core nearly
+// saturates this machine's bandwidth, while an OpenMP fork/join costs microseconds (and, on a loaded machine
+// where the second thread waits for a time slice, milliseconds).
+constexpr int64_t QC_PARALLEL_MIN_MACS = int64_t(1) << 22;
 
 // Which micro-kernels this translation unit was compiled with (the tests check it).
 inline const char* isa_name() {
@@ -439,24 +443,26 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
   static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
   static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
-  static thread_local std::vector<act_t> act_storage;
-  static thread_local std::vector<float> ascale_storage;
-  static thread_local std::vector<int32_t> azero_storage;
-  act_t* act = thread_scratch(act_storage, (size_t)(M * K));
-  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
-  int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
-  (void)num_threads;
-#pragma omp parallel num_threads(num_threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      quantize_token_int8_asym<XT>(x + m * K, K, act + m * K, a_scale + m, a_zero + m);
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)num_threads; (void)parallel;
+  auto quantize_tokens = [&](int64_t m, act_t* act, float* a_scale, int32_t* a_zero) {
+    quantize_token_int8_asym<XT>(x + m * K, K, act + m * K, a_scale + m, a_zero + m);
 #if defined(QC_X86_AVX2)
-      if constexpr (plane_order_x86<BITS>) to_plane_order(act + m * K, K);
+    if constexpr (plane_order_x86<BITS>) to_plane_order(act + m * K, K);
 #endif
-    }
-    if (M < QC_GEMM_MIN_M) {
-#pragma omp for schedule(static)
+  };
+  if (M < QC_GEMM_MIN_M) {
+    // GEMV: every thread quantizes the few tokens itself (no barrier between quantizing and the dot products)
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+      static thread_local std::vector<act_t> act_storage;
+      static thread_local std::vector<float> ascale_storage;
+      static thread_local std::vector<int32_t> azero_storage;
+      act_t* act = thread_scratch(act_storage, (size_t)(M * K));
+      float* a_scale = thread_scratch(ascale_storage, (size_t)M);
+      int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
+      for (int64_t m = 0; m < M; ++m) quantize_tokens(m, act, a_scale, a_zero);
+#pragma omp for schedule(static) nowait
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t m = 0; m < M; ++m) {
           float v = gemv_row<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, act + m * K, a_zero[m], K) * a_scale[m];
@@ -464,7 +470,20 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
           y[m * N + n] = static_cast<OT>(v);
         }
       }
-    } else {
+    }
+    return;
+  }
+  static thread_local std::vector<act_t> act_storage;
+  static thread_local std::vector<float> ascale_storage;
+  static thread_local std::vector<int32_t> azero_storage;
+  act_t* act = thread_scratch(act_storage, (size_t)(M * K));
+  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
+  int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_tokens(m, act, a_scale, a_zero);
+    {
       static thread_local std::vector<w_t> wbuf_storage;
       static thread_local std::vector<int32_t> wsum_storage;
       w_t* wbuf = thread_scratch(wbuf_storage, (size_t)(QC_NB * K));
@@ -532,7 +551,9 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
     xf = buf;
   }
   (void)num_threads;
-#pragma omp parallel num_threads(num_threads)
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)parallel;
+#pragma omp parallel num_threads(num_threads) if (parallel)
   {
     static thread_local std::vector<float> wf_storage;
     static thread_local std::vector<w_t> wq_storage;

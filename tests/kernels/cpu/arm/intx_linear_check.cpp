@@ -98,8 +98,10 @@ void check(const Case& c, std::mt19937& rng) {
 
 template <int BITS>
 void check_bits(std::mt19937& rng) {
-  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail
-  for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}}) {
+  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail;
+  // the last two are big enough (>= QC_PARALLEL_MIN_MACS) to run multi-threaded where OpenMP is on
+  for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}, Case{1, 16400, 256},
+                 Case{41, 401, 256}}) {
     check<BITS, 32>(c, rng);
     check<BITS, 128>(c, rng);
   }

@@ -15,7 +15,7 @@ import qcompile.kernels.cpu
 KERNEL_DIR = Path(qcompile.kernels.cpu.__file__).parent
 CHECK_SOURCE = Path(__file__).parent / "intx_linear_check.cpp"
 CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
-EXPECTED_SUMMARY = "128 passed, 0 failed"  # 8 bit widths x 2 group sizes x 4 shapes x 2 entry points
+EXPECTED_SUMMARY = "192 passed, 0 failed"  # 8 bit widths x 2 group sizes x 6 shapes x 2 entry points
 
 needs_cross = pytest.mark.skipif(
     shutil.which(CROSS_CXX) is None or shutil.which(QEMU) is None,
