@@ -64,7 +64,9 @@ def main():
         done = subprocess.run([sys.executable, "-c", LOADER, path, os.path.join(tmp, "ids.pt"),
                                os.path.join(tmp, "out.pt")], capture_output=True, text=True)
         if done.returncode:
-            rows.append({"scheme": scheme, "error": done.stderr[-3000:]})
+            rows.append({"scheme": scheme, "loader_returncode": done.returncode, "stdout": done.stdout[-2000:],
+                         "stderr": done.stderr[-3000:], "package": path, "compiled_ms": compiled_ms,
+                         "compile_s": compile_s, "export_s": export_s})
             continue
         loaded = json.loads(done.stdout.strip().splitlines()[-1])
         pkg_out = torch.load(os.path.join(tmp, "out.pt")).cuda()
