@@ -7,7 +7,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .table import format_bytes, format_db
+from .table import format_bytes, format_db, suggestion_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import LayerReport, Report
@@ -102,12 +102,10 @@ def render_html(report: "Report") -> str:
     summary = [f"Output SQNR with every selected linear quantized: <b>{format_db(report.output_sqnr_db)} dB</b>"]
     s = report.suggestion
     if s is not None:
-        if not s.exclude:
-            summary.append(f"Target {s.target_sqnr_db:g} dB is reached with every linear quantized.")
-        else:
-            summary.append(f"To reach {s.target_sqnr_db:g} dB ({'reached' if s.met else 'not reached'}: "
-                           f"{format_db(s.reached_sqnr_db)} dB) leave {len(s.exclude)} linear(s) in float: "
-                           f"<code>{escape(repr({'exclude': s.exclude}))}</code>")
+        n_quantized = sum(layer.scheme is not None for layer in report.layers)
+        summary.append(escape(suggestion_text(s, n_quantized)) + (":" if s.exclude else ""))
+        if s.exclude:
+            summary.append(f"<code>{escape(repr({'exclude': s.exclude}))}</code>")
     body = [f"<h1>qcompile diff: {escape(opts)}</h1>",
             f"<p>Inputs: {escape(report.inputs)}</p>" if report.inputs else "",
             "".join(f'<p class="summary">{line}</p>' for line in summary),

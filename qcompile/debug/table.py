@@ -5,7 +5,7 @@ import math
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .report import Report
+    from .report import Report, Suggestion
 
 
 def format_db(value: float | None) -> str:
@@ -34,6 +34,19 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+SHOWN_EXCLUDES = 12  # a longer exclude list is in the HTML page and report.suggestion
+
+
+def suggestion_text(s: "Suggestion", n_quantized: int) -> str:
+    if not s.exclude:
+        return f"target {s.target_sqnr_db:g} dB: reached with every linear quantized"
+    if not s.met:
+        return (f"target {s.target_sqnr_db:g} dB: not reached even with all {n_quantized} linears in float "
+                f"({format_db(s.reached_sqnr_db)} dB)")
+    return (f"target {s.target_sqnr_db:g} dB: leave {len(s.exclude)} of {n_quantized} quantized linears in float "
+            f"(then {format_db(s.reached_sqnr_db)} dB)")
+
+
 def format_report(report: "Report") -> str:
     opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if k != "keep_float_weights")
     out = [f"qcompile diff: {opts}", f"inputs: {report.inputs}" if report.inputs else ""]
@@ -58,11 +71,10 @@ def format_report(report: "Report") -> str:
     out.append(f"output SQNR (all quantized): {format_db(report.output_sqnr_db)} dB")
     s = report.suggestion
     if s is not None:
-        if not s.exclude:
-            out.append(f"target {s.target_sqnr_db:g} dB: reached with every linear quantized")
-        else:
-            verdict = "reaches" if s.met else "does not reach even with all listed in float:"
-            out.append(f"to reach {s.target_sqnr_db:g} dB leave {len(s.exclude)} linear(s) in float ({verdict} "
-                       f"{format_db(s.reached_sqnr_db)} dB):")
-            out.append(f"  options={{'exclude': {s.exclude!r}}}")
+        out.append(suggestion_text(s, n_quant))
+        if s.exclude:
+            shown = s.exclude[:SHOWN_EXCLUDES]
+            more = f"  # ... and {len(s.exclude) - len(shown)} more: report.suggestion.exclude" \
+                if len(s.exclude) > len(shown) else ""
+            out.append(f"  options={{'exclude': {shown!r}}}{more}")
     return "\n".join(line for line in out if line)
