@@ -7,7 +7,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .table import format_bytes, format_db, suggestion_text
+from .table import SHOWN_EXCLUDES, format_bytes, format_db, suggestion_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import LayerReport, Report
@@ -105,7 +105,9 @@ def render_html(report: "Report") -> str:
         n_quantized = sum(layer.scheme is not None for layer in report.layers)
         summary.append(escape(suggestion_text(s, n_quantized)) + (":" if s.exclude else ""))
         if s.exclude:
-            summary.append(f"<code>{escape(repr({'exclude': s.exclude}))}</code>")
+            code = f"<code>{escape(repr({'exclude': s.exclude}))}</code>"
+            summary.append(code if len(s.exclude) <= SHOWN_EXCLUDES else
+                           f"<details><summary>options (exclude {len(s.exclude)} linears)</summary>{code}</details>")
     body = [f"<h1>qcompile diff: {escape(opts)}</h1>",
             f"<p>Inputs: {escape(report.inputs)}</p>" if report.inputs else "",
             "".join(f'<p class="summary">{line}</p>' for line in summary),
