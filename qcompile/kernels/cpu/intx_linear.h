@@ -355,36 +355,6 @@ inline void gemm_row_tokens(const w_t* w, const int32_t* wsum, const ST* srow, c
       if (t < mr) facc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), s, facc[t]);
   }
   for (int t = 0; t < mr; ++t) out[t] = hsum_ps(facc[t]);
-#elif defined(QC_ARM_I8MM)
-  // smmla: (2 tokens x 8 k) x (8 k x 2 rows)^T; here one row, so the second row lane duplicates it
-  float32x4_t facc[QC_MR / 2];
-  for (int p = 0; p < QC_MR / 2; ++p) facc[p] = vdupq_n_f32(0.f);
-  for (int64_t g = 0; g < K / GROUP; ++g) {
-    int32x4_t isum[QC_MR / 2];
-    for (int p = 0; p < QC_MR / 2; ++p) isum[p] = vdupq_n_s32(0);
-    for (int c = 0; c < GROUP; c += 16) {
-      const int64_t k0 = g * GROUP + c;
-      const int8x8_t w0 = vld1_s8(w + k0), w1 = vld1_s8(w + k0 + 8);
-      const int8x16_t ww0 = vcombine_s8(w0, w0), ww1 = vcombine_s8(w1, w1);
-      for (int p = 0; p < QC_MR / 2; ++p) {
-        if (2 * p >= mr) break;
-        const act_t* a0 = a + (2 * p) * K;
-        const act_t* a1 = (2 * p + 1 < mr) ? a0 + K : a0;
-        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0), vld1_s8(a1 + k0)), ww0);
-        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0 + 8), vld1_s8(a1 + k0 + 8)), ww1);
-      }
-    }
-    const float s = static_cast<float>(srow[g]);
-    for (int p = 0; p < QC_MR / 2; ++p) {
-      if (2 * p >= mr) break;
-      const int32_t z0 = a_zero[2 * p], z1 = (2 * p + 1 < mr) ? a_zero[2 * p + 1] : z0;
-      const int32_t zz[4] = {z0, z0, z1, z1};
-      const int32x4_t corr = vmulq_n_s32(vld1q_s32(zz), wsum[g]);
-      facc[p] = vfmaq_n_f32(facc[p], vcvtq_f32_s32(vsubq_s32(isum[p], corr)), s);
-    }
-  }
-  // lanes: [a0.w, a0.w, a1.w, a1.w]
-  for (int t = 0; t < mr; ++t) out[t] = (t % 2) ? vgetq_lane_f32(facc[t / 2], 2) : vgetq_lane_f32(facc[t / 2], 0);
 #elif defined(QC_ARM_NEON)
   float32x4_t facc[QC_MR];
   for (int t = 0; t < QC_MR; ++t) facc[t] = vdupq_n_f32(0.f);
@@ -426,6 +396,49 @@ inline void gemm_row_tokens(const w_t* w, const int32_t* wsum, const ST* srow, c
   }
 #endif
 }
+
+#if defined(QC_ARM_I8MM)
+// smmla multiplies (2 tokens x 8 k) by (2 rows x 8 k)^T into [t0.r0, t0.r1, t1.r0, t1.r1]: two weight rows and two
+// tokens per instruction. out0/out1[t] as gemm_row_tokens for rows w0/w1 (w1 may repeat w0 for an odd tail).
+template <int GROUP, typename ST>
+inline void gemm_2rows_tokens_i8mm(const int8_t* w0, const int8_t* w1, const int32_t* wsum0, const int32_t* wsum1,
+                                   const ST* srow0, const ST* srow1, const act_t* a, const int32_t* a_zero, int mr,
+                                   int64_t K, float* out0, float* out1) {
+  constexpr int P = QC_MR / 2;  // token pairs
+  float32x4_t facc[P];
+  for (int p = 0; p < P; ++p) facc[p] = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    int32x4_t isum[P];
+    for (int p = 0; p < P; ++p) isum[p] = vdupq_n_s32(0);
+    for (int c = 0; c < GROUP; c += 16) {
+      const int64_t k0 = g * GROUP + c;
+      const int8x16_t wlo = vcombine_s8(vld1_s8(w0 + k0), vld1_s8(w1 + k0));
+      const int8x16_t whi = vcombine_s8(vld1_s8(w0 + k0 + 8), vld1_s8(w1 + k0 + 8));
+      for (int p = 0; p < P; ++p) {
+        if (2 * p >= mr) break;
+        const act_t* a0 = a + (2 * p) * K;
+        const act_t* a1 = (2 * p + 1 < mr) ? a0 + K : a0;
+        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0), vld1_s8(a1 + k0)), wlo);
+        isum[p] = vmmlaq_s32(isum[p], vcombine_s8(vld1_s8(a0 + k0 + 8), vld1_s8(a1 + k0 + 8)), whi);
+      }
+    }
+    const float s0 = static_cast<float>(srow0[g]), s1 = static_cast<float>(srow1[g]);
+    const float sc[4] = {s0, s1, s0, s1};
+    const float32x4_t scales = vld1q_f32(sc);
+    for (int p = 0; p < P; ++p) {
+      if (2 * p >= mr) break;
+      const int32_t z0 = a_zero[2 * p], z1 = (2 * p + 1 < mr) ? a_zero[2 * p + 1] : z0;
+      const int32_t zc[4] = {z0 * wsum0[g], z0 * wsum1[g], z1 * wsum0[g], z1 * wsum1[g]};
+      facc[p] = vfmaq_f32(facc[p], vcvtq_f32_s32(vsubq_s32(isum[p], vld1q_s32(zc))), scales);
+    }
+  }
+  for (int t = 0; t < mr; ++t) {
+    const float32x4_t v = facc[t / 2];
+    out0[t] = (t % 2) ? vgetq_lane_f32(v, 2) : vgetq_lane_f32(v, 0);
+    out1[t] = (t % 2) ? vgetq_lane_f32(v, 3) : vgetq_lane_f32(v, 1);
+  }
+}
+#endif
 
 template <typename T>
 inline T* thread_scratch(std::vector<T>& v, size_t n) {
@@ -495,14 +508,29 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
           unpack_row<BITS, GROUP, true>(packed + (n0 + r) * row_bytes, K, wbuf + r * K, wsum + r * groups);
         for (int64_t m0 = 0; m0 < M; m0 += QC_MR) {
           const int mr = (int)std::min<int64_t>(QC_MR, M - m0);
-          for (int64_t r = 0; r < nb; ++r) {
+          auto store_row = [&](int64_t r, const float* out) {
             const int64_t n = n0 + r;
-            float out[QC_MR];
-            gemm_row_tokens<GROUP, ST>(wbuf + r * K, wsum + r * groups, scale + n * groups, act + m0 * K, a_zero + m0,
-                                       mr, K, out);
             const float b = bias ? static_cast<float>(bias[n]) : 0.f;
             for (int t = 0; t < mr; ++t) y[(m0 + t) * N + n] = static_cast<OT>(out[t] * a_scale[m0 + t] + b);
+          };
+#if defined(QC_ARM_I8MM)
+          for (int64_t r = 0; r < nb; r += 2) {
+            const int64_t r1 = std::min<int64_t>(r + 1, nb - 1);
+            float out0[QC_MR], out1[QC_MR];
+            gemm_2rows_tokens_i8mm<GROUP, ST>(wbuf + r * K, wbuf + r1 * K, wsum + r * groups, wsum + r1 * groups,
+                                              scale + (n0 + r) * groups, scale + (n0 + r1) * groups, act + m0 * K,
+                                              a_zero + m0, mr, K, out0, out1);
+            store_row(r, out0);
+            if (r1 != r) store_row(r1, out1);
           }
+#else
+          for (int64_t r = 0; r < nb; ++r) {
+            float out[QC_MR];
+            gemm_row_tokens<GROUP, ST>(wbuf + r * K, wsum + r * groups, scale + (n0 + r) * groups, act + m0 * K,
+                                       a_zero + m0, mr, K, out);
+            store_row(r, out);
+          }
+#endif
         }
       }
     }
