@@ -563,6 +563,56 @@ inline float dot_f32(const float* a, const float* b, int64_t K) {
   return acc;
 }
 
+// dot products of up to QC_MR rows a_t = a + t * K with one vector b
+inline void dot_f32_tokens(const float* a, const float* b, int mr, int64_t K, float* out) {
+#if defined(QC_X86_AVX2)
+  __m256 acc[QC_MR];
+  for (int t = 0; t < QC_MR; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 bv = _mm256_loadu_ps(b + k);
+    for (int t = 0; t < QC_MR; ++t)
+      if (t < mr) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(a + t * K + k), bv, acc[t]);
+  }
+  for (int t = 0; t < mr; ++t) {
+    out[t] = hsum_ps(acc[t]);
+    for (int64_t j = k; j < K; ++j) out[t] += a[t * K + j] * b[j];
+  }
+#else
+  for (int t = 0; t < mr; ++t) out[t] = dot_f32(a + t * K, b, K);
+#endif
+}
+
+#if defined(QC_X86_AVX2)
+// GEMV for float activations: weights unpacked and converted in registers, no float copy of the row.
+template <int BITS, int GROUP, typename ST>
+inline void gemv_row_float_x86(const uint8_t* row, const ST* srow, const float* x, int64_t M, int64_t K, float* out) {
+  __m256 facc[QC_GEMM_MIN_M];
+  for (int t = 0; t < QC_GEMM_MIN_M; ++t) facc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    __m256 gacc[QC_GEMM_MIN_M];
+    for (int t = 0; t < QC_GEMM_MIN_M; ++t) gacc[t] = _mm256_setzero_ps();
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+      __m256i wl, wh;
+      unpack32_x86<BITS, false>(row, K, k0, wl, wh);
+      const __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(wl))),
+                           _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(wl, 1))),
+                           _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(wh))),
+                           _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(wh, 1)))};
+      for (int t = 0; t < QC_GEMM_MIN_M; ++t) {
+        if (t >= M) break;
+        for (int q = 0; q < 4; ++q) gacc[t] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x + t * K + k0 + 8 * q), gacc[t]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(static_cast<float>(srow[g]));
+    for (int t = 0; t < QC_GEMM_MIN_M; ++t)
+      if (t < M) facc[t] = _mm256_fmadd_ps(gacc[t], sv, facc[t]);
+  }
+  for (int t = 0; t < M; ++t) out[t] = hsum_ps(facc[t]);
+}
+#endif
+
 template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
 void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
                        int64_t N, int64_t K, int num_threads) {
@@ -591,13 +641,26 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
     int32_t* wsum = thread_scratch(wsum_storage, (size_t)groups);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
+      const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+#if defined(QC_X86_AVX2)
+      if (M < QC_GEMM_MIN_M) {
+        float out[QC_GEMM_MIN_M];
+        gemv_row_float_x86<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, xf, M, K, out);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(out[m] + b);
+        continue;
+      }
+#endif
       unpack_row<BITS, GROUP, false>(packed + n * row_bytes, K, wq, wsum);
       for (int64_t g = 0; g < groups; ++g) {
         const float s = static_cast<float>(scale[n * groups + g]);
         for (int i = 0; i < GROUP; ++i) wf[g * GROUP + i] = (float)wq[g * GROUP + i] * s;
       }
-      const float b = bias ? static_cast<float>(bias[n]) : 0.f;
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(dot_f32(xf + m * K, wf, K) + b);
+      for (int64_t m0 = 0; m0 < M; m0 += QC_MR) {
+        const int mr = (int)std::min<int64_t>(QC_MR, M - m0);
+        float out[QC_MR];
+        dot_f32_tokens(xf + m0 * K, wf, mr, K, out);
+        for (int t = 0; t < mr; ++t) y[(m0 + t) * N + n] = static_cast<OT>(out[t] + b);
+      }
     }
   }
 }
