@@ -97,11 +97,11 @@ def lower_intx_linears_cpu(gm: GraphModule, device: torch.device) -> None:
                     log.warning("qcompile cpu lowering: %s stays on the reference ops: %s", node.name, reason)
                 break
             op, args = found
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(op, args)
             # named after the module as the pass names its nodes: "up_scale_output" -> "up_intx_linear_..._cpu"
             module = node.name.removesuffix("_scale_output").removesuffix("_linear")
-            fused.name = gm.graph._graph_namespace.create_name(f"{module}_{op._schema.name.split('::')[-1]}", fused)
+            with gm.graph.inserting_before(node):
+                fused = gm.graph.create_node("call_function", op, args,
+                                             name=f"{module}_{op._schema.name.split('::')[-1]}")
             fused.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
             fused.meta["qcompile"] = dict(node.meta.get("qcompile", {}), lowered=f"cpu:{name}")
             node.replace_all_uses_with(fused)

@@ -139,11 +139,11 @@ input up_weight__qweight
 input up_weight__scale
 input down_weight__qweight
 input down_weight__scale
-intx_linear_dynamic_int8_cpu_default = qcompile::intx_linear_dynamic_int8_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
-silu = silu(intx_linear_dynamic_int8_cpu_default)
-intx_linear_dynamic_int8_cpu_default_1 = qcompile::intx_linear_dynamic_int8_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
+up_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
+silu = silu(up_intx_linear_dynamic_int8_cpu)
+down_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
 slice_1 = slice.Tensor(arg2_1, 1, 0, 32)
-add = add.Tensor(intx_linear_dynamic_int8_cpu_default_1, slice_1)
+add = add.Tensor(down_intx_linear_dynamic_int8_cpu, slice_1)
 return ('add',)""")
 
     def test_intx_weight_only(self):
@@ -154,11 +154,11 @@ input up_weight__qweight
 input up_weight__scale
 input down_weight__qweight
 input down_weight__scale
-intx_linear_float_cpu_default = qcompile::intx_linear_float_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
-silu = silu(intx_linear_float_cpu_default)
-intx_linear_float_cpu_default_1 = qcompile::intx_linear_float_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
+up_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
+silu = silu(up_intx_linear_float_cpu)
+down_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
 slice_1 = slice.Tensor(arg2_1, 1, 0, 32)
-add = add.Tensor(intx_linear_float_cpu_default_1, slice_1)
+add = add.Tensor(down_intx_linear_float_cpu, slice_1)
 return ('add',)""")
 
 
