@@ -220,8 +220,8 @@ def checkpoint_bytes(row: Row, model, options_used) -> int:
     tied weights once, and a tied weight that is both quantized and read in float (SmolLM2's embedding) twice."""
     from qcompile import backend
     params = {id(p): p for p in model.parameters()}.values()
-    if row.engine == "torchao":
-        return sum(_tensor_bytes(p) for p in params)
+    if row.engine == "torchao":  # its unquantized parameters at bf16 too, as for the qcompile rows
+        return sum(_tensor_bytes(p) if _is_subclass(p) else p.numel() * 2 for p in params)
     if row.engine == "eager":
         return sum(p.numel() * p.element_size() for p in params)
     key = QuantOptions.from_dict(options_used).cache_key()
@@ -233,6 +233,11 @@ def checkpoint_bytes(row: Row, model, options_used) -> int:
         if not quantized or id(p) in embeddings:  # float, or also read in float by an embedding (tied)
             total += p.numel() * 2
     return total
+
+
+def _is_subclass(t) -> bool:
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    return type(data) is not torch.Tensor
 
 
 def _tensor_bytes(t) -> int:
