@@ -110,5 +110,3 @@ def register_inductor_lowerings() -> None:
     for op in ENTRY_POINTS:
         register_lowering(op, type_promotion_kind=None)(functools.partial(_lower, op))
 
-
-register_inductor_lowerings()

@@ -5,6 +5,8 @@ replace, so a graph holding them runs anywhere, and numerics are defined by the 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ... import ops as reference
@@ -22,6 +24,11 @@ def _define(name: str, doc: str):
         _lib.impl(name, fn, "CompositeExplicitAutograd")
 
         def fake(x, packed, scale, bias, bits, group_size, dtype):
+            # every Inductor / AOTInductor compile traces the graph with fake tensors before it lowers: register the
+            # lowering here, once Inductor is loaded (importing it with qcompile would cost 2.4 s)
+            if "torch._inductor.lowering" in sys.modules:
+                from .inductor_template import register_inductor_lowerings
+                register_inductor_lowerings()
             return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=dtype)
 
         torch.library.register_fake(f"{reference.NAMESPACE}::{name}", fake, lib=_lib)
