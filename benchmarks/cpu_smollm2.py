@@ -211,6 +211,10 @@ def main():
     parser.add_argument("--only", nargs="*", help="substrings of engine names to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # every engine compiles the same `step` code object (2-3 graphs each): past Dynamo's default limit of 8 the
+    # later engines would silently run eager
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, 49000, PROMPT_PREFILL)]
 
