@@ -1,6 +1,8 @@
 """Everything that touches PyTorch internals whose shape changes between torch 2.11 and 2.14, in one place."""
 from __future__ import annotations
 
+import functools
+import pathlib
 import re
 
 import torch
@@ -56,7 +58,36 @@ def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list) -> torch.fx.GraphMo
         return make_fx(run, tracing_mode="symbolic", record_module_stack=False)(*fake_args)
 
 
+@functools.lru_cache(None)
+def _kernel_sources_hash() -> bytes:
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    kernels = pathlib.Path(__file__).parent / "kernels"
+    return get_hash_for_files(tuple(sorted(str(p) for p in kernels.rglob("*") if p.suffix in (".py", ".h"))))
+
+
+def _kernel_stamp_pass(wrapped):
+    """A post-grad pass that only runs the user's own (if any) and whose uuid() is the hash of qcompile's kernel
+    sources. Inductor's FX-graph cache keys on it, so editing a kernel — the C++ header that a template renders
+    into the output code, a Triton kernel — invalidates cached graphs that contain the old one."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class KernelSourceStamp(CustomGraphPass):
+        def __call__(self, graph):
+            if wrapped is not None:
+                wrapped(graph)
+
+        def uuid(self):
+            if wrapped is not None and not hasattr(wrapped, "uuid"):
+                return None  # an unhashable user pass disables caching, as in Inductor
+            return (_kernel_sources_hash(), wrapped.uuid() if wrapped is not None else None)
+
+    return KernelSourceStamp()
+
+
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list):
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
-    return inductor_compile_fx(gm, example_inputs)
+    stamp = _kernel_stamp_pass(config.post_grad_custom_post_pass)
+    return inductor_compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": stamp})

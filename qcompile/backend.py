@@ -93,9 +93,11 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> No
 
 def release_float_weight(t: torch.Tensor) -> None:
     """Free a quantized weight's float storage. Shape, dtype and strides stay, so Dynamo's guards hold and a
-    recompile finds the cached quantized tensors; a tensor sharing its storage with others is left alone."""
+    recompile finds the cached quantized tensors; a tensor sharing its storage with others, or mapped from a
+    file, is left alone."""
     storage = t.untyped_storage()
-    if storage.nbytes() == t.numel() * t.element_size() and storage.nbytes() > 0:
+    # a storage mapped from a file (safetensors mmap) cannot be resized; its pages are the file's, not ours
+    if storage.resizable() and storage.nbytes() == t.numel() * t.element_size() and storage.nbytes() > 0:
         storage.resize_(0)
         _RELEASED[t] = True
 

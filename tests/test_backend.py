@@ -41,7 +41,7 @@ def test_each_scheme_adds_its_own_noise_on_a_gaussian_layer(scheme):
 def tiny_llama(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval().to(dtype)
@@ -70,7 +70,7 @@ def test_every_scheme_on_a_tiny_transformers_llama(scheme, dtype):
     with torch.no_grad():
         ref = model(ids).logits.float()
         out = torch.compile(model, backend=backend)(ids).logits.float()
-    assert sum(len(r.quantized) for r in results) == 15  # 2 layers x 7 linears + the tied lm_head
+    assert sum(len(r.quantized) for r in results) == 8  # 7 linears in the layer + the tied lm_head
     db = sqnr_db(ref, out)
     floor = LLAMA_FLOOR_DB[scheme] - (3 if dtype == torch.bfloat16 else 0)
     assert floor < db < 200, f"{scheme} {dtype}: {db:.1f} dB"
@@ -188,3 +188,16 @@ def test_nan_and_inf_inputs_propagate_to_their_tokens_only(scheme):
     assert not torch.isfinite(out[1]).all() and not torch.isfinite(out[2]).all()
     if scheme != "nvfp4":  # nvfp4's per-tensor activation scale is shared by every token, as in torchao
         assert torch.isfinite(out[0]).all() and torch.isfinite(out[3]).all()
+
+
+def test_weights_mapped_from_a_file_are_left_alone(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = nn.Linear(64, 64)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    model.load_state_dict(load_file(tmp_path / "w.safetensors"), assign=True)  # mmapped, not resizable
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = compile_with(model, {"scheme": "int8_weight_only"})(x)
+    assert sqnr_db(ref, out) > 35 and model.weight.untyped_storage().nbytes() > 0

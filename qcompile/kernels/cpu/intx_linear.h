@@ -181,27 +181,33 @@ inline void to_plane_order(T* a, int64_t K) {
 template <typename XT>
 inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* scale_out, int32_t* zero_out) {
   float mn = 0.f, mx = 0.f;
+  bool has_nan = false;
   int64_t k = 0;
 #if defined(QC_X86_AVX2)
   if constexpr (std::is_same_v<XT, float>) {
-    __m256 vmn = _mm256_setzero_ps(), vmx = _mm256_setzero_ps();
+    __m256 vmn = _mm256_setzero_ps(), vmx = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
       const __m256 v = _mm256_loadu_ps(x + k);
       vmn = _mm256_min_ps(vmn, v);
       vmx = _mm256_max_ps(vmx, v);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
     alignas(32) float t0[8], t1[8];
     _mm256_store_ps(t0, vmn);
     _mm256_store_ps(t1, vmx);
     for (int i = 0; i < 8; ++i) mn = std::min(mn, t0[i]), mx = std::max(mx, t1[i]);
+    has_nan = _mm256_movemask_ps(vnan) != 0;
   }
 #endif
   for (; k < K; ++k) {
     const float v = static_cast<float>(x[k]);
     mn = std::min(mn, v);
     mx = std::max(mx, v);
+    has_nan |= v != v;
   }
-  const float scale = std::max((mx - mn) / 255.0f, FLT_EPSILON);
+  // min/max skip NaN: a token holding one gets a NaN scale, so its outputs are NaN as in float (inf already
+  // gives an infinite scale)
+  const float scale = has_nan ? NAN : std::max((mx - mn) / 255.0f, FLT_EPSILON);
   const float zero_f = std::min(std::max(-128.0f - std::nearbyint(mn / scale), -128.0f), 127.0f);
   const float inv = 1.0f / scale;
   const float lo = -128.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f), hi = 127.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f);
