@@ -18,46 +18,13 @@ from .backend import compile_quantized, find_weight_inputs
 from .debug.report import DEFAULT_TARGET_SQNR_DB, diff, json_safe
 from .debug.table import format_bytes, format_db, format_table
 from .options import QuantOptions
+from .progress import Progress
 from .quant.metrics import sqnr_db
 from .schemes import SCHEMES, Scheme, get_scheme
 
 DEFAULT_SEQ_LEN = 64
 # A real LM compiles for minutes per scheme on 2 CPU cores: by default it gets one scheme per family.
 HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_weight_only")
-
-
-# --- progress on stderr ----------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line bar on a terminal; one line per step otherwise (logs, CI)."""
-
-    def __init__(self, total: int, stream=None, width: int = 28):
-        self.total, self.done, self.width = total, 0, width
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self._last_status = 0.0
-
-    def show(self, label: str) -> None:
-        filled = self.width * self.done // max(self.total, 1)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
-        self.stream.write(f"\r\x1b[2K{line}" if self.tty else line + "\n")
-        self.stream.flush()
-
-    def advance(self, label: str = "") -> None:
-        self.done += 1
-        self.show(label)
-
-    def status(self, label: str) -> None:
-        """A message between steps: in place on a terminal, at most one line per 5 s otherwise."""
-        now = time.monotonic()
-        if self.tty or now - self._last_status > 5:
-            self._last_status = now
-            self.show(label)
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # --- measuring ---------------------------------------------------------------------------------------------

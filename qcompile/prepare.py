@@ -10,15 +10,13 @@ more than one float linear weight, so a model whose float weights do not fit can
 """
 from __future__ import annotations
 
-import sys
-import time
-
 import torch
 import torch.nn as nn
 
 from .backend import quantized_weight, release_float_weight
 from .options import QuantOptions
 from .passes.quantize_linears import WeightRef
+from .progress import Progress
 
 
 def prepare(model: nn.Module, options, device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
@@ -35,23 +33,17 @@ def prepare(model: nn.Module, options, device: str | torch.device | None = None,
                if isinstance(m, nn.Linear) and opts.selects(name) and owners[id(m.weight)] == 1
                and m.weight.dtype.is_floating_point
                and opts.scheme_def.skip_reason(m.out_features, m.in_features, opts) is None]
-    start = time.monotonic()
+    bar = Progress(len(linears)) if progress and linears else None
     with torch.no_grad():
-        for i, (name, module) in enumerate(linears):
+        for name, module in linears:
             weight = nn.Parameter(module.weight.detach().to(device), requires_grad=module.weight.requires_grad)
             module.weight = weight  # the host copy is freed once nothing else holds it
             quantized_weight(WeightRef(f"{name}.weight", weight), opts, None, True)
             release_float_weight(weight)
-            if progress:
-                _draw(i + 1, len(linears), name, start)
+            if bar is not None:
+                bar.advance(f"qcompile: quantized {name}")
         model.to(device)
-    if progress and linears:
-        sys.stderr.write("\n")
+    if bar is not None:
+        bar.close()
     return model
 
-
-def _draw(done: int, total: int, name: str, start: float, width: int = 30) -> None:
-    filled = width * done // total
-    sys.stderr.write(f"\rqcompile: quantizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"{time.monotonic() - start:.0f}s {name[-40:]:<40}")
-    sys.stderr.flush()

@@ -29,7 +29,7 @@ def test_prepare_then_compile_matches_compile_alone(capfd):
         expected = torch.compile(reference, backend="qcompile", options=options)(ids)
         torch._dynamo.reset()
         qcompile.prepare(prepared, options, device="cpu")
-        assert "quantizing [" in capfd.readouterr().err  # a progress bar on stderr
+        assert "qcompile: quantized mlp.2" in capfd.readouterr().err  # a progress bar on stderr
         assert prepared.mlp[0].weight.untyped_storage().nbytes() == 0  # float copy gone before compiling
         assert prepared.embed.weight.untyped_storage().nbytes() > 0  # tied to the embedding: kept float
         out = torch.compile(prepared, backend="qcompile", options=options)(ids)
