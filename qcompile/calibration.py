@@ -10,8 +10,6 @@ read by several linears sums their inputs.
 """
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compat
 from .passes.match_linear import match_linear
+from .progress import Progress
 
 # weight tensor -> (the calibration set, InputStats); holding the set keeps its id (in cache keys) unique
 _STATS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -76,11 +75,13 @@ def collect_input_stats(aten_gm: torch.fx.GraphModule, linears, calls) -> dict[t
             return value
 
     recorder = Recorder(aten_gm)
-    progress = _Progress(len(calls), f"qcompile: calibrating {len(linears)} linears")
+    progress = Progress(len(calls))
+    label = f"inputs: qcompile calibrating {len(linears)} linears"
+    progress.show(label)
     with torch.no_grad():
         for args in calls:
             recorder.run(*args)
-            progress.step()
+            progress.advance(label)
     progress.close()
     stats = {}
     for w, xs in inputs_of.items():
@@ -164,25 +165,3 @@ def bind_call(code, current_locals: dict, call) -> dict:
             raise ValueError(f"GPTQ calibration: {code.co_name}() has no parameter {name!r}")
     return bound
 
-
-class _Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, label: str, width: int = 30):
-        self.total, self.label, self.width, self.done, self.start = total, label, width, 0, time.monotonic()
-        self._draw()
-
-    def step(self):
-        self.done += 1
-        self._draw()
-
-    def _draw(self):
-        filled = self.width * self.done // max(self.total, 1)
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} inputs "
-                         f"{time.monotonic() - self.start:.0f}s")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")
-        sys.stderr.flush()

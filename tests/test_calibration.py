@@ -64,7 +64,7 @@ def test_progress_bar_on_stderr(capsys):
     with torch.no_grad():
         compile_with(model, scheme="intx_weight_only", bits=4, algorithm="gptq", calibration=calls)(calls[0][0])
     err = capsys.readouterr().err
-    assert "qcompile: calibrating 2 linears" in err and "2/2 inputs" in err
+    assert "qcompile calibrating 2 linears" in err and "2/2 inputs" in err
 
 
 def test_tied_weight_sums_both_linears_inputs():
