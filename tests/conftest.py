@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+class MLP(torch.nn.Module):
+    """up (with bias) -> activation -> down (no bias): the small model of the graph and kernel tests."""
+
+    def __init__(self, dims=(64, 128, 32), activation=torch.relu):
+        super().__init__()
+        self.up = torch.nn.Linear(dims[0], dims[1])
+        self.down = torch.nn.Linear(dims[1], dims[2], bias=False)
+        self.activation = activation
+
+    def forward(self, x):
+        return self.down(self.activation(self.up(x)))
+
+
 def run_pass(model, args, options, kwargs=None):
     """Compile `model` with a backend that runs qcompile's pass (no Inductor) and executes the rewritten aten
     graph eagerly. Returns (outputs, [PassResult per Dynamo graph])."""

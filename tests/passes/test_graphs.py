@@ -1,10 +1,9 @@
 """What the pass inserts, per scheme family, as readable graphs (expecttest: EXPECTTEST_ACCEPT=1 to update)."""
 import expecttest
 import torch
-import torch.nn as nn
 from torch.fx.node import map_arg
 
-from conftest import run_pass
+from conftest import MLP, run_pass
 
 
 def format_graph(gm) -> str:
@@ -21,16 +20,6 @@ def format_graph(gm) -> str:
             args = ", ".join(str(map_arg(a, lambda a: a.name)) for a in n.args)
             lines.append(f"{n.name} = {target}({args})")
     return "\n".join(lines)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(64, 128)
-        self.down = nn.Linear(128, 32, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def rewritten(options) -> str:

@@ -4,7 +4,6 @@ the interpreter on CPU), and linears the kernels cannot take keep their referenc
 import expecttest
 import pytest
 import torch
-import torch.nn as nn
 
 from qcompile.backend import quantize_graph
 from qcompile.options import QuantOptions
@@ -12,22 +11,13 @@ from qcompile.passes import lower_cuda
 from qcompile.quant.metrics import sqnr_db
 from qcompile.schemes import SCHEMES
 
+from conftest import MLP
 from triton_cases import DEVICE
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(64, 96)
-        self.down = nn.Linear(96, 64, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def lower_and_run(options: dict, dtype=torch.bfloat16):
     """(reference output, lowered output, lowered GraphModule) for MLP on a [2, 3, 64] input."""
-    model = MLP().to(DEVICE, dtype)
+    model = MLP((64, 96, 64)).to(DEVICE, dtype)
     x = torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
     opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
     graphs = []
