@@ -138,23 +138,18 @@ class ModelUnderTest:
             return _outputs_sqnr(self.reference, self.run(lambda site: site.record.module not in float_modules))
 
 
-def suggest_exclude(model: ModelUnderTest, modules: list[str], all_quantized_db: float,
+def suggest_exclude(model: ModelUnderTest, ranked: list[str], all_quantized_db: float,
                     target_db: float) -> Suggestion:
-    """Greedy: rank modules by the output SQNR with that module alone in float (one run each), then find the
-    shortest prefix of that ranking that reaches the target (binary search: leaving more in float rarely lowers
-    the SQNR; the found prefix is checked by a run)."""
-    if all_quantized_db >= target_db or not modules:
+    """Greedy: the shortest prefix of `ranked` (most harmful layer first) whose modules, left in float, reach the
+    target — found by binary search over prefix lengths (leaving more in float rarely lowers the SQNR; the found
+    prefix is checked by a run): about log2(len(ranked)) model runs."""
+    if all_quantized_db >= target_db or not ranked:
         return Suggestion(target_db, [], all_quantized_db, all_quantized_db >= target_db)
-    gain = {}
-    for i, m in enumerate(modules):
-        model.progress(f"exclude search: {m} alone in float ({i + 1}/{len(modules)})")
-        gain[m] = model.output_sqnr(frozenset([m]))
-    ranked = sorted(modules, key=lambda m: -gain[m])
     reached: dict[int, float] = {}
 
     def sqnr_with(k: int) -> float:
         if k not in reached:
-            model.progress(f"exclude search: the {k} most sensitive in float")
+            model.progress(f"exclude search: the {k} most harmful in float")
             reached[k] = model.output_sqnr(frozenset(ranked[:k]))
         return reached[k]
 
@@ -187,8 +182,14 @@ def build_report(captures: list[GraphCapture], model: ModelUnderTest, options: Q
     all_quantized_db = model.output_sqnr()
     suggestion = None
     if target_sqnr_db is not None:
-        modules = list(dict.fromkeys(layer.module for layer in all_layers if layer.scheme is not None))
-        suggestion = suggest_exclude(model, modules, all_quantized_db, target_sqnr_db)
+        # rank by each linear's own output SQNR, worst first: the report has it, so ranking costs no model run
+        # (one run per linear made the search unusable on real models); a reused module's worst use decides
+        worst: dict[str, float] = {}
+        for layer in all_layers:
+            if layer.scheme is not None:
+                worst[layer.module] = min(worst.get(layer.module, math.inf), layer.output_sqnr_db)
+        ranked = sorted(worst, key=worst.get)
+        suggestion = suggest_exclude(model, ranked, all_quantized_db, target_sqnr_db)
     return Report(options=_shown_options(options), graphs=graphs, output_sqnr_db=all_quantized_db,
                   suggestion=suggestion, inputs=inputs)
 
