@@ -9,6 +9,7 @@ scheme to emit nodes; it does no math of its own.
 """
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -96,30 +97,27 @@ class _Emitter:
         if len(op._schema.returns) == 1:
             return node
         outs = []
-        for i, ret in enumerate(op._schema.returns):
-            item = self._new(__import__("operator").getitem, (node, i), ret.name or f"out{i}")
-            if self.fake_mode is not None:
-                item.meta["val"] = node.meta["val"][i]
-            outs.append(item)
-        return tuple(outs)
+        return tuple(self._new(operator.getitem, (node, i), ret.name or f"out{i}")
+                     for i, ret in enumerate(op._schema.returns))
 
     def linear(self, x, weight, bias):
         return self._new(aten.linear.default, (x, weight, bias), "linear")
 
 
 def quantize_linears(gm: GraphModule, weights: dict[Node, WeightRef], options: QuantOptions,
-                     quantize: Callable[[WeightRef, torch.dtype | None], dict[str, torch.Tensor]]) -> PassResult:
+                     quantize: Callable[[WeightRef, torch.dtype | None, bool], dict[str, torch.Tensor]]
+                     ) -> PassResult:
     graph = gm.graph
     scheme = options.scheme_def
     fake_mode = torch._guards.detect_fake_mode(
         [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     result = PassResult(gm)
-    weight_inputs: dict[tuple[Node, torch.dtype | None], dict[str, Node]] = {}
+    weight_inputs: dict[tuple[Node, torch.dtype | None, bool], dict[str, Node]] = {}
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
     def placeholders_for(match: LinearMatch, ref: WeightRef) -> dict[str, Node]:
         nonlocal last_placeholder
-        key = (match.weight, match.cast_dtype)
+        key = (match.weight, match.cast_dtype, match.weight_is_nk)
         if key not in weight_inputs:  # tied weights: one set of constants for every use
             nodes = {}
             for name, tensor in quantize(ref, match.cast_dtype, match.weight_is_nk).items():
