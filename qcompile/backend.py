@@ -129,7 +129,7 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
         from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
         write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
-    lower_for_device(result.gm, _device_of(example_inputs))
+    lower_for_device(result.gm, device_of(example_inputs))
     constants = [t for _, t in result.constants]
     compiled = _compat.compile_fx(result.gm, [example_inputs[i] for i in kept] + constants)
     if not options.keep_float_weights:
@@ -143,7 +143,7 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     return run, result
 
 
-def _device_of(example_inputs) -> torch.device:
+def device_of(example_inputs) -> torch.device:
     for t in example_inputs:
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             return t.device

@@ -17,7 +17,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .backend import quantized_weight
+from .backend import device_of, quantized_weight
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
@@ -41,23 +41,23 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
                               lambda ref, cast, nk: quantized_weight(ref, options, cast, nk))
 
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    constant_names = {name for name, _ in result.constants}
+    constant_values = dict(result.constants)
     first_user_input = next((n for n in placeholders if n.name in specs and specs[n.name].kind == InputKind.USER_INPUT),
                             None)
     for node in placeholders:
-        if node.name in constant_names and first_user_input is not None:
+        if node.name in constant_values and first_user_input is not None:
             first_user_input.prepend(node)  # the signature lists parameters and buffers before user inputs
-        elif node.name not in constant_names and node in weights and not node.users:
+        elif node.name not in constant_values and node in weights and not node.users:
             gm.graph.erase_node(node)  # a float weight the quantized graph no longer reads
-    lower_for_device(gm, _device_of(ep))
+    lower_for_device(gm, device_of([*ep.state_dict.values(), *ep.constants.values()]))
 
     state_dict = dict(ep.state_dict)
     constants = dict(ep.constants)
     new_specs = []
     for node in gm.graph.find_nodes(op="placeholder"):
-        if node.name in constant_names:
+        if node.name in constant_values:
             target = f"{CONSTANT_PREFIX}.{node.name}"
-            state_dict[target] = dict(result.constants)[node.name]
+            state_dict[target] = constant_values[node.name]
             new_specs.append(InputSpec(InputKind.BUFFER, TensorArgument(name=node.name), target, persistent=True))
         else:
             new_specs.append(specs[node.name])
@@ -77,13 +77,6 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
                              range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
                              example_inputs=ep.example_inputs, constants=constants)
     return new_ep, result
-
-
-def _device_of(ep: ExportedProgram) -> torch.device:
-    for t in list(ep.state_dict.values()) + [v for v in ep.constants.values() if isinstance(v, torch.Tensor)]:
-        if t.device.type != "cpu":
-            return t.device
-    return torch.device("cpu")
 
 
 def export(model: torch.nn.Module, args: tuple, options: dict[str, Any], kwargs: dict | None = None,
