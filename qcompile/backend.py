@@ -143,8 +143,9 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     return run, result
 
 
-def device_of(example_inputs) -> torch.device:
-    for t in example_inputs:
+def device_of(values) -> torch.device:
+    """The first non-CPU device among the tensors in `values` (graph inputs, a program's weights), else CPU."""
+    for t in values:
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             return t.device
     return torch.device("cpu")
