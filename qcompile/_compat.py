@@ -85,9 +85,43 @@ def _kernel_stamp_pass(wrapped):
     return KernelSourceStamp()
 
 
-def compile_fx(gm: torch.fx.GraphModule, example_inputs: list):
+def mark_static_inputs(gm: torch.fx.GraphModule, dynamo_gm: torch.fx.GraphModule, static: list[bool]) -> None:
+    """Tell AOTAutograd which of gm's inputs keep their address from call to call (weights, buffers such as a
+    KV cache, quantized tensors), so that Inductor's CUDA-graph trees read them in place instead of copying
+    them into the graph's own buffers at every replay. AOTAutograd takes this only from Dynamo's metadata
+    (_functorch/_aot_autograd/frontend_utils.py, _try_get_metadata_from_dynamo), which our own aten trace
+    lacks: the graph's meta["dynamo_compile_id"] and _param_name_to_source, and per placeholder a unique
+    _dynamo_source and meta["tensor_dict"]["_dynamo_static_input_type"]."""
+    from torch._dynamo.source import LocalSource
+
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(static):
+        raise AssertionError(f"{len(placeholders)} placeholders, {len(static)} static flags")
+    gm.meta["dynamo_compile_id"] = dynamo_gm.meta.get("dynamo_compile_id")
+    attrs = [name for name, _ in [*gm.named_parameters(), *gm.named_buffers()]]
+    gm._param_name_to_source = {name: LocalSource(f"__qcompile_attr_{name}") for name in attrs}
+    for i, (node, is_static) in enumerate(zip(placeholders, static)):
+        node._dynamo_source = LocalSource(f"__qcompile_input_{i}")
+        tensor_dict = node.meta.setdefault("tensor_dict", {})
+        if is_static:
+            tensor_dict["_dynamo_static_input_type"] = "unguarded"
+        else:
+            tensor_dict.pop("_dynamo_static_input_type", None)
+
+
+def is_static_address(t) -> bool:
+    """Whether Dynamo marked the tensor as keeping its address (module parameters/buffers, mark_static_address)."""
+    return getattr(t, "_dynamo_static_input_type", None) is not None
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool = False):
+    """Inductor's compile_fx with qcompile's kernel-source stamp in its cache key; `cudagraphs` replays CUDA
+    graphs (CUDA-graph trees, as mode="reduce-overhead"; mark_static_inputs first)."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
     stamp = _kernel_stamp_pass(config.post_grad_custom_post_pass)
-    return inductor_compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": stamp})
+    patches = {"post_grad_custom_post_pass": stamp}
+    if cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return inductor_compile_fx(gm, example_inputs, config_patches=patches)

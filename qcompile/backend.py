@@ -129,9 +129,18 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
         from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
         write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
-    lower_for_device(result.gm, device_of(example_inputs))
+    device = device_of(example_inputs)
+    lower_for_device(result.gm, device)
     constants = [t for _, t in result.constants]
-    compiled = _compat.compile_fx(result.gm, [example_inputs[i] for i in kept] + constants)
+    inputs = [example_inputs[i] for i in kept] + constants
+    cudagraphs = options.cudagraphs and device.type == "cuda"
+    if options.cudagraphs and not cudagraphs:
+        warnings.warn(f"qcompile: option cudagraphs applies to CUDA graphs only; this graph runs on {device.type}, "
+                      f"without them", stacklevel=2)
+    if cudagraphs:  # weights, buffers and quantized tensors are read in place at every replay, never copied
+        _compat.mark_static_inputs(result.gm, gm, [i in weights or _compat.is_static_address(example_inputs[i])
+                                                   for i in kept] + [True] * len(constants))
+    compiled = _compat.compile_fx(result.gm, inputs, cudagraphs=cudagraphs)
     if not options.keep_float_weights:
         _release_float_weights(weights, kept)
 

@@ -23,6 +23,8 @@ _KEYS_DOC = {
     "exclude": "glob pattern(s) on module names: these linears stay in float",
     "keep_float_weights": "keep the float weights of quantized linears alive (default False: their storage "
                           "is released after compiling, see README)",
+    "cudagraphs": "replay CUDA graphs, as mode='reduce-overhead' (default False; CUDA only): weights, buffers and "
+                  "quantized tensors are read in place, only the other inputs are copied",
     "algorithm": "how weights are rounded: 'rtn' (default), 'gptq' (needs 'calibration') or 'hqq' (data-free); "
                  "gptq/hqq for schemes " + ", ".join(s.name for s in SCHEMES.values() if len(s.algorithms) > 1),
     "calibration": "for algorithm 'gptq': an iterable of example inputs to the compiled callable, each a tuple "
@@ -40,6 +42,7 @@ class QuantOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     keep_float_weights: bool = False
+    cudagraphs: bool = False
     algorithm: str = "rtn"
     act_order: bool = True
     # read once by the backend's calibration step; never compared, hashed or guarded on
@@ -87,6 +90,7 @@ class QuantOptions:
             include=_patterns(options, "include"),
             exclude=_patterns(options, "exclude"),
             keep_float_weights=_bool(options, "keep_float_weights"),
+            cudagraphs=_bool(options, "cudagraphs"),
             **_algorithm(options, scheme),
         )
 
