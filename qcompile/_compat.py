@@ -45,15 +45,19 @@ def dynamo_example_value(node: torch.fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list) -> torch.fx.GraphModule:
+def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list, wrap=None) -> torch.fx.GraphModule:
     """Trace a Dynamo graph into an aten-level graph on the same fake inputs (same symbolic shapes), without
     functionalization or Inductor's decompositions: linear becomes t + mm/addmm (+ views), as AOTAutograd
-    would see it. Node metadata (nn_module_stack, stack traces) is carried over from the Dynamo nodes."""
+    would see it. Node metadata (nn_module_stack, stack traces) is carried over from the Dynamo nodes.
+    `wrap(run)`, if given, turns the graph's function into the one to trace (over `fake_args`), e.g.
+    `distributed.LocalSignature.traced`: the graph over DTensors' local shards."""
     interpreter = torch.fx.Interpreter(gm)
 
     def run(*args):
         return interpreter.run(*args)
 
+    if wrap is not None:
+        run = wrap(run)
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad():
         return make_fx(run, tracing_mode="symbolic", record_module_stack=False)(*fake_args)
 
@@ -125,3 +129,58 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool 
     if cudagraphs:
         patches["triton.cudagraphs"] = True
     return inductor_compile_fx(gm, example_inputs, config_patches=patches)
+
+
+# --- DTensor (tensor parallelism): torch 2.11 flattens a DTensor to its local tensor with the mesh in the
+# spec; 2.13 flattens it to the local tensor and the mesh (an opaque object). The __tensor_flatten__ protocol
+# covers both.
+
+def is_dtensor(value) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def is_opaque_object(value) -> bool:
+    """A non-tensor graph input that Dynamo passes as an object (the DeviceMesh in torch >= 2.13)."""
+    if isinstance(value, torch.ScriptObject):
+        return True
+    try:
+        from torch._library.opaque_object import is_opaque_value
+    except ImportError:  # torch 2.11: no opaque objects
+        return False
+    return is_opaque_value(value)
+
+
+def dtensor_local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, without the autograd function to_local() goes through."""
+    return t._local_tensor
+
+
+def dtensor_rebuilder(t: torch.Tensor):
+    """A function local shard -> a DTensor with `t`'s mesh, placements, global shape and strides."""
+    attrs, ctx = t.__tensor_flatten__()
+    others = {name: getattr(t, name) for name in attrs if name != "_local_tensor"}
+    size, stride = t.size(), t.stride()
+    return lambda local: type(t).__tensor_unflatten__({"_local_tensor": local, **others}, ctx, size, stride)
+
+
+def shard_ranges(t: torch.Tensor, dim: int) -> list[tuple[int, int]]:
+    """[start, stop) along `dim` of every rank's shard of the DTensor `t`, as Shard(dim) splits it (torch.chunk:
+    ceil(n / ranks) per rank, the last ones shorter or empty), for each mesh dimension sharding `dim` in turn."""
+    from torch.distributed.tensor.placement_types import Shard
+
+    ranges = [(0, t.shape[dim])]
+    for mesh_dim, placement in enumerate(t.placements):
+        if not placement.is_shard(dim):
+            continue
+        if type(placement) is not Shard:
+            raise NotImplementedError(f"qcompile: placement {placement} of a linear weight is not supported; "
+                                      f"tensor-parallel linears take Shard(0) or Shard(1) weights")
+        ranks = t.device_mesh.size(mesh_dim)
+        split = []
+        for start, stop in ranges:
+            chunk = -(-(stop - start) // ranks)
+            split += [(min(start + r * chunk, stop), min(start + (r + 1) * chunk, stop)) for r in range(ranks)]
+        ranges = split
+    return ranges

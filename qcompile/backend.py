@@ -16,6 +16,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compat, calibration
+from .distributed import LocalSignature
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
@@ -102,22 +103,35 @@ def release_float_weight(t: torch.Tensor) -> None:
         _RELEASED[t] = True
 
 
-def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
+def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions,
+                   signature: LocalSignature | None = None):
     """Dynamo graph -> rewritten aten graph, without compiling it. Returns (PassResult, weights by input
     position, kept input positions): the rewritten graph takes `example_inputs[i] for i in kept` followed by
-    the PassResult's constants."""
+    the PassResult's constants. For a tensor-parallel graph, pass its `LocalSignature`: positions then refer to
+    `signature.flatten(example_inputs)`, the DTensors' local shards."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    aten_gm = _compat.trace_to_aten(gm, [_compat.dynamo_example_value(n) for n in placeholders])
+    fake_args = [_compat.dynamo_example_value(n) for n in placeholders]
+    weights = find_weight_inputs(gm, example_inputs)
+    if signature is not None:
+        if options.algorithm == "gptq":
+            raise NotImplementedError("qcompile: algorithm 'gptq' does not run on tensor-parallel (DTensor) "
+                                      "graphs: its calibration replays the float graph on one process")
+        fake_args = signature.fake_inputs(fake_args)
+        weights = signature.local_weights(weights)
+        example_inputs = signature.flatten(example_inputs)
+    aten_gm = _compat.trace_to_aten(gm, fake_args, wrap=signature.traced if signature is not None else None)
     aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(aten_placeholders) != len(example_inputs):
         raise RuntimeError(f"qcompile: traced graph has {len(aten_placeholders)} inputs, Dynamo gave "
                            f"{len(example_inputs)}")
-    weights = find_weight_inputs(gm, example_inputs)
+    weight_nodes = {aten_placeholders[i]: ref for i, ref in weights.items()}
+    if signature is not None:
+        signature.check_shard_groups(aten_gm, weight_nodes, options)
     hessians = {}
     if options.algorithm == "gptq":  # run the calibration inputs through the float graph first
         hessians = calibration.weight_hessians(gm, aten_gm, example_inputs, weights, options.calibration)
     result = quantize_linears(
-        aten_gm, {aten_placeholders[i]: ref for i, ref in weights.items()}, options,
+        aten_gm, weight_nodes, options,
         lambda ref, cast, nk: quantized_weight(ref, options, cast, nk, hessians.get(id(ref.tensor))))
     kept = _drop_unused_weight_inputs(result, weights)
     return result, weights, kept
@@ -125,10 +139,14 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
 
 def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
     """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
-    result, weights, kept = quantize_graph(gm, example_inputs, options)
+    signature = LocalSignature.of(example_inputs, [_compat.dynamo_example_value(n) for n in gm.graph.nodes
+                                                   if n.op == "placeholder"])
+    result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
     if os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
         from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
         write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
+    if signature is not None:  # tensor parallel: the compiled graph takes the local shards
+        example_inputs = signature.flatten(example_inputs)
     device = device_of(example_inputs)
     lower_for_device(result.gm, device)
     constants = [t for _, t in result.constants]
@@ -144,8 +162,13 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if not options.keep_float_weights:
         _release_float_weights(weights, kept)
 
-    def run(*args):
-        return compiled(*[args[i] for i in kept], *constants)
+    if signature is None:
+        def run(*args):
+            return compiled(*[args[i] for i in kept], *constants)
+    else:  # tensor parallel: DTensors in, their local shards to the compiled graph
+        def run(*args):
+            local = signature.flatten(args)
+            return signature.wrap_outputs(compiled(*[local[i] for i in kept], *constants))
 
     run.qcompile_result = result  # for debugging tools and tests
     run.qcompile_float_weights_read = [weights[i] for i in kept if i in weights]  # the CLI's byte counts

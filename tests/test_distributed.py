@@ -1,0 +1,123 @@
+"""Tensor parallelism on CPU: two gloo processes run a tiny Llama-like model sharded Megatron-style by
+`parallelize_module` (q/k/v and gate/up column-parallel, o/down row-parallel), compiled with backend="qcompile";
+their output must match the single-process quantized model's."""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import qcompile  # noqa: F401
+
+WORLD = 2
+# (options, exact): exact where each rank's groups are exactly the single-process model's groups (only the
+# all-reduce's summation order differs). Row-wide weight scales of a row-parallel (K-sharded) linear, and
+# per-token activation scales, cover each rank's part of K: other roundings, the same accuracy.
+SCHEMES = [
+    ({"scheme": "int4_weight_only", "group_size": 32}, True),
+    ({"scheme": "intx_weight_only", "bits": 4, "group_size": 32}, True),
+    ({"scheme": "int8_weight_only"}, False),
+    ({"scheme": "int8_dynamic"}, False),
+]
+
+class TinyLlama(nn.Module):
+    """Llama's layer structure at toy size: RMSNorm, GQA attention (q/k/v with bias, as Qwen), SwiGLU MLP.
+    Head counts come from the projections' local widths, so the same code runs whole or sharded."""
+
+    def __init__(self, vocab=96, dim=128, head_dim=32, heads=4, kv_heads=2, hidden=256):
+        super().__init__()
+        self.head_dim = head_dim
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn_norm, self.mlp_norm, self.norm = nn.RMSNorm(dim), nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=True)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=True)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        b, s = tokens.shape
+        h = self.embed(tokens)
+        x = self.attn_norm(h)
+        q, k, v = (proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
+        x = self.mlp_norm(h)
+        h = h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.lm_head(self.norm(h))
+
+
+def tensor_parallel_plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {**{name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")},
+            **{name: RowwiseParallel() for name in ("o_proj", "down_proj")}}
+
+
+def _tokens():
+    return torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyLlama().eval()
+
+
+def _tp_worker(rank, port, out_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        outputs = {}
+        for options, _ in SCHEMES:
+            torch._dynamo.reset()
+            model = parallelize_module(_model(), mesh, tensor_parallel_plan())
+            with torch.no_grad():
+                outputs[options["scheme"]] = torch.compile(model, backend="qcompile", options=options)(_tokens())
+        if rank == 0:
+            torch.save(outputs, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tp_outputs():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "outputs.pt")
+        mp.spawn(_tp_worker, args=(_free_port(), path), nprocs=WORLD)
+        return torch.load(path)
+
+
+@pytest.mark.parametrize("options,exact", SCHEMES, ids=[o["scheme"] for o, _ in SCHEMES])
+def test_tensor_parallel_matches_single_process(tp_outputs, options, exact):
+    model = _model()
+    with torch.no_grad():
+        reference = model(_tokens())
+        single = torch.compile(model, backend="qcompile", options=options)(_tokens())
+    tp = tp_outputs[options["scheme"]]
+    single_error, tp_error = (single - reference).norm(), (tp - reference).norm()
+    assert single_error > 0  # the model was quantized at all
+    if exact:
+        torch.testing.assert_close(tp, single, rtol=1e-4, atol=1e-4)
+    else:
+        assert tp_error <= 1.25 * single_error, (tp_error, single_error)
+        assert (tp - single).norm() <= single_error
