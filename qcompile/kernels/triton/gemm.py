@@ -2,8 +2,10 @@
 
 Constexprs pick the variant: the weight format (dequant.load_weight_tile), the activation format (float, or
 int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multiply-accumulate on CUDA cores,
-one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), and split-K (SPLIT_K > 1: fp32
-partials added atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
+one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
+out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
+decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue), and split-K
+(SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
 bias in float32 and casts once.
 """
 from __future__ import annotations
@@ -15,19 +17,52 @@ from .dequant import cast_to, load_weight_tile, to_float
 
 
 @triton.jit
-def _tile_dot(a, w, A_FORMAT: tl.constexpr, INT_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """a [BLOCK_M, BLOCK_K] x w [BLOCK_N, BLOCK_K]^T on tensor cores -> [BLOCK_M, BLOCK_N] (int32 for INT_DOT)."""
+def _ordered_dot(a, w, SWAP_AB: tl.constexpr, INT_DOT: tl.constexpr):
+    """a [BLOCK_M, BLOCK_K] x w [BLOCK_N, BLOCK_K]^T -> [BLOCK_M, BLOCK_N], or its transpose w a^T (SWAP_AB)."""
+    if SWAP_AB:
+        if INT_DOT:
+            return tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+        else:
+            return tl.dot(w, tl.trans(a))
+    else:
+        if INT_DOT:
+            return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        else:
+            return tl.dot(a, tl.trans(w))
+
+
+@triton.jit
+def _tile_dot(a, w, A_FORMAT: tl.constexpr, INT_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The tile product on tensor cores in the accumulator's orientation (int32 for INT_DOT)."""
     if INT_DOT:
-        return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        return _ordered_dot(a, w, SWAP_AB, True)
     elif DOT_FP32:  # the interpreter multiplies bf16 bit patterns in tl.dot
-        return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+        return _ordered_dot(a.to(tl.float32), w.to(tl.float32), SWAP_AB, False)
     elif A_FORMAT == "fp8":
         if w.dtype == tl.float8e4nv:
-            return tl.dot(a, tl.trans(w))
-        else:
-            return tl.dot(a, tl.trans(w.to(tl.float16).to(tl.float8e4nv)))  # int4 values are exact in e4m3
+            return _ordered_dot(a, w, SWAP_AB, False)
+        else:  # int4 values are exact in e4m3
+            return _ordered_dot(a, w.to(tl.float16).to(tl.float8e4nv), SWAP_AB, False)
     else:
-        return tl.dot(a, tl.trans(w.to(a.dtype)))
+        return _ordered_dot(a, w.to(a.dtype), SWAP_AB, False)
+
+
+@triton.jit
+def _along_n(v, SWAP_AB: tl.constexpr):
+    """A per-output-column vector [BLOCK_N] broadcast against the accumulator."""
+    if SWAP_AB:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _along_m(v, SWAP_AB: tl.constexpr):
+    """A per-row vector [BLOCK_M] broadcast against the accumulator."""
+    if SWAP_AB:
+        return v[None, :]
+    else:
+        return v[:, None]
 
 
 @triton.jit
@@ -41,7 +76,7 @@ def quantized_linear_kernel(
         W_SCALE: tl.constexpr,  # weight scale left for the epilogue: "none", "row", "tensor"
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -68,24 +103,28 @@ def quantized_linear_kernel(
     k_start = pid_k * k_span
     k_end = min(K, k_start + k_span)
     if USE_DOT:
+        ACC_SHAPE: tl.constexpr = (BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N)
         if INT_DOT and not SCALE_PER_GROUP:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            acc = tl.zeros(ACC_SHAPE, dtype=tl.int32)
         else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros(ACC_SHAPE, dtype=tl.float32)
         if A_HAS_ZERO:
             a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
             a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
             w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
                                  W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
-            part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32)
+            part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
             if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
                 if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
-                    part -= (a_zero[:, None] * tl.sum(w.to(tl.int32), axis=1)[None, :]).to(part.dtype)
+                    w_sum = tl.sum(w.to(tl.int32), axis=1)
+                    part -= (_along_m(a_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)).to(part.dtype)
                 scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
-                acc += part.to(tl.float32) * scale[None, :]
+                acc += part.to(tl.float32) * _along_n(scale, SWAP_AB)
             else:
                 acc += part
+        if SWAP_AB:
+            acc = tl.trans(acc)
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once
         row = pid_m % M
         acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

@@ -110,6 +110,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     N = qweight.shape[0]
     if config.block_m not in (1, 16, 32, 64, 128, 256):
         raise ValueError(f"Triton linear: BLOCK_M={config.block_m}; the template takes 1 (GEMV) or 16..256")
+    if config.swap_ab and config.block_m == 1:
+        raise ValueError("Triton linear: swap_ab needs a tensor-core tile (BLOCK_M >= 16)")
     if K % config.block_k or (spec.scales_per_group_in_loop and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
@@ -131,7 +133,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        GROUP_M=config.group_m, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
+        GROUP_M=config.group_m, SWAP_AB=config.swap_ab, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even

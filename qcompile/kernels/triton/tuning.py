@@ -29,6 +29,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    swap_ab: bool = False  # tensor-core tile computing out^T = W x^T (small M: the weight is the wide operand)
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
 
 
@@ -42,25 +43,35 @@ def m_bucket(M: int) -> int:
     return 8192
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket.
+# Swapped tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the best of a sweep on the H200
+# (benchmarks/experiments/gemv_lab.py) for int4 / int8 weights at M = 1 and 16; 1.25x the plain 16-row tile.
 _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4, 2, 3), (64, 256, 4, 4, 2),
          (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
           (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
            (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
+_SWAPPED_SMALL = [(16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3)]
+_SWAPPED_MEDIUM = [(64, 64, 128, 2, 4, 3), (128, 128, 64, 2, 8, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     bucket = m_bucket(M)
+    swapped = []
+    if bucket <= 16:
+        swapped = _SWAPPED_SMALL
+    elif bucket <= 256:
+        swapped = _SWAPPED_MEDIUM
     if bucket == 1:
         configs = [KernelConfig(1, *c) for c in _GEMV]
     elif bucket == 16:
         configs = [KernelConfig(16, *c) for c in _SMALL]
     else:
         configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
+    configs += [KernelConfig(*c, swap_ab=True) for c in swapped]
 
     def fits(c: KernelConfig) -> bool:
         if K % c.block_k or K < c.block_k * c.split_k:

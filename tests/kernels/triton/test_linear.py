@@ -13,9 +13,10 @@ from qcompile.quant.metrics import sqnr_db
 from triton_cases import CASES, DEVICE, bits_of, case_id, quantized
 
 N, K = 96, 256  # N is not a multiple of the 64-wide tiles: the masked edge is exercised
-# (M, config): GEMV at M=1 (alone and split-K), tensor-core tiles with and without split-K at M=5 and 33
+# (M, config): GEMV at M=1 (alone and split-K), tensor-core tiles with and without split-K at M=5 and 33, and
+# the swapped tile (out^T = W x^T)
 VARIANTS = [(1, KernelConfig(1, 32, 128, 1)), (1, KernelConfig(1, 64, 32, 4)), (5, KernelConfig(16, 64, 64, 2)),
-            (33, KernelConfig(16, 64, 32, 2))]
+            (33, KernelConfig(16, 64, 32, 2)), (33, KernelConfig(16, 64, 32, 2, swap_ab=True))]
 LIBRARY = {"float": "dequant_mm", "int8": "int_mm", "fp8": "scaled_mm"}  # the library candidate of each
 
 
