@@ -1,0 +1,731 @@
+"""End-to-end LLM inference (issue 9): a Llama-3.1-8B-shaped decoder with random weights on one GPU — prefill and
+decode tokens/s, peak memory and compile time per row: bf16 under Inductor (the baseline), qcompile schemes, and
+transformers' LlamaForCausalLM compiled with backend="qcompile" running generate().
+
+    python benchmarks/llama_e2e.py --rows bf16,int4_weight_only            # runs rows, appends to --out
+    python benchmarks/llama_e2e.py --rows transformers --phases decode_b1
+    python benchmarks/llama_e2e.py --write BENCHMARKS.md                    # renders --out, runs nothing
+    python benchmarks/llama_e2e.py --tiny --device cpu --rows bf16,int8_weight_only --out /tmp/e2e.json
+
+Rows: bf16, any qcompile scheme name (group-wise ones at group 128), transformers (int4_weight_only g128) and
+transformers_bf16. Each phase of a row is saved to --out (JSON) as soon as it finishes, so a run killed by a
+time limit keeps what it measured, and several invocations build one table (per row and phase, the latest
+measurement wins).
+
+Protocol (every row alike):
+- Build: the model is made on the meta device and materialized on the device one decoder layer at a time;
+  quantized rows pass each layer to qcompile.prepare right away, so the float bf16 weights never all sit on the
+  device. Every linear is quantized, the LM head included; the embedding and norms stay bf16.
+- decode_b1 / decode_b128: B sequences, a --prompt-len-token random prompt fed one token per step through the
+  decode step itself (no separate prompt graph to compile), then --new-tokens greedy steps timed: tok/s =
+  B * new_tokens / time (best of --reps). One step = one token per sequence at a position given as a tensor,
+  attention over the whole static cache (prompt + new tokens long) under a mask, argmax inside the graph.
+  bf16: torch.compile(mode="reduce-overhead"); qcompile: options {"cudagraphs": True}: CUDA-graph trees.
+- prefill: --prefill-prompts prompts of --prefill-len tokens into an empty cache, --prefill-chunk prompts per
+  forward (bounds activation memory; the cache holds one chunk), no CUDA graphs (kernels are long): tok/s =
+  prompts * len / time of all chunks (best of --reps). Logits of the last position only.
+- Memory (CUDA): peak stats are reset before each phase; `peak_first_gb` = max_memory_allocated after compile and
+  the first forward (the issue's measure), `peak_gb` at the end of the phase (CUDA-graph pools included).
+- Compile time: the first call of each phase, split with Dynamo's own timers into Dynamo tracing, the backend's
+  work outside Inductor (qcompile: aten trace + quantize pass + lowering; bf16: pre-grad passes), Inductor (AOT
+  + lowering + codegen + waiting for kernel compiles) and the rest (running the first forward).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import llama_model  # noqa: E402
+from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.options import QuantOptions  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
+DEFAULT_ROWS = "bf16,float8_dynamic,int8_dynamic,int8_weight_only,int4_weight_only,transformers"
+PHASES = ("decode_b1", "decode_b128", "prefill")  # smallest cache first
+# options the installed qcompile accepts; without "cudagraphs" the decode step runs without CUDA graphs (noted)
+HAS_CUDAGRAPHS_OPTION = "cudagraphs" in QuantOptions.__dataclass_fields__
+START = time.monotonic()
+INVOCATION = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # groups one run's rows
+
+
+def log(message: str) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+    print(f"[{now} +{time.monotonic() - START:6.1f}s] {message}", flush=True)
+
+
+# --- rows -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    weight: str
+    activation: str
+    options: dict | None = None  # qcompile options; None = bf16 under Inductor
+    model: str = "ours"  # or "transformers"
+
+
+INT4_G128 = {"scheme": "int4_weight_only", "group_size": 128}
+ROWS = {r.name: r for r in (
+    Row("bf16", "bf16", "bf16"),
+    Row("float8_dynamic", "float8 e4m3, per row", "float8 e4m3, per token (dynamic)",
+        {"scheme": "float8_dynamic", "granularity": "row"}),
+    Row("int8_dynamic", "int8, per row (sym)", "int8, per token (dynamic, sym)", {"scheme": "int8_dynamic"}),
+    Row("int8_weight_only", "int8, per row (sym)", "bf16", {"scheme": "int8_weight_only"}),
+    Row("float8_weight_only", "float8 e4m3, per row", "bf16", {"scheme": "float8_weight_only"}),
+    Row("int4_weight_only", "int4 g128 (asym, float zero)", "bf16", INT4_G128),
+    Row("transformers", "int4 g128 (asym, float zero)", "bf16", INT4_G128, model="transformers"),
+    Row("transformers_bf16", "bf16", "bf16", model="transformers"),
+)}
+
+
+def row_named(name: str) -> Row:
+    if name in ROWS:
+        return ROWS[name]
+    try:
+        scheme = qcompile.get_scheme(name)
+    except ValueError as e:
+        raise SystemExit(f"--rows: unknown row {name!r}: rows are {', '.join(ROWS)} or a qcompile scheme ({e})")
+    options = {"scheme": scheme.name}
+    if 128 in scheme.group_sizes:
+        options["group_size"] = 128
+    return Row(scheme.name, scheme.summary, "quantized per call" if scheme.activation else "bf16", options)
+
+
+def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
+    """`fn` compiled as the row says; fixed shapes (dynamic=False) so every batch size gets its own graph."""
+    graphs = cuda_graphs and device.type == "cuda"
+    if row.options is None:
+        return torch.compile(fn, dynamic=False, mode="reduce-overhead" if graphs else None)
+    options = dict(row.options)
+    if graphs and HAS_CUDAGRAPHS_OPTION:
+        options["cudagraphs"] = True
+    return torch.compile(fn, backend="qcompile", options=options, dynamic=False)
+
+
+def uses_cuda_graphs(row: Row, device: torch.device) -> bool:
+    return device.type == "cuda" and (row.options is None or HAS_CUDAGRAPHS_OPTION)
+
+
+# --- measuring ------------------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 1e9, 3)
+
+
+def allocated(device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def peak(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# Dynamo's own cumulative timers (torch._dynamo.utils.compilation_time_metrics); missing names give None
+TIMERS = {"dynamo": "_compile.compile_inner", "backend": "OutputGraph.call_user_compiler",
+          "inductor": "create_aot_dispatcher_function", "inductor_codegen": "fx_codegen_and_compile",
+          "kernel_compile_wait": "async_compile.wait"}
+
+
+def compile_snapshot() -> dict:
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    timers = {key: (sum(compilation_time_metrics[name]) if name in compilation_time_metrics else None)
+              for key, name in TIMERS.items()}
+    return {"timers": timers, "graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+            "fx_cache_hits": counters["inductor"].get("fxgraph_cache_hit", 0),
+            "fx_cache_misses": counters["inductor"].get("fxgraph_cache_miss", 0),
+            "autotuned_linear_configs": autotune_entries()}
+
+
+def autotune_entries() -> int | None:
+    """Entries in qcompile's Triton config cache (tuned configs per linear spec, M bucket, N, K)."""
+    path = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile")) / "triton_linear_configs.json"
+    try:
+        return len(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def compile_report(before: dict, after: dict, first_call_s: float) -> dict:
+    """Where the first call's time went, from Dynamo's timers (cumulative, so take differences)."""
+    # torch._dynamo.reset() may clear the timers: a name missing before counts from 0, one missing after is unknown
+    t = {key: (None if after["timers"][key] is None else after["timers"][key] - (before["timers"][key] or 0.0))
+         for key in TIMERS}
+
+    def minus(a, b):
+        return None if a is None or b is None else round(a - b, 2)
+
+    report = {"first_call_s": round(first_call_s, 2), "dynamo_trace_s": minus(t["dynamo"], t["backend"]),
+              "backend_outside_inductor_s": minus(t["backend"], t["inductor"]),
+              "inductor_s": minus(t["inductor"], 0), "inductor_codegen_s": minus(t["inductor_codegen"], 0),
+              "kernel_compile_wait_s": minus(t["kernel_compile_wait"], 0),
+              "first_run_and_rest_s": minus(first_call_s, t["dynamo"])}
+    for key in ("graphs", "graph_breaks", "fx_cache_hits", "fx_cache_misses"):
+        report[key] = after[key] - before[key]
+    if after["autotuned_linear_configs"] is not None:
+        report["autotuned_linear_configs"] = after["autotuned_linear_configs"] - (before["autotuned_linear_configs"] or 0)
+    return report
+
+
+def phase_checks(result: dict, before: dict, device: torch.device, cuda_graphs: bool) -> None:
+    """Counts that say a measurement is not what it claims: recompiles, graph breaks, skipped CUDA graphs."""
+    after = compile_snapshot()
+    result["graphs_compiled"] = after["graphs"] - before["graphs"]
+    result["graph_breaks"] = after["graph_breaks"] - before["graph_breaks"]
+    result["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
+    if device.type == "cuda":
+        result["cuda_graphs"] = cuda_graphs and result["cudagraph_skips"] == 0
+    if result["graph_breaks"] or result["cudagraph_skips"]:
+        log(f"  WARNING: {result['graph_breaks']} graph break(s), {result['cudagraph_skips']} CUDA-graph skip(s) "
+            f"(see TORCH_LOGS=graph_breaks,perf_hints)")
+
+
+# --- phases of our model -------------------------------------------------------------------------------------
+
+def decode_phase(model, row: Row, args, device, batch: int) -> dict:
+    P, N = args.prompt_len, args.new_tokens
+    config = model.config
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompt = torch.randint(0, config.vocab, (batch, P), device=device, generator=gen)
+    cache = KVCache(config, batch, P + N, device, model.emb.weight.dtype)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's inputs: fixed addresses, read in
+    pos = torch.zeros(1, dtype=torch.long, device=device)  # place by the CUDA graph (no copy per replay)
+    for t in (ids, pos):
+        torch._dynamo.mark_static_address(t)
+    generated = torch.empty(batch, N, dtype=torch.long, device=device)
+    graphs = uses_cuda_graphs(row, device)
+    step = compile_for(decode_step, row, device, cuda_graphs=True)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
+
+    def call():
+        mark_step()  # a CUDA-graph tree replay may overwrite the previous step's output: it was copied already
+        return step(model, ids, pos, cache)
+
+    def generate() -> float:
+        for i in range(P):
+            ids.copy_(prompt[:, i:i + 1])
+            pos.fill_(i)
+            out = call()
+        sync(device)
+        start = time.perf_counter()
+        for j in range(N):
+            generated[:, j:j + 1].copy_(out)
+            ids.copy_(out)
+            pos.fill_(P + j)
+            out = call()
+        sync(device)
+        return time.perf_counter() - start
+
+    result = {"batch": batch, "prompt_len": P, "new_tokens": N, "kv_cache_gb": gb(cache.nbytes),
+              "allocated_at_start_gb": gb(allocated(device))}
+    before = compile_snapshot()
+    reset_peak(device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        ids.copy_(prompt[:, :1])
+        call()
+        sync(device)
+        first = time.perf_counter() - start
+        result["compile"] = compile_report(before, compile_snapshot(), first)
+        result["peak_first_gb"] = gb(peak(device))
+        log(f"  {row.name} decode b{batch}: first call {first:.1f} s {short_compile(result['compile'])}")
+        times = [generate() for _ in range(args.reps)]
+    result["times_s"] = [round(t, 4) for t in times]
+    result["tok_s"] = round(batch * N / min(times), 2)
+    result["peak_gb"] = gb(peak(device))
+    tokens = generated.cpu()
+    if tokens.min() < 0 or tokens.max() >= config.vocab:
+        raise RuntimeError(f"decode produced token ids outside [0, {config.vocab}): {tokens.min()}..{tokens.max()}")
+    result["first_tokens"] = tokens[0, :8].tolist()
+    phase_checks(result, before, device, graphs)
+    return result
+
+
+def prefill_phase(model, row: Row, args, device) -> dict:
+    n, L, chunk = args.prefill_prompts, args.prefill_len, args.prefill_chunk
+    if n % chunk:
+        raise SystemExit(f"--prefill-prompts {n} is not a multiple of --prefill-chunk {chunk}")
+    config = model.config
+    gen = torch.Generator(device=device).manual_seed(2)
+    chunks = [torch.randint(0, config.vocab, (chunk, L), device=device, generator=gen) for _ in range(n // chunk)]
+    cache = KVCache(config, chunk, L, device, model.emb.weight.dtype)
+    fn = compile_for(prefill, row, device, cuda_graphs=False)
+    result = {"prompts": n, "prompt_len": L, "chunk": chunk, "kv_cache_gb": gb(cache.nbytes),
+              "allocated_at_start_gb": gb(allocated(device))}
+    before = compile_snapshot()
+    reset_peak(device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits = fn(model, chunks[0], cache)
+        sync(device)
+        first = time.perf_counter() - start
+        result["compile"] = compile_report(before, compile_snapshot(), first)
+        result["peak_first_gb"] = gb(peak(device))
+        log(f"  {row.name} prefill: first call {first:.1f} s {short_compile(result['compile'])}")
+        times = []
+        for _ in range(args.reps):
+            sync(device)
+            start = time.perf_counter()
+            for ids in chunks:
+                logits = fn(model, ids, cache)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    if not torch.isfinite(logits).all():
+        raise RuntimeError("prefill logits are not finite")
+    result["times_s"] = [round(t, 4) for t in times]
+    result["tok_s"] = round(n * L / min(times), 1)
+    result["peak_gb"] = gb(peak(device))
+    phase_checks(result, before, device, False)
+    return result
+
+
+def short_compile(c: dict) -> str:
+    parts = [f"{label} {c[key]:.1f} s" for label, key in (("Dynamo", "dynamo_trace_s"), ("pass", "backend_outside_inductor_s"),
+                                                           ("Inductor", "inductor_s"))
+             if c.get(key) is not None]
+    return f"({', '.join(parts)})" if parts else ""
+
+
+# --- transformers ---------------------------------------------------------------------------------------------
+
+def transformers_phase(model, row: Row, args, device) -> dict:
+    """generate() at batch 1 with a static cache; decode tok/s = (N - 1) / (time of N new tokens - time of 1),
+    so the prompt's forward and generate()'s set-up cancel out."""
+    P, N = args.prompt_len, args.new_tokens
+    cache = llama_model.transformers_static_cache(model, 1, P + N)
+    prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
+    mask = torch.ones_like(prompt)
+    # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
+    cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def generate(n: int) -> float:
+        cache.reset()
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0, **{cache_kwarg: cache})
+        sync(device)
+        if out.shape[1] != P + n:
+            raise RuntimeError(f"generate() returned {out.shape[1] - P} new tokens, asked for {n}")
+        return time.perf_counter() - start
+
+    result = {"batch": 1, "prompt_len": P, "new_tokens": N,
+              "kv_cache_gb": gb(llama_model.transformers_cache_nbytes(cache)),
+              "allocated_at_start_gb": gb(allocated(device))}
+    before = compile_snapshot()
+    reset_peak(device)
+    with torch.no_grad():
+        first = generate(1)  # compiles the prompt's graph
+        second = generate(2)  # compiles the one-token graph
+        result["compile"] = compile_report(before, compile_snapshot(), first + second)
+        result["peak_first_gb"] = gb(peak(device))
+        log(f"  {row.name}: first generate() calls {first + second:.1f} s {short_compile(result['compile'])}")
+        generate(N)  # CUDA graphs recorded
+        one, full = [], []
+        for _ in range(args.reps):
+            one.append(generate(1))
+            full.append(generate(N))
+    result["generate_1_s"] = [round(t, 4) for t in one]
+    result["generate_n_s"] = [round(t, 4) for t in full]
+    result["tok_s"] = round((N - 1) / (min(full) - min(one)), 2)
+    result["generate_tok_s"] = round(N / min(full), 2)  # prompt and set-up included
+    result["peak_gb"] = gb(peak(device))
+    phase_checks(result, before, device, uses_cuda_graphs(row, device))
+    return result
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+# --- one row ----------------------------------------------------------------------------------------------------
+
+def build_row_model(row: Row, config, args, device):
+    parts = config.n_layers + 3
+    marks = {parts * q // 4 for q in (1, 2, 3, 4)}
+
+    def on_part(i: int) -> None:
+        if i + 1 in marks:
+            log(f"  {row.name}: {i + 1}/{parts} parts on {device}"
+                + (" (quantized layer by layer)" if row.options else ""))
+
+    quantize = None
+    if row.options is not None:
+        def quantize(module):
+            qcompile.prepare(module, row.options, device, progress=False)
+    builder = llama_model.build_transformers if row.model == "transformers" else llama_model.build
+    model = builder(config, device, getattr(torch, args.dtype), seed=0, quantize=quantize, on_part=on_part)
+    if row.model == "transformers":
+        model.generation_config.disable_compile = True  # we compile forward ourselves (prompt and step alike)
+        model.generation_config.eos_token_id = None  # random weights: never stop early
+        model.forward = compile_for(model.forward, row, device, cuda_graphs=True)
+    return model
+
+
+def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
+    record = {"row": row.name, "invocation": INVOCATION, "model": row.model, "weight": row.weight, "activation": row.activation,
+              "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "setup": setup(args, device, config), "phases": {}}
+    if row.model == "transformers" and transformers_version() is None:
+        record["error"] = "transformers is not installed on this machine"
+        log(f"{row.name}: {record['error']}")
+        save(record)
+        return record
+    cleanup(device)
+    log(f"{row.name}: building ({config.n_layers} layers, {args.dtype}, options {row.options})")
+    reset_peak(device)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model = build_row_model(row, config, args, device)
+    except Exception as e:  # noqa: BLE001 (recorded, the next row runs)
+        record["error"] = f"build: {type(e).__name__}: {e}"
+        log(f"{row.name}: FAILED to build\n{traceback.format_exc()}")
+        save(record)
+        return record
+    sync(device)
+    record["build_s"] = round(time.perf_counter() - start, 1)
+    record["weights_gb"] = gb(allocated(device))
+    record["build_peak_gb"] = gb(peak(device))
+    log(f"{row.name}: built in {record['build_s']} s, weights on {device}: {record['weights_gb']} GB "
+        f"(build peak {record['build_peak_gb']} GB)")
+    save(record)
+    for phase in phases:
+        if args.budget_s is not None and time.monotonic() - START > args.budget_s:
+            record["phases"][phase] = {"skipped": f"--budget-s {args.budget_s} reached"}
+            log(f"{row.name} {phase}: skipped, --budget-s reached")
+            continue
+        try:
+            if row.model == "transformers":
+                if phase != "decode_b1":
+                    continue  # generate() runs at batch 1 only
+                result = transformers_phase(model, row, args, device)
+            elif phase == "prefill":
+                result = prefill_phase(model, row, args, device)
+            else:
+                result = decode_phase(model, row, args, device, int(phase.removeprefix("decode_b")))
+            log(f"{row.name} {phase}: {result['tok_s']} tok/s, peak {result.get('peak_first_gb')} GB after the first "
+                f"call, {result.get('peak_gb')} GB at the end")
+        except Exception as e:  # noqa: BLE001 (recorded, the next phase runs)
+            result = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+            log(f"{row.name} {phase}: FAILED\n{traceback.format_exc()}")
+        record["phases"][phase] = result
+        save(record)
+        torch._dynamo.reset()  # drops the phase's graphs and CUDA-graph pools; quantized weights stay cached
+        cleanup(device)
+    del model
+    cleanup(device)
+    return record
+
+
+def cleanup(device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- the run's setup and versions -----------------------------------------------------------------------------
+
+def setup(args, device, config) -> dict:
+    return {"command": "python benchmarks/llama_e2e.py " + " ".join(args.argv),
+            "device": device_name(device), "versions": versions(), "commit": git_commit(),
+            "config": {"layers": config.n_layers, "dim": config.dim, "heads": config.n_heads, "kv_heads": config.n_kv,
+                       "ffn": config.ffn, "vocab": config.vocab, "tiny": args.tiny, "dtype": args.dtype},
+            "protocol": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+                         "prefill_prompts": args.prefill_prompts, "prefill_len": args.prefill_len,
+                         "prefill_chunk": args.prefill_chunk}}
+
+
+def device_name(device) -> str:
+    if device.type != "cuda":
+        return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.split()[0]
+        return f"{name} (driver {driver})"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return name
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers_version(),
+           "python": platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+# --- results file -------------------------------------------------------------------------------------------
+
+def load_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise SystemExit(f"{path} is not a list of row records (written by this script?)")
+    return data
+
+
+def saver(path: Path):
+    """save(record): replace this invocation's record of the row in `path` (or append it), atomically."""
+    def save(record: dict) -> None:
+        records = [r for r in load_records(path)
+                   if not (r["row"] == record["row"] and r["started"] == record["started"])]
+        records.append(record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, path)
+    return save
+
+
+# --- rendering ----------------------------------------------------------------------------------------------
+
+def config_key(record: dict) -> str:
+    s = record["setup"]
+    return json.dumps([s["device"], s["config"], s["protocol"]], sort_keys=True)
+
+
+def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
+    """Rows of the latest configuration (device, shapes, protocol): per row and phase the latest measurement.
+    Returns ({row: {"record": latest record, "phases": {phase: result}}}, records used)."""
+    if not records:
+        raise SystemExit("no results to render")
+    key = config_key(records[-1])
+    rows: dict[str, dict] = {}
+    used = []
+    for record in records:
+        if config_key(record) != key:
+            continue
+        entry = rows.setdefault(record["row"], {"record": record, "phases": {}})
+        entry["record"] = record
+        if "error" in record and not record["phases"]:
+            entry["error"] = record["error"]
+        for phase, result in record["phases"].items():
+            if "tok_s" in result or phase not in entry["phases"]:
+                entry["phases"][phase] = result
+                if record not in used:
+                    used.append(record)
+    return rows, used
+
+
+def render(records: list[dict]) -> str:
+    rows, used = merged_rows(records)
+    latest = used[-1] if used else records[-1]
+    s = latest["setup"]
+    p, c = s["protocol"], s["config"]
+    base = rows.get("bf16", {}).get("phases", {})
+
+    def cell(entry, phase):
+        result = entry["phases"].get(phase)
+        if result is None:
+            return "—"
+        if "tok_s" not in result:
+            return "failed" if "error" in result else "skipped"
+        text = f"{result['tok_s']:,.0f}" if result["tok_s"] >= 100 else f"{result['tok_s']:.1f}"
+        ref = base.get(phase, {}).get("tok_s")
+        if ref:
+            text += f" ({result['tok_s'] / ref:.2f}x)"
+        if phase.startswith("decode") and result.get("cuda_graphs") is False:
+            text += " no CUDA graphs"
+        return text
+
+    def mem(entry):
+        parts = []
+        for phase in PHASES:
+            r = entry["phases"].get(phase, {})
+            if r.get("peak_first_gb") is not None:
+                parts.append(f"{r['peak_first_gb']:.1f} ({r['kv_cache_gb']:.1f})" if r.get("kv_cache_gb") is not None
+                             else f"{r['peak_first_gb']:.1f}")
+            else:
+                parts.append("—")
+        return " / ".join(parts)
+
+    def compile_cell(entry):
+        times = [entry["phases"].get(ph, {}).get("compile", {}).get("first_call_s") for ph in PHASES]
+        return " / ".join("—" if t is None else f"{t:.0f}" for t in times)
+
+    lines = [
+        f"## Llama-3.1-8B end to end (issue 9)",
+        "",
+        f"**Device**: {s['device']}; torch {s['versions']['torch']} (CUDA {s['versions']['cuda']}), triton "
+        f"{s['versions']['triton']}, transformers {s['versions']['transformers']}. **Commands** (results merged "
+        f"per row and phase from `benchmarks/llama_e2e_results.json`, latest measurement wins):",
+        "",
+        *[f"    {r['setup']['command']}    # qcompile {r['setup']['commit']}, {r['invocation'][:16]}Z"
+          for r in {r["invocation"]: r for r in used}.values()],
+        "",
+        f"**Model**: Llama-3.1-8B shapes ({c['layers']} layers, hidden {c['dim']}, {c['heads']} heads / "
+        f"{c['kv_heads']} KV heads, FFN {c['ffn']}, vocab {c['vocab']}, RoPE theta 500000, RMSNorm), random weights, "
+        f"{c['dtype']}; our decoder fuses q/k/v and gate/up into one linear each (as vLLM). Every linear is quantized, "
+        f"the LM head included (group-wise schemes at group 128). **Prefill**: {p['prefill_prompts']} prompts x "
+        f"{p['prefill_len']} tokens into an empty cache, {p['prefill_chunk']} prompts per forward (bounds activation "
+        f"memory), no CUDA graphs. **Decode**: batch 1 and 128, {p['prompt_len']}-token prompts fed through the "
+        f"decode step, {p['new_tokens']} greedy tokens timed, one CUDA-graph replay per token (bf16: "
+        f"`mode=\"reduce-overhead\"`; qcompile: `options={{..., \"cudagraphs\": True}}`), attention over the "
+        f"static cache ({p['prompt_len']} + {p['new_tokens']} slots) under a mask. Best of {p['reps']}; speedups "
+        f"against bf16 under Inductor in the same table.",
+        "",
+        "| row | weight | activation | prefill tok/s | decode tok/s b1 | decode tok/s b128 | weights GB "
+        "| peak GB b1 / b128 / prefill (KV cache) | compile s b1 / b128 / prefill |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = [n for n in ROWS if n in rows] + [n for n in rows if n not in ROWS]
+    for name in order:
+        entry = rows[name]
+        rec = entry["record"]
+        label = f"transformers LlamaForCausalLM, generate() ({'bf16' if rec['options'] is None else 'qcompile ' + rec['options']['scheme']})" \
+            if rec["model"] == "transformers" else ("bf16 (Inductor)" if rec["options"] is None else f"qcompile {name}")
+        if "error" in entry and not entry["phases"]:
+            lines.append(f"| {label} | {rec['weight']} | {rec['activation']} | {entry['error']} | | | | | |")
+            continue
+        weights = "—" if rec.get("weights_gb") is None else f"{rec['weights_gb']:.2f}"
+        lines.append(f"| {label} | {rec['weight']} | {rec['activation']} | {cell(entry, 'prefill')} | "
+                     f"{cell(entry, 'decode_b1')} | {cell(entry, 'decode_b128')} | {weights} | {mem(entry)} | "
+                     f"{compile_cell(entry)} |")
+    lines += ["", "Peak memory: `torch.cuda.max_memory_allocated` after compile and the first forward of each phase "
+              "(stats reset before it); weights GB: allocated after building (quantized tensors, bf16 embedding "
+              "and norms). Compile: the first call of each phase (warm Inductor / autotune caches if the machine "
+              "had them). The transformers row's decode tok/s = (N - 1) / (time of generate(N) - time of "
+              "generate(1)) at batch 1, with a StaticCache allocated once and passed to every generate() call.", "",
+              "Where compile time goes (first call of each phase, seconds; Dynamo's own timers):", "",
+              "| row | phase | first call | Dynamo trace | backend outside Inductor (qcompile pass) | Inductor "
+              "(codegen, kernel-compile wait) | run + rest | autotuned linear configs | FX-cache hits |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+    for name in order:
+        for phase in PHASES:
+            comp = rows[name]["phases"].get(phase, {}).get("compile")
+            if not comp:
+                continue
+            lines.append(f"| {name} | {phase} | {fmt(comp['first_call_s'])} | {fmt(comp['dynamo_trace_s'])} | "
+                         f"{fmt(comp['backend_outside_inductor_s'])} | {fmt(comp['inductor_s'])} "
+                         f"({fmt(comp['inductor_codegen_s'])}, {fmt(comp['kernel_compile_wait_s'])}) | "
+                         f"{fmt(comp['first_run_and_rest_s'])} | {comp.get('autotuned_linear_configs', '—')} | "
+                         f"{comp['fx_cache_hits']} |")
+    problems = [f"- {name} {phase}: {r['error'][:300]}" for name in order
+                for phase, r in rows[name]["phases"].items() if "error" in r]
+    if problems:
+        lines += ["", "Failed phases:", *problems]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    begin, end = "<!-- llama_e2e:begin -->", "<!-- llama_e2e:end -->"
+    old = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", help=f"comma-separated rows (default {DEFAULT_ROWS}; with --write alone: none)")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated, of " + ", ".join(PHASES))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file, appended to")
+    ap.add_argument("--write", type=Path, help="render the table from --out into this markdown file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--layers", type=int, help="decoder layers (default 32; --tiny: 2)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny config for CPU smoke tests (hidden 256, 2 layers, "
+                    "short prompts)")
+    ap.add_argument("--new-tokens", type=int, help="decode: tokens generated and timed (default 256; tiny 8)")
+    ap.add_argument("--prompt-len", type=int, help="decode: prompt tokens (default 32; tiny 4)")
+    ap.add_argument("--prefill-prompts", type=int, help="default 32 (tiny 4)")
+    ap.add_argument("--prefill-len", type=int, help="default 4096 (tiny 64)")
+    ap.add_argument("--prefill-chunk", type=int, help="prompts per prefill forward (default 4; tiny 2)")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
+    ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = ({"new_tokens": 8, "prompt_len": 4, "prefill_prompts": 4, "prefill_len": 64, "prefill_chunk": 2}
+                if args.tiny else
+                {"new_tokens": 256, "prompt_len": 32, "prefill_prompts": 32, "prefill_len": 4096, "prefill_chunk": 4})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [p for p in args.phases.split(",") if p not in PHASES]
+    if unknown:
+        ap.error(f"--phases: unknown {', '.join(unknown)}; valid: {', '.join(PHASES)}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.write is not None and args.rows is None:
+        write_section(args.write, render(load_records(args.out)))
+        print(f"wrote the llama_e2e section of {args.write} from {args.out}")
+        return []
+    device = torch.device(args.device)
+    config = TINY if args.tiny else LLAMA_3_1_8B
+    if args.layers is not None:
+        config = llama_model.LlamaConfig(**{**config.__dict__, "n_layers": args.layers})
+    rows = [row_named(n) for n in (args.rows or DEFAULT_ROWS).split(",")]
+    phases = [p for p in PHASES if p in args.phases.split(",")]
+    log(f"device {device_name(device)}; torch {torch.__version__}; rows {', '.join(r.name for r in rows)}; "
+        f"phases {', '.join(phases)}; qcompile cudagraphs option: {HAS_CUDAGRAPHS_OPTION}; results -> {args.out}")
+    save = saver(args.out)
+    records = [run_row(row, args, device, config, phases, save) for row in rows]
+    print("\n" + render(load_records(args.out)), flush=True)
+    if args.write is not None:
+        write_section(args.write, render(load_records(args.out)))
+        log(f"wrote {args.write}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
