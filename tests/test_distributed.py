@@ -81,14 +81,22 @@ def _tp_worker(rank, port, out_path):
     torch.set_num_threads(1)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        outputs = {}
+        results = {}
         for options, _ in SCHEMES:
             torch._dynamo.reset()
             model = parallelize_module(_model(), mesh, tensor_parallel_plan())
             with torch.no_grad():
-                outputs[options["scheme"]] = torch.compile(model, backend="qcompile", options=options)(_tokens())
+                results[options["scheme"]] = torch.compile(model, backend="qcompile", options=options)(_tokens())
+        # o_proj's K = 128 holds whole groups of 128, each rank's half of it does not
+        torch._dynamo.reset()
+        model = parallelize_module(_model(), mesh, tensor_parallel_plan())
+        try:
+            torch.compile(model, backend="qcompile", options={"scheme": "int4_weight_only", "group_size": 128})(
+                _tokens())
+        except Exception as e:  # Dynamo wraps the backend's error
+            results["straddle_error"] = str(e)
         if rank == 0:
-            torch.save(outputs, out_path)
+            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -100,20 +108,20 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def tp_outputs():
+def tp_results():
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "outputs.pt")
+        path = os.path.join(tmp, "results.pt")
         mp.spawn(_tp_worker, args=(_free_port(), path), nprocs=WORLD)
         return torch.load(path)
 
 
 @pytest.mark.parametrize("options,exact", SCHEMES, ids=[o["scheme"] for o, _ in SCHEMES])
-def test_tensor_parallel_matches_single_process(tp_outputs, options, exact):
+def test_tensor_parallel_matches_single_process(tp_results, pass_runner, options, exact):
     model = _model()
     with torch.no_grad():
         reference = model(_tokens())
-        single = torch.compile(model, backend="qcompile", options=options)(_tokens())
-    tp = tp_outputs[options["scheme"]]
+    single, _ = pass_runner(model, (_tokens(),), options)  # the reference ops, eagerly: the numerics to match
+    tp = tp_results[options["scheme"]]
     single_error, tp_error = (single - reference).norm(), (tp - reference).norm()
     assert single_error > 0  # the model was quantized at all
     if exact:
@@ -121,3 +129,10 @@ def test_tensor_parallel_matches_single_process(tp_outputs, options, exact):
     else:
         assert tp_error <= 1.25 * single_error, (tp_error, single_error)
         assert (tp - single).norm() <= single_error
+
+
+def test_group_straddling_two_ranks_is_refused(tp_results):
+    message = tp_results.get("straddle_error", "")
+    assert "'o_proj.weight' (128, 128) is sharded along in_features" in message, message
+    assert "K[0:64] of K=128 does not hold whole groups of 128" in message, message
+    assert "group_size 32/64 would fit" in message, message
