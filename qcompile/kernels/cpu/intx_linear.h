@@ -28,6 +28,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QC_X86_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define QC_X86_VNNI 1
+#endif
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #define QC_ARM_NEON 1
@@ -55,7 +58,9 @@ constexpr int64_t QC_PARALLEL_MIN_MACS = int64_t(1) << 22;
 
 // Which micro-kernels this translation unit was compiled with (the tests check it).
 inline const char* isa_name() {
-#if defined(QC_X86_AVX2)
+#if defined(QC_X86_VNNI)
+  return "x86_avx512_vnni";
+#elif defined(QC_X86_AVX2)
   return "x86_avx2";
 #elif defined(QC_ARM_I8MM)
   return "arm_i8mm";
@@ -178,8 +183,10 @@ inline void to_plane_order(T* a, int64_t K) {
   }
 }
 
+// torchao's asymmetric int8 qparams of one token: scale = max(max(x,0)-min(x,0), eps*255)/255,
+// zero = clamp(-128 - round(min(x,0)/scale), -128, 127), as float.
 template <typename XT>
-inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* scale_out, int32_t* zero_out) {
+inline void token_qparams(const XT* x, int64_t K, float* scale_out, float* zero_out) {
   float mn = 0.f, mx = 0.f;
   bool has_nan = false;
   int64_t k = 0;
@@ -209,10 +216,19 @@ inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* sc
   // gives an infinite scale)
   const float scale = has_nan ? NAN : std::max((mx - mn) / 255.0f, FLT_EPSILON);
   const float zero_f = std::min(std::max(-128.0f - std::nearbyint(mn / scale), -128.0f), 127.0f);
+  *scale_out = scale;
+  // a NaN scale would give a NaN zero (casting that to int is undefined): the outputs are NaN through the scale
+  *zero_out = zero_f == zero_f ? zero_f : 0.f;
+}
+
+template <typename XT>
+inline void quantize_token_int8_asym(const XT* x, int64_t K, act_t* a, float* scale_out, int32_t* zero_out) {
+  float scale, zero_f;
+  token_qparams(x, K, &scale, &zero_f);
   const float inv = 1.0f / scale;
   const float lo = -128.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f), hi = 127.0f - (ACT_HOLDS_ZERO ? zero_f : 0.f);
   const float add = ACT_HOLDS_ZERO ? 0.f : zero_f;
-  k = 0;
+  int64_t k = 0;
 #if defined(QC_X86_AVX2)
   if constexpr (std::is_same_v<XT, float>) {
     // stores round(x/scale) clamped to [-128-zero, 127-zero] == q - zero, as int16
@@ -453,6 +469,371 @@ inline T* thread_scratch(std::vector<T>& v, size_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// x86 AVX-512 VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, 64 MACs per instruction). The
+// activation is the u8 operand: a = q + 128 in [0, 255]; c = 128 + zero, so a - c = q - zero. Weights are the s8
+// operand v, either signed w (GEMM; GEMV for widths other than 4) or, in the 4-bit GEMV, the raw nibble u with
+// w = u - 8. Per group g (G values, exact in int32):
+//   sum_k w_k (q_k - zero) = sum_k a_k v_k - c * sum_k v_k - o * sum_k a_k + o * c * G      (o = 8 for nibbles, else 0)
+// and y = x_scale * sum_g scale_g * that + bias, as the reference sums it.
+// ---------------------------------------------------------------------------------------------------------
+#if defined(QC_X86_VNNI)
+// The GEMV walks a row in chunks of 16 int32 lanes: 4-bit, 128 values from 64 packed bytes (lane l holds
+// k0+8l..k0+8l+7: its 4 even k from the low nibbles, its 4 odd k from the high ones, so the activations of a
+// chunk are stored evens then odds); other widths, 64 values in order (lane l holds k0+4l..k0+4l+3). Every lane
+// lies in one group when chunks and groups nest; other group sizes take the AVX2 kernels.
+template <int BITS>
+constexpr int vnni_chunk = BITS == 4 ? 128 : 64;
+template <int BITS, int GROUP>
+constexpr bool vnni_fits = vnni_chunk<BITS> % GROUP == 0 || GROUP % vnni_chunk<BITS> == 0;
+constexpr int QC_VNNI_MR = 4;  // GEMM: tokens per micro-tile
+constexpr int QC_VNNI_NR = 2;  // GEMM: 16-row panels per micro-tile
+
+// The first `bytes` (a multiple of 16, <= 64) bytes at p, zero above. Not a masked load: on this AMD CPU those
+// cost ~4x more once the data is out of L2.
+inline __m512i load_bytes(const uint8_t* p, int bytes) {
+  if (bytes >= 64) return _mm512_loadu_si512(p);
+  __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i*)p));
+  if (bytes > 16) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p + 16)), 1);
+  if (bytes > 32) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p + 32)), 2);
+  return v;
+}
+
+// a = clamp(round(x * inv) + c, 0, 255) for 16 floats (NaN -> 0: the token's outputs are NaN through its scale)
+inline __m128i quantize16_u8(__m512 x, __m512 inv, __m512 c) {
+  __m512 r = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c);
+  r = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
+  return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+}
+
+// One token as u8 activations into `a` (length K rounded up to the GEMV chunk, zero padded); returns scale, c.
+// CHUNK_ORDER: the 4-bit GEMV order (evens then odds per 128 values); else natural order.
+template <typename XT, bool CHUNK_ORDER>
+inline void quantize_token_u8(const XT* x, int64_t K, int64_t K_pad, uint8_t* a, float* scale_out, int32_t* c_out) {
+  float scale, zero_f;
+  token_qparams(x, K, &scale, &zero_f);
+  const float inv = 1.0f / scale, c = zero_f + 128.f;
+  std::memset(a + K, 0, (size_t)(K_pad - K));
+  int64_t k = 0;
+  if constexpr (std::is_same_v<XT, float>) {
+    const __m512 vinv = _mm512_set1_ps(inv), vc = _mm512_set1_ps(c);
+    if constexpr (CHUNK_ORDER) {
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      for (; k + 32 <= K; k += 32) {  // 32 values: 16 evens to the chunk's first half, 16 odds to its second
+        const __m512 lo = _mm512_loadu_ps(x + k), hi = _mm512_loadu_ps(x + k + 16);
+        uint8_t* dst = a + (k & ~int64_t(127)) + (k & 127) / 2;
+        _mm_storeu_si128((__m128i*)dst, quantize16_u8(_mm512_permutex2var_ps(lo, even, hi), vinv, vc));
+        _mm_storeu_si128((__m128i*)(dst + 64), quantize16_u8(_mm512_permutex2var_ps(lo, odd, hi), vinv, vc));
+      }
+    } else {
+      for (; k + 16 <= K; k += 16)
+        _mm_storeu_si128((__m128i*)(a + k), quantize16_u8(_mm512_loadu_ps(x + k), vinv, vc));
+    }
+  }
+  for (; k < K; ++k) {
+    float q = std::nearbyint(static_cast<float>(x[k]) * inv) + c;
+    q = q == q ? std::min(std::max(q, 0.f), 255.f) : 0.f;
+    const int64_t at = CHUNK_ORDER ? (k & ~int64_t(127)) + (k & 127) / 2 + (k & 1) * 64 : k;
+    a[at] = (uint8_t)q;
+  }
+  *scale_out = scale;
+  *c_out = (int32_t)c;
+}
+
+// The 4-bit GEMV's per-lane start values o * c * n_l - o * sum_lane(a) (n_l = values in lane l: 8, or 0 in the
+// padding), one vector per chunk.
+inline void nibble_lane_offsets(const uint8_t* a, int64_t K, int64_t chunks, int32_t c, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(a + ch * 128), ones);
+    sum = _mm512_dpbusd_epi32(sum, _mm512_loadu_si512(a + ch * 128 + 64), ones);
+    const int64_t real_lanes = std::min<int64_t>(16, (K - ch * 128) / 8);
+    const __m512i n = _mm512_maskz_set1_epi32((__mmask16)((1u << real_lanes) - 1), 8 * 8 * c);
+    _mm512_storeu_si512(out + ch * 16, _mm512_sub_epi32(n, _mm512_slli_epi32(sum, 3)));
+  }
+}
+
+template <typename ST>
+inline float scale_at(const ST* s, int64_t i) { return static_cast<float>(s[i]); }
+
+// The scale of each lane's group for the chunk at k0 (0 for groups past the row's end).
+template <int BITS, int GROUP, typename ST>
+inline __m512 chunk_scales(const ST* srow, int64_t k0, int64_t groups) {
+  constexpr int CHUNK = vnni_chunk<BITS>;
+  const int64_t base = k0 / GROUP;
+  if constexpr (GROUP >= CHUNK) {
+    return _mm512_set1_ps(scale_at(srow, base));
+  } else {
+    constexpr int per_chunk = CHUNK / GROUP, lanes_per_group = 16 / per_chunk;
+    const int count = (int)std::min<int64_t>(per_chunk, groups - base);
+    __m128 s;
+    if (std::is_same_v<ST, float> && per_chunk == 4 && count == 4) {
+      s = _mm_loadu_ps((const float*)srow + base);
+    } else if (std::is_same_v<ST, float> && per_chunk == 2 && count == 2) {
+      s = _mm_castpd_ps(_mm_load_sd((const double*)(srow + base)));
+    } else {  // from registers: four scalar stores read back as one vector would stall store forwarding
+      auto at = [&](int i) { return i < count ? scale_at(srow, base + i) : 0.f; };
+      s = _mm_setr_ps(at(0), at(1), at(2), at(3));
+    }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx = _mm512_srli_epi32(lane, __builtin_ctz(lanes_per_group));
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+  }
+}
+
+// 64 values of a row from k0 (`count` <= 64 of them, the rest 0) as signed int8 w, any width.
+template <int BITS>
+inline __m512i load_w64(const uint8_t* row, int64_t K, int64_t k0, int count) {
+  if constexpr (BITS == 8) {
+    const __m512i u = load_bytes(row + k0, count);
+    const __mmask64 mask = count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
+    return _mm512_maskz_sub_epi8(mask, u, _mm512_set1_epi8((char)0x80));
+  } else {
+    alignas(64) int8_t t[64] = {0};
+    for (int i = 0; i < count; i += 32) unpack32<BITS>(row, K, k0 + i, t + i);
+    return _mm512_load_si512(t);
+  }
+}
+
+// GEMV: out[r * MT + t] = sum_g scale_g * sum_k w_k (q_k - zero_t) for QC_VNNI_ROWS packed rows and MT tokens;
+// the rows share each activation load and the loop overhead.
+constexpr int QC_VNNI_ROWS = 4;
+
+template <int BITS, int GROUP, int MT, typename ST>
+inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, const uint8_t* act,
+                           const int32_t* lane_offsets, const int32_t* c, int64_t K, int64_t K_pad,
+                           int64_t prefetch_rows, float* out) {
+  constexpr int CHUNK = vnni_chunk<BITS>, R = QC_VNNI_ROWS;
+  const int64_t chunks = K_pad / CHUNK, groups = K / GROUP;
+  // software prefetch of the rows `prefetch_rows` ahead: the hardware prefetcher alone streams ~40% slower here
+  const int64_t pf_w = prefetch_rows * (K * BITS / 8), pf_s = prefetch_rows * groups;
+  __m512 facc[R][MT];
+  __m512i cb[MT];
+  for (int t = 0; t < MT; ++t) cb[t] = _mm512_set1_epi8((char)c[t]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) facc[r][t] = _mm512_setzero_ps();
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t k0 = ch * CHUNK;
+    const int count = (int)std::min<int64_t>(CHUNK, K - k0);
+    if constexpr (BITS == 4) {
+      const __m512i m4 = _mm512_set1_epi8(0x0F);
+      __m512i a_lo[MT], a_hi[MT], start[MT];
+      for (int t = 0; t < MT; ++t) {
+        a_lo[t] = _mm512_loadu_si512(act + t * K_pad + k0);
+        a_hi[t] = _mm512_loadu_si512(act + t * K_pad + k0 + 64);
+        start[t] = _mm512_loadu_si512(lane_offsets + (t * chunks + ch) * 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch((const char*)(row[r] + k0 / 2 + pf_w), _MM_HINT_T0);
+        _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
+        const __m512 s = chunk_scales<BITS, GROUP, ST>(srow[r], k0, groups);
+        const __m512i p = load_bytes(row[r] + k0 / 2, count / 2);
+        const __m512i lo = _mm512_and_si512(p, m4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+        const __m512i both = _mm512_add_epi8(lo, hi);
+        for (int t = 0; t < MT; ++t) {
+          __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start[t], a_lo[t], lo), a_hi[t], hi);
+          acc = _mm512_sub_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), cb[t], both));
+          facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, facc[r][t]);
+        }
+      }
+    } else {
+      __m512i a[MT];
+      for (int t = 0; t < MT; ++t) a[t] = _mm512_loadu_si512(act + t * K_pad + k0);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch((const char*)(row[r] + k0 * BITS / 8 + pf_w), _MM_HINT_T0);
+        _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
+        const __m512 s = chunk_scales<BITS, GROUP, ST>(srow[r], k0, groups);
+        const __m512i w = load_w64<BITS>(row[r], K, k0, count);
+        for (int t = 0; t < MT; ++t) {
+          __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), a[t], w);
+          acc = _mm512_sub_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), cb[t], w));
+          facc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, facc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(facc[r][t]);
+}
+
+// GEMM panel: 16 rows unpacked to signed int8 and interleaved by 4 values, [K/4][16 rows][4], so one vpdpbusd
+// multiplies 4 values of one token (broadcast) with 4 values of each of the 16 rows; then the rows' scales as
+// float [groups][16] and their weight sums per group [groups][16] (int32). Rows past `rows` are zero.
+struct VnniPanel {
+  int8_t* w;
+  float* scale;
+  int32_t* wsum;
+};
+
+inline size_t vnni_panel_bytes(int64_t K, int64_t groups) { return (size_t)(16 * K + 16 * groups * 8); }
+
+template <int BITS, int GROUP, typename ST>
+inline VnniPanel unpack_vnni_panel(const uint8_t* packed, const ST* scale, int64_t n0, int64_t rows, int64_t K,
+                                   uint8_t* storage) {
+  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
+  VnniPanel p{(int8_t*)storage, (float*)(storage + 16 * K), (int32_t*)(storage + 16 * K + 16 * groups * 4)};
+  alignas(64) int8_t wrow[64];
+  for (int r = 0; r < 16; ++r) {
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int count = (int)std::min<int64_t>(64, K - k0);
+      if (r < rows) {
+        __m512i w;
+        if constexpr (BITS == 4) {  // interleave the nibbles back to k order
+          const __m256i b = _mm512_castsi512_si256(load_bytes(packed + (n0 + r) * row_bytes + k0 / 2, count / 2));
+          const __m256i m4 = _mm256_set1_epi8(0x0F);
+          const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+          const __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+          // unpack works within 128-bit halves: [0-15 | 32-47] and [16-31 | 48-63] of the 64 values
+          w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
+                                 _mm256_permute2x128_si256(first, second, 0x31), 1);
+          const __mmask64 mask = count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
+          w = _mm512_maskz_sub_epi8(mask, w, _mm512_set1_epi8(8));
+        } else {
+          w = load_w64<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
+        }
+        _mm512_store_si512(wrow, w);
+      } else {
+        std::memset(wrow, 0, sizeof(wrow));
+      }
+      for (int q = 0; q < count / 4; ++q) std::memcpy(p.w + ((k0 / 4 + q) * 16 + r) * 4, wrow + 4 * q, 4);
+      for (int i = 0; i < count; i += GROUP < 64 ? GROUP : 64) {
+        int32_t s = 0;
+        for (int j = 0; j < std::min(GROUP, count - i); ++j) s += wrow[i + j];
+        const int64_t g = (k0 + i) / GROUP;
+        if ((k0 + i) % GROUP == 0) p.wsum[g * 16 + r] = 0;
+        p.wsum[g * 16 + r] += s;
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) p.scale[g * 16 + r] = r < rows ? scale_at(scale + (n0 + r) * groups, g) : 0.f;
+  }
+  return p;
+}
+
+// GEMM micro-tile: QC_VNNI_MR tokens (a[t], natural order, u8) x QC_VNNI_NR panels; returns, per token and panel,
+// 16 lanes of sum_g scale_g * sum_k w_k (q_k - zero) in f.
+template <int GROUP>
+inline void vnni_gemm_tile(const VnniPanel* panels, const uint8_t* const* a, const int32_t* c, int64_t K,
+                           __m512 f[QC_VNNI_MR][QC_VNNI_NR]) {
+  constexpr int MR = QC_VNNI_MR, NR = QC_VNNI_NR;
+  for (int t = 0; t < MR; ++t)
+    for (int p = 0; p < NR; ++p) f[t][p] = _mm512_setzero_ps();
+  __m512i neg_c[MR];
+  for (int t = 0; t < MR; ++t) neg_c[t] = _mm512_set1_epi32(-c[t]);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    __m512i acc[MR][NR];
+    for (int p = 0; p < NR; ++p) {
+      const __m512i wsum = _mm512_loadu_si512(panels[p].wsum + g * 16);
+      for (int t = 0; t < MR; ++t) acc[t][p] = _mm512_mullo_epi32(neg_c[t], wsum);
+    }
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
+      __m512i w[NR];
+      for (int p = 0; p < NR; ++p) w[p] = _mm512_loadu_si512(panels[p].w + k * 16);
+      for (int t = 0; t < MR; ++t) {
+        int32_t quad;
+        std::memcpy(&quad, a[t] + k, 4);
+        const __m512i av = _mm512_set1_epi32(quad);
+        for (int p = 0; p < NR; ++p) acc[t][p] = _mm512_dpbusd_epi32(acc[t][p], av, w[p]);
+      }
+    }
+    for (int p = 0; p < NR; ++p) {
+      const __m512 s = _mm512_loadu_ps(panels[p].scale + g * 16);
+      for (int t = 0; t < MR; ++t) f[t][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][p]), s, f[t][p]);
+    }
+  }
+}
+
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
+                                   int64_t M, int64_t N, int64_t K, int num_threads) {
+  constexpr int CHUNK = vnni_chunk<BITS>;
+  const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  const int64_t K_pad = (K + CHUNK - 1) / CHUNK * CHUNK, chunks = K_pad / CHUNK;
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)num_threads; (void)parallel;
+  auto store = [&](int64_t m, int64_t n, float v, float a_scale) {
+    v *= a_scale;
+    if (bias) v += static_cast<float>(bias[n]);
+    y[m * N + n] = static_cast<OT>(v);
+  };
+  if (M < QC_GEMM_MIN_M) {
+    // GEMV: every thread quantizes the few tokens itself (no barrier between quantizing and the dot products)
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+      static thread_local std::vector<uint8_t> act_storage;
+      static thread_local std::vector<int32_t> offset_storage;
+      uint8_t* act = thread_scratch(act_storage, (size_t)(M * K_pad));
+      int32_t* lane_offsets = thread_scratch(offset_storage, (size_t)(M * chunks * 16));
+      float a_scale[QC_GEMM_MIN_M];
+      int32_t c[QC_GEMM_MIN_M];
+      for (int64_t m = 0; m < M; ++m) {
+        quantize_token_u8<XT, BITS == 4>(x + m * K, K, K_pad, act + m * K_pad, a_scale + m, c + m);
+        if constexpr (BITS == 4) nibble_lane_offsets(act + m * K_pad, K, chunks, c[m], lane_offsets + m * chunks * 16);
+      }
+#pragma omp for schedule(static) nowait
+      for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
+        const uint8_t* rows[QC_VNNI_ROWS];
+        const ST* srows[QC_VNNI_ROWS];
+        for (int r = 0; r < QC_VNNI_ROWS; ++r) {  // a tail of rows repeats the last one (results not stored)
+          const int64_t n = std::min(n0 + r, N - 1);
+          rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
+        }
+        float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
+        const int64_t ahead = 4096 / row_bytes + 1;  // prefetches past the last row are harmless (never fault)
+        if (M == 1) vnni_gemv_rows<BITS, GROUP, 1, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
+        else if (M == 2) vnni_gemv_rows<BITS, GROUP, 2, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
+        else vnni_gemv_rows<BITS, GROUP, 3, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
+        for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
+          for (int64_t m = 0; m < M; ++m) store(m, n0 + r, out[r * M + m], a_scale[m]);
+      }
+    }
+    return;
+  }
+  static thread_local std::vector<uint8_t> act_storage;
+  static thread_local std::vector<float> ascale_storage;
+  static thread_local std::vector<int32_t> c_storage;
+  uint8_t* act = thread_scratch(act_storage, (size_t)(M * K));
+  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
+  int32_t* c = thread_scratch(c_storage, (size_t)M);
+  constexpr int64_t BLOCK = 16 * QC_VNNI_NR;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_token_u8<XT, false>(x + m * K, K, K, act + m * K, a_scale + m, c + m);
+    static thread_local std::vector<uint8_t> panel_storage;
+    const size_t panel_bytes = (vnni_panel_bytes(K, groups) + 63) / 64 * 64;
+    uint8_t* storage = thread_scratch(panel_storage, QC_VNNI_NR * panel_bytes + 64);
+    storage += (64 - (uintptr_t)storage % 64) % 64;
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+      VnniPanel panels[QC_VNNI_NR];
+      for (int p = 0; p < QC_VNNI_NR; ++p)
+        panels[p] = unpack_vnni_panel<BITS, GROUP, ST>(packed, scale, n0 + 16 * p,
+                                                       std::max<int64_t>(0, std::min<int64_t>(16, N - n0 - 16 * p)), K,
+                                                       storage + p * panel_bytes);
+      for (int64_t m0 = 0; m0 < M; m0 += QC_VNNI_MR) {
+        const int mr = (int)std::min<int64_t>(QC_VNNI_MR, M - m0);
+        const uint8_t* a[QC_VNNI_MR];
+        int32_t ct[QC_VNNI_MR];
+        for (int t = 0; t < QC_VNNI_MR; ++t) {  // a short tail repeats its last token (results not stored)
+          const int64_t m = m0 + std::min(t, mr - 1);
+          a[t] = act + m * K, ct[t] = c[m];
+        }
+        __m512 f[QC_VNNI_MR][QC_VNNI_NR];
+        vnni_gemm_tile<GROUP>(panels, a, ct, K, f);
+        for (int t = 0; t < mr; ++t)
+          for (int p = 0; p < QC_VNNI_NR; ++p) {
+            alignas(64) float v[16];
+            _mm512_store_ps(v, f[t][p]);
+            const int64_t nb = std::min<int64_t>(16, N - n0 - 16 * p);
+            for (int64_t l = 0; l < nb; ++l) store(m0 + t, n0 + 16 * p + l, v[l], a_scale[m0 + t]);
+          }
+      }
+    }
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
 // Entry point 1: int8 dynamic activations x intx weights. x [M, K], packed [N, K*BITS/8], scale [N, K/GROUP],
 // bias [N] or nullptr, y [M, N].
 // ---------------------------------------------------------------------------------------------------------
@@ -461,6 +842,12 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
                               int64_t M, int64_t N, int64_t K, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
   static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+#if defined(QC_X86_VNNI)
+  if constexpr (vnni_fits<BITS, GROUP>) {
+    intx_linear_dynamic_int8_vnni<BITS, GROUP, XT, ST, BT, OT>(x, packed, scale, bias, y, M, N, K, num_threads);
+    return;
+  }
+#endif
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
   (void)num_threads; (void)parallel;

@@ -44,7 +44,7 @@ void report(const char* what, int bits, int group, const Case& c, double err, do
 
 template <int BITS, int GROUP>
 void check(const Case& c, std::mt19937& rng) {
-  const int64_t M = c.M, N = c.N, K = c.K, G = K / GROUP;
+  const int64_t M = c.M, N = c.N, K = (c.K + GROUP - 1) / GROUP * GROUP, G = K / GROUP;
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_int_distribution<int> uval(0, (1 << BITS) - 1);
   std::uniform_real_distribution<float> uscale(0.01f, 0.1f);
@@ -98,10 +98,11 @@ void check(const Case& c, std::mt19937& rng) {
 
 template <int BITS>
 void check_bits(std::mt19937& rng) {
-  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail;
-  // the last two are big enough (>= QC_PARALLEL_MIN_MACS) to run multi-threaded where OpenMP is on
-  for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}, Case{1, 16400, 256},
-                 Case{41, 401, 256}}) {
+  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail; K = 352 (384
+  // with groups of 128) leaves a partial 128-value chunk; the 16400 and 401 rows are big enough
+  // (>= QC_PARALLEL_MIN_MACS) to run multi-threaded where OpenMP is on
+  for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}, Case{2, 37, 352},
+                 Case{6, 37, 352}, Case{1, 16400, 256}, Case{41, 401, 256}}) {
     check<BITS, 32>(c, rng);
     check<BITS, 128>(c, rng);
   }
