@@ -40,6 +40,7 @@ class MLP(torch.nn.Module):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--schemes", default="int8_weight_only,int4_weight_only,float8_dynamic")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
@@ -47,7 +48,7 @@ def main():
     rows = []
     qexport = sys.modules["qcompile.export"]  # the package exports a function of the same name
     real_lower = qexport.lower_for_device
-    for scheme in ("int8_weight_only", "int4_weight_only", "float8_dynamic"):
+    for scheme in args.schemes.split(","):
         for lowered in (True, False):
             qexport.lower_for_device = real_lower if lowered else (lambda gm, device: None)
             model = MLP().cuda().bfloat16()
@@ -71,6 +72,8 @@ def main():
             done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", LOADER, path,
                                    os.path.join(tmp, "x.pt")], capture_output=True, text=True,
                                   env={**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1"})
+            with open(args.out, "a") as f:
+                f.write("")
             row.update(rc=done.returncode, stdout=done.stdout[-1500:], stderr=done.stderr[-4000:])
             rows.append(row)
             print(json.dumps(row), flush=True)
