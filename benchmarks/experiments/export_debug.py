@@ -72,8 +72,6 @@ def main():
             done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", LOADER, path,
                                    os.path.join(tmp, "x.pt")], capture_output=True, text=True,
                                   env={**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1"})
-            with open(args.out, "a") as f:
-                f.write("")
             row.update(rc=done.returncode, stdout=done.stdout[-1500:], stderr=done.stderr[-4000:])
             rows.append(row)
             print(json.dumps(row), flush=True)
