@@ -10,7 +10,11 @@ transformers' LlamaForCausalLM compiled with backend="qcompile" running generate
 Rows: bf16, any qcompile scheme name (group-wise ones at group 128), transformers (int4_weight_only g128) and
 transformers_bf16. Each phase of a row is saved to --out (JSON) as soon as it finishes, so a run killed by a
 time limit keeps what it measured, and several invocations build one table (per row and phase, the latest
-measurement wins).
+measurement wins). On a machine that returns only $OUT, carry the file there and back:
+
+    cp benchmarks/llama_e2e_results.json $OUT/ 2>/dev/null
+    python benchmarks/llama_e2e.py --rows bf16,int4_weight_only --budget-s 480 \
+        --out $OUT/llama_e2e_results.json 2> $OUT/stderr.txt        # then copy the file back into benchmarks/
 
 Protocol (every row alike):
 - Build: the model is made on the meta device and materialized on the device one decoder layer at a time;
@@ -168,7 +172,8 @@ def compile_snapshot() -> dict:
 
 def autotune_entries() -> int | None:
     """Entries in qcompile's Triton config cache (tuned configs per linear spec, M bucket, N, K)."""
-    path = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile")) / "triton_linear_configs.json"
+    root = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile"))
+    path = root / "triton_linear_configs.json"
     try:
         return len(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -192,7 +197,8 @@ def compile_report(before: dict, after: dict, first_call_s: float) -> dict:
     for key in ("graphs", "graph_breaks", "fx_cache_hits", "fx_cache_misses"):
         report[key] = after[key] - before[key]
     if after["autotuned_linear_configs"] is not None:
-        report["autotuned_linear_configs"] = after["autotuned_linear_configs"] - (before["autotuned_linear_configs"] or 0)
+        tuned_before = before["autotuned_linear_configs"] or 0
+        report["autotuned_linear_configs"] = after["autotuned_linear_configs"] - tuned_before
     return report
 
 
@@ -247,17 +253,9 @@ def decode_phase(model, row: Row, args, device, batch: int) -> dict:
 
     result = {"batch": batch, "prompt_len": P, "new_tokens": N, "kv_cache_gb": gb(cache.nbytes),
               "allocated_at_start_gb": gb(allocated(device))}
-    before = compile_snapshot()
-    reset_peak(device)
     with torch.no_grad():
-        start = time.perf_counter()
         ids.copy_(prompt[:, :1])
-        call()
-        sync(device)
-        first = time.perf_counter() - start
-        result["compile"] = compile_report(before, compile_snapshot(), first)
-        result["peak_first_gb"] = gb(peak(device))
-        log(f"  {row.name} decode b{batch}: first call {first:.1f} s {short_compile(result['compile'])}")
+        before = first_call(call, result, device, f"{row.name} decode b{batch}")
         times = [generate() for _ in range(args.reps)]
     result["times_s"] = [round(t, 4) for t in times]
     result["tok_s"] = round(batch * N / min(times), 2)
@@ -281,16 +279,8 @@ def prefill_phase(model, row: Row, args, device) -> dict:
     fn = compile_for(prefill, row, device, cuda_graphs=False)
     result = {"prompts": n, "prompt_len": L, "chunk": chunk, "kv_cache_gb": gb(cache.nbytes),
               "allocated_at_start_gb": gb(allocated(device))}
-    before = compile_snapshot()
-    reset_peak(device)
     with torch.no_grad():
-        start = time.perf_counter()
-        logits = fn(model, chunks[0], cache)
-        sync(device)
-        first = time.perf_counter() - start
-        result["compile"] = compile_report(before, compile_snapshot(), first)
-        result["peak_first_gb"] = gb(peak(device))
-        log(f"  {row.name} prefill: first call {first:.1f} s {short_compile(result['compile'])}")
+        before = first_call(lambda: fn(model, chunks[0], cache), result, device, f"{row.name} prefill")
         times = []
         for _ in range(args.reps):
             sync(device)
@@ -308,10 +298,24 @@ def prefill_phase(model, row: Row, args, device) -> dict:
     return result
 
 
+def first_call(call, result: dict, device, label: str) -> dict:
+    """Run a phase's first call (compile + first forward) with peak memory stats reset before it; record its
+    time, where that went, and the peak after it. Returns the compile counters from before, for phase_checks."""
+    before = compile_snapshot()
+    reset_peak(device)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    seconds = time.perf_counter() - start
+    result["compile"] = compile_report(before, compile_snapshot(), seconds)
+    result["peak_first_gb"] = gb(peak(device))
+    log(f"  {label}: first call {seconds:.1f} s {short_compile(result['compile'])}")
+    return before
+
+
 def short_compile(c: dict) -> str:
-    parts = [f"{label} {c[key]:.1f} s" for label, key in (("Dynamo", "dynamo_trace_s"), ("pass", "backend_outside_inductor_s"),
-                                                           ("Inductor", "inductor_s"))
-             if c.get(key) is not None]
+    labels = (("Dynamo", "dynamo_trace_s"), ("pass", "backend_outside_inductor_s"), ("Inductor", "inductor_s"))
+    parts = [f"{label} {c[key]:.1f} s" for label, key in labels if c.get(key) is not None]
     return f"({', '.join(parts)})" if parts else ""
 
 
@@ -342,14 +346,9 @@ def transformers_phase(model, row: Row, args, device) -> dict:
     result = {"batch": 1, "prompt_len": P, "new_tokens": N,
               "kv_cache_gb": gb(llama_model.transformers_cache_nbytes(cache)),
               "allocated_at_start_gb": gb(allocated(device))}
-    before = compile_snapshot()
-    reset_peak(device)
     with torch.no_grad():
-        first = generate(1)  # compiles the prompt's graph
-        second = generate(2)  # compiles the one-token graph
-        result["compile"] = compile_report(before, compile_snapshot(), first + second)
-        result["peak_first_gb"] = gb(peak(device))
-        log(f"  {row.name}: first generate() calls {first + second:.1f} s {short_compile(result['compile'])}")
+        # generate(1) compiles the prompt's graph, generate(2) the one-token graph
+        before = first_call(lambda: (generate(1), generate(2)), result, device, f"{row.name} generate()")
         generate(N)  # CUDA graphs recorded
         one, full = [], []
         for _ in range(args.reps):
@@ -397,7 +396,8 @@ def build_row_model(row: Row, config, args, device):
 
 
 def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
-    record = {"row": row.name, "invocation": INVOCATION, "model": row.model, "weight": row.weight, "activation": row.activation,
+    record = {"row": row.name, "invocation": INVOCATION, "model": row.model, "weight": row.weight,
+              "activation": row.activation,
               "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "setup": setup(args, device, config), "phases": {}}
     if row.model == "transformers" and transformers_version() is None:
@@ -557,12 +557,13 @@ def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
     return rows, used
 
 
-def render(records: list[dict]) -> str:
+def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     rows, used = merged_rows(records)
     latest = used[-1] if used else records[-1]
     s = latest["setup"]
     p, c = s["protocol"], s["config"]
     base = rows.get("bf16", {}).get("phases", {})
+    hf_base = rows.get("transformers_bf16", {}).get("phases", {})
 
     def cell(entry, phase):
         result = entry["phases"].get(phase)
@@ -574,6 +575,9 @@ def render(records: list[dict]) -> str:
         ref = base.get(phase, {}).get("tok_s")
         if ref:
             text += f" ({result['tok_s'] / ref:.2f}x)"
+        hf_ref = hf_base.get(phase, {}).get("tok_s")
+        if entry["record"]["model"] == "transformers" and entry["record"]["options"] and hf_ref:
+            text += f", {result['tok_s'] / hf_ref:.2f}x transformers bf16"
         if phase.startswith("decode") and result.get("cuda_graphs") is False:
             text += " no CUDA graphs"
         return text
@@ -598,10 +602,10 @@ def render(records: list[dict]) -> str:
         "",
         f"**Device**: {s['device']}; torch {s['versions']['torch']} (CUDA {s['versions']['cuda']}), triton "
         f"{s['versions']['triton']}, transformers {s['versions']['transformers']}. **Commands** (results merged "
-        f"per row and phase from `benchmarks/llama_e2e_results.json`, latest measurement wins):",
+        f"per row and phase from `{shown_path(source)}`, latest measurement wins):",
         "",
-        *[f"    {r['setup']['command']}    # qcompile {r['setup']['commit']}, {r['invocation'][:16]}Z"
-          for r in {r["invocation"]: r for r in used}.values()],
+        *[f"    {r['setup']['command']}    # qcompile {r['setup']['commit']}, {r.get('invocation', r['started'])[:16]}Z"
+          for r in {r.get("invocation", r["started"]): r for r in used}.values()],
         "",
         f"**Model**: Llama-3.1-8B shapes ({c['layers']} layers, hidden {c['dim']}, {c['heads']} heads / "
         f"{c['kv_heads']} KV heads, FFN {c['ffn']}, vocab {c['vocab']}, RoPE theta 500000, RMSNorm), random weights, "
@@ -622,8 +626,10 @@ def render(records: list[dict]) -> str:
     for name in order:
         entry = rows[name]
         rec = entry["record"]
-        label = f"transformers LlamaForCausalLM, generate() ({'bf16' if rec['options'] is None else 'qcompile ' + rec['options']['scheme']})" \
-            if rec["model"] == "transformers" else ("bf16 (Inductor)" if rec["options"] is None else f"qcompile {name}")
+        label = "bf16 (Inductor)" if rec["options"] is None else f"qcompile {name}"
+        if rec["model"] == "transformers":
+            how = "bf16" if rec["options"] is None else f"qcompile {rec['options']['scheme']}"
+            label = f"transformers LlamaForCausalLM, generate() ({how})"
         if "error" in entry and not entry["phases"]:
             lines.append(f"| {label} | {rec['weight']} | {rec['activation']} | {entry['error']} | | | | | |")
             continue
@@ -651,11 +657,52 @@ def render(records: list[dict]) -> str:
                          f"({fmt(comp['inductor_codegen_s'])}, {fmt(comp['kernel_compile_wait_s'])}) | "
                          f"{fmt(comp['first_run_and_rest_s'])} | {comp.get('autotuned_linear_configs', '—')} | "
                          f"{comp['fx_cache_hits']} |")
+    lines += targets(rows)
     problems = [f"- {name} {phase}: {r['error'][:300]}" for name in order
                 for phase, r in rows[name]["phases"].items() if "error" in r]
     if problems:
         lines += ["", "Failed phases:", *problems]
     return "\n".join(lines)
+
+
+# issue 9's targets: speedup over bf16 under Inductor (prefill, decode b1, decode b128)
+TARGETS = {"float8_dynamic": (1.55, 1.6, 1.35), "int8_dynamic": (1.15, 1.6, 1.3),
+           "int8_weight_only": (0.95, 1.6, 1.2), "int4_weight_only": (0.9, 2.6, 1.3)}
+INT4_PEAK_TARGET_GB = 6.5  # plus the KV cache, after compile and a first forward
+COMPILE_TARGET_S = 120  # per scheme, the three phases together, autotune cache warm
+
+
+def targets(rows: dict) -> list[str]:
+    """The issue's targets against the rows present: met / missed, computed from the table's own numbers."""
+    base = rows.get("bf16", {}).get("phases", {})
+    out = ["", "Against the issue's targets (speedup over bf16 under Inductor; memory; compile time):", "",
+           "| scheme | prefill | decode b1 | decode b128 | peak after compile + 1st forward, b1 | compile, 3 phases |",
+           "|---|---|---|---|---|---|"]
+    for name, goals in TARGETS.items():
+        phases = rows.get(name, {}).get("phases")
+        if not phases:
+            continue
+        cells = []
+        for phase, goal in zip(("prefill", "decode_b1", "decode_b128"), goals):
+            got, ref = phases.get(phase, {}).get("tok_s"), base.get(phase, {}).get("tok_s")
+            cells.append("—" if not got or not ref else
+                         f"{got / ref:.2f}x vs ≥ {goal}x: {'met' if got / ref >= goal else 'missed'}")
+        b1 = phases.get("decode_b1", {})
+        memory = "—"
+        if name == "int4_weight_only" and b1.get("peak_first_gb") is not None:
+            limit = INT4_PEAK_TARGET_GB + b1["kv_cache_gb"]
+            memory = (f"{b1['peak_first_gb']:.2f} GB vs ≤ {limit:.2f} GB (6.5 + KV): "
+                      f"{'met' if b1['peak_first_gb'] <= limit else 'missed'}")
+        times = [phases.get(ph, {}).get("compile", {}).get("first_call_s") for ph in PHASES]
+        compile_s = "—" if None in times else (f"{sum(times):.0f} s vs < {COMPILE_TARGET_S} s: "
+                                                f"{'met' if sum(times) < COMPILE_TARGET_S else 'missed'}")
+        out.append(f"| {name} | {' | '.join(cells)} | {memory} | {compile_s} |")
+    return out if len(out) > 5 else []
+
+
+def shown_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def write_section(path: Path, text: str) -> None:
@@ -707,7 +754,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.write is not None and args.rows is None:
-        write_section(args.write, render(load_records(args.out)))
+        write_section(args.write, render(load_records(args.out), args.out))
         print(f"wrote the llama_e2e section of {args.write} from {args.out}")
         return []
     device = torch.device(args.device)
@@ -720,9 +767,10 @@ def main(argv=None) -> list[dict]:
         f"phases {', '.join(phases)}; qcompile cudagraphs option: {HAS_CUDAGRAPHS_OPTION}; results -> {args.out}")
     save = saver(args.out)
     records = [run_row(row, args, device, config, phases, save) for row in rows]
-    print("\n" + render(load_records(args.out)), flush=True)
+    table = render(load_records(args.out), args.out)
+    print("\n" + table, flush=True)
     if args.write is not None:
-        write_section(args.write, render(load_records(args.out)))
+        write_section(args.write, table)
         log(f"wrote {args.write}")
     return records
 
