@@ -109,7 +109,7 @@ def row_named(name: str) -> Row:
     options = {"scheme": scheme.name}
     if 128 in scheme.group_sizes:
         options["group_size"] = 128
-    return Row(scheme.name, scheme.summary, "quantized per call" if scheme.activation else "bf16", options)
+    return Row(scheme.name, scheme.summary, scheme.activation or "bf16", options)
 
 
 def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
@@ -423,6 +423,8 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
     log(f"{row.name}: built in {record['build_s']} s, weights on {device}: {record['weights_gb']} GB "
         f"(build peak {record['build_peak_gb']} GB)")
     save(record)
+    if row.model == "transformers":
+        phases = [p for p in phases if p == "decode_b1"]  # generate() runs at batch 1 only
     for phase in phases:
         if args.budget_s is not None and time.monotonic() - START > args.budget_s:
             record["phases"][phase] = {"skipped": f"--budget-s {args.budget_s} reached"}
@@ -430,8 +432,6 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
             continue
         try:
             if row.model == "transformers":
-                if phase != "decode_b1":
-                    continue  # generate() runs at batch 1 only
                 result = transformers_phase(model, row, args, device)
             elif phase == "prefill":
                 result = prefill_phase(model, row, args, device)
@@ -444,7 +444,6 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
             log(f"{row.name} {phase}: FAILED\n{traceback.format_exc()}")
         record["phases"][phase] = result
         save(record)
-        torch._dynamo.reset()  # drops the phase's graphs and CUDA-graph pools; quantized weights stay cached
         cleanup(device)
     del model
     cleanup(device)
@@ -452,6 +451,7 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
 
 
 def cleanup(device) -> None:
+    """Drop compiled graphs and their CUDA-graph pools (quantized weights stay cached with their tensors)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -529,13 +529,16 @@ def saver(path: Path):
 # --- rendering ----------------------------------------------------------------------------------------------
 
 def config_key(record: dict) -> str:
+    """What makes two measurements comparable: device, model shapes, protocol (the number of reps aside)."""
     s = record["setup"]
-    return json.dumps([s["device"], s["config"], s["protocol"]], sort_keys=True)
+    protocol = {k: v for k, v in s["protocol"].items() if k != "reps"}
+    return json.dumps([s["device"], s["config"], protocol], sort_keys=True)
 
 
 def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
-    """Rows of the latest configuration (device, shapes, protocol): per row and phase the latest measurement.
-    Returns ({row: {"record": latest record, "phases": {phase: result}}}, records used)."""
+    """Rows of the latest configuration (device, shapes, protocol): per row and phase the latest successful
+    measurement (a later failure does not erase it). Returns ({row: {"record": the latest record that gave a
+    measurement, "phases": {phase: result}}}, records used)."""
     if not records:
         raise SystemExit("no results to render")
     key = config_key(records[-1])
@@ -545,12 +548,13 @@ def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
         if config_key(record) != key:
             continue
         entry = rows.setdefault(record["row"], {"record": record, "phases": {}})
-        entry["record"] = record
         if "error" in record and not record["phases"]:
             entry["error"] = record["error"]
         for phase, result in record["phases"].items():
             if "tok_s" in result or phase not in entry["phases"]:
                 entry["phases"][phase] = result
+                if "tok_s" in result:
+                    entry["record"] = record
                 if record not in used:
                     used.append(record)
     return rows, used
