@@ -104,8 +104,9 @@ def row_named(name: str) -> Row:
         return ROWS[name]
     try:
         scheme = qcompile.get_scheme(name)
-    except ValueError as e:
-        raise SystemExit(f"--rows: unknown row {name!r}: rows are {', '.join(ROWS)} or a qcompile scheme ({e})")
+    except ValueError:
+        raise SystemExit(f"--rows: unknown row {name!r}; rows are {', '.join(ROWS)} or a qcompile scheme: "
+                         f"{', '.join(qcompile.SCHEMES)}") from None
     options = {"scheme": scheme.name}
     if 128 in scheme.group_sizes:
         options["group_size"] = 128
