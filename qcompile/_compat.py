@@ -158,11 +158,15 @@ def dtensor_local(t: torch.Tensor) -> torch.Tensor:
 
 
 def dtensor_rebuilder(t: torch.Tensor):
-    """A function local shard -> a DTensor with `t`'s mesh, placements, global shape and strides."""
+    """A function (local shard, global size = t's, global stride = t's) -> a DTensor with `t`'s mesh and
+    placements."""
     attrs, ctx = t.__tensor_flatten__()
     others = {name: getattr(t, name) for name in attrs if name != "_local_tensor"}
-    size, stride = t.size(), t.stride()
-    return lambda local: type(t).__tensor_unflatten__({"_local_tensor": local, **others}, ctx, size, stride)
+
+    def rebuild(local, size=t.size(), stride=t.stride()):
+        return type(t).__tensor_unflatten__({"_local_tensor": local, **others}, ctx, size, stride)
+
+    return rebuild
 
 
 def shard_ranges(t: torch.Tensor, dim: int) -> list[tuple[int, int]]:

@@ -91,16 +91,28 @@ class LocalSignature:
                     value = flat[self.flat_position[i]]
                     args.append(rebuilds[i](value) if rebuilds[i] is not None else value)
             outputs = run(*args)
-            self._output_rebuilds = [_output_rebuilder(o) for o in outputs]
-            return [_compat.dtensor_local(o) if _compat.is_dtensor(o) else o for o in outputs]
+            # a DTensor output leaves as its local shard, followed at the end by its global size and stride
+            # (SymInts where shapes are dynamic: the compiled graph computes them) for `wrap_outputs`
+            self._output_rebuilds = [_compat.dtensor_rebuilder(o) if _compat.is_dtensor(o) else None
+                                     for o in outputs]
+            shapes = [v for o in outputs if _compat.is_dtensor(o) for v in (*o.size(), *o.stride())]
+            return [_compat.dtensor_local(o) if _compat.is_dtensor(o) else o for o in outputs] + shapes
 
         return run_local
 
     def wrap_outputs(self, outputs):
+        """The compiled graph's outputs as Dynamo's graph returns them: DTensors rebuilt around local shards."""
         if self._output_rebuilds is None or not any(self._output_rebuilds):
             return outputs
-        return type(outputs)(rebuild(o) if rebuild is not None else o
-                             for o, rebuild in zip(outputs, self._output_rebuilds))
+        n = len(self._output_rebuilds)
+        shapes = iter(outputs[n:])
+        wrapped = []
+        for output, rebuild in zip(outputs[:n], self._output_rebuilds):
+            if rebuild is not None:
+                size = [next(shapes) for _ in range(output.dim())]
+                output = rebuild(output, torch.Size(size), tuple(next(shapes) for _ in range(output.dim())))
+            wrapped.append(output)
+        return type(outputs)(wrapped)
 
     def local_weights(self, weights: dict[int, WeightRef]) -> dict[int, WeightRef]:
         """Weights by Dynamo position -> by aten input position, a DTensor parameter as its local shard."""
@@ -143,15 +155,4 @@ class LocalSignature:
                     f"(placements {tuple(param.placements)}); its shard K[{bad[0][0]}:{bad[0][1]}] of "
                     f"K={param.shape[k_dim]} does not hold whole groups of {group} for scheme {scheme.name!r}, so a "
                     f"group would straddle two ranks ({hint}, or exclude the layer)")
-
-
-def _output_rebuilder(output) -> Callable | None:
-    if not _compat.is_dtensor(output):
-        return None
-    if not all(isinstance(s, int) for s in (*output.shape, *output.stride())):
-        raise NotImplementedError(
-            f"qcompile: this graph returns a DTensor of dynamic shape {tuple(output.shape)}; tensor-parallel graphs "
-            f"must return plain tensors when shapes are dynamic (parallelize_module's default use_local_output=True "
-            f"does that), or compile with dynamic=False")
-    return _compat.dtensor_rebuilder(output)
 

@@ -20,7 +20,6 @@ WORLD = 2
 # per-token activation scales, cover each rank's part of K: other roundings, the same accuracy.
 SCHEMES = [
     ({"scheme": "int4_weight_only", "group_size": 32}, True),
-    ({"scheme": "intx_weight_only", "bits": 4, "group_size": 32}, True),
     ({"scheme": "int8_weight_only"}, False),
     ({"scheme": "int8_dynamic"}, False),
 ]
@@ -87,6 +86,7 @@ def _tp_worker(rank, port, out_path):
             model = parallelize_module(_model(), mesh, tensor_parallel_plan())
             with torch.no_grad():
                 results[options["scheme"]] = torch.compile(model, backend="qcompile", options=options)(_tokens())
+        results["dtensor_outputs"] = _dtensor_outputs(mesh)
         # o_proj's K = 128 holds whole groups of 128, each rank's half of it does not
         torch._dynamo.reset()
         model = parallelize_module(_model(), mesh, tensor_parallel_plan())
@@ -99,6 +99,28 @@ def _tp_worker(rank, port, out_path):
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+
+
+def _dtensor_outputs(mesh):
+    """A graph that returns a DTensor (use_local_output=False): static shapes, then dynamic ones (the second
+    batch size recompiles with a symbolic batch) -> [(type, global shape, local shape, placements)], outputs
+    of the second call, the single-process outputs for both inputs."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    inputs = [torch.randn(4, 64), torch.randn(6, 64)]
+    with torch.no_grad():
+        options = {"scheme": "int4_weight_only", "group_size": 32, "keep_float_weights": True}
+        single = [torch.compile(mlp, backend="qcompile", options=options)(x) for x in inputs]
+        torch._dynamo.reset()
+        parallelize_module(mlp, mesh, {"0": ColwiseParallel(),
+                                       "2": RowwiseParallel(output_layouts=Shard(0), use_local_output=False)})
+        outputs = [torch.compile(mlp, backend="qcompile", options=options)(x) for x in inputs]
+    return [(type(o).__name__, tuple(o.shape), tuple(o.to_local().shape), [repr(p) for p in o.placements],
+             o.full_tensor().clone()) for o in outputs], single
 
 
 def _free_port():
@@ -129,6 +151,14 @@ def test_tensor_parallel_matches_single_process(tp_results, pass_runner, options
     else:
         assert tp_error <= 1.25 * single_error, (tp_error, single_error)
         assert (tp - single).norm() <= single_error
+
+
+def test_dtensor_outputs_are_rebuilt(tp_results):
+    outputs, single = tp_results["dtensor_outputs"]
+    for (kind, shape, local_shape, placements, full), expected in zip(outputs, single):
+        assert (kind, shape, local_shape) == ("DTensor", tuple(expected.shape), (expected.shape[0] // WORLD, 64))
+        assert placements == ["Shard(dim=0)"]
+        torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_group_straddling_two_ranks_is_refused(tp_results):
