@@ -216,7 +216,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # long timeout: with --check, the other ranks wait while rank 0 compiles the unsharded model
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     try:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         config = TINY if args.tiny else LLAMA_3_1_8B

@@ -40,6 +40,9 @@ class LocalSignature:
         for i, entry in enumerate(inputs):
             if entry.kind != "constant":
                 self.flat_position[i] = len(self.flat_position)
+        self._constants = [(i, entry.value) for i, entry in enumerate(inputs) if entry.kind == "constant"]
+        # per Dynamo input: True = pass its local shard, False = pass it as is, None = not an input of ours
+        self._dtensor_flags = [None if entry.kind == "constant" else entry.kind == "dtensor" for entry in inputs]
         self._output_rebuilds: list[Callable | None] | None = None  # set when traced
         self._dtensor_of_shard: dict[int, torch.Tensor] = {}  # id(local shard) -> its DTensor parameter
 
@@ -59,17 +62,15 @@ class LocalSignature:
         return cls(inputs)
 
     def flatten(self, args) -> list:
-        """Dynamo's call arguments as the aten graph's inputs (DTensors -> local shards, mesh dropped)."""
-        flat = []
-        for arg, entry in zip(args, self.inputs):
-            if entry.kind == "tensor":
-                flat.append(arg)
-            elif entry.kind == "dtensor":
-                flat.append(_compat.dtensor_local(arg))
-            elif arg is not entry.value and arg != entry.value:
-                raise RuntimeError(f"qcompile: this graph was compiled for {entry.value!r}, called with {arg!r}; "
+        """Dynamo's call arguments as the aten graph's inputs (DTensors -> local shards, mesh dropped). Called
+        once per step of the compiled model: one pass, no per-input function calls beyond the shard lookup."""
+        for i, expected in self._constants:
+            if args[i] is not expected and args[i] != expected:
+                raise RuntimeError(f"qcompile: this graph was compiled for {expected!r}, called with {args[i]!r}; "
                                    f"its collectives are bound to the first one's process group")
-        return flat
+        local = _compat.dtensor_local
+        return [local(arg) if is_dtensor else arg for arg, is_dtensor in zip(args, self._dtensor_flags)
+                if is_dtensor is not None]
 
     def fake_inputs(self, fake_args: list) -> list:
         return [_compat.dtensor_local(fake) if entry.kind == "dtensor" else fake
