@@ -101,26 +101,28 @@ def _tp_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
+MLP_OPTIONS = {"scheme": "int4_weight_only", "group_size": 32, "keep_float_weights": True}
+
+
+def _mlp_and_inputs():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)), [torch.randn(4, 64), torch.randn(6, 64)]
+
+
 def _dtensor_outputs(mesh):
-    """A graph that returns a DTensor (use_local_output=False): static shapes, then dynamic ones (the second
-    batch size recompiles with a symbolic batch) -> [(type, global shape, local shape, placements)], outputs
-    of the second call, the single-process outputs for both inputs."""
+    """A graph that returns a DTensor (use_local_output=False), at static shapes and then dynamic ones (the
+    second batch size recompiles with a symbolic batch): (type, global shape, local shape, placements, value)."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
-    inputs = [torch.randn(4, 64), torch.randn(6, 64)]
+    mlp, inputs = _mlp_and_inputs()
+    parallelize_module(mlp, mesh, {"0": ColwiseParallel(),
+                                   "2": RowwiseParallel(output_layouts=Shard(0), use_local_output=False)})
     with torch.no_grad():
-        options = {"scheme": "int4_weight_only", "group_size": 32, "keep_float_weights": True}
-        single = [torch.compile(mlp, backend="qcompile", options=options)(x) for x in inputs]
-        torch._dynamo.reset()
-        parallelize_module(mlp, mesh, {"0": ColwiseParallel(),
-                                       "2": RowwiseParallel(output_layouts=Shard(0), use_local_output=False)})
-        outputs = [torch.compile(mlp, backend="qcompile", options=options)(x) for x in inputs]
+        outputs = [torch.compile(mlp, backend="qcompile", options=MLP_OPTIONS)(x) for x in inputs]
     return [(type(o).__name__, tuple(o.shape), tuple(o.to_local().shape), [repr(p) for p in o.placements],
-             o.full_tensor().clone()) for o in outputs], single
+             o.full_tensor().clone()) for o in outputs]
 
 
 def _free_port():
@@ -153,9 +155,10 @@ def test_tensor_parallel_matches_single_process(tp_results, pass_runner, options
         assert (tp - single).norm() <= single_error
 
 
-def test_dtensor_outputs_are_rebuilt(tp_results):
-    outputs, single = tp_results["dtensor_outputs"]
-    for (kind, shape, local_shape, placements, full), expected in zip(outputs, single):
+def test_dtensor_outputs_are_rebuilt(tp_results, pass_runner):
+    mlp, inputs = _mlp_and_inputs()
+    for (kind, shape, local_shape, placements, full), x in zip(tp_results["dtensor_outputs"], inputs):
+        expected, _ = pass_runner(mlp, (x,), MLP_OPTIONS)
         assert (kind, shape, local_shape) == ("DTensor", tuple(expected.shape), (expected.shape[0] // WORLD, 64))
         assert placements == ["Shard(dim=0)"]
         torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
