@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU: two gloo processes run a tiny Llama-like model sharded Megatron-style by
 `parallelize_module` (q/k/v and gate/up column-parallel, o/down row-parallel), compiled with backend="qcompile";
 their output must match the single-process quantized model's."""
+import datetime
 import os
 import socket
 import tempfile
@@ -23,6 +24,7 @@ SCHEMES = [
     ({"scheme": "int8_weight_only"}, False),
     ({"scheme": "int8_dynamic"}, False),
 ]
+
 
 class TinyLlama(nn.Module):
     """Llama's layer structure at toy size: RMSNorm, GQA attention (q/k/v with bias, as Qwen), SwiGLU MLP.
@@ -76,7 +78,8 @@ def _tp_worker(rank, port, out_path):
     from torch.distributed.tensor.parallel import parallelize_module
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a rank that fails alone leaves the other waiting in a collective: fail the test, do not hang CI
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -151,7 +154,7 @@ def test_tensor_parallel_matches_single_process(tp_results, pass_runner, options
     if exact:
         torch.testing.assert_close(tp, single, rtol=1e-4, atol=1e-4)
     else:
-        assert tp_error <= 1.25 * single_error, (tp_error, single_error)
+        assert 0.5 * single_error <= tp_error <= 1.25 * single_error, (tp_error, single_error)  # quantized too
         assert (tp - single).norm() <= single_error
 
 
