@@ -136,6 +136,8 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool 
 # covers both.
 
 def is_dtensor(value) -> bool:
+    if not isinstance(value, torch.Tensor) or not torch.distributed.is_available():  # builds without distributed
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
