@@ -162,17 +162,53 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if not options.keep_float_weights:
         _release_float_weights(weights, kept)
 
+    constants_for = WeightBinding(result, weights, constants, options)
     if signature is None:
         def run(*args):
-            return compiled(*[args[i] for i in kept], *constants)
+            return compiled(*[args[i] for i in kept], *constants_for(args))
     else:  # tensor parallel: DTensors in, their local shards to the compiled graph
         def run(*args):
             local = signature.flatten(args)
-            return signature.wrap_outputs(compiled(*[local[i] for i in kept], *constants))
+            return signature.wrap_outputs(compiled(*[local[i] for i in kept], *constants_for(local)))
 
     run.qcompile_result = result  # for debugging tools and tests
     run.qcompile_float_weights_read = [weights[i] for i in kept if i in weights]  # the CLI's byte counts
     return run, result
+
+
+class WeightBinding:
+    """The quantized tensors a compiled graph runs with, for the weights it is called with. Dynamo reuses one
+    graph for every instance of a module class (their parameters are graph inputs, not constants), so a call
+    can bring weights other than those the graph was compiled with; those get their own quantized tensors
+    (quantized on first use, from the same cache), never the first instance's."""
+
+    def __init__(self, result: PassResult, weights: dict[int, WeightRef], constants: list, options: QuantOptions):
+        position = {id(ref): i for i, ref in weights.items()}
+        self.groups = [(position[id(g.weight)], g) for g in result.constant_groups]
+        self.compiled_with = [g.weight.tensor for _, g in self.groups]
+        self.constants = constants
+        self.options = options
+
+    def __call__(self, args) -> list:
+        # the fast path: the weights the graph was compiled with (identity checks only)
+        if all(args[i] is t for (i, _), t in zip(self.groups, self.compiled_with)):
+            return self.constants
+        if self.options.algorithm == "gptq":
+            raise RuntimeError(
+                "qcompile: a graph quantized with algorithm 'gptq' was called with the weights of another module "
+                "instance (Dynamo shares one graph between instances of a module class), whose calibration "
+                "statistics were never collected; compile the whole model in one torch.compile call, or use "
+                "algorithm 'rtn' / 'hqq'")
+        constants = []
+        for i, group in self.groups:
+            ref = WeightRef(name=group.weight.name, tensor=args[i])
+            tensors = quantized_weight(ref, self.options, group.cast_dtype, group.weight_is_nk)
+            if len(tensors) != group.count:
+                raise AssertionError(f"{ref.name}: {len(tensors)} quantized tensors, the graph takes {group.count}")
+            constants.extend(tensors.values())
+            if not self.options.keep_float_weights and args[i] not in _READ_IN_FLOAT:
+                release_float_weight(args[i])
+        return constants
 
 
 def device_of(values) -> torch.device:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .backend import quantized_weight, release_float_weight
+from .backend import _RELEASED, quantized_weight, release_float_weight
 from .options import QuantOptions
 from .passes.quantize_linears import WeightRef
 from .progress import Progress
@@ -36,6 +36,10 @@ def prepare(model: nn.Module, options, device: str | torch.device | None = None,
     bar = Progress(len(linears)) if progress and linears else None
     with torch.no_grad():
         for name, module in linears:
+            name = name or type(module).__name__  # the model itself is a Linear
+            if module.weight in _RELEASED:  # prepared before: its quantized tensors are cached (else this raises)
+                quantized_weight(WeightRef(f"{name}.weight", module.weight), opts, None, True)
+                continue
             weight = nn.Parameter(module.weight.detach().to(device), requires_grad=module.weight.requires_grad)
             module.weight = weight  # the host copy is freed once nothing else holds it
             quantized_weight(WeightRef(f"{name}.weight", weight), opts, None, True)

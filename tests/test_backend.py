@@ -201,3 +201,40 @@ def test_weights_mapped_from_a_file_are_left_alone(tmp_path):
         ref = model(x)
         out = compile_with(model, {"scheme": "int8_weight_only"})(x)
     assert sqnr_db(ref, out) > 35 and model.weight.untyped_storage().nbytes() > 0
+
+
+class Projection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(128, 128)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x))
+
+
+@pytest.mark.parametrize("keep_float_weights", [True, False])
+def test_instances_sharing_one_graph_each_run_their_own_weights(keep_float_weights):
+    """Dynamo serves every instance of a module class from one graph (parameters are inputs): each instance must
+    still be multiplied by its own quantized weights, and quantized once."""
+    blocks = [Projection() for _ in range(3)]
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        expected = [b(x) for b in blocks]
+        options = {"scheme": "int8_weight_only", "keep_float_weights": keep_float_weights}
+        compiled = [torch.compile(b, backend="qcompile", options=options) for b in blocks]
+        for _ in range(2):  # the second round takes the per-instance tensors from the cache
+            for c, e in zip(compiled, expected):
+                assert sqnr_db(e, c(x)) > 35
+    for b in blocks:
+        assert (b.proj.weight.untyped_storage().nbytes() == 0) != keep_float_weights
+
+
+def test_instances_sharing_a_gptq_graph_is_an_error():
+    blocks = [Projection() for _ in range(2)]
+    x = torch.randn(4, 128)
+    options = {"scheme": "int4_weight_only", "group_size": 32, "algorithm": "gptq", "calibration": [(x,)],
+               "keep_float_weights": True}
+    with torch.no_grad():
+        torch.compile(blocks[0], backend="qcompile", options=options)(x)
+        with pytest.raises(RuntimeError, match="another module instance.*calibration"):
+            torch.compile(blocks[1], backend="qcompile", options=options)(x)

@@ -1,4 +1,5 @@
 """prepare(): weights quantized layer by layer onto the device before compiling; compile reuses them."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -35,3 +36,17 @@ def test_prepare_then_compile_matches_compile_alone(capfd):
         out = torch.compile(prepared, backend="qcompile", options=options)(ids)
     assert torch.equal(out, expected)
     assert 12 < sqnr_db(float_out, out) < 40
+
+
+def test_prepare_twice_reuses_the_quantized_weights_and_other_options_are_an_error():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = model(x)
+        options = {"scheme": "int8_weight_only"}
+        qcompile.prepare(model, options, progress=False)
+        qcompile.prepare(model, options, progress=False)  # a no-op for weights already quantized
+        out = torch.compile(model, backend="qcompile", options=options)(x)
+    assert sqnr_db(expected, out) > 35
+    with pytest.raises(RuntimeError, match="released after an earlier compile quantized it with other options"):
+        qcompile.prepare(model, {"scheme": "int4_weight_only", "group_size": 32}, progress=False)

@@ -44,11 +44,21 @@ class LinearRecord:
     output_node: str | None = None  # name of the node that now produces the linear's output
 
 
+@dataclass(frozen=True)
+class ConstantGroup:
+    """The quantized tensors of one weight, as one run of consecutive entries of PassResult.constants."""
+    weight: WeightRef
+    cast_dtype: torch.dtype | None  # what `quantize` was asked for
+    weight_is_nk: bool
+    count: int
+
+
 @dataclass
 class PassResult:
     gm: GraphModule
     constants: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     linears: list[LinearRecord] = field(default_factory=list)
+    constant_groups: list[ConstantGroup] = field(default_factory=list)  # which weight each constant came from
 
     @property
     def quantized(self) -> list[LinearRecord]:
@@ -120,7 +130,9 @@ def quantize_linears(gm: GraphModule, weights: dict[Node, WeightRef], options: Q
         key = (match.weight, match.cast_dtype, match.weight_is_nk)
         if key not in weight_inputs:  # tied weights: one set of constants for every use
             nodes = {}
-            for name, tensor in quantize(ref, match.cast_dtype, match.weight_is_nk).items():
+            tensors = quantize(ref, match.cast_dtype, match.weight_is_nk)
+            result.constant_groups.append(ConstantGroup(ref, match.cast_dtype, match.weight_is_nk, len(tensors)))
+            for name, tensor in tensors.items():
                 with graph.inserting_after(last_placeholder):
                     ph = graph.placeholder(f"{_identifier(ref.name)}__{name}")
                 ph.meta["qcompile"] = {"weight": ref.name, "role": name}
