@@ -656,6 +656,24 @@ inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, con
     for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(facc[r][t]);
 }
 
+// 64 values of a row from k0 in k order as signed int8 w (4-bit: the nibbles interleaved back), 0 past `count`.
+template <int BITS>
+inline __m512i load_w64_in_order(const uint8_t* row, int64_t K, int64_t k0, int count) {
+  if constexpr (BITS == 4) {
+    const __m256i b = _mm512_castsi512_si256(load_bytes(row + k0 / 2, count / 2));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+    const __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+    // unpack works within 128-bit halves: [0-15 | 32-47] and [16-31 | 48-63] of the 64 values
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
+                                         _mm256_permute2x128_si256(first, second, 0x31), 1);
+    const __mmask64 mask = count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
+    return _mm512_maskz_sub_epi8(mask, w, _mm512_set1_epi8(8));
+  } else {
+    return load_w64<BITS>(row, K, k0, count);
+  }
+}
+
 // GEMM panel: 16 rows unpacked to signed int8 and interleaved by 4 values, [K/4][16 rows][4], so one vpdpbusd
 // multiplies 4 values of one token (broadcast) with 4 values of each of the 16 rows; then the rows' scales as
 // float [groups][16] and their weight sums per group [groups][16] (int32). Rows past `rows` are zero.
@@ -677,20 +695,7 @@ inline VnniPanel unpack_vnni_panel(const uint8_t* packed, const ST* scale, int64
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int count = (int)std::min<int64_t>(64, K - k0);
       if (r < rows) {
-        __m512i w;
-        if constexpr (BITS == 4) {  // interleave the nibbles back to k order
-          const __m256i b = _mm512_castsi512_si256(load_bytes(packed + (n0 + r) * row_bytes + k0 / 2, count / 2));
-          const __m256i m4 = _mm256_set1_epi8(0x0F);
-          const __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-          const __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
-          // unpack works within 128-bit halves: [0-15 | 32-47] and [16-31 | 48-63] of the 64 values
-          w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(first, second, 0x20)),
-                                 _mm256_permute2x128_si256(first, second, 0x31), 1);
-          const __mmask64 mask = count >= 64 ? ~__mmask64(0) : (__mmask64(1) << count) - 1;
-          w = _mm512_maskz_sub_epi8(mask, w, _mm512_set1_epi8(8));
-        } else {
-          w = load_w64<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
-        }
+        const __m512i w = load_w64_in_order<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
         _mm512_store_si512(wrow, w);
       } else {
         std::memset(wrow, 0, sizeof(wrow));
@@ -1006,6 +1011,81 @@ inline void gemv_row_float_x86(const uint8_t* row, const ST* srow, const float* 
 }
 #endif
 
+#if defined(QC_X86_VNNI)
+// Float GEMM (AVX-512): 16 rows dequantized (w * scale, the reference's float weights) into a panel [K][16], so one
+// FMA multiplies a broadcast activation with the same k of 16 rows; QC_VNNI_MR tokens x QC_VNNI_NR panels per tile.
+template <int BITS, int GROUP, typename ST>
+inline void dequantize_float_panel(const uint8_t* packed, const ST* scale, int64_t n0, int64_t rows, int64_t K,
+                                   float* panel) {
+  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
+  alignas(64) float wrow[64];
+  for (int r = 0; r < 16; ++r) {
+    for (int64_t k0 = 0; k0 < K; k0 += 64) {
+      const int count = (int)std::min<int64_t>(64, K - k0);
+      if (r < rows) {
+        const __m512i w = load_w64_in_order<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
+        alignas(64) int8_t wi[64];
+        _mm512_store_si512(wi, w);
+        for (int q = 0; q < 4; ++q) {
+          const int64_t k = k0 + 16 * q;
+          const float s = k < K ? scale_at(scale + (n0 + r) * groups, k / GROUP) : 0.f;
+          const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(wi + 16 * q))));
+          _mm512_store_ps(wrow + 16 * q, _mm512_mul_ps(wf, _mm512_set1_ps(s)));
+        }
+      } else {
+        std::memset(wrow, 0, sizeof(wrow));
+      }
+      for (int i = 0; i < count; ++i) panel[(k0 + i) * 16 + r] = wrow[i];
+    }
+  }
+}
+
+template <int BITS, int GROUP, typename ST, typename BT, typename OT>
+void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
+                                   int64_t M, int64_t N, int64_t K, int num_threads) {
+  constexpr int MR = QC_VNNI_MR, NR = QC_VNNI_NR;
+  constexpr int64_t BLOCK = 16 * NR;
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)num_threads; (void)parallel;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+    static thread_local std::vector<float> panel_storage;
+    float* panels = thread_scratch(panel_storage, (size_t)(NR * 16 * K + 16));
+    panels += (64 - (uintptr_t)panels % 64) % 64 / sizeof(float);
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
+      for (int p = 0; p < NR; ++p)
+        dequantize_float_panel<BITS, GROUP, ST>(packed, scale, n0 + 16 * p,
+                                                std::max<int64_t>(0, std::min<int64_t>(16, N - n0 - 16 * p)), K,
+                                                panels + p * 16 * K);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int mr = (int)std::min<int64_t>(MR, M - m0);
+        const float* a[MR];
+        for (int t = 0; t < MR; ++t) a[t] = x + (m0 + std::min(t, mr - 1)) * K;  // a short tail repeats its last token
+        __m512 acc[MR][NR];
+        for (int t = 0; t < MR; ++t)
+          for (int p = 0; p < NR; ++p) acc[t][p] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k) {
+          __m512 w[NR];
+          for (int p = 0; p < NR; ++p) w[p] = _mm512_load_ps(panels + p * 16 * K + k * 16);
+          for (int t = 0; t < MR; ++t) {
+            const __m512 xb = _mm512_set1_ps(a[t][k]);
+            for (int p = 0; p < NR; ++p) acc[t][p] = _mm512_fmadd_ps(xb, w[p], acc[t][p]);
+          }
+        }
+        for (int t = 0; t < mr; ++t)
+          for (int p = 0; p < NR; ++p) {
+            alignas(64) float v[16];
+            _mm512_store_ps(v, acc[t][p]);
+            for (int64_t l = 0, n = n0 + 16 * p; l < 16 && n < N; ++l, ++n)
+              y[(m0 + t) * N + n] = static_cast<OT>(v[l] + (bias ? static_cast<float>(bias[n]) : 0.f));
+          }
+      }
+    }
+  }
+}
+#endif
+
 template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
 void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
                        int64_t N, int64_t K, int num_threads) {
@@ -1021,6 +1101,12 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
     for (int64_t i = 0; i < M * K; ++i) buf[i] = static_cast<float>(x[i]);
     xf = buf;
   }
+#if defined(QC_X86_VNNI)
+  if (M >= QC_GEMM_MIN_M) {
+    intx_linear_float_gemm_avx512<BITS, GROUP, ST, BT, OT>(xf, packed, scale, bias, y, M, N, K, num_threads);
+    return;
+  }
+#endif
   (void)num_threads;
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
   (void)parallel;
