@@ -1,8 +1,9 @@
 // qcompile CPU intx linear micro-kernels: y = x @ dequant(W)^T (+ bias) for 1-8 bit group-wise weights.
-// Inductor pastes this file into its output code (qcompile/kernels/cpu/template.py); the ARM tests compile it
-// standalone. Self-contained on purpose: no torch headers, C++17, one ISA chosen at compile time.
+// Inductor pastes this file into its output code (qcompile/kernels/cpu/inductor_template.py); the tests in
+// tests/kernels/cpu/arm compile it standalone. Self-contained on purpose: no torch headers, C++17, one ISA chosen at
+// compile time (x86: AVX-512 VNNI, else AVX2; ARM: i8mm, dotprod, else NEON; else portable C++).
 //
-// Weight layout read (no repack needed, see layout.md): the bit-plane layout of qcompile/quant/packing.py.
+// Weight layout read (no repack): the bit-plane layout of qcompile/quant/packing.py.
 // Row n is K*BITS/8 contiguous bytes; plane of width w (8, 4, 2, 1 where BITS has that bit) starts at byte
 // K*col/8 (col = BITS & ~(2w-1), the wider planes' widths) and holds value bits [lo, lo+w) (lo = BITS & (w-1));
 // value k sits in byte k/(8/w) at bit (k%(8/w))*w. Unsigned u in [0, 2^BITS); the kernel uses w = u - 2^(BITS-1).
