@@ -57,7 +57,7 @@ def megatron_layout(block: llama_model.Block, tp: int) -> None:
     block's head counts become per rank (its forward splits and views by them). The function is unchanged."""
     hd, tp_heads, tp_kv = block.hd, block.n_heads // tp, block.n_kv // tp
     if block.n_heads % tp or block.n_kv % tp:
-        raise SystemExit(f"--tp {tp}: {block.n_heads} heads / {block.n_kv} KV heads do not split evenly")
+        raise SystemExit(f"tensor parallel over {tp} ranks: {block.n_heads} heads / {block.n_kv} KV heads do not split evenly")
     with torch.no_grad():
         q, k, v = block.wqkv.weight.split([block.n_heads * hd, block.n_kv * hd, block.n_kv * hd])
         ranks = [torch.cat([q[r * tp_heads * hd:(r + 1) * tp_heads * hd], k[r * tp_kv * hd:(r + 1) * tp_kv * hd],
