@@ -57,7 +57,8 @@ def megatron_layout(block: llama_model.Block, tp: int) -> None:
     block's head counts become per rank (its forward splits and views by them). The function is unchanged."""
     hd, tp_heads, tp_kv = block.hd, block.n_heads // tp, block.n_kv // tp
     if block.n_heads % tp or block.n_kv % tp:
-        raise SystemExit(f"tensor parallel over {tp} ranks: {block.n_heads} heads / {block.n_kv} KV heads do not split evenly")
+        raise SystemExit(f"tensor parallel over {tp} ranks: {block.n_heads} heads / {block.n_kv} KV heads do not "
+                         f"split evenly")
     with torch.no_grad():
         q, k, v = block.wqkv.weight.split([block.n_heads * hd, block.n_kv * hd, block.n_kv * hd])
         ranks = [torch.cat([q[r * tp_heads * hd:(r + 1) * tp_heads * hd], k[r * tp_kv * hd:(r + 1) * tp_kv * hd],
@@ -147,7 +148,8 @@ def check_against_single_device(model, row, args, device, config) -> dict | None
             tokens, token = [], logits.argmax(-1, keepdim=True)
             for i in range(args.new_tokens):
                 tokens.append(token.item())
-                token = compiled(token, torch.tensor([args.prompt_len + i], device=device), cache).argmax(-1, keepdim=True)
+                position = torch.tensor([args.prompt_len + i], device=device)
+                token = compiled(token, position, cache).argmax(-1, keepdim=True)
         return logits.float(), tokens
 
     tp_logits, tp_tokens = logits_and_tokens(model)

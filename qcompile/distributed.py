@@ -150,7 +150,8 @@ class LocalSignature:
             bad = [(start, stop) for start, stop in ranges if start % group or (stop - start) % group]
             if bad:
                 fits = [g for g in scheme.group_sizes if all(a % g == 0 and (b - a) % g == 0 for a, b in ranges)]
-                hint = f"group_size {'/'.join(map(str, fits))} would fit" if fits else f"shard K in multiples of {group}"
+                hint = (f"group_size {'/'.join(map(str, fits))} would fit" if fits else
+                        f"shard K in multiples of {group}")
                 raise ValueError(
                     f"qcompile: linear weight {ref.name!r} {tuple(param.shape)} is sharded along in_features "
                     f"(placements {tuple(param.placements)}); its shard K[{bad[0][0]}:{bad[0][1]}] of "
