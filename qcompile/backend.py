@@ -142,7 +142,10 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     signature = LocalSignature.of(example_inputs, [_compat.dynamo_example_value(n) for n in gm.graph.nodes
                                                    if n.op == "placeholder"])
     result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
-    if os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
+    if os.environ.get("QCOMPILE_DEBUG") and signature is not None:
+        warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
+                      "replay runs one process", stacklevel=2)
+    elif os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
         from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
         write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
     if signature is not None:  # tensor parallel: the compiled graph takes the local shards
