@@ -5,8 +5,8 @@ int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multip
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue), and split-K
-(SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the weight's row/tensor scale and the
-bias in float32 and casts once.
+(SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
+weight's row/tensor scale and the bias in float32 and casts once.
 """
 from __future__ import annotations
 

@@ -154,13 +154,22 @@ def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int,
     return out
 
 
-def run_library(xq, x_scale, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, library: str):
-    """Library GEMMs the autotuner may pick at large M: cuBLAS on the dequantized weight (float activations),
-    `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
+def dequantize_activation(xq, x_scale, x_zero, dtype):
+    """(xq - zero) * scale in `dtype`: the activation quantize_activation produced, back on the float grid."""
+    x = xq.float() if x_zero is None else xq.float() - x_zero.float()
+    return (x * x_scale.float()).to(dtype)
+
+
+def run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype,
+                library: str):
+    """Library GEMMs the autotuner may pick at large M: cuBLAS on the dequantized weight (and, for quantized
+    activations with group-wise weights, whose group scales no integer GEMM can apply, the dequantized
+    activation), `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
     M, K = xq.shape
     N = qweight.shape[0]
-    if library == "dequant_mm":
-        return F.linear(xq, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, K, xq.dtype), bias)
+    if library == "dequant_mm":  # quantized activations are dequantized too: one float GEMM
+        x = xq if spec.gemm_activation == "float" else dequantize_activation(xq, x_scale, x_zero, out_dtype)
+        return F.linear(x, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, K, x.dtype), bias)
     if library == "scaled_mm":
         a_scale = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
         b_scale = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
@@ -175,5 +184,6 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
     """Quantize x [M, K] as spec.activation says, then multiply by the quantized weight with `config`."""
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
     if config.library:
-        return run_library(xq, x_scale, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config.library)
+        return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,
+                           config.library)
     return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)

@@ -83,7 +83,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)
         kept = [KernelConfig(bucket if bucket <= 16 else 64, 32, 32, 1, 4, 2)]
-    if bucket >= 256 and spec.gemm_activation == "float":
+    if bucket >= 256 and (spec.gemm_activation == "float" or spec.weight_format == "intx"):
         kept.append(KernelConfig(0, 0, 0, library="dequant_mm"))
     if bucket >= 64 and spec.weight_format == "fp8" and spec.gemm_activation == "fp8":
         kept.append(KernelConfig(0, 0, 0, library="scaled_mm"))

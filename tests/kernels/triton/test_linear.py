@@ -17,7 +17,7 @@ N, K = 96, 256  # N is not a multiple of the 64-wide tiles: the masked edge is e
 # the swapped tile (out^T = W x^T)
 VARIANTS = [(1, KernelConfig(1, 32, 128, 1)), (1, KernelConfig(1, 64, 32, 4)), (5, KernelConfig(16, 64, 64, 2)),
             (33, KernelConfig(16, 64, 32, 2)), (33, KernelConfig(16, 64, 32, 2, swap_ab=True))]
-LIBRARY = {"float": "dequant_mm", "int8": "int_mm", "fp8": "scaled_mm"}  # the library candidate of each
+LIBRARY = {"float": "dequant_mm", "int8": "int_mm", "fp8": "scaled_mm"}  # the library candidate per activation
 
 
 def _inputs(dtype=torch.bfloat16):
@@ -72,17 +72,23 @@ def test_float16_activations(case):
         assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30, f"M={M} {config}"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.weight_format != "intx"], ids=case_id)
+def _library_of(spec: LinearSpec) -> str:
+    return "dequant_mm" if spec.weight_format == "intx" else LIBRARY[spec.gemm_activation]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_library_candidate_matches_reference_ops(case):
-    if case.activation.startswith("fp8") and DEVICE == "cpu":
-        pytest.skip("torch._scaled_mm needs CUDA")  # the GPU run covers it
     x_all, w, bias = _inputs()
     q, options = quantized(case, w)
     weight_args = case.weight_args(q)
     spec = _spec(case, options, weight_args, bias)
+    if _library_of(spec) == "scaled_mm" and DEVICE == "cpu":
+        pytest.skip("torch._scaled_mm needs CUDA")  # the GPU run covers it
     x = x_all[:33]
-    out = run_linear(x, *weight_args, bias, spec, x.dtype, KernelConfig(0, 0, 0, library=LIBRARY[spec.gemm_activation]))
-    assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30
+    out = run_linear(x, *weight_args, bias, spec, x.dtype, KernelConfig(0, 0, 0, library=_library_of(spec)))
+    reference = case.reference(x, q, bias, options)
+    assert sqnr_db(reference.float(), out.float()) > 30
+    assert _as_accurate(out, reference, x.double() @ w.double().t() + bias.double())
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.scheme in ("int4_weight_only", "int8_dynamic")],
