@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU: two gloo processes run a tiny Llama-like model sharded Megatron-style by
 `parallelize_module` (q/k/v and gate/up column-parallel, o/down row-parallel), compiled with backend="qcompile";
 their output must match the single-process quantized model's."""
+import copy
 import datetime
 import os
 import socket
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile  # noqa: F401
+from qcompile.quant.metrics import sqnr_db
 
 WORLD = 2
 # (options, exact): exact where each rank's groups are exactly the single-process model's groups (only the
@@ -90,6 +92,7 @@ def _tp_worker(rank, port, out_path):
             with torch.no_grad():
                 results[options["scheme"]] = torch.compile(model, backend="qcompile", options=options)(_tokens())
         results["dtensor_outputs"] = _dtensor_outputs(mesh)
+        results["lowered_for_cuda"] = _lowered_for_cuda(mesh)
         # o_proj's K = 128 holds whole groups of 128, each rank's half of it does not
         torch._dynamo.reset()
         model = parallelize_module(_model(), mesh, tensor_parallel_plan())
@@ -126,6 +129,44 @@ def _dtensor_outputs(mesh):
         outputs = [torch.compile(mlp, backend="qcompile", options=MLP_OPTIONS)(x) for x in inputs]
     return [(type(o).__name__, tuple(o.shape), tuple(o.to_local().shape), [repr(p) for p in o.placements],
              o.full_tensor().clone()) for o in outputs]
+
+
+def _lowered_for_cuda(mesh):
+    """The MLP's tensor-parallel graph after the pass and the CUDA lowering (kernels in Triton's interpreter):
+    (call targets, quantized tensors' shapes, output of the lowered graph, output of the reference graph)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from qcompile.backend import quantize_graph
+    from qcompile.distributed import LocalSignature
+    from qcompile.options import QuantOptions
+    from qcompile.passes import lower_cuda
+
+    torch._dynamo.reset()
+    mlp, inputs = _mlp_and_inputs()
+    mlp = parallelize_module(mlp.to(torch.bfloat16), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    options = QuantOptions.from_dict(MLP_OPTIONS)
+    found = {}
+
+    def backend(gm, example_inputs, **_):
+        fakes = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        signature = LocalSignature.of(example_inputs, fakes)
+        result, _, kept = quantize_graph(gm, example_inputs, options, signature)
+        reference = torch.fx.GraphModule(result.gm, copy.deepcopy(result.gm.graph))
+        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"))
+        result.gm.recompile()
+        found["targets"] = [str(n.target) for n in result.gm.graph.nodes if n.op == "call_function"]
+        found["shapes"] = {name: tuple(t.shape) for name, t in result.constants}
+
+        def run(*args):
+            local = signature.flatten(args)
+            graph_inputs = [local[i] for i in kept] + [t for _, t in result.constants]
+            found["reference"] = reference(*graph_inputs)[0]
+            return result.gm(*graph_inputs)
+        return run
+
+    with torch.no_grad():
+        found["lowered"] = torch.compile(mlp, backend=backend)(inputs[0].to(torch.bfloat16))
+    return found
 
 
 def _free_port():
@@ -165,6 +206,18 @@ def test_dtensor_outputs_are_rebuilt(tp_results, pass_runner):
         assert (kind, shape, local_shape) == ("DTensor", tuple(expected.shape), (expected.shape[0] // WORLD, 64))
         assert placements == ["Shard(dim=0)"]
         torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_lowering_keeps_the_collectives(tp_results):
+    found = tp_results["lowered_for_cuda"]
+    assert found["targets"] == [
+        "aten.view.default", "qcompile.fused_linear.default", "aten.relu.default", "aten.view.default",
+        "aten.div.Tensor",  # RowwiseParallel's bias, divided by the ranks that all-reduce it
+        "qcompile.fused_linear.default", "_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default"]
+    # each rank's shard: up [128 / 2, 64] column-parallel, down [64, 128 / 2] row-parallel, int4 groups of 32
+    assert found["shapes"] == {"_0_weight__qweight": (64, 32), "_0_weight__scale": (64, 2), "_0_weight__zero": (64, 2),
+                               "_2_weight__qweight": (64, 32), "_2_weight__scale": (64, 2), "_2_weight__zero": (64, 2)}
+    assert sqnr_db(found["reference"].float(), found["lowered"].float()) > 40
 
 
 def test_group_straddling_two_ranks_is_refused(tp_results):
