@@ -17,6 +17,8 @@ from torch import nn
 import qcompile  # noqa: F401
 from qcompile.quant.metrics import sqnr_db
 
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs a torch build with torch.distributed and its gloo backend")
 WORLD = 2
 # (options, exact): exact where each rank's groups are exactly the single-process model's groups (only the
 # all-reduce's summation order differs). Row-wide weight scales of a row-parallel (K-sharded) linear, and
