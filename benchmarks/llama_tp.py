@@ -6,6 +6,7 @@ column-parallel with its logits gathered), decode tokens/s at batch 1 and 128 fo
     torchrun --nproc-per-node 2 benchmarks/llama_tp.py --rows int4_weight_only --check
     torchrun --nproc-per-node 2 benchmarks/llama_tp.py --tiny --device cpu --rows bf16,int8_weight_only \\
         --check --out /tmp/tp.json                                          # CPU smoke test, gloo
+    python benchmarks/llama_tp.py --write BENCHMARKS.md                    # renders --out, runs nothing
 
 NVLink multicast stays off: the script sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 before
 the process group starts. Each rank builds the whole bf16 model (same seed, so the same weights), reorders the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
@@ -198,6 +200,8 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, help="tokens generated and timed (default 256; tiny 8)")
     ap.add_argument("--prompt-len", type=int, help="prompt tokens fed through the decode step (default 32; tiny 4)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
+    ap.add_argument("--write", type=Path, help="render the latest record of each row in --out into this markdown "
+                    "file (its llama_tp section) and exit; needs no torchrun")
     ap.add_argument("--check", action="store_true", help="compare logits and greedy tokens with the unsharded "
                     "model under the same options (rank 0)")
     args = ap.parse_args(argv)
@@ -212,6 +216,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.write is not None:
+        write_section(args.write, render(json.loads(args.out.read_text())))
+        print(f"wrote the llama_tp section of {args.write} from {args.out}")
+        return
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit("run under torchrun: torchrun --nproc-per-node 2 benchmarks/llama_tp.py ...")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -257,6 +265,36 @@ def summary(records: list[dict]) -> str:
         cells.append(str(check.get("greedy_tokens_agree", "-")))
         lines.append(f"| {rec['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+def render(records: list[dict]) -> str:
+    """The latest record of each row (in the order rows first appear) as a table, with the run's setup."""
+    latest = {}
+    for record in records:
+        latest.pop(record["row"], None)
+        latest[record["row"]] = record
+    rows = sorted(latest.values(), key=lambda r: [rec["row"] for rec in records].index(r["row"]))
+    s = rows[-1]["setup"]
+    c, p = s["config"], s["protocol"]
+    head = (f"### Tensor parallel decode, tp {s['tp']} ({s['device']})\n\n"
+            f"`{s['command']}` at commit {s['commit']}, torch {s['versions']['torch']}, env {s['env']}. "
+            f"{'The tiny smoke-test config' if c['tiny'] else 'Llama-3.1-8B shapes'} ({c['layers']} layers, dim "
+            f"{c['dim']}, {c['heads']}/{c['kv_heads']} heads, ffn {c['ffn']}, vocab {c['vocab']}, {c['dtype']}), random "
+            f"weights, sharded Megatron-style, every linear quantized (LM head included); decode as "
+            f"llama_e2e ({p['prompt_len']}-token prompt fed through the step, {p['new_tokens']} greedy tokens timed, "
+            f"best of {p['reps']}); speedups against bf16 tp {s['tp']}.\n\n")
+    return head + summary(rows)
+
+
+def write_section(path: Path, text: str) -> None:
+    begin, end = "<!-- llama_tp:begin -->", "<!-- llama_tp:end -->"
+    old = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
 
 if __name__ == "__main__":
     main()
