@@ -278,8 +278,8 @@ def render(records: list[dict]) -> str:
     head = (f"### Tensor parallel decode, tp {s['tp']} ({s['device']})\n\n"
             f"`{s['command']}` at commit {s['commit']}, torch {s['versions']['torch']}, env {s['env']}. "
             f"{'The tiny smoke-test config' if c['tiny'] else 'Llama-3.1-8B shapes'} ({c['layers']} layers, dim "
-            f"{c['dim']}, {c['heads']}/{c['kv_heads']} heads, ffn {c['ffn']}, vocab {c['vocab']}, {c['dtype']}), random "
-            f"weights, sharded Megatron-style, every linear quantized (LM head included); decode as "
+            f"{c['dim']}, {c['heads']}/{c['kv_heads']} heads, ffn {c['ffn']}, vocab {c['vocab']}, {c['dtype']}), "
+            f"random weights, sharded Megatron-style, every linear quantized (LM head included); decode as "
             f"llama_e2e ({p['prompt_len']}-token prompt fed through the step, {p['new_tokens']} greedy tokens timed, "
             f"best of {p['reps']}); speedups against bf16 tp {s['tp']}.\n\n")
     return head + summary(rows)
