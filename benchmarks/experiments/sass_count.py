@@ -1,0 +1,117 @@
+"""Lab: count the SASS instructions of a Triton linear variant for the H200 (sm_90) without a GPU — Triton's
+bundled ptxas compiles, cuobjdump disassembles. The inner loop of a GEMV / small-M kernel is where the time goes
+at decode sizes (benchmarks: ~6.5 instructions per weight bound the current kernels), so the loop body's
+instructions per weight (per thread) is the figure to drive down.
+
+  python benchmarks/experiments/sass_count.py                  # the template's int4/int8 variants
+  python benchmarks/experiments/sass_count.py --dump int4_gemv # + that variant's loop SASS
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from qcompile.kernels.triton.gemm import quantized_linear_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+# pointer args, int args (all 16-divisible, as Triton specializes them at these shapes)
+POINTERS = ["x_ptr", "x_scale_ptr", "x_zero_ptr", "w_ptr", "w_scale_ptr", "w_zero_ptr", "w_aux_ptr", "bias_ptr",
+            "out_ptr"]
+INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
+
+
+def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
+                     activation="float", num_warps=4):
+    types = {"x_ptr": "*bf16" if activation == "float" else "*i8", "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
+             "w_ptr": "*i8" if weight_format == "int8" else "*u8", "w_scale_ptr": "*bf16" if bits == 4 else "*fp32",
+             "w_zero_ptr": "*bf16", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    constants = dict(A_FORMAT=activation, A_SCALE="none" if activation == "float" else "row", A_HAS_ZERO=False,
+                     W_FORMAT=weight_format, BITS=bits, GROUP_SIZE=128 if bits < 8 else 1,
+                     W_HAS_ZERO=weight_format == "int4_tinygemm",
+                     W_SCALE="row" if weight_format == "int8" else "none", HAS_BIAS=False, BLOCK_M=block_m,
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, DOT_FP32=False,
+                     BF16_BY_BITS=False)
+    signature = {**types, **{name: "i32" for name in INTS}, **{name: "constexpr" for name in constants}}
+    if block_m == 1:  # M is a guarded 1 at decode (Triton specializes ints equal to 1)
+        pass
+    names = quantized_linear_kernel.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS + INTS if n != "M"}
+    weights = block_n * block_k  # weights one program decodes per loop iteration
+    return (quantized_linear_kernel, signature, constants, attrs, num_warps, weights)
+
+
+def compile_sass(fn, signature, constants, attrs, num_warps) -> str:
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    backend = triton.compiler.make_backend(TARGET)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": 3})
+    compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+        compile_sass.last_registers = (int(found.group(1)), int(found.group(2))) if found else (None, None)
+        return subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_body(sass: str) -> list[tuple[int, str]]:
+    """The instructions of the longest backward branch's range (the main K loop), as (address, opcode)."""
+    instructions = [(int(m.group(1), 16), m.group(3), m.group(4)) for line in sass.splitlines()
+                    for m in [INSTRUCTION.search(line)] if m]
+    best: list[tuple[int, str]] = []
+    for address, opcode, operands in instructions:
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            body = [(a, o) for a, o, _ in instructions if start <= a <= address]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def summarize(name, sass, weights_per_iteration, threads) -> dict:
+    body = loop_body(sass)
+    counts = collections.Counter(op.split(".")[0] for _, op in body)
+    per_weight = len(body) / (weights_per_iteration / threads) if body else float("nan")
+    registers, local_bytes = getattr(compile_sass, "last_registers", (None, None))
+    return {"variant": name, "registers": registers, "local_bytes": local_bytes, "loop_instructions": len(body), "weights_per_thread": weights_per_iteration / threads,
+            "instructions_per_weight": round(per_weight, 2), "top": counts.most_common(12)}
+
+
+VARIANTS = {
+    "int4_gemv": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=32, block_k=128),
+    "int4_swap16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128, swap_ab=True),
+    "int4_tile16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128),
+    "int8_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=32, block_k=256),
+    "int8_swap16": dict(weight_format="int8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dump", default="")
+    args = ap.parse_args()
+    for name in args.variants.split(","):
+        fn, signature, constants, attrs, warps, weights = template_variant(**VARIANTS[name])
+        sass = compile_sass(fn, signature, constants, attrs, warps)
+        print(summarize(name, sass, weights, 32 * warps))
+        if name == args.dump:
+            for address, opcode in loop_body(sass):
+                print(f"  {address:05x} {opcode}")
+
+
+if __name__ == "__main__":
+    main()
