@@ -51,6 +51,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "llama_tp_results.json"
 DEFAULT_ROWS = "bf16,int4_weight_only,float8_dynamic,int8_weight_only"
 PHASES = ("decode_b1", "decode_b128")
 INVOCATION = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+START = time.monotonic()
 
 
 def megatron_layout(block: llama_model.Block, tp: int) -> None:
@@ -87,6 +88,13 @@ def shard(model: llama_model.Llama, mesh) -> llama_model.Llama:
     return model
 
 
+def over_budget(args) -> bool:
+    """Whether --budget-s has passed, by rank 0's clock, so that every rank skips the same phases."""
+    decision = [args.budget_s is not None and time.monotonic() - START > args.budget_s]
+    dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
 def same_on_all_ranks(tokens: list[int]) -> bool:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, tokens)
@@ -113,6 +121,10 @@ def run_row(row, args, device, config, mesh, phases, save) -> dict:
             save(record)
     for phase in phases:
         batch = int(phase.removeprefix("decode_b"))
+        if over_budget(args):
+            record["phases"][phase] = {"skipped": f"--budget-s {args.budget_s} reached"}
+            log(f"[rank {rank}] {row.name} {phase}: skipped, --budget-s reached")
+            continue
         try:
             result = decode_phase(model, row, args, device, batch)
             result["tokens_same_on_all_ranks"] = same_on_all_ranks(result["first_tokens"])
@@ -200,6 +212,7 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, help="tokens generated and timed (default 256; tiny 8)")
     ap.add_argument("--prompt-len", type=int, help="prompt tokens fed through the decode step (default 32; tiny 4)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
+    ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
     ap.add_argument("--write", type=Path, help="render the latest record of each row in --out into this markdown "
                     "file (its llama_tp section) and exit; needs no torchrun")
     ap.add_argument("--check", action="store_true", help="compare logits and greedy tokens with the unsharded "
