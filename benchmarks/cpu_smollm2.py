@@ -178,6 +178,18 @@ def measured_bandwidth_gbs(threads: int) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def versions() -> str:
+    """Library versions, and the ISA Inductor compiles its C++ (and so the qcompile CPU kernels) for."""
+    import transformers
+    from torch._inductor import cpu_vec_isa
+    isa = cpu_vec_isa.pick_vec_isa()
+    line = f"torch {torch.__version__}, transformers {transformers.__version__}, Inductor ISA {type(isa).__name__}"
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+        line += f", llama-cpp-python {llama_cpp.__version__}"
+    return line
+
+
 # --- the run ----------------------------------------------------------------------------------------------------
 
 def engines(decode_tokens: int, threads: int, only: set[str] | None):
@@ -233,6 +245,7 @@ def main():
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     bw = statistics.median(bandwidth)
+    print(f"\n{versions()}")
     base = "fp32 Inductor" if "fp32 Inductor" in prefill else runs[0].name
     print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; threads {args.threads}; read bandwidth (median of {len(bandwidth)}): {bw:.1f} GB/s; medians of "
           f"{args.rounds} alternating rounds; ratios vs {base}\n")
