@@ -30,7 +30,7 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
 
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
-                     activation="float", num_warps=4):
+                     activation="float", num_warps=4, planes=False):
     types = {"x_ptr": "*bf16" if activation == "float" else "*i8", "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
              "w_ptr": "*i8" if weight_format == "int8" else "*u8", "w_scale_ptr": "*bf16" if bits == 4 else "*fp32",
              "w_zero_ptr": "*bf16", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -38,7 +38,8 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      W_FORMAT=weight_format, BITS=bits, GROUP_SIZE=128 if bits < 8 else 1,
                      W_HAS_ZERO=weight_format == "int4_tinygemm",
                      W_SCALE="row" if weight_format == "int8" else "none", HAS_BIAS=False, BLOCK_M=block_m,
-                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, DOT_FP32=False,
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes,
+                     USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False)
     signature = {**types, **{name: "i32" for name in INTS}, **{name: "constexpr" for name in constants}}
     if block_m == 1:  # M is a guarded 1 at decode (Triton specializes ints equal to 1)
@@ -93,6 +94,10 @@ def summarize(name, sass, weights_per_iteration, threads) -> dict:
 VARIANTS = {
     "int4_gemv": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=32, block_k=128),
     "int4_swap16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128, swap_ab=True),
+    "int4_planes16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128, swap_ab=True,
+                          planes=True),
+    "int4_planes16_n256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=256, block_k=128,
+                               swap_ab=True, planes=True),
     "int4_tile16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128),
     "int8_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=32, block_k=256),
     "int8_swap16": dict(weight_format="int8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True),

@@ -212,3 +212,56 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
             block_scale = load_group_param(s_ptr, offs_n, k0, K // 16, 16, BLOCK_K) * tl.load(aux_ptr)
             w = group_affine(e2m1_to_float(u), block_scale, tl.zeros((1, 1), tl.float32), False, 16, BLOCK_K)
     return w
+
+
+# 4-bit weights as 8 K-planes, two 32-bit words (16 weights) per asm instance: PRMT gathers byte b of both words
+# into the low and high halves of one register, LOP3 puts a nibble in each half's bf16 mantissa (0x4300 | q =
+# 128 + q, exact), and two packed bf16x2 FMAs give (q - 8) * scale + shift for both words: ~2 instructions per
+# weight where decoding value by value in float32 takes ~6 (benchmarks/experiments/sass_count.py counts them).
+INT4_PLANES_PTX = tl.constexpr("""
+{
+.reg .b32 x, t, one, m136;
+mov.b32 one, 0x3f803f80;
+mov.b32 m136, 0xc308c308;
+""" + "".join(f"""prmt.b32 x, $8, $9, {hex(byte | ((4 + byte) << 8))};
+lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
+fma.rn.bf16x2 t, t, one, m136;
+fma.rn.bf16x2 ${2 * byte}, t, $10, $11;
+shr.u32 x, x, 4;
+lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
+fma.rn.bf16x2 t, t, one, m136;
+fma.rn.bf16x2 ${2 * byte + 1}, t, $10, $11;
+""" for byte in range(4)) + "}")
+
+
+@triton.jit
+def _int4_plane(words, scale, shift, j: tl.constexpr):
+    """Plane j decoded in float32 (the interpreter's and fp16 models' path)."""
+    q = ((words >> (4 * j)) & 15).to(tl.float32)
+    return (q - 8.0) * scale.to(tl.float32) + shift.to(tl.float32)
+
+
+@triton.jit
+def load_int4_planes(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
+    """A 4-bit weight tile [BLOCK_N, BLOCK_K] (int4_tinygemm, or symmetric 4-bit intx) as 8 planes [BLOCK_N,
+    BLOCK_K // 8]: plane j holds the K positions k0 + 8c + j (nibble j of little-endian 32-bit word c, as
+    quant/packing.py lays 4-bit values out), decoded: (q - 8) * scale + zero (tinygemm) or (q - 8) * scale.
+    One group scale per row: BLOCK_K <= GROUP_SIZE. USE_PTX: bf16 planes by inline PTX; else float32."""
+    words = w_ptr.to(tl.pointer_type(tl.int32))
+    w = tl.load(words + offs_n[:, None] * (stride_wn // 4) + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :])
+    group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + group)[:, None]
+    if W_FORMAT == "int4_tinygemm":
+        shift = tl.load(z_ptr + group)[:, None]
+    else:
+        shift = tl.zeros_like(scale)
+    if USE_PTX:
+        return tl.inline_asm_elementwise(INT4_PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+                                         [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        return (_int4_plane(w, scale, shift, 0), _int4_plane(w, scale, shift, 1), _int4_plane(w, scale, shift, 2),
+                _int4_plane(w, scale, shift, 3), _int4_plane(w, scale, shift, 4), _int4_plane(w, scale, shift, 5),
+                _int4_plane(w, scale, shift, 6), _int4_plane(w, scale, shift, 7))
+

@@ -4,7 +4,8 @@ Constexprs pick the variant: the weight format (dequant.load_weight_tile), the a
 int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multiply-accumulate on CUDA cores,
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
-decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue), and split-K
+decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: 4-bit
+weights decoded as 8 K-planes by packed bf16x2 instructions, dequant.load_int4_planes), and split-K
 (SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
 weight's row/tensor scale and the bias in float32 and casts once.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import cast_to, load_weight_tile, to_float
+from .dequant import cast_to, load_int4_planes, load_weight_tile, to_float
 
 
 @triton.jit
@@ -76,7 +77,8 @@ def quantized_linear_kernel(
         W_SCALE: tl.constexpr,  # weight scale left for the epilogue: "none", "row", "tensor"
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, PLANES: tl.constexpr, USE_PTX: tl.constexpr,
+        DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -111,18 +113,26 @@ def quantized_linear_kernel(
         if A_HAS_ZERO:
             a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
-            w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
-                                 W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
-            part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
-            if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
-                if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
-                    w_sum = tl.sum(w.to(tl.int32), axis=1)
-                    part -= (_along_m(a_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)).to(part.dtype)
-                scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
-                acc += part.to(tl.float32) * _along_n(scale, SWAP_AB)
+            if PLANES:  # 4-bit weights as 8 K-planes decoded two words at a time: 8 dots of BLOCK_K / 8
+                planes = load_int4_planes(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn, W_FORMAT,
+                                          GROUP_SIZE, BLOCK_K, USE_PTX)
+                plane_k = k0 + 8 * tl.arange(0, BLOCK_K // 8)
+                for j in tl.static_range(8):
+                    a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
+                    acc += _tile_dot(a, planes[j], A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
             else:
-                acc += part
+                a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
+                w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
+                                     W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+                part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
+                if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
+                    if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
+                        w_sum = tl.sum(w.to(tl.int32), axis=1)
+                        part -= (_along_m(a_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)).to(part.dtype)
+                    scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+                    acc += part.to(tl.float32) * _along_n(scale, SWAP_AB)
+                else:
+                    acc += part
         if SWAP_AB:
             acc = tl.trans(acc)
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once

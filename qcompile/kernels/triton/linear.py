@@ -2,7 +2,9 @@
 the kernels can take, and one call that quantizes the activation and runs the GEMM with a chosen config."""
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ WEIGHT_FORMATS = ("int8", "fp8", "int4_tinygemm", "intx", "codebook", "mxfp8", "
 _GEMM_ACTIVATION = {"int8_sym": "int8", "int8_asym": "int8", "fp8_row": "fp8", "fp8_tensor": "fp8"}
 _NATIVE_WEIGHTS = {"int8": ("int8", "intx"), "fp8": ("fp8", "intx")}  # weights a quantized activation multiplies
 MIN_BLOCK_K = 32
+PLANES_BLOCK_K = 128  # 8 planes of BLOCK_K / 8 >= 16 columns each: the smallest tl.dot K
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class LinearSpec:
         if self.weight_format in ("int8", "fp8", "codebook"):
             return "tensor" if self.w_scale_per_tensor else "row"
         return "none"
+
+    @property
+    def takes_int4_planes(self) -> bool:
+        """4-bit weights the plane decode handles (float activations; symmetric intx or tinygemm's float zero)."""
+        return self.gemm_activation == "float" and self.group_size >= PLANES_BLOCK_K and (
+            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits == 4
+                                                      and not self.has_w_zero))
 
     @property
     def scales_per_group_in_loop(self) -> bool:
@@ -112,6 +122,10 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError(f"Triton linear: BLOCK_M={config.block_m}; the template takes 1 (GEMV) or 16..256")
     if config.swap_ab and config.block_m == 1:
         raise ValueError("Triton linear: swap_ab needs a tensor-core tile (BLOCK_M >= 16)")
+    if config.planes and not (spec.takes_int4_planes and config.block_m > 1
+                              and PLANES_BLOCK_K <= config.block_k <= spec.group_size):
+        raise ValueError(f"Triton linear: the plane decode takes 4-bit float-activation weights with a tensor-core "
+                         f"tile and {PLANES_BLOCK_K} <= BLOCK_K <= group_size; got {spec.key()} with {config}")
     if K % config.block_k or (spec.scales_per_group_in_loop and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
@@ -133,7 +147,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        GROUP_M=config.group_m, SWAP_AB=config.swap_ab, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
+        GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes,
+        USE_PTX=not _interpreting() and xq.dtype == torch.bfloat16, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even
@@ -187,3 +202,32 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
         return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,
                            config.library)
     return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
+
+
+@functools.lru_cache(None)
+def int4_planes_verified(device: str) -> bool:
+    """Whether the plane decode (inline PTX on CUDA) gives the template's value-by-value answer on this device:
+    checked once per process on random 4-bit weights, so a PTX or Triton change that broke it drops the plane
+    candidates with a warning instead of computing wrong outputs."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .tuning import KernelConfig
+
+    with unset_fake_temporarily(), torch.no_grad():
+        generator = torch.Generator(device=device).manual_seed(0)
+        N, K, group = 64, 256, PLANES_BLOCK_K
+        x = torch.randn(16, K, device=device, generator=generator).to(torch.bfloat16)
+        qweight = torch.randint(0, 256, (N, K // 2), device=device, generator=generator).to(torch.uint8)
+        scale = (torch.rand(N, K // group, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
+        zero = torch.randn(N, K // group, device=device, generator=generator).to(torch.bfloat16)
+        spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=group, has_w_zero=True)
+        args = (x, None, None, qweight, scale, zero, None, None, spec, torch.bfloat16)
+        planes = run_gemm(*args, KernelConfig(16, 64, PLANES_BLOCK_K, swap_ab=True, planes=True)).float()
+        expected = run_gemm(*args, KernelConfig(16, 64, PLANES_BLOCK_K)).float()
+    error = ((planes - expected).norm() / expected.norm()).item()
+    if not error < 1e-2:  # NaN fails too
+        warnings.warn(f"qcompile: the int4 plane decode is off by {error:.3g} (relative) on {device}; its Triton "
+                      f"configs are left out of autotuning", stacklevel=2)
+        return False
+    return True
+

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import triton
 
-from .linear import LinearSpec
+from .linear import LinearSpec, int4_planes_verified
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class KernelConfig:
     num_stages: int = 3
     group_m: int = 8
     swap_ab: bool = False  # tensor-core tile computing out^T = W x^T (small M: the weight is the wide operand)
+    planes: bool = False  # 4-bit weights decoded as 8 K-planes by packed bf16x2 instructions
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
 
 
@@ -54,8 +56,16 @@ _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 
            (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
 _SWAPPED_SMALL = [(16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3)]
 _SWAPPED_MEDIUM = [(64, 64, 128, 2, 4, 3), (128, 128, 64, 2, 8, 3)]
+# plane-decoded 4-bit tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), all swapped: the fewest
+# instructions per weight in an sm_90 SASS count (benchmarks/experiments/sass_count.py), split-K for occupancy
+_PLANES = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 2, 4, 3),
+           (16, 64, 128, 4, 4, 3), (16, 128, 128, 8, 4, 2)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
+
+
+def _current_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
@@ -72,11 +82,13 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     else:
         configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
     configs += [KernelConfig(*c, swap_ab=True) for c in swapped]
+    if bucket <= 16 and spec.takes_int4_planes and int4_planes_verified(_current_device()):
+        configs += [KernelConfig(*c, swap_ab=True, planes=True) for c in _PLANES]
 
     def fits(c: KernelConfig) -> bool:
         if K % c.block_k or K < c.block_k * c.split_k:
             return False
-        if spec.scales_per_group_in_loop and spec.group_size % c.block_k:
+        if (spec.scales_per_group_in_loop or c.planes) and spec.group_size % c.block_k:
             return False  # one group scale per K block
         return True
 

@@ -131,3 +131,64 @@ def test_real_shapes_on_gpu(case, M):
     exact = x.double() @ w.double().t() + bias.double()
     assert sqnr_db(reference.float(), out.float()) > 30
     assert _as_accurate(out, reference, exact)
+
+
+PLANE_CASES = [next(c for c in CASES if c.scheme == "int4_weight_only"),
+               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 4),))]
+
+
+@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-4bit")
+def test_int4_plane_decode_matches_reference_ops(case):
+    """The 8-plane decode of 4-bit weights (inline PTX on the GPU, its float32 twin here) in swapped and plain
+    tiles, with and without split-K, at group 128 and 256 (one or two K blocks per group)."""
+    x_all, w, bias = _inputs()
+    for group in (128, 256):
+        q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
+                                                                        "group_size": group}.items())), w)
+        weight_args = case.weight_args(q)
+        spec = _spec(case, options, weight_args, bias)
+        assert spec.takes_int4_planes
+        for M, config in [(1, KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True)),
+                          (5, KernelConfig(16, 64, 128, 2, swap_ab=True, planes=True)),
+                          (33, KernelConfig(16, 64, 128, 1, planes=True))]:
+            x = x_all[:M]
+            out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
+            reference = case.reference(x, q, bias, options)
+            assert sqnr_db(reference.float(), out.float()) > 30, f"group {group} M={M} {config}"
+            assert _as_accurate(out, reference, x.double() @ w.double().t() + bias.double())
+
+
+def test_plane_decode_refuses_what_it_cannot_take():
+    x_all, w, bias = _inputs()
+    case = next(c for c in CASES if c.scheme == "int8_weight_only")
+    q, options = quantized(case, w)
+    spec = _spec(case, options, case.weight_args(q), bias)
+    with pytest.raises(ValueError, match="plane decode takes 4-bit"):
+        run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
+                   KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True))
+
+
+def test_plane_decode_is_verified_before_autotuning_offers_it():
+    from qcompile.kernels.triton.linear import int4_planes_verified
+
+    assert int4_planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0")
+    spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128, has_w_zero=True)
+    assert any(c.planes for c in candidates(spec, 1, 4096, 4096))
+    assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # decode sizes only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_int4_plane_decode_on_gpu_real_shape(M):
+    case = PLANE_CASES[0]
+    n, k = 4096, 4096
+    x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, options = quantized(dataclasses.replace(case, options=(("group_size", 128),)), w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, None)
+    for config in (KernelConfig(16, 128, 128, 1, swap_ab=True, planes=True),
+                   KernelConfig(16, 256, 128, 4, swap_ab=True, planes=True)):
+        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
+        reference = case.reference(x, q, None, options)
+        assert sqnr_db(reference.float(), out.float()) > 40, config
