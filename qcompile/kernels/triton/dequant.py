@@ -242,18 +242,29 @@ def _int4_plane(words, scale, shift, j: tl.constexpr):
 
 
 @triton.jit
-def load_int4_planes(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr,
+def load_int4_planes(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr, HAS_ZERO: tl.constexpr,
                      GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
-    """A 4-bit weight tile [BLOCK_N, BLOCK_K] (int4_tinygemm, or symmetric 4-bit intx) as 8 planes [BLOCK_N,
-    BLOCK_K // 8]: plane j holds the K positions k0 + 8c + j (nibble j of little-endian 32-bit word c, as
-    quant/packing.py lays 4-bit values out), decoded: (q - 8) * scale + zero (tinygemm) or (q - 8) * scale.
-    One group scale per row: BLOCK_K <= GROUP_SIZE. USE_PTX: bf16 planes by inline PTX; else float32."""
+    """A 4-bit weight tile [BLOCK_N, BLOCK_K] (int4_tinygemm, or 4-bit intx) as 8 planes [BLOCK_N, BLOCK_K // 8]:
+    plane j holds the K positions k0 + 8c + j (nibble j of little-endian 32-bit word c, as quant/packing.py lays
+    4-bit values out), decoded as (q - 8) * scale + shift: shift = zero (tinygemm's float zero), (8 - zero) * scale
+    (intx's integer zero) or 0 (symmetric intx). A word lies in one group (GROUP_SIZE % 8 == 0): the parameters
+    are one per row when the K block lies in one group, else one per word. USE_PTX: bf16 planes by inline PTX;
+    else float32."""
     words = w_ptr.to(tl.pointer_type(tl.int32))
-    w = tl.load(words + offs_n[:, None] * (stride_wn // 4) + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :])
-    group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + group)[:, None]
+    word_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    w = tl.load(words + offs_n[:, None] * (stride_wn // 4) + word_k[None, :])
+    if BLOCK_K <= GROUP_SIZE:  # loaded as vectors over the rows, then broadcast (a 2-D load costs a relayout)
+        group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + group).to(tl.float32)[:, None]
+        zero = tl.load(z_ptr + group).to(tl.float32)[:, None] if HAS_ZERO else None
+    else:
+        group = offs_n[:, None] * (K // GROUP_SIZE) + (word_k * 8 // GROUP_SIZE)[None, :]
+        scale = tl.load(s_ptr + group).to(tl.float32)
+        zero = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else None
     if W_FORMAT == "int4_tinygemm":
-        shift = tl.load(z_ptr + group)[:, None]
+        shift = zero
+    elif HAS_ZERO:
+        shift = (8.0 - zero) * scale
     else:
         shift = tl.zeros_like(scale)
     if USE_PTX:
@@ -264,4 +275,3 @@ def load_int4_planes(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl
         return (_int4_plane(w, scale, shift, 0), _int4_plane(w, scale, shift, 1), _int4_plane(w, scale, shift, 2),
                 _int4_plane(w, scale, shift, 3), _int4_plane(w, scale, shift, 4), _int4_plane(w, scale, shift, 5),
                 _int4_plane(w, scale, shift, 6), _int4_plane(w, scale, shift, 7))
-

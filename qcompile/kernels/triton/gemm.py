@@ -115,11 +115,20 @@ def quantized_linear_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             if PLANES:  # 4-bit weights as 8 K-planes decoded two words at a time: 8 dots of BLOCK_K / 8
                 planes = load_int4_planes(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn, W_FORMAT,
-                                          GROUP_SIZE, BLOCK_K, USE_PTX)
+                                          W_HAS_ZERO, GROUP_SIZE, BLOCK_K, USE_PTX)
                 plane_k = k0 + 8 * tl.arange(0, BLOCK_K // 8)
                 for j in tl.static_range(8):
                     a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
-                    acc += _tile_dot(a, planes[j], A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
+                    if A_FORMAT == "int8":  # integers up to 255 in magnitude are exact in bf16
+                        a = a.to(tl.int32)
+                        if A_HAS_ZERO:
+                            a -= a_zero[:, None]
+                        a = a.to(tl.float32)
+                    elif A_FORMAT == "fp8":  # e4m3 values are exact in bf16
+                        a = a.to(tl.float32)
+                    if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
+                        a = a.to(tl.bfloat16)
+                    acc += _tile_dot(a, planes[j], "float", False, DOT_FP32, SWAP_AB)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

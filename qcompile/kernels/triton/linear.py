@@ -47,10 +47,10 @@ class LinearSpec:
 
     @property
     def takes_int4_planes(self) -> bool:
-        """4-bit weights the plane decode handles (float activations; symmetric intx or tinygemm's float zero)."""
-        return self.gemm_activation == "float" and self.group_size >= PLANES_BLOCK_K and (
-            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits == 4
-                                                      and not self.has_w_zero))
+        """4-bit weights the plane decode handles: tinygemm's, and intx's (with any activation: a quantized one
+        is multiplied as the exact bf16 of its integers, its scale applied in the epilogue)."""
+        return self.group_size % 8 == 0 and (
+            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits == 4))
 
     @property
     def scales_per_group_in_loop(self) -> bool:
@@ -122,11 +122,11 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError(f"Triton linear: BLOCK_M={config.block_m}; the template takes 1 (GEMV) or 16..256")
     if config.swap_ab and config.block_m == 1:
         raise ValueError("Triton linear: swap_ab needs a tensor-core tile (BLOCK_M >= 16)")
-    if config.planes and not (spec.takes_int4_planes and config.block_m > 1
-                              and PLANES_BLOCK_K <= config.block_k <= spec.group_size):
-        raise ValueError(f"Triton linear: the plane decode takes 4-bit float-activation weights with a tensor-core "
-                         f"tile and {PLANES_BLOCK_K} <= BLOCK_K <= group_size; got {spec.key()} with {config}")
-    if K % config.block_k or (spec.scales_per_group_in_loop and spec.group_size % config.block_k):
+    if config.planes and not (spec.takes_int4_planes and config.block_m > 1 and config.block_k >= PLANES_BLOCK_K):
+        raise ValueError(f"Triton linear: the plane decode takes 4-bit weights with a tensor-core tile and "
+                         f"BLOCK_K >= {PLANES_BLOCK_K}; got {spec.key()} with {config}")
+    if K % config.block_k or (spec.scales_per_group_in_loop and not config.planes
+                              and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
     any_tensor = xq
@@ -148,7 +148,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes,
-        USE_PTX=not _interpreting() and xq.dtype == torch.bfloat16, DOT_FP32=_interpreting() and xq.dtype == torch.bfloat16,
+        USE_PTX=not _interpreting() and out_dtype == torch.bfloat16, DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even

@@ -88,8 +88,8 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     def fits(c: KernelConfig) -> bool:
         if K % c.block_k or K < c.block_k * c.split_k:
             return False
-        if (spec.scales_per_group_in_loop or c.planes) and spec.group_size % c.block_k:
-            return False  # one group scale per K block
+        if spec.scales_per_group_in_loop and not c.planes and spec.group_size % c.block_k:
+            return False  # one group scale per K block (the plane decode reads one per 8 weights instead)
         return True
 
     kept = [c for c in configs if fits(c)]

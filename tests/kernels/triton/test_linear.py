@@ -109,7 +109,8 @@ def test_every_candidate_config_fits_its_shape():
     spec = LinearSpec("int8_asym", "intx", bits=4, group_size=64)
     for M in (1, 3, 16, 100, 8192):
         for config in candidates(spec, M, 4096, 4096):
-            assert config.library or (4096 % config.block_k == 0 and 64 % config.block_k == 0)
+            # one group scale per K block, except in the plane decode (one per 8 weights)
+            assert config.library or (4096 % config.block_k == 0 and (config.planes or 64 % config.block_k == 0))
 
 
 @pytest.mark.gpu
@@ -134,15 +135,17 @@ def test_real_shapes_on_gpu(case, M):
 
 
 PLANE_CASES = [next(c for c in CASES if c.scheme == "int4_weight_only"),
-               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 4),))]
+               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 4),)),
+               *[c for c in CASES if c.scheme in ("int8_dynamic_int4", "float8_dynamic_int4")],
+               dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", 4),))]
 
 
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-4bit")
 def test_int4_plane_decode_matches_reference_ops(case):
     """The 8-plane decode of 4-bit weights (inline PTX on the GPU, its float32 twin here) in swapped and plain
-    tiles, with and without split-K, at group 128 and 256 (one or two K blocks per group)."""
+    tiles, with and without split-K, at groups of 32 (parameters per word), 128 and 256 (one per row)."""
     x_all, w, bias = _inputs()
-    for group in (128, 256):
+    for group in (32, 128, 256):
         q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
                                                                         "group_size": group}.items())), w)
         weight_args = case.weight_args(q)
