@@ -31,14 +31,14 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
                      activation="float", num_warps=4, planes=False):
-    types = {"x_ptr": "*bf16" if activation == "float" else "*i8", "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
-             "w_ptr": "*i8" if weight_format == "int8" else "*u8", "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
+    types = {"x_ptr": {"float": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[activation], "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
+             "w_ptr": {"int8": "*i8", "fp8": "*fp8e4nv"}.get(weight_format, "*u8"), "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
              "w_zero_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*u8", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     constants = dict(A_FORMAT=activation, A_SCALE="none" if activation == "float" else "row",
-                     A_HAS_ZERO=activation == "int8",
+                     A_HAS_ZERO=activation == "int8" and weight_format == "intx",
                      W_FORMAT=weight_format, BITS=bits, GROUP_SIZE=128 if bits < 8 else 1,
-                     W_HAS_ZERO=weight_format == "int4_tinygemm" or activation == "int8",
-                     W_SCALE="row" if weight_format == "int8" else "none", HAS_BIAS=False, BLOCK_M=block_m,
+                     W_HAS_ZERO=weight_format == "int4_tinygemm" or (activation == "int8" and weight_format == "intx"),
+                     W_SCALE="row" if weight_format in ("int8", "fp8") else "none", HAS_BIAS=False, BLOCK_M=block_m,
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes,
                      USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False)
@@ -103,6 +103,13 @@ VARIANTS = {
                                   planes=True, activation="int8"),
     "int8dyn_int4_swap16": dict(weight_format="intx", bits=4, block_m=16, block_n=64, block_k=128, swap_ab=True,
                                 activation="int8"),
+    "int8dyn_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=32, block_k=256, activation="int8"),
+    "int8dyn_swap16": dict(weight_format="int8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
+                           activation="int8"),
+    "fp8dyn_swap16": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
+                          activation="fp8"),
+    "fp8_wo_swap16": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True),
+    "fp8_wo_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=32, block_k=256),
     "int4_tile16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128),
     "int8_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=32, block_k=256),
     "int8_swap16": dict(weight_format="int8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True),
