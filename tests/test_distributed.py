@@ -4,7 +4,6 @@ their output must match the single-process quantized model's."""
 import copy
 import datetime
 import os
-import socket
 import tempfile
 
 import pytest
@@ -77,13 +76,14 @@ def _model():
     return TinyLlama().eval()
 
 
-def _tp_worker(rank, port, out_path):
+def _tp_worker(rank, store_path, out_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a rank that fails alone leaves the other waiting in a collective: fail the test, do not hang CI
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    # rendezvous through a file, not a port another process could take first; a rank that fails alone leaves
+    # the other waiting in a collective: the timeout fails the test instead of hanging CI
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
     torch.set_num_threads(1)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -171,17 +171,11 @@ def _lowered_for_cuda(mesh):
     return found
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tp_results():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.pt")
-        mp.spawn(_tp_worker, args=(_free_port(), path), nprocs=WORLD)
+        mp.spawn(_tp_worker, args=(os.path.join(tmp, "store"), path), nprocs=WORLD)
         return torch.load(path)
 
 
