@@ -214,64 +214,80 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
     return w
 
 
-# 4-bit weights as 8 K-planes, two 32-bit words (16 weights) per asm instance: PRMT gathers byte b of both words
-# into the low and high halves of one register, LOP3 puts a nibble in each half's bf16 mantissa (0x4300 | q =
-# 128 + q, exact), and two packed bf16x2 FMAs give (q - 8) * scale + shift for both words: ~2 instructions per
-# weight where decoding value by value in float32 takes ~6 (benchmarks/experiments/sass_count.py counts them).
-INT4_PLANES_PTX = tl.constexpr("""
-{
-.reg .b32 x, t, one, m136;
-mov.b32 one, 0x3f803f80;
-mov.b32 m136, 0xc308c308;
-""" + "".join(f"""prmt.b32 x, $8, $9, {hex(byte | ((4 + byte) << 8))};
-lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, m136;
-fma.rn.bf16x2 ${2 * byte}, t, $10, $11;
-shr.u32 x, x, 4;
-lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, m136;
-fma.rn.bf16x2 ${2 * byte + 1}, t, $10, $11;
-""" for byte in range(4)) + "}")
+def _planes_ptx(bits: int) -> str:
+    """Inline PTX decoding two 32-bit words of `bits`-bit values (16 / 32 weights) into 32 / bits K-planes of
+    bf16x2 (one value of each word per register): PRMT gathers byte b of both words into the low and high halves
+    of one register, LOP3 puts a value in each half's bf16 mantissa (0x4300 | u = 128 + u, exact), and two packed
+    FMAs give (u - 2^(bits-1)) * scale + shift for both words: ~2 instructions per weight where decoding value
+    by value in float32 takes ~6 (benchmarks/experiments/sass_count.py counts them). Output i holds the value at
+    bits [bits*i, bits*(i+1)) of each word, i.e. its K offset i (quant/packing.py's little-endian order).
+    Operands: outputs $0..$(n-1), then the two words, the scale pair and the shift pair."""
+    per_byte, mask, n = 8 // bits, (1 << bits) - 1, 32 // bits
+    words, scale, shift = (f"${n}", f"${n + 1}"), f"${n + 2}", f"${n + 3}"
+    lines = ["{", ".reg .b32 x, t, one, offset;", "mov.b32 one, 0x3f803f80;",
+             f"mov.b32 offset, {(0xC300 | (1 << (bits - 1))) * 0x10001:#x};"]  # bf16 pair -(128 + 2^(bits-1))
+    for byte in range(4):
+        lines.append(f"prmt.b32 x, {words[0]}, {words[1]}, {byte | ((4 + byte) << 8):#x};")
+        for p in range(per_byte):
+            if p:
+                lines.append(f"shr.u32 x, x, {bits};")
+            lines += [f"lop3.b32 t, x, {mask * 0x10001:#x}, 0x43004300, 0xea;",
+                      "fma.rn.bf16x2 t, t, one, offset;",
+                      f"fma.rn.bf16x2 ${byte * per_byte + p}, t, {scale}, {shift};"]
+    return "\n".join(lines + ["}"])
+
+
+PLANES_PTX_4 = tl.constexpr(_planes_ptx(4))
+PLANES_PTX_2 = tl.constexpr(_planes_ptx(2))
+PLANES_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
+PLANES_CONSTRAINTS_2 = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4))
 
 
 @triton.jit
-def _int4_plane(words, scale, shift, j: tl.constexpr):
-    """Plane j decoded in float32 (the interpreter's and fp16 models' path)."""
-    q = ((words >> (4 * j)) & 15).to(tl.float32)
-    return (q - 8.0) * scale.to(tl.float32) + shift.to(tl.float32)
+def decode_plane(words, scale, shift, j: tl.constexpr, BITS: tl.constexpr):
+    """Plane j of `words` decoded in float32: (u - 2^(BITS-1)) * scale + shift (the interpreter's and fp16
+    models' path, and the reference the PTX is checked against)."""
+    u = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
+    return (u - (1 << (BITS - 1))) * scale + shift
 
 
 @triton.jit
-def load_int4_planes(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
-    """A 4-bit weight tile [BLOCK_N, BLOCK_K] (int4_tinygemm, or 4-bit intx) as 8 planes [BLOCK_N, BLOCK_K // 8]:
-    plane j holds the K positions k0 + 8c + j (nibble j of little-endian 32-bit word c, as quant/packing.py lays
-    4-bit values out), decoded as (q - 8) * scale + shift: shift = zero (tinygemm's float zero), (8 - zero) * scale
-    (intx's integer zero) or 0 (symmetric intx). A word lies in one group (GROUP_SIZE % 8 == 0): the parameters
-    are one per row when the K block lies in one group, else one per word. USE_PTX: bf16 planes by inline PTX;
-    else float32."""
-    words = w_ptr.to(tl.pointer_type(tl.int32))
-    word_k = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    w = tl.load(words + offs_n[:, None] * (stride_wn // 4) + word_k[None, :])
-    if BLOCK_K <= GROUP_SIZE:  # loaded as vectors over the rows, then broadcast (a 2-D load costs a relayout)
+def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The 32-bit words [BLOCK_N, BLOCK_K * BITS / 32] holding a 2- or 4-bit weight tile (int4_tinygemm or
+    single-plane intx), with the decode parameters per word: w = (u - 2^(BITS-1)) * scale + shift, shift = zero
+    (tinygemm's float zero), (2^(BITS-1) - zero) * scale (intx's integer zero) or 0 (symmetric). A word lies in
+    one group; the parameters are loaded once per row when the K block lies in one group (a 2-D gather costs a
+    relayout), else once per word."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    word_k = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+    w = tl.load(words_ptr + offs_n[:, None] * (stride_wn // 4) + word_k[None, :])
+    if BLOCK_K <= GROUP_SIZE:
         group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
         scale = tl.load(s_ptr + group).to(tl.float32)[:, None]
         zero = tl.load(z_ptr + group).to(tl.float32)[:, None] if HAS_ZERO else None
     else:
-        group = offs_n[:, None] * (K // GROUP_SIZE) + (word_k * 8 // GROUP_SIZE)[None, :]
+        group = offs_n[:, None] * (K // GROUP_SIZE) + (word_k * PER_WORD // GROUP_SIZE)[None, :]
         scale = tl.load(s_ptr + group).to(tl.float32)
         zero = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else None
     if W_FORMAT == "int4_tinygemm":
         shift = zero
     elif HAS_ZERO:
-        shift = (8.0 - zero) * scale
+        shift = ((1 << (BITS - 1)) - zero) * scale
     else:
         shift = tl.zeros_like(scale)
-    if USE_PTX:
-        return tl.inline_asm_elementwise(INT4_PLANES_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+    return w, scale, shift
+
+
+@triton.jit
+def decode_planes_ptx(w, scale, shift, BITS: tl.constexpr):
+    """Every plane of the words as bf16, by inline PTX (a tuple of 32 / BITS tensors)."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(PLANES_PTX_4, PLANES_CONSTRAINTS_4,
                                          [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
     else:
-        return (_int4_plane(w, scale, shift, 0), _int4_plane(w, scale, shift, 1), _int4_plane(w, scale, shift, 2),
-                _int4_plane(w, scale, shift, 3), _int4_plane(w, scale, shift, 4), _int4_plane(w, scale, shift, 5),
-                _int4_plane(w, scale, shift, 6), _int4_plane(w, scale, shift, 7))
+        return tl.inline_asm_elementwise(PLANES_PTX_2, PLANES_CONSTRAINTS_2,
+                                         [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
+                                         dtype=(tl.bfloat16,) * 16, is_pure=True, pack=2)

@@ -5,7 +5,7 @@ int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multip
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: 4-bit
-weights decoded as 8 K-planes by packed bf16x2 instructions, dequant.load_int4_planes), and split-K
+and 2-bit weights decoded as K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx), and split-K
 (SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
 weight's row/tensor scale and the bias in float32 and casts once.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import cast_to, load_int4_planes, load_weight_tile, to_float
+from .dequant import cast_to, decode_plane, decode_planes_ptx, load_plane_words, load_weight_tile, to_float
 
 
 @triton.jit
@@ -113,11 +113,19 @@ def quantized_linear_kernel(
         if A_HAS_ZERO:
             a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            if PLANES:  # 4-bit weights as 8 K-planes decoded two words at a time: 8 dots of BLOCK_K / 8
-                planes = load_int4_planes(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn, W_FORMAT,
-                                          W_HAS_ZERO, GROUP_SIZE, BLOCK_K, USE_PTX)
-                plane_k = k0 + 8 * tl.arange(0, BLOCK_K // 8)
-                for j in tl.static_range(8):
+            if PLANES:  # 4-/2-bit weights as 32 / BITS K-planes, decoded two words at a time; a dot per plane
+                PER_WORD: tl.constexpr = 32 // BITS
+                words, w_scale, w_shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K,
+                                                           stride_wn, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE,
+                                                           BLOCK_K)
+                if USE_PTX:
+                    planes = decode_planes_ptx(words, w_scale, w_shift, BITS)
+                plane_k = k0 + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)
+                for j in tl.static_range(PER_WORD):
+                    if USE_PTX:
+                        plane = planes[j]
+                    else:
+                        plane = decode_plane(words, w_scale, w_shift, j, BITS)
                     a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
                     if A_FORMAT == "int8":  # integers up to 255 in magnitude are exact in bf16
                         a = a.to(tl.int32)
@@ -128,7 +136,7 @@ def quantized_linear_kernel(
                         a = a.to(tl.float32)
                     if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
                         a = a.to(tl.bfloat16)
-                    acc += _tile_dot(a, planes[j], "float", False, DOT_FP32, SWAP_AB)
+                    acc += _tile_dot(a, plane, "float", False, DOT_FP32, SWAP_AB)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

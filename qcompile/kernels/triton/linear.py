@@ -21,7 +21,7 @@ WEIGHT_FORMATS = ("int8", "fp8", "int4_tinygemm", "intx", "codebook", "mxfp8", "
 _GEMM_ACTIVATION = {"int8_sym": "int8", "int8_asym": "int8", "fp8_row": "fp8", "fp8_tensor": "fp8"}
 _NATIVE_WEIGHTS = {"int8": ("int8", "intx"), "fp8": ("fp8", "intx")}  # weights a quantized activation multiplies
 MIN_BLOCK_K = 32
-PLANES_BLOCK_K = 128  # 8 planes of BLOCK_K / 8 >= 16 columns each: the smallest tl.dot K
+PLANES_MIN_DOT_K = 16  # each K-plane of a block is one tl.dot: BLOCK_K * bits / 32 >= 16 columns
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,16 @@ class LinearSpec:
         return "none"
 
     @property
-    def takes_int4_planes(self) -> bool:
-        """4-bit weights the plane decode handles: tinygemm's, and intx's (with any activation: a quantized one
-        is multiplied as the exact bf16 of its integers, its scale applied in the epilogue)."""
-        return self.group_size % 8 == 0 and (
-            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits == 4))
+    def takes_planes(self) -> bool:
+        """Weights the plane decode handles: tinygemm's int4, and single-plane 4-/2-bit intx (with any
+        activation: a quantized one is multiplied as the exact bf16 of its integers, its scale applied in the
+        epilogue). A 32-bit word lies in one group."""
+        return self.group_size % (32 // self.bits) == 0 and (
+            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits in (2, 4)))
+
+    @property
+    def planes_min_block_k(self) -> int:
+        return PLANES_MIN_DOT_K * 32 // self.bits
 
     @property
     def scales_per_group_in_loop(self) -> bool:
@@ -122,9 +127,10 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError(f"Triton linear: BLOCK_M={config.block_m}; the template takes 1 (GEMV) or 16..256")
     if config.swap_ab and config.block_m == 1:
         raise ValueError("Triton linear: swap_ab needs a tensor-core tile (BLOCK_M >= 16)")
-    if config.planes and not (spec.takes_int4_planes and config.block_m > 1 and config.block_k >= PLANES_BLOCK_K):
-        raise ValueError(f"Triton linear: the plane decode takes 4-bit weights with a tensor-core tile and "
-                         f"BLOCK_K >= {PLANES_BLOCK_K}; got {spec.key()} with {config}")
+    if config.planes and not (spec.takes_planes and config.block_m > 1
+                              and config.block_k >= spec.planes_min_block_k):
+        raise ValueError(f"Triton linear: the plane decode takes 4-/2-bit weights with a tensor-core tile and "
+                         f"BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
     if K % config.block_k or (spec.scales_per_group_in_loop and not config.planes
                               and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
@@ -205,29 +211,30 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
 
 
 @functools.lru_cache(None)
-def int4_planes_verified(device: str) -> bool:
-    """Whether the plane decode (inline PTX on CUDA) gives the template's value-by-value answer on this device:
-    checked once per process on random 4-bit weights, so a PTX or Triton change that broke it drops the plane
-    candidates with a warning instead of computing wrong outputs."""
+def planes_verified(device: str, bits: int) -> bool:
+    """Whether the plane decode of `bits`-bit weights (inline PTX on CUDA) gives the template's value-by-value
+    answer on this device: checked once per process on random weights, so a PTX or Triton change that broke it
+    drops the plane candidates with a warning instead of computing wrong outputs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .tuning import KernelConfig
 
+    spec = LinearSpec("float", "int4_tinygemm" if bits == 4 else "intx", bits=bits, group_size=128,
+                      has_w_zero=bits == 4)
     with unset_fake_temporarily(), torch.no_grad():
         generator = torch.Generator(device=device).manual_seed(0)
-        N, K, group = 64, 256, PLANES_BLOCK_K
+        N, K = 64, 512
         x = torch.randn(16, K, device=device, generator=generator).to(torch.bfloat16)
-        qweight = torch.randint(0, 256, (N, K // 2), device=device, generator=generator).to(torch.uint8)
-        scale = (torch.rand(N, K // group, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
-        zero = torch.randn(N, K // group, device=device, generator=generator).to(torch.bfloat16)
-        spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=group, has_w_zero=True)
+        qweight = torch.randint(0, 256, (N, K * bits // 8), device=device, generator=generator).to(torch.uint8)
+        scale = (torch.rand(N, K // 128, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
+        zero = torch.randn(N, K // 128, device=device, generator=generator).to(torch.bfloat16) if bits == 4 else None
         args = (x, None, None, qweight, scale, zero, None, None, spec, torch.bfloat16)
-        planes = run_gemm(*args, KernelConfig(16, 64, PLANES_BLOCK_K, swap_ab=True, planes=True)).float()
-        expected = run_gemm(*args, KernelConfig(16, 64, PLANES_BLOCK_K)).float()
+        block_k = spec.planes_min_block_k
+        planes = run_gemm(*args, KernelConfig(16, 64, block_k, swap_ab=True, planes=True)).float()
+        expected = run_gemm(*args, KernelConfig(16, 64, block_k)).float()
     error = ((planes - expected).norm() / expected.norm()).item()
     if not error < 1e-2:  # NaN fails too
-        warnings.warn(f"qcompile: the int4 plane decode is off by {error:.3g} (relative) on {device}; its Triton "
-                      f"configs are left out of autotuning", stacklevel=2)
+        warnings.warn(f"qcompile: the {bits}-bit plane decode is off by {error:.3g} (relative) on {device}; its "
+                      f"Triton configs are left out of autotuning", stacklevel=2)
         return False
     return True
-

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import triton
 
-from .linear import LinearSpec, int4_planes_verified
+from .linear import LinearSpec, planes_verified
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,9 @@ _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 
            (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
 _SWAPPED_SMALL = [(16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3)]
 _SWAPPED_MEDIUM = [(64, 64, 128, 2, 4, 3), (128, 128, 64, 2, 8, 3)]
-# plane-decoded 4-bit tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), all swapped: the fewest
-# instructions per weight in an sm_90 SASS count (benchmarks/experiments/sass_count.py), split-K for occupancy
+# plane-decoded 4-/2-bit tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), all swapped: the
+# fewest instructions per weight in an sm_90 SASS count (benchmarks/experiments/sass_count.py), split-K for
+# occupancy; BLOCK_K grows to the bit width's smallest (256 for 2-bit)
 _PLANES = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 2, 4, 3),
            (16, 64, 128, 4, 4, 3), (16, 128, 128, 8, 4, 2)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
@@ -82,8 +83,9 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     else:
         configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
     configs += [KernelConfig(*c, swap_ab=True) for c in swapped]
-    if bucket <= 16 and spec.takes_int4_planes and int4_planes_verified(_current_device()):
-        configs += [KernelConfig(*c, swap_ab=True, planes=True) for c in _PLANES]
+    if bucket <= 16 and spec.takes_planes and planes_verified(_current_device(), spec.bits):
+        configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=True, planes=True)
+                    for c in _PLANES]
 
     def fits(c: KernelConfig) -> bool:
         if K % c.block_k or K < c.block_k * c.split_k:

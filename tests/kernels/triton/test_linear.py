@@ -137,23 +137,26 @@ def test_real_shapes_on_gpu(case, M):
 PLANE_CASES = [next(c for c in CASES if c.scheme == "int4_weight_only"),
                dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 4),)),
                *[c for c in CASES if c.scheme in ("int8_dynamic_int4", "float8_dynamic_int4")],
-               dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", 4),))]
+               dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", 4),)),
+               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 2),))]
 
 
-@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-4bit")
-def test_int4_plane_decode_matches_reference_ops(case):
-    """The 8-plane decode of 4-bit weights (inline PTX on the GPU, its float32 twin here) in swapped and plain
-    tiles, with and without split-K, at groups of 32 (parameters per word), 128 and 256 (one per row)."""
+@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-{dict(c.options).get('bits', 4)}bit")
+def test_plane_decode_matches_reference_ops(case):
+    """The K-plane decode of 4- and 2-bit weights (inline PTX on the GPU, its float32 twin here) in swapped and
+    plain tiles, with and without split-K, at groups of 32 (parameters per word), 128 and 256 (one per row
+    when the K block lies in one group)."""
     x_all, w, bias = _inputs()
     for group in (32, 128, 256):
         q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
                                                                         "group_size": group}.items())), w)
         weight_args = case.weight_args(q)
         spec = _spec(case, options, weight_args, bias)
-        assert spec.takes_int4_planes
-        for M, config in [(1, KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True)),
-                          (5, KernelConfig(16, 64, 128, 2, swap_ab=True, planes=True)),
-                          (33, KernelConfig(16, 64, 128, 1, planes=True))]:
+        assert spec.takes_planes
+        block_k = spec.planes_min_block_k
+        for M, config in [(1, KernelConfig(16, 64, block_k, 1, swap_ab=True, planes=True)),
+                          (5, KernelConfig(16, 64, block_k, K // block_k, swap_ab=True, planes=True)),
+                          (33, KernelConfig(16, 64, block_k, 1, planes=True))]:
             x = x_all[:M]
             out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
             reference = case.reference(x, q, bias, options)
@@ -166,15 +169,16 @@ def test_plane_decode_refuses_what_it_cannot_take():
     case = next(c for c in CASES if c.scheme == "int8_weight_only")
     q, options = quantized(case, w)
     spec = _spec(case, options, case.weight_args(q), bias)
-    with pytest.raises(ValueError, match="plane decode takes 4-bit"):
+    with pytest.raises(ValueError, match="plane decode takes 4-/2-bit"):
         run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
                    KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True))
 
 
 def test_plane_decode_is_verified_before_autotuning_offers_it():
-    from qcompile.kernels.triton.linear import int4_planes_verified
+    from qcompile.kernels.triton.linear import planes_verified
 
-    assert int4_planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0")
+    assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", 4)
+    assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", 2)
     spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128, has_w_zero=True)
     assert any(c.planes for c in candidates(spec, 1, 4096, 4096))
     assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # decode sizes only
