@@ -214,80 +214,87 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
     return w
 
 
-def _planes_ptx(bits: int) -> str:
-    """Inline PTX decoding two 32-bit words of `bits`-bit values (16 / 32 weights) into 32 / bits K-planes of
-    bf16x2 (one value of each word per register): PRMT gathers byte b of both words into the low and high halves
-    of one register, LOP3 puts a value in each half's bf16 mantissa (0x4300 | u = 128 + u, exact), and two packed
-    FMAs give (u - 2^(bits-1)) * scale + shift for both words: ~2 instructions per weight where decoding value
-    by value in float32 takes ~6 (benchmarks/experiments/sass_count.py counts them). Output i holds the value at
-    bits [bits*i, bits*(i+1)) of each word, i.e. its K offset i (quant/packing.py's little-endian order).
-    Operands: outputs $0..$(n-1), then the two words, the scale pair and the shift pair."""
-    per_byte, mask, n = 8 // bits, (1 << bits) - 1, 32 // bits
-    words, scale, shift = (f"${n}", f"${n + 1}"), f"${n + 2}", f"${n + 3}"
-    lines = ["{", ".reg .b32 x, t, one, offset;", "mov.b32 one, 0x3f803f80;",
-             f"mov.b32 offset, {(0xC300 | (1 << (bits - 1))) * 0x10001:#x};"]  # bf16 pair -(128 + 2^(bits-1))
+def _planes_ptx(width: int) -> str:
+    """Inline PTX decoding two 32-bit words of a `width`-bit plane (2 x 32 / width values) into 32 / width
+    K-planes of bf16x2 (one value of each word per register): PRMT gathers byte b of both words into the low and
+    high halves of one register, LOP3 puts a value in each half's bf16 mantissa (0x4300 | u = 128 + u, exact),
+    one packed FMA takes the 128 off (exact) and one gives u * scale + shift for both words: ~2 instructions per
+    weight where decoding value by value in float32 takes ~6 (benchmarks/experiments/sass_count.py counts them).
+    Output i holds the value at bits [width*i, width*(i+1)) of each word, i.e. its K offset i (quant/packing.py's
+    little-endian order). Operands: outputs $0..$(n-1), the two words, the scale pair, the shift pair."""
+    per_byte, mask, n = 8 // width, (1 << width) - 1, 32 // width
+    lines = ["{", ".reg .b32 x, t, one, offset;", "mov.b32 one, 0x3f803f80;", "mov.b32 offset, 0xc300c300;"]
     for byte in range(4):
-        lines.append(f"prmt.b32 x, {words[0]}, {words[1]}, {byte | ((4 + byte) << 8):#x};")
+        lines.append(f"prmt.b32 x, ${n}, ${n + 1}, {byte | ((4 + byte) << 8):#x};")
         for p in range(per_byte):
             if p:
-                lines.append(f"shr.u32 x, x, {bits};")
+                lines.append(f"shr.u32 x, x, {width};")
             lines += [f"lop3.b32 t, x, {mask * 0x10001:#x}, 0x43004300, 0xea;",
                       "fma.rn.bf16x2 t, t, one, offset;",
-                      f"fma.rn.bf16x2 ${byte * per_byte + p}, t, {scale}, {shift};"]
+                      f"fma.rn.bf16x2 ${byte * per_byte + p}, t, ${n + 2}, ${n + 3};"]
     return "\n".join(lines + ["}"])
 
 
 PLANES_PTX_4 = tl.constexpr(_planes_ptx(4))
 PLANES_PTX_2 = tl.constexpr(_planes_ptx(2))
+PLANES_PTX_1 = tl.constexpr(_planes_ptx(1))
 PLANES_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 4))
 PLANES_CONSTRAINTS_2 = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4))
+PLANES_CONSTRAINTS_1 = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 4))
 
 
 @triton.jit
-def decode_plane(words, scale, shift, j: tl.constexpr, BITS: tl.constexpr):
-    """Plane j of `words` decoded in float32: (u - 2^(BITS-1)) * scale + shift (the interpreter's and fp16
-    models' path, and the reference the PTX is checked against)."""
-    u = ((words >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.float32)
-    return (u - (1 << (BITS - 1))) * scale + shift
+def decode_plane(words, scale, shift, j: tl.constexpr, WIDTH: tl.constexpr):
+    """Plane j of `words` decoded in float32, u * scale + shift (the interpreter's and fp16 models' path)."""
+    return ((words >> (WIDTH * j)) & ((1 << WIDTH) - 1)).to(tl.float32) * scale + shift
 
 
 @triton.jit
 def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
-                     HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The 32-bit words [BLOCK_N, BLOCK_K * BITS / 32] holding a 2- or 4-bit weight tile (int4_tinygemm or
-    single-plane intx), with the decode parameters per word: w = (u - 2^(BITS-1)) * scale + shift, shift = zero
-    (tinygemm's float zero), (2^(BITS-1) - zero) * scale (intx's integer zero) or 0 (symmetric). A word lies in
-    one group; the parameters are loaded once per row when the K block lies in one group (a 2-D gather costs a
-    relayout), else once per word."""
-    PER_WORD: tl.constexpr = 32 // BITS
+                     WIDTH: tl.constexpr, LOW: tl.constexpr, COL: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One bit plane (WIDTH bits, the value's bits LOW.., starting at byte column COL * K / 8 of each row:
+    quant/packing.py) of a BITS-bit weight tile [BLOCK_N, BLOCK_K], as 32-bit words [BLOCK_N, BLOCK_K * WIDTH
+    / 32] with its decode parameters per word, such that the weight is the sum over planes of u * scale + shift:
+    scale = s * 2^LOW; shift (on the plane holding the value's top bits, 0 on the others) = -2^(BITS-1) * s,
+    plus the zero point: tinygemm's float zero z (w = (q - 8) s + z) or intx's integer zero (w = (u - z) s).
+    A word lies in one group: the parameters are loaded once per row when the K block lies in one group (a 2-D
+    gather costs a relayout), else once per word."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     word_k = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-    w = tl.load(words_ptr + offs_n[:, None] * (stride_wn // 4) + word_k[None, :])
+    w = tl.load(words_ptr + offs_n[:, None] * (stride_wn // 4) + ((COL * K) // 32 + word_k)[None, :])
     if BLOCK_K <= GROUP_SIZE:
         group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
-        scale = tl.load(s_ptr + group).to(tl.float32)[:, None]
+        s = tl.load(s_ptr + group).to(tl.float32)[:, None]
         zero = tl.load(z_ptr + group).to(tl.float32)[:, None] if HAS_ZERO else None
     else:
         group = offs_n[:, None] * (K // GROUP_SIZE) + (word_k * PER_WORD // GROUP_SIZE)[None, :]
-        scale = tl.load(s_ptr + group).to(tl.float32)
+        s = tl.load(s_ptr + group).to(tl.float32)
         zero = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else None
-    if W_FORMAT == "int4_tinygemm":
-        shift = zero
+    if COL != 0:  # a lower plane: its bits only
+        shift = tl.zeros_like(s)
+    elif W_FORMAT == "int4_tinygemm":
+        shift = zero - 8.0 * s
     elif HAS_ZERO:
-        shift = ((1 << (BITS - 1)) - zero) * scale
+        shift = -zero * s
     else:
-        shift = tl.zeros_like(scale)
-    return w, scale, shift
+        shift = -(1 << (BITS - 1)) * s
+    return w, s * (1 << LOW), shift
 
 
 @triton.jit
-def decode_planes_ptx(w, scale, shift, BITS: tl.constexpr):
-    """Every plane of the words as bf16, by inline PTX (a tuple of 32 / BITS tensors)."""
-    if BITS == 4:
+def decode_planes_ptx(w, scale, shift, WIDTH: tl.constexpr):
+    """Every plane of the words as bf16, by inline PTX (a tuple of 32 / WIDTH tensors)."""
+    if WIDTH == 4:
         return tl.inline_asm_elementwise(PLANES_PTX_4, PLANES_CONSTRAINTS_4,
                                          [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-    else:
+    elif WIDTH == 2:
         return tl.inline_asm_elementwise(PLANES_PTX_2, PLANES_CONSTRAINTS_2,
                                          [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
                                          dtype=(tl.bfloat16,) * 16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(PLANES_PTX_1, PLANES_CONSTRAINTS_1,
+                                         [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
+                                         dtype=(tl.bfloat16,) * 32, is_pure=True, pack=2)

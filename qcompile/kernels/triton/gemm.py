@@ -4,9 +4,9 @@ Constexprs pick the variant: the weight format (dequant.load_weight_tile), the a
 int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multiply-accumulate on CUDA cores,
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
-decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: 4-bit
-and 2-bit weights decoded as K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx), and split-K
-(SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
+decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: sub-byte
+weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx),
+and split-K (SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
 weight's row/tensor scale and the bias in float32 and casts once.
 """
 from __future__ import annotations
@@ -67,6 +67,42 @@ def _along_m(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
+                A_FORMAT: tl.constexpr, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
+                WIDTH: tl.constexpr, W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                SWAP_AB: tl.constexpr, USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + the K block's product with the WIDTH-bit plane of the weights (none if BITS has no such plane):
+    one dot per K-plane j (K positions k0 + (32 / WIDTH) c + j) against the matching strided columns of x. A
+    quantized activation is multiplied as the exact bf16 of its integers (|q - zero| <= 255, e4m3); its scale is
+    the epilogue's."""
+    if (BITS & WIDTH) != 0:
+        PER_WORD: tl.constexpr = 32 // WIDTH
+        words, scale, shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn, W_FORMAT,
+                                               BITS, WIDTH, BITS & (WIDTH - 1), BITS - (BITS & (2 * WIDTH - 1)),
+                                               W_HAS_ZERO, GROUP_SIZE, BLOCK_K)
+        if USE_PTX:
+            planes = decode_planes_ptx(words, scale, shift, WIDTH)
+        plane_k = k0 + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)
+        for j in tl.static_range(PER_WORD):
+            if USE_PTX:
+                plane = planes[j]
+            else:
+                plane = decode_plane(words, scale, shift, j, WIDTH)
+            a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
+            if A_FORMAT == "int8":  # integers up to 255 in magnitude are exact in bf16
+                a = a.to(tl.int32)
+                if A_HAS_ZERO:
+                    a -= a_zero[:, None]
+                a = a.to(tl.float32)
+            elif A_FORMAT == "fp8":  # e4m3 values are exact in bf16
+                a = a.to(tl.float32)
+            if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
+                a = a.to(tl.bfloat16)
+            acc += _tile_dot(a, plane, "float", False, DOT_FP32, SWAP_AB)
+    return acc
+
+
+@triton.jit
 def quantized_linear_kernel(
         x_ptr, x_scale_ptr, x_zero_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_wn, stride_om,
@@ -110,33 +146,18 @@ def quantized_linear_kernel(
             acc = tl.zeros(ACC_SHAPE, dtype=tl.int32)
         else:
             acc = tl.zeros(ACC_SHAPE, dtype=tl.float32)
-        if A_HAS_ZERO:
-            a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32)
+        a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32) if A_HAS_ZERO else None
         for k0 in range(k_start, k_end, BLOCK_K):
-            if PLANES:  # 4-/2-bit weights as 32 / BITS K-planes, decoded two words at a time; a dot per plane
-                PER_WORD: tl.constexpr = 32 // BITS
-                words, w_scale, w_shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K,
-                                                           stride_wn, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE,
-                                                           BLOCK_K)
-                if USE_PTX:
-                    planes = decode_planes_ptx(words, w_scale, w_shift, BITS)
-                plane_k = k0 + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)
-                for j in tl.static_range(PER_WORD):
-                    if USE_PTX:
-                        plane = planes[j]
-                    else:
-                        plane = decode_plane(words, w_scale, w_shift, j, BITS)
-                    a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
-                    if A_FORMAT == "int8":  # integers up to 255 in magnitude are exact in bf16
-                        a = a.to(tl.int32)
-                        if A_HAS_ZERO:
-                            a -= a_zero[:, None]
-                        a = a.to(tl.float32)
-                    elif A_FORMAT == "fp8":  # e4m3 values are exact in bf16
-                        a = a.to(tl.float32)
-                    if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
-                        a = a.to(tl.bfloat16)
-                    acc += _tile_dot(a, plane, "float", False, DOT_FP32, SWAP_AB)
+            if PLANES:  # bit planes as K-planes of 32-bit words, decoded two words at a time; a dot per plane
+                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
+                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 4, W_HAS_ZERO, GROUP_SIZE,
+                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
+                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
+                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 2, W_HAS_ZERO, GROUP_SIZE,
+                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
+                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
+                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 1, W_HAS_ZERO, GROUP_SIZE,
+                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

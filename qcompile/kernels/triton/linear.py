@@ -47,15 +47,16 @@ class LinearSpec:
 
     @property
     def takes_planes(self) -> bool:
-        """Weights the plane decode handles: tinygemm's int4, and single-plane 4-/2-bit intx (with any
-        activation: a quantized one is multiplied as the exact bf16 of its integers, its scale applied in the
-        epilogue). A 32-bit word lies in one group."""
-        return self.group_size % (32 // self.bits) == 0 and (
-            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits in (2, 4)))
+        """Weights the plane decode handles: tinygemm's int4 and 1-7-bit intx (with any activation: a quantized
+        one is multiplied as the exact bf16 of its integers, its scale applied in the epilogue). A 32-bit word of
+        the narrowest bit plane lies in one group."""
+        return self.group_size > 0 and self.group_size % (32 // (self.bits & -self.bits)) == 0 and (
+            self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits < 8))
 
     @property
     def planes_min_block_k(self) -> int:
-        return PLANES_MIN_DOT_K * 32 // self.bits
+        """One dot per K-plane of the narrowest bit plane (32 / its width of them) needs 16 columns each."""
+        return PLANES_MIN_DOT_K * 32 // (self.bits & -self.bits)
 
     @property
     def scales_per_group_in_loop(self) -> bool:
@@ -129,8 +130,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError("Triton linear: swap_ab needs a tensor-core tile (BLOCK_M >= 16)")
     if config.planes and not (spec.takes_planes and config.block_m > 1
                               and config.block_k >= spec.planes_min_block_k):
-        raise ValueError(f"Triton linear: the plane decode takes 4-/2-bit weights with a tensor-core tile and "
-                         f"BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
+        raise ValueError(f"Triton linear: the plane decode takes sub-byte group-wise weights with a tensor-core "
+                         f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
     if K % config.block_k or (spec.scales_per_group_in_loop and not config.planes
                               and spec.group_size % config.block_k):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
@@ -219,15 +220,15 @@ def planes_verified(device: str, bits: int) -> bool:
 
     from .tuning import KernelConfig
 
-    spec = LinearSpec("float", "int4_tinygemm" if bits == 4 else "intx", bits=bits, group_size=128,
+    spec = LinearSpec("float", "int4_tinygemm" if bits == 4 else "intx", bits=bits, group_size=256,
                       has_w_zero=bits == 4)
     with unset_fake_temporarily(), torch.no_grad():
         generator = torch.Generator(device=device).manual_seed(0)
-        N, K = 64, 512
+        N, K = 64, 1024
         x = torch.randn(16, K, device=device, generator=generator).to(torch.bfloat16)
         qweight = torch.randint(0, 256, (N, K * bits // 8), device=device, generator=generator).to(torch.uint8)
-        scale = (torch.rand(N, K // 128, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
-        zero = torch.randn(N, K // 128, device=device, generator=generator).to(torch.bfloat16) if bits == 4 else None
+        scale = (torch.rand(N, K // 256, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
+        zero = torch.randn(N, K // 256, device=device, generator=generator).to(torch.bfloat16) if bits == 4 else None
         args = (x, None, None, qweight, scale, zero, None, None, spec, torch.bfloat16)
         block_k = spec.planes_min_block_k
         planes = run_gemm(*args, KernelConfig(16, 64, block_k, swap_ab=True, planes=True)).float()

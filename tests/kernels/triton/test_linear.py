@@ -20,9 +20,9 @@ VARIANTS = [(1, KernelConfig(1, 32, 128, 1)), (1, KernelConfig(1, 64, 32, 4)), (
 LIBRARY = {"float": "dequant_mm", "int8": "int_mm", "fp8": "scaled_mm"}  # the library candidate per activation
 
 
-def _inputs(dtype=torch.bfloat16):
-    x = torch.randn(max(m for m, _ in VARIANTS), K, device=DEVICE, dtype=dtype)
-    w = torch.randn(N, K, device=DEVICE, dtype=dtype) * 0.05
+def _inputs(dtype=torch.bfloat16, k=K):
+    x = torch.randn(max(m for m, _ in VARIANTS), k, device=DEVICE, dtype=dtype)
+    w = torch.randn(N, k, device=DEVICE, dtype=dtype) * 0.05
     bias = torch.randn(N, device=DEVICE, dtype=dtype)
     return x, w, bias
 
@@ -134,20 +134,20 @@ def test_real_shapes_on_gpu(case, M):
     assert _as_accurate(out, reference, exact)
 
 
+INTX_WO = next(c for c in CASES if c.scheme == "intx_weight_only")
 PLANE_CASES = [next(c for c in CASES if c.scheme == "int4_weight_only"),
-               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 4),)),
                *[c for c in CASES if c.scheme in ("int8_dynamic_int4", "float8_dynamic_int4")],
-               dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", 4),)),
-               dataclasses.replace(next(c for c in CASES if c.scheme == "intx_weight_only"), options=(("bits", 2),))]
+               dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", 3),)),
+               *[dataclasses.replace(INTX_WO, options=(("bits", bits),)) for bits in (1, 2, 3, 4, 5, 6, 7)]]
 
 
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-{dict(c.options).get('bits', 4)}bit")
 def test_plane_decode_matches_reference_ops(case):
-    """The K-plane decode of 4- and 2-bit weights (inline PTX on the GPU, its float32 twin here) in swapped and
-    plain tiles, with and without split-K, at groups of 32 (parameters per word), 128 and 256 (one per row
-    when the K block lies in one group)."""
-    x_all, w, bias = _inputs()
-    for group in (32, 128, 256):
+    """The K-plane decode of sub-byte weights (inline PTX on the GPU, its float32 twin here) in swapped and
+    plain tiles, with and without split-K, at groups of 32 (parameters per word) and 256 (one per row when the K
+    block lies in one group), every bit width 1-7 (several bit planes: a dot per plane)."""
+    x_all, w, bias = _inputs(k=1024)
+    for group in (32, 256):
         q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
                                                                         "group_size": group}.items())), w)
         weight_args = case.weight_args(q)
@@ -155,13 +155,14 @@ def test_plane_decode_matches_reference_ops(case):
         assert spec.takes_planes
         block_k = spec.planes_min_block_k
         for M, config in [(1, KernelConfig(16, 64, block_k, 1, swap_ab=True, planes=True)),
-                          (5, KernelConfig(16, 64, block_k, K // block_k, swap_ab=True, planes=True)),
+                          (5, KernelConfig(16, 64, block_k, 1024 // block_k, swap_ab=True, planes=True)),
                           (33, KernelConfig(16, 64, block_k, 1, planes=True))]:
             x = x_all[:M]
             out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
             reference = case.reference(x, q, bias, options)
             assert sqnr_db(reference.float(), out.float()) > 30, f"group {group} M={M} {config}"
-            assert _as_accurate(out, reference, x.double() @ w.double().t() + bias.double())
+            assert _as_accurate(out, reference, x.double() @ w.double().t() + bias.double()), \
+                f"group {group} M={M} {config}"
 
 
 def test_plane_decode_refuses_what_it_cannot_take():
@@ -169,7 +170,7 @@ def test_plane_decode_refuses_what_it_cannot_take():
     case = next(c for c in CASES if c.scheme == "int8_weight_only")
     q, options = quantized(case, w)
     spec = _spec(case, options, case.weight_args(q), bias)
-    with pytest.raises(ValueError, match="plane decode takes 4-/2-bit"):
+    with pytest.raises(ValueError, match="plane decode takes sub-byte group-wise weights"):
         run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
                    KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True))
 
@@ -177,8 +178,8 @@ def test_plane_decode_refuses_what_it_cannot_take():
 def test_plane_decode_is_verified_before_autotuning_offers_it():
     from qcompile.kernels.triton.linear import planes_verified
 
-    assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", 4)
-    assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", 2)
+    for bits in (1, 2, 3, 4, 5, 6, 7):
+        assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", bits)
     spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128, has_w_zero=True)
     assert any(c.planes for c in candidates(spec, 1, 4096, 4096))
     assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # decode sizes only
