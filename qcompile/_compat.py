@@ -64,16 +64,21 @@ def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list, wrap=None) -> torch
 
 @functools.lru_cache(None)
 def _kernel_sources_hash() -> bytes:
+    """Hash of every source whose code ends up inside compiled graphs: the kernels, and the reference ops and
+    numerics that Inductor traces through (their decompositions are not part of a cached graph's key)."""
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
-    kernels = pathlib.Path(__file__).parent / "kernels"
-    return get_hash_for_files(tuple(sorted(str(p) for p in kernels.rglob("*") if p.suffix in (".py", ".h"))))
+    package = pathlib.Path(__file__).parent
+    sources = [p for p in (package / "kernels").rglob("*") if p.suffix in (".py", ".h")]
+    sources += [package / "ops.py", *(package / "quant").rglob("*.py")]
+    return get_hash_for_files(tuple(sorted(str(p) for p in sources)))
 
 
 def _kernel_stamp_pass(wrapped):
     """A post-grad pass that only runs the user's own (if any) and whose uuid() is the hash of qcompile's kernel
-    sources. Inductor's FX-graph cache keys on it, so editing a kernel — the C++ header that a template renders
-    into the output code, a Triton kernel — invalidates cached graphs that contain the old one."""
+    and reference-op sources. Inductor's caches key on it, so editing a kernel — the C++ header that a template
+    renders into the output code, a Triton kernel — or a reference op's decomposition invalidates cached graphs
+    built from the old one."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class KernelSourceStamp(CustomGraphPass):

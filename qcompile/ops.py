@@ -111,7 +111,10 @@ def dequantize_nvfp4(packed, block_scale, tensor_scale, dtype):
 @_op("matmul_int8(Tensor a, Tensor b) -> Tensor")
 def matmul_int8(a, b):
     """int8 [..., K] x int8 [N, K] -> exact int32 [..., N]."""
-    return torch._int_mm(_flat(a), b.t()).reshape(*a.shape[:-1], b.shape[0])
+    rows = _flat(a)
+    if rows.shape[0] == 1:  # ATen's CPU _int_mm misreads a single row of stride 0, as Inductor may lay one out
+        return torch._int_mm(torch.cat([rows, rows]), b.t())[:1].reshape(*a.shape[:-1], b.shape[0])
+    return torch._int_mm(rows, b.t()).reshape(*a.shape[:-1], b.shape[0])
 
 
 @_op("matmul_float8(Tensor a, Tensor b) -> Tensor")

@@ -238,3 +238,13 @@ def test_instances_sharing_a_gptq_graph_is_an_error():
         torch.compile(blocks[0], backend="qcompile", options=options)(x)
         with pytest.raises(RuntimeError, match="another module instance.*calibration"):
             torch.compile(blocks[1], backend="qcompile", options=options)(x)
+
+
+def test_int8_dynamic_at_batch_one():
+    """A single token (decode): Inductor lays the quantized row out with stride 0, which ATen's CPU _int_mm
+    misreads unless the op guards against it."""
+    model = nn.Linear(256, 64)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        out = compile_with(model, {"scheme": "int8_dynamic", "keep_float_weights": True})(x)
+        assert sqnr_db(model(x), out) > 30
