@@ -79,10 +79,11 @@ def test_generated_kernels_gemv_and_gemm():
             assert sqnr_db(exact, out) > 6 * bits - 8, (kind, bits, M)
 
 
-def test_bfloat16_activations_scales_and_output():
+@pytest.mark.parametrize("shape", [(3, 5, K), (1, 2, K)], ids=["gemm", "gemv"])
+def test_bfloat16_activations_scales_and_output(shape):
     w, packed, scale = _quantized_weight(4, 32, torch.bfloat16)
     bias = torch.randn(N, dtype=torch.bfloat16)
-    x = torch.randn(3, 5, K, dtype=torch.bfloat16)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
 
     def f(x):
         return (cpu_ops.intx_linear_dynamic_int8_cpu(x, packed, scale, bias, 4, 32, torch.bfloat16),
@@ -90,7 +91,7 @@ def test_bfloat16_activations_scales_and_output():
 
     (dyn, flt), (code, *_) = run_and_get_code(torch.compile(f), x)
     assert re.search(r"qcompile_cpu::intx_linear_dynamic_int8<4, 32(, (at::|c10::)?BFloat16){4}>", code)
-    assert dyn.dtype == flt.dtype == torch.bfloat16 and dyn.shape == (3, 5, N)
+    assert dyn.dtype == flt.dtype == torch.bfloat16 and dyn.shape == (*shape[:-1], N)
     expected = _expected_dynamic_f64(x, packed, scale, bias.float(), 4, 32)
     assert _relative_error(dyn, expected) < 1e-2  # bf16 output rounding
     expected_float = x.double() @ _dequantized_f64(packed, scale, 4, 32).t() + bias.double()
