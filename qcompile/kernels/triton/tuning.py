@@ -61,6 +61,9 @@ _SWAPPED_MEDIUM = [(64, 64, 128, 2, 4, 3), (128, 128, 64, 2, 8, 3)]
 # occupancy; BLOCK_K grows to the bit width's smallest (256 for 2-bit)
 _PLANES = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 2, 4, 3),
            (16, 64, 128, 4, 4, 3), (16, 128, 128, 8, 4, 2)]
+# and plain (unswapped) plane-decoded tiles for mid-size M, where the decode is shared by BLOCK_M rows
+_PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3),
+                  (128, 64, 128, 4, 4, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
 
@@ -83,9 +86,9 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     else:
         configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
     configs += [KernelConfig(*c, swap_ab=True) for c in swapped]
-    if bucket <= 16 and spec.takes_planes and planes_verified(_current_device(), spec.bits):
-        configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=True, planes=True)
-                    for c in _PLANES]
+    if bucket <= 256 and spec.takes_planes and planes_verified(_current_device(), spec.bits):
+        configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=bucket <= 16,
+                                 planes=True) for c in (_PLANES if bucket <= 16 else _PLANES_MEDIUM)]
 
     def fits(c: KernelConfig) -> bool:
         if K % c.block_k or K < c.block_k * c.split_k:

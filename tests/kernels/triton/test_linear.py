@@ -181,8 +181,9 @@ def test_plane_decode_is_verified_before_autotuning_offers_it():
     for bits in (1, 2, 3, 4, 5, 6, 7):
         assert planes_verified(DEVICE if DEVICE == "cpu" else "cuda:0", bits)
     spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128, has_w_zero=True)
-    assert any(c.planes for c in candidates(spec, 1, 4096, 4096))
-    assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # decode sizes only
+    assert any(c.planes and c.swap_ab for c in candidates(spec, 1, 4096, 4096))
+    assert any(c.planes and not c.swap_ab for c in candidates(spec, 128, 4096, 4096))
+    assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # prefill: library GEMMs and tiles
 
 
 @pytest.mark.gpu
