@@ -2,15 +2,13 @@
 each swept over tile configs, against the current template (autotuned) and bf16 cuBLAS, at M=1 and M=16.
 
   python benchmarks/experiments/gemv_lab.py --out $OUT/gemv_lab.json
-Variants: swap_packed (the swapped tile on int4 decoded two words at a time by inline PTX: PRMT + LOP3 into bf16
-mantissas + packed bf16x2 FMAs, ~2 instructions per weight), swap_ab (out^T = W x^T on tensor cores: the dequantized weight tile is the dot's A operand),
+Variants (the plane decode that came out of this lab now lives in the template: dequant.decode_planes_ptx): swap_ab (out^T = W x^T on tensor cores: the dequantized weight tile is the dot's A operand),
 swap_ab_eo (the same, int4 bytes split into even/odd K positions: two dots, no interleave), gemv_eo (CUDA cores,
 even/odd, group scale applied to partial sums).
 """
 import argparse
 import itertools
 import json
-import os
 import time
 
 import torch
@@ -22,7 +20,6 @@ from qcompile.kernels.triton.dequant import load_weight_tile, small_int_to_float
 from qcompile.kernels.triton.ops import fused_linear
 from qcompile.options import QuantOptions
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 
 
@@ -107,76 +104,6 @@ def gemv_eo_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn,
         tl.atomic_add(out_ptr + cols, out, mask=cols < N)
 
 
-# int4 tinygemm decode, two words (16 weights) per asm instance: PRMT gathers byte j of both words into the low
-# and high halves of one register, LOP3 places a nibble in each half's bf16 mantissa (0x4300 | q = 128 + q), and
-# two packed bf16x2 FMAs give (q - 8) * s + z for both words at once: ~2 instructions per weight.
-# Output plane j holds K position 8c + j of word c (nibble j of the little-endian word).
-_INT4_PLANES_ASM = tl.constexpr("""
-{
-.reg .b32 x, t, one, m136;
-mov.b32 one, 0x3f803f80;
-mov.b32 m136, 0xc308c308;
-""" + "".join(f"""prmt.b32 x, $8, $9, {hex(byte | ((4 + byte) << 8))};
-lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, m136;
-fma.rn.bf16x2 ${2 * byte}, t, $10, $11;
-shr.u32 x, x, 4;
-lop3.b32 t, x, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, m136;
-fma.rn.bf16x2 ${2 * byte + 1}, t, $10, $11;
-""" for byte in range(4)) + "}")
-
-
-@triton.jit
-def _int4_plane(w, s, z, j: tl.constexpr):
-    """Plane j of int32 words of 8 nibbles, tinygemm-decoded, without inline asm (interpreter, reference)."""
-    q = ((w >> (4 * j)) & 15).to(tl.float32)
-    return ((q - 8.0) * s.to(tl.float32) + z.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def swap_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
-    """int4 tinygemm weights, swapped tile, the weight decoded as 8 K-planes of int32 words: 8 dots of K/8."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_in = cols % N
-    rows = tl.arange(0, BLOCK_M)
-    rows_in = rows % M
-    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_span
-    k_end = min(K, k_start + k_span)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    n_groups = K // GROUP
-    words = w_ptr.to(tl.pointer_type(tl.int32))
-    word_cols = tl.arange(0, BLOCK_K // 8)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        w = tl.load(words + cols_in[:, None] * (stride_wn // 4) + (k0 // 8 + word_cols)[None, :])
-        s = tl.load(s_ptr + cols_in * n_groups + k0 // GROUP)[:, None]
-        z = tl.load(z_ptr + cols_in * n_groups + k0 // GROUP)[:, None]
-        if USE_ASM:
-            planes = tl.inline_asm_elementwise(_INT4_PLANES_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, s, z],
-                                               dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        else:
-            planes = (_int4_plane(w, s, z, 0), _int4_plane(w, s, z, 1), _int4_plane(w, s, z, 2),
-                      _int4_plane(w, s, z, 3), _int4_plane(w, s, z, 4), _int4_plane(w, s, z, 5),
-                      _int4_plane(w, s, z, 6), _int4_plane(w, s, z, 7))
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + rows_in[None, :] * stride_xm + (k0 + 8 * word_cols + j)[:, None])
-            if DOT_FP32:
-                acc = tl.dot(planes[j].to(tl.float32), xj.to(tl.float32), acc)
-            else:
-                acc = tl.dot(planes[j], xj, acc)
-    ptrs = out_ptr + rows[None, :] * N + cols[:, None]
-    mask = (rows < M)[None, :] & (cols < N)[:, None]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
-
-
 def quantized(fmt, w):
     opts = QuantOptions.from_dict({"scheme": "int4_weight_only" if fmt == "int4_tinygemm" else "int8_weight_only",
                                    **({"group_size": 128} if fmt == "int4_tinygemm" else {})})
@@ -190,11 +117,7 @@ def launch(variant, fmt, x, qw, s, z, N, K, cfg):
     out = torch.zeros((M, N), dtype=torch.float32 if sk > 1 else torch.bfloat16, device=x.device)
     grid = (triton.cdiv(N, bn), sk)
     z = s if z is None else z
-    if variant == "swap_packed":
-        swap_packed_kernel[grid](x, qw, s, z, out, M, N, K, x.stride(0), qw.stride(0), GROUP=128, BLOCK_M=16,
-                                 BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, USE_ASM=not INTERPRETING,
-                                 DOT_FP32=INTERPRETING, num_warps=warps, num_stages=stages)
-    elif variant == "gemv_eo":
+    if variant == "gemv_eo":
         gemv_eo_kernel[grid](x, qw, s, z, out, N, K, qw.stride(0), FORMAT=fmt, GROUP=128, BLOCK_N=bn, BLOCK_K=bk,
                              SPLIT_K=sk, num_warps=warps, num_stages=stages)
     else:
@@ -205,15 +128,9 @@ def launch(variant, fmt, x, qw, s, z, N, K, cfg):
 
 
 def configs(variant, fmt):
-    if variant == "swap_packed":
-        swap_packed_kernel[grid](x, qw, s, z, out, M, N, K, x.stride(0), qw.stride(0), GROUP=128, BLOCK_M=16,
-                                 BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, USE_ASM=not INTERPRETING,
-                                 DOT_FP32=INTERPRETING, num_warps=warps, num_stages=stages)
-    elif variant == "gemv_eo":
+    if variant == "gemv_eo":
         bks = (128,) if fmt == "int4_tinygemm" else (128, 256, 512)
         return list(itertools.product((16, 32, 64), bks, (1, 2, 4, 8), (4, 8), (1, 3)))
-    if variant == "swap_packed":
-        return list(itertools.product((64, 128), (128,), (1, 2, 4, 8), (4, 8), (2, 3, 4)))
     bks = (64, 128) if fmt == "int4_tinygemm" else (64, 128, 256)
     return list(itertools.product((64, 128), bks, (1, 2, 4, 8), (4,), (3, 5)))
 
@@ -242,8 +159,8 @@ def main():
                                        128 if fmt != "int8" else 0, torch.bfloat16)
             cur()
             row["template_us"] = bench(cur)
-            for variant in ("swap_packed", "gemv_eo", "swap_ab", "swap_ab_eo"):
-                if variant == "gemv_eo" and M != 1 or variant in ("swap_ab_eo", "swap_packed") and fmt == "int8":
+            for variant in ("gemv_eo", "swap_ab", "swap_ab_eo"):
+                if variant == "gemv_eo" and M != 1 or variant == "swap_ab_eo" and fmt == "int8":
                     continue
                 best = None
                 for cfg in configs(variant, fmt):
