@@ -62,7 +62,7 @@ def hqq_quantize(w: torch.Tensor, grid: AffineGrid, group_size: int, range_start
 
 
 def _hqq(W, grid, range_starts, iters_per_start, lp_norm, beta, kappa):
-    N, n_groups, group_size = W.shape
+    N, _, group_size = W.shape
     w_min, w_max = W.amin(-1), W.amax(-1)
     rtn_scale, rtn_zero = grid.choose_qparams(W.reshape(N, -1), group_size)
     best_scale, best_zero = rtn_scale, rtn_zero
