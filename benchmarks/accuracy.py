@@ -35,6 +35,9 @@ import qcompile  # noqa: E402
 from qcompile import models  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from markdown_section import write_section  # noqa: E402
+
 CACHE = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
 PLAYS = ("alls_well_that_ends_well", "as_you_like_it", "coriolanus", "hamlet", "henry_iv_part_2", "henry_vi_part_1",
          "henry_vi_part_3", "john", "lear", "macbeth", "merchant_of_venice", "midsummer_nights_dream", "othello",
@@ -438,16 +441,6 @@ def protocol_text(tokens: int, n_lines: int, sentence_tokens: int) -> str:
             f"{SENTENCE_CALIBRATION_LINES} calibration-play lines.")
 
 
-def write_section(path: Path, text: str):
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    old = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
-    path.write_text(new)
-
 
 def minilm_bench(texts) -> dict:
     base_model, tokenizer = load_minilm()
@@ -548,7 +541,7 @@ def main():
     ]))
     print(report)
     if args.write:
-        write_section(args.write, report)
+        write_section(args.write, "accuracy", report)
 
 
 if __name__ == "__main__":

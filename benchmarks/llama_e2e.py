@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_model  # noqa: E402
+from markdown_section import write_section  # noqa: E402
 from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noqa: E402
 
 import qcompile  # noqa: E402
@@ -731,16 +732,6 @@ def shown_path(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def write_section(path: Path, text: str) -> None:
-    begin, end = "<!-- llama_e2e:begin -->", "<!-- llama_e2e:end -->"
-    old = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
-    path.write_text(new)
-
 
 # --- main -----------------------------------------------------------------------------------------------------
 
@@ -780,7 +771,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.write is not None and args.rows is None:
-        write_section(args.write, render(load_records(args.out), args.out))
+        write_section(args.write, "llama_e2e", render(load_records(args.out), args.out))
         print(f"wrote the llama_e2e section of {args.write} from {args.out}")
         return []
     device = torch.device(args.device)
@@ -796,7 +787,7 @@ def main(argv=None) -> list[dict]:
     table = render(load_records(args.out), args.out)
     print("\n" + table, flush=True)
     if args.write is not None:
-        write_section(args.write, table)
+        write_section(args.write, "llama_e2e", table)
         log(f"wrote {args.write}")
     return records
 

@@ -43,6 +43,7 @@ import llama_model  # noqa: E402
 from llama_e2e import (cleanup, decode_phase, device_name, gb, allocated, git_commit, log, row_named,  # noqa: E402
                        saver, sync, versions)
 from llama_model import LLAMA_3_1_8B, TINY  # noqa: E402
+from markdown_section import write_section  # noqa: E402
 
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
 
@@ -230,7 +231,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.write is not None:
-        write_section(args.write, render(json.loads(args.out.read_text())))
+        write_section(args.write, "llama_tp", render(json.loads(args.out.read_text())))
         print(f"wrote the llama_tp section of {args.write} from {args.out}")
         return
     if "LOCAL_RANK" not in os.environ:
@@ -297,16 +298,6 @@ def render(records: list[dict]) -> str:
             f"best of {p['reps']}); speedups against bf16 tp {s['tp']}.\n\n")
     return head + summary(rows)
 
-
-def write_section(path: Path, text: str) -> None:
-    begin, end = "<!-- llama_tp:begin -->", "<!-- llama_tp:end -->"
-    old = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
-    path.write_text(new)
 
 
 if __name__ == "__main__":
