@@ -149,15 +149,10 @@ def quantized_linear_kernel(
         a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32) if A_HAS_ZERO else None
         for k0 in range(k_start, k_end, BLOCK_K):
             if PLANES:  # bit planes as K-planes of 32-bit words, decoded two words at a time; a dot per plane
-                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
-                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 4, W_HAS_ZERO, GROUP_SIZE,
-                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
-                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
-                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 2, W_HAS_ZERO, GROUP_SIZE,
-                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
-                acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
-                                  k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS, 1, W_HAS_ZERO, GROUP_SIZE,
-                                  BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
+                for plane_bit in tl.static_range(3):  # the 4-, 2- and 1-bit planes, those BITS has
+                    acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr,
+                                      cols_in, k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS,
+                                      4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

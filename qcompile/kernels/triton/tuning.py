@@ -31,7 +31,7 @@ class KernelConfig:
     num_stages: int = 3
     group_m: int = 8
     swap_ab: bool = False  # tensor-core tile computing out^T = W x^T (small M: the weight is the wide operand)
-    planes: bool = False  # 4-bit weights decoded as 8 K-planes by packed bf16x2 instructions
+    planes: bool = False  # sub-byte weights decoded into K-planes by packed bf16x2 instructions
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
 
 
@@ -56,9 +56,9 @@ _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 
            (32, 64, 128, 2, 4, 4), (64, 64, 128, 4, 4, 3)]
 _SWAPPED_SMALL = [(16, 64, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 128, 4, 4, 3)]
 _SWAPPED_MEDIUM = [(64, 64, 128, 2, 4, 3), (128, 128, 64, 2, 8, 3)]
-# plane-decoded 4-/2-bit tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), all swapped: the
+# plane-decoded sub-byte tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), all swapped: the
 # fewest instructions per weight in an sm_90 SASS count (benchmarks/experiments/sass_count.py), split-K for
-# occupancy; BLOCK_K grows to the bit width's smallest (256 for 2-bit)
+# occupancy; BLOCK_K grows to the bit width's smallest (256 for 2-bit, 512 with a 1-bit plane)
 _PLANES = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 256, 128, 2, 4, 3),
            (16, 64, 128, 4, 4, 3), (16, 128, 128, 8, 4, 2)]
 # and plain (unswapped) plane-decoded tiles for mid-size M, where the decode is shared by BLOCK_M rows
