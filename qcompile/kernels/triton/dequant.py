@@ -232,7 +232,9 @@ def _planes_ptx(width: int) -> str:
             lines += [f"lop3.b32 t, x, {mask * 0x10001:#x}, 0x43004300, 0xea;",
                       "fma.rn.bf16x2 t, t, one, offset;",
                       f"fma.rn.bf16x2 ${byte * per_byte + p}, t, ${n + 2}, ${n + 3};"]
-    return "\n".join(lines + ["}"])
+    # One line: Inductor copies this global into the kernel source it generates, and torch 2.11 writes it
+    # between quotes as is (a newline there ends the string literal); PTX needs none between statements.
+    return " ".join(lines + ["}"])
 
 
 PLANES_PTX_4 = tl.constexpr(_planes_ptx(4))

@@ -201,3 +201,16 @@ def test_int4_plane_decode_on_gpu_real_shape(M):
         out = run_linear(x, *weight_args, None, spec, x.dtype, config)
         reference = case.reference(x, q, None, options)
         assert sqnr_db(reference.float(), out.float()) > 40, config
+
+
+def test_kernel_string_globals_are_one_line():
+    """Inductor copies the globals a user Triton kernel reads into the source it generates; torch 2.11 writes a
+    string between quotes as is, so a newline in one (inline PTX) broke every compiled CUDA model."""
+    import triton.language as tl
+
+    from qcompile.kernels.triton import activation, dequant, gemm
+
+    for module in (activation, dequant, gemm):
+        for name, value in vars(module).items():
+            if isinstance(value, tl.constexpr) and isinstance(value.value, str):
+                assert "\n" not in value.value and "'" not in value.value, f"{module.__name__}.{name}"
