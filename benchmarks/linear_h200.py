@@ -128,8 +128,9 @@ def precompile(names, workers: int, only_cached: bool) -> list[str]:
 
 
 def _warm_peer(job) -> str | None:
-    """Build one compiled peer and run it at every M, untimed, so that Inductor's on-disk caches hold its
-    kernels before the timed phase compiles it again (then a cache hit: the peers' budget goes to timing)."""
+    """Build one peer and run it at every M, untimed, so that Inductor's and Triton's on-disk caches hold its
+    kernels before the timed phase builds it again (then cache hits: the peers' budget goes to timing). Only
+    compiled code is shared: gemlite's autotuner still picks its configs in the timed phase, on an idle GPU."""
     peers_path, kind, ms = job
     spec = importlib.util.spec_from_file_location("peers_h200", peers_path)
     peers_mod = importlib.util.module_from_spec(spec)
@@ -138,7 +139,9 @@ def _warm_peer(job) -> str | None:
     torch._dynamo.config.accumulated_recompile_limit = 10**5
     try:
         for _, N, K in SHAPES:
-            fn = peers_mod.torchao_fn(kind, N, K) if kind.startswith("torchao") else peers_mod.raw_fn(kind, N, K)
+            build = (peers_mod.torchao_fn if kind.startswith("torchao") else
+                     peers_mod.gemlite_fn if kind.startswith("gemlite") else peers_mod.raw_fn)
+            fn = build(kind, N, K)
             with torch.no_grad():
                 for M in ms:
                     if M not in PEER_SKIP_M.get(kind, ()):
@@ -151,12 +154,11 @@ def _warm_peer(job) -> str | None:
 
 
 def warm_peers(peers_path: str, kinds: list[str]):
-    """Start warming the compiled peers (torchao configs, compiled raw baselines) in the background."""
-    compiled = [k for k in kinds if k.startswith(("torchao", "raw"))]
-    if not compiled:
+    """Start warming every peer (its compiles) in the background, one process per peer."""
+    if not kinds:
         return None
-    pool = mp.get_context("spawn").Pool(len(compiled))
-    return pool, pool.map_async(_warm_peer, [(peers_path, k, list(MS)) for k in compiled])
+    pool = mp.get_context("spawn").Pool(len(kinds))
+    return pool, pool.map_async(_warm_peer, [(peers_path, k, list(MS)) for k in kinds])
 
 
 def bench(fn) -> float:

@@ -6,8 +6,9 @@ one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), op
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: sub-byte
 weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx),
-and split-K (SPLIT_K > 1: fp32 partials added atomically). The epilogue applies the activation's row/tensor scale, the
-weight's row/tensor scale and the bias in float32 and casts once.
+and split-K (SPLIT_K > 1: each split stores its fp32 partial [M, N] in its slice of out [SPLIT_K, M, N]; the
+caller sums them: no zero-filled buffer, no atomics, the same answer every run). The epilogue applies the
+activation's row/tensor scale, the weight's row/tensor scale and the bias in float32 and casts once.
 """
 from __future__ import annotations
 
@@ -195,12 +196,12 @@ def quantized_linear_kernel(
         out *= tl.load(w_scale_ptr).to(tl.float32)
     if HAS_BIAS:  # added by the first K split only
         out += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :] * (pid_k == 0).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    out_ptrs = out_ptr + pid_k * M * stride_om + rows[:, None] * stride_om + cols[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, out, mask=mask)
+    else:  # every split stores, an empty one its zeros
+        tl.store(out_ptrs, out, mask=mask)
 
 
 @triton.jit

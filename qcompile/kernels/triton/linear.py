@@ -140,14 +140,14 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     split_k = config.split_k
     if split_k == 1:
         out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
-    else:
-        out = torch.zeros((M, N), dtype=torch.float32, device=xq.device)
+    else:  # one fp32 partial per split, summed below (under Inductor the sum fuses with what follows)
+        out = torch.empty((split_k, M, N), dtype=torch.float32, device=xq.device)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split_k)
     wrap_triton(quantized_linear_kernel)[grid](
         xq, any_tensor if x_scale is None else x_scale, any_tensor if x_zero is None else x_zero,
         qweight, any_tensor if w_scale is None else w_scale, any_tensor if w_zero is None else w_zero,
         any_tensor if w_aux is None else w_aux, any_tensor if bias is None else bias, out,
-        M, N, K, xq.stride(0), qweight.stride(0), out.stride(0),
+        M, N, K, xq.stride(0), qweight.stride(0), N,
         A_FORMAT=spec.gemm_activation,
         A_SCALE="none" if x_scale is None else ("tensor" if spec.activation == "fp8_tensor" else "row"),
         A_HAS_ZERO=x_zero is not None,
@@ -158,7 +158,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         USE_PTX=not _interpreting() and out_dtype == torch.bfloat16, DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
-    return out if split_k == 1 else out.to(out_dtype)  # torch's cast rounds to nearest even
+    return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 
 
 def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int, dtype):

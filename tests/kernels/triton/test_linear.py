@@ -72,6 +72,22 @@ def test_float16_activations(case):
         assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30, f"M={M} {config}"
 
 
+def test_split_k_with_an_empty_split_stores_its_zeros():
+    """K=256 in three splits of 128: the last one has no K left and must still write its (zero) partial, since
+    the partials buffer is not zero-filled; its memory first held NaNs here."""
+    case = next(c for c in CASES if c.scheme == "int8_weight_only")
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    x = x_all[:5]
+    one_split = run_linear(x, *weight_args, bias, spec, x.dtype, KernelConfig(16, 64, 64, 1))
+    torch.full((3, 5, N), float("nan"), device=DEVICE)  # freed at once: likely the block the partials get next
+    three_splits = run_linear(x, *weight_args, bias, spec, x.dtype, KernelConfig(16, 64, 64, 3))
+    assert torch.isfinite(three_splits).all()
+    assert sqnr_db(one_split.float(), three_splits.float()) > 40
+
+
 def _library_of(spec: LinearSpec) -> str:
     return "dequant_mm" if spec.weight_format == "intx" else LIBRARY[spec.gemm_activation]
 
