@@ -1,0 +1,42 @@
+# Helpers for one call of the device tool on the H200: source it, then run stages, each under its own time limit,
+# so that one slow stage cannot eat the others' time and every stage's output lands in $OUT.
+#
+#   device run, carry [".whl", ".cache/qcompile"]:
+#     source benchmarks/h200_session.sh
+#     stage 200 tests   python -m pytest -m gpu tests/kernels/triton tests/test_cudagraphs.py -q
+#     stage 300 linear  python benchmarks/linear_h200.py --out $OUT/linear --peers .whl/peers_h200.py ...
+#     save_tuning
+#
+# .whl (ignored) holds the test wheels (pytest, pluggy, iniconfig, pygments, expecttest) and, for the peers,
+# ../shared/bench/peers_h200.py, the torchao wheel and gemlite's source under .whl/src. .cache/qcompile holds the
+# tuned Triton configs (triton_linear_configs.json): save_tuning copies them to $OUT/tuning/, copy that back into
+# .cache/qcompile here so the next call does not tune again.
+
+if [ ! -d .whl ]; then
+    echo "h200_session: no .whl folder on this machine: pass carry [\".whl\", ...] to the device tool" >&2
+    return 1 2>/dev/null || exit 1
+fi
+python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1 \
+    || echo "h200_session: installing .whl/*.whl into /tmp/site failed" >&2
+export PYTHONPATH=$PWD:/tmp/site:$PWD/.whl/src
+export QCOMPILE_CACHE_DIR=$PWD/.cache/qcompile
+mkdir -p "$QCOMPILE_CACHE_DIR" "$OUT"
+SESSION_START=$(date +%s)
+
+# stage SECONDS NAME COMMAND...: run COMMAND with a time limit; its output goes to $OUT/NAME.txt, its exit status
+# and wall time to $OUT/stages.txt (124: it hit the limit).
+stage() {
+    local limit=$1 name=$2
+    shift 2
+    local start=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc wall=$(( $(date +%s) - start ))s at=$(( $(date +%s) - SESSION_START ))s: $*" >> "$OUT/stages.txt"
+    return 0
+}
+
+save_tuning() {
+    mkdir -p "$OUT/tuning"
+    cp "$QCOMPILE_CACHE_DIR"/*.json "$OUT/tuning/" 2>/dev/null || true
+    cat "$OUT/stages.txt"
+}
