@@ -62,10 +62,11 @@ def scheme_options(name: str) -> dict:
 
 def fused_linear_args(name: str, w: torch.Tensor):
     """(fused_linear arguments after x, bias) for a bf16 weight, through the scheme's own quantize_weight."""
+    from qcompile.kernels.triton import layout
     from qcompile.options import QuantOptions
 
     options = QuantOptions.from_dict(scheme_options(name))
-    q = options.scheme_def.quantize_weight(w, options)
+    q = layout.for_kernels(options.scheme_def.quantize_weight(w, options))  # as the backend stores it on CUDA
     table = {  # scheme -> (activation, weight format, qweight, w_scale, w_zero, w_aux, bits, group size)
         "int4_weight_only": ("float", "int4_tinygemm", "qweight", "scale", "zero", None, 4),
         "int8_weight_only": ("float", "int8", "qweight", "scale", None, None, 8),

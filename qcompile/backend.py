@@ -59,7 +59,11 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
             w = w if weight_is_nk else w.t()
             w = w.to(cast_dtype) if cast_dtype is not None else w
             extra = () if options.algorithm != "gptq" else (hessian,)
-            per_tensor[key] = dict(options.scheme_def.quantize_weight(w.contiguous(), options, *extra))
+            quantized = dict(options.scheme_def.quantize_weight(w.contiguous(), options, *extra))
+            if w.is_cuda:  # the Triton template's layout (same values); imported here: CPU runs need no Triton
+                from .kernels.triton import layout
+                quantized = layout.for_kernels(quantized)
+            per_tensor[key] = quantized
     return per_tensor[key]
 
 

@@ -51,8 +51,8 @@ def swap_ab_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stri
             acc = tl.dot(w_lo, x_even, acc)
             acc = tl.dot(w_hi, x_odd, acc)
         else:
-            w = load_weight_tile(w_ptr, s_ptr, z_ptr, w_ptr, cols_in, k0, K, stride_wn, FORMAT, 4 if FORMAT ==
-                                 "int4_tinygemm" else 8, GROUP, False, False, BLOCK_K)
+            w = load_weight_tile(w_ptr, s_ptr, z_ptr, w_ptr, cols_in, k0, K, stride_wn, n_groups, 1, FORMAT,
+                                 4 if FORMAT == "int4_tinygemm" else 8, GROUP, False, False, BLOCK_K)
             xt = tl.load(x_ptr + rows_in[None, :] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[:, None])
             acc = tl.dot(w.to(tl.bfloat16), xt, acc)
     if FORMAT == "int8":

@@ -92,14 +92,15 @@ def unpack_bit_planes(w_ptr, row_offsets, k0, K, BITS: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def load_group_param(ptr, offs_n, k0, n_groups, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+def load_group_param(ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """The per-(row, group) parameters of the tile as float32 [BLOCK_N, groups in the tile] (one per row when
-    the K block sits inside one group)."""
+    the K block sits inside one group). Strides (row, group): on CUDA they are stored column-major (layout.py)
+    so that the tile's rows at one group are contiguous."""
     if BLOCK_K <= GROUP_SIZE:
-        return tl.load(ptr + offs_n * n_groups + k0 // GROUP_SIZE).to(tl.float32)[:, None]
+        return tl.load(ptr + offs_n * stride_pn + (k0 // GROUP_SIZE) * stride_pg).to(tl.float32)[:, None]
     else:
         groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-        return tl.load(ptr + offs_n[:, None] * n_groups + groups[None, :]).to(tl.float32)
+        return tl.load(ptr + offs_n[:, None] * stride_pn + groups[None, :] * stride_pg).to(tl.float32)
 
 
 @triton.jit
@@ -171,7 +172,7 @@ def codebook_lookup(book_ptr, index):
 
 
 @triton.jit
-def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
+def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn, stride_pn, stride_pg,
                      W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                      HAS_ZERO: tl.constexpr, RAW: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] weight tile. RAW=True (quantized activations): integer values (u - zero) as int8,
@@ -181,27 +182,27 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
     if W_FORMAT == "int8" or W_FORMAT == "fp8" or W_FORMAT == "mxfp8":
         w = tl.load(w_ptr + rows[:, None] + (k0 + tl.arange(0, BLOCK_K))[None, :])
         if W_FORMAT == "mxfp8":  # e4m3 * 2^(e - 127) per 32
-            e = load_group_param(s_ptr, offs_n, k0, K // 32, 32, BLOCK_K)
+            e = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, 32, BLOCK_K)
             w = group_affine(w.to(tl.float32), e8m0_to_float(e), tl.zeros((1, 1), tl.float32), False, 32, BLOCK_K)
         elif not RAW:
             w = to_float(w)
     else:  # sub-byte formats, bit-plane packed along K
         u = unpack_bit_planes(w_ptr, rows, k0, K, BITS, BLOCK_K)
-        n_groups = K // GROUP_SIZE
         if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero, float zero domain
-            scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
-            zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+            scale = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K)
+            zero = load_group_param(z_ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K)
             w = group_affine(small_int_to_float(u, 8), scale, zero, False, GROUP_SIZE, BLOCK_K)
         elif W_FORMAT == "intx":  # (u - zero) * scale; symmetric: zero = 2^(bits-1)
             if RAW:  # BLOCK_K <= GROUP_SIZE here: one zero per row
                 if HAS_ZERO:
-                    w = (u - tl.load(z_ptr + offs_n * n_groups + k0 // GROUP_SIZE).to(tl.int32)[:, None]).to(tl.int8)
+                    zero = tl.load(z_ptr + offs_n * stride_pn + (k0 // GROUP_SIZE) * stride_pg).to(tl.int32)
+                    w = (u - zero[:, None]).to(tl.int8)
                 else:
                     w = (u - (1 << (BITS - 1))).to(tl.int8)
             else:
-                scale = load_group_param(s_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+                scale = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K)
                 if HAS_ZERO:
-                    zero = load_group_param(z_ptr, offs_n, k0, n_groups, GROUP_SIZE, BLOCK_K)
+                    zero = load_group_param(z_ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K)
                     w = group_affine(small_int_to_float(u, 0), scale, zero, True, GROUP_SIZE, BLOCK_K)
                 else:  # the symmetric zero point folds into the conversion
                     w = group_affine(small_int_to_float(u, 1 << (BITS - 1)), scale, tl.zeros((1, 1), tl.float32),
@@ -209,7 +210,7 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn,
         elif W_FORMAT == "codebook":  # lookup; the row scale is applied in the epilogue
             w = codebook_lookup(aux_ptr, u)
         else:  # nvfp4: e2m1 * e4m3 block scale (per 16) * float32 tensor scale
-            block_scale = load_group_param(s_ptr, offs_n, k0, K // 16, 16, BLOCK_K) * tl.load(aux_ptr)
+            block_scale = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, 16, BLOCK_K) * tl.load(aux_ptr)
             w = group_affine(e2m1_to_float(u), block_scale, tl.zeros((1, 1), tl.float32), False, 16, BLOCK_K)
     return w
 
@@ -252,9 +253,9 @@ def decode_plane(words, scale, shift, j: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
-                     WIDTH: tl.constexpr, LOW: tl.constexpr, COL: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_pn, stride_pg, W_FORMAT: tl.constexpr,
+                     BITS: tl.constexpr, WIDTH: tl.constexpr, LOW: tl.constexpr, COL: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """One bit plane (WIDTH bits, the value's bits LOW.., starting at byte column COL * K / 8 of each row:
     quant/packing.py) of a BITS-bit weight tile [BLOCK_N, BLOCK_K], as 32-bit words [BLOCK_N, BLOCK_K * WIDTH
     / 32] with its decode parameters per word, such that the weight is the sum over planes of u * scale + shift:
@@ -267,11 +268,11 @@ def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, W_FORMAT: tl
     word_k = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
     w = tl.load(words_ptr + offs_n[:, None] * (stride_wn // 4) + ((COL * K) // 32 + word_k)[None, :])
     if BLOCK_K <= GROUP_SIZE:
-        group = offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE
+        group = offs_n * stride_pn + (k0 // GROUP_SIZE) * stride_pg
         s = tl.load(s_ptr + group).to(tl.float32)[:, None]
         zero = tl.load(z_ptr + group).to(tl.float32)[:, None] if HAS_ZERO else None
     else:
-        group = offs_n[:, None] * (K // GROUP_SIZE) + (word_k * PER_WORD // GROUP_SIZE)[None, :]
+        group = offs_n[:, None] * stride_pn + (word_k * PER_WORD // GROUP_SIZE)[None, :] * stride_pg
         s = tl.load(s_ptr + group).to(tl.float32)
         zero = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else None
     if COL != 0:  # a lower plane: its bits only

@@ -69,16 +69,17 @@ def _along_m(v, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
-                A_FORMAT: tl.constexpr, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
-                WIDTH: tl.constexpr, W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                SWAP_AB: tl.constexpr, USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr):
+                stride_pn, stride_pg, A_FORMAT: tl.constexpr, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr,
+                BITS: tl.constexpr, WIDTH: tl.constexpr, W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc + the K block's product with the WIDTH-bit plane of the weights (none if BITS has no such plane):
     one dot per K-plane j (K positions k0 + (32 / WIDTH) c + j) against the matching strided columns of x. A
     quantized activation is multiplied as the exact bf16 of its integers (|q - zero| <= 255, e4m3); its scale is
     the epilogue's."""
     if (BITS & WIDTH) != 0:
         PER_WORD: tl.constexpr = 32 // WIDTH
-        words, scale, shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn, W_FORMAT,
+        words, scale, shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
+                                               stride_pn, stride_pg, W_FORMAT,
                                                BITS, WIDTH, BITS & (WIDTH - 1), BITS - (BITS & (2 * WIDTH - 1)),
                                                W_HAS_ZERO, GROUP_SIZE, BLOCK_K)
         if USE_PTX:
@@ -106,7 +107,7 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
 @triton.jit
 def quantized_linear_kernel(
         x_ptr, x_scale_ptr, x_zero_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_xm, stride_wn, stride_om,
+        M, N, K, stride_xm, stride_wn, stride_pn, stride_pg, stride_om,
         A_FORMAT: tl.constexpr,  # "float" (x's dtype), "int8", "fp8"
         A_SCALE: tl.constexpr,  # "none", "row", "tensor"
         A_HAS_ZERO: tl.constexpr,
@@ -152,18 +153,20 @@ def quantized_linear_kernel(
             if PLANES:  # bit planes as K-planes of 32-bit words, decoded two words at a time; a dot per plane
                 for plane_bit in tl.static_range(3):  # the 4-, 2- and 1-bit planes, those BITS has
                     acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr,
-                                      cols_in, k0, K, stride_wn, A_FORMAT, A_HAS_ZERO, W_FORMAT, BITS,
-                                      4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB, USE_PTX, DOT_FP32)
+                                      cols_in, k0, K, stride_wn, stride_pn, stride_pg, A_FORMAT, A_HAS_ZERO,
+                                      W_FORMAT, BITS, 4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB,
+                                      USE_PTX, DOT_FP32)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
-                                     W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+                                     stride_pn, stride_pg, W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
                 part = _tile_dot(a, w, A_FORMAT, INT_DOT, DOT_FP32, SWAP_AB)
                 if SCALE_PER_GROUP:  # the K block lies in one group: one scale per output column
                     if A_HAS_ZERO:  # sum (a - za) w = sum a w - za * sum w
                         w_sum = tl.sum(w.to(tl.int32), axis=1)
                         part -= (_along_m(a_zero, SWAP_AB) * _along_n(w_sum, SWAP_AB)).to(part.dtype)
-                    scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+                    scale = tl.load(w_scale_ptr + cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg)
+                    scale = scale.to(tl.float32)
                     acc += part.to(tl.float32) * _along_n(scale, SWAP_AB)
                 else:
                     acc += part
@@ -176,11 +179,11 @@ def quantized_linear_kernel(
             a = tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32)
             if A_HAS_ZERO:
                 a = a - tl.load(x_zero_ptr + row).to(tl.float32)
-            w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
-                                 W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
+            w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn, stride_pn,
+                                 stride_pg, W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
             product = to_float(w) * a[None, :]
             if SCALE_PER_GROUP:
-                scale = tl.load(w_scale_ptr + cols_in * (K // GROUP_SIZE) + k0 // GROUP_SIZE).to(tl.float32)
+                scale = tl.load(w_scale_ptr + cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg).to(tl.float32)
                 product = product * scale[:, None]
             acc_tile += product
         acc = tl.sum(acc_tile, axis=1)[None, :]
@@ -205,7 +208,8 @@ def quantized_linear_kernel(
 
 
 @triton.jit
-def dequantize_weight_kernel(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, out_ptr, N, K, stride_wn,
+def dequantize_weight_kernel(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, out_ptr, N, K, stride_wn, stride_pn,
+                             stride_pg,
                              W_FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                              W_HAS_ZERO: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, BF16_BY_BITS: tl.constexpr):
@@ -214,7 +218,7 @@ def dequantize_weight_kernel(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, out_ptr,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_in = cols % N
     k0 = tl.program_id(1) * BLOCK_K
-    w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
+    w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn, stride_pn, stride_pg,
                          W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, False, BLOCK_K)
     if W_SCALE == "row":
         w = w * tl.load(w_scale_ptr + cols_in).to(tl.float32)[:, None]

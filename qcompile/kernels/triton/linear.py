@@ -147,7 +147,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         xq, any_tensor if x_scale is None else x_scale, any_tensor if x_zero is None else x_zero,
         qweight, any_tensor if w_scale is None else w_scale, any_tensor if w_zero is None else w_zero,
         any_tensor if w_aux is None else w_aux, any_tensor if bias is None else bias, out,
-        M, N, K, xq.stride(0), qweight.stride(0), N,
+        M, N, K, xq.stride(0), qweight.stride(0), *group_param_strides(w_scale, w_zero), N,
         A_FORMAT=spec.gemm_activation,
         A_SCALE="none" if x_scale is None else ("tensor" if spec.activation == "fp8_tensor" else "row"),
         A_HAS_ZERO=x_zero is not None,
@@ -161,6 +161,18 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 
 
+def group_param_strides(w_scale, w_zero) -> tuple[int, int]:
+    """(row, group) strides of the per-group weight parameters [N, K / group], which the template reads through
+    them: row-major as the numerics produce them, or column-major as layout.py stores them on CUDA. The zero
+    point shares the scale's layout (they are laid out together)."""
+    if w_scale is None or w_scale.dim() != 2:
+        return 0, 0  # none, or one per row / tensor (the epilogue's)
+    if w_zero is not None and w_zero.stride() != w_scale.stride():
+        raise ValueError(f"Triton linear: the zero point's strides {w_zero.stride()} differ from the scale's "
+                         f"{w_scale.stride()}; lay them out alike (kernels/triton/layout.py)")
+    return w_scale.stride(0), w_scale.stride(1)
+
+
 def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int, dtype):
     """The weight [N, K] in `dtype` with every scale applied (the template's own decode step)."""
     N = qweight.shape[0]
@@ -169,7 +181,7 @@ def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int,
     any_tensor = qweight
     wrap_triton(dequantize_weight_kernel)[(triton.cdiv(N, block_n), K // block_k)](
         qweight, any_tensor if w_scale is None else w_scale, any_tensor if w_zero is None else w_zero,
-        any_tensor if w_aux is None else w_aux, out, N, K, qweight.stride(0),
+        any_tensor if w_aux is None else w_aux, out, N, K, qweight.stride(0), *group_param_strides(w_scale, w_zero),
         W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, BLOCK_N=block_n, BLOCK_K=block_k,
         BF16_BY_BITS=_interpreting(), num_warps=4)

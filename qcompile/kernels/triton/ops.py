@@ -30,9 +30,12 @@ def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
         return None
     shape = [_hint(s) for s in t.shape]
     if t.dtype.is_floating_point:
-        return (torch.rand(shape, device=t.device) + 0.5).to(t.dtype)
-    low, high = (-128, 128) if t.dtype in (torch.int8, torch.int32) else (0, 256)
-    return torch.randint(low, high, shape, device=t.device).to(t.dtype)
+        values = (torch.rand(shape, device=t.device) + 0.5).to(t.dtype)
+    else:
+        low, high = (-128, 128) if t.dtype in (torch.int8, torch.int32) else (0, 256)
+        values = torch.randint(low, high, shape, device=t.device).to(t.dtype)
+    # t's strides too: the kernels read column-major group parameters (layout.py) faster than row-major ones
+    return torch.empty_strided(shape, [_hint(s) for s in t.stride()], dtype=t.dtype, device=t.device).copy_(values)
 
 
 def _measure_on_random(tensors, spec: LinearSpec, out_dtype):

@@ -181,6 +181,34 @@ def test_plane_decode_matches_reference_ops(case):
                 f"group {group} M={M} {config}"
 
 
+GROUP_WISE = [c for c in CASES if c.scheme in ("int4_weight_only", "int8_dynamic_int4", "float8_dynamic_int4",
+                                                "intx_weight_only", "int8_dynamic_intx", "mxfp8", "nvfp4")]
+
+
+@pytest.mark.parametrize("case", GROUP_WISE, ids=case_id)
+def test_column_major_group_parameters_give_the_same_output(case):
+    """On CUDA the backend stores group parameters column-major (layout.for_kernels); every kernel path reads
+    them through their strides: GEMV, tiles (swapped, split-K), the plane decode and the library dequantize."""
+    from qcompile.kernels.triton import layout
+
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    q_column_major = layout.for_kernels(q)
+    assert any(not q_column_major[k].is_contiguous() for k in layout.GROUP_PARAMETERS if k in q), case.scheme
+    row_major_args, column_major_args = case.weight_args(q), case.weight_args(q_column_major)
+    spec = _spec(case, options, row_major_args, bias)
+    variants = list(VARIANTS)
+    if spec.takes_planes:
+        variants.append((5, KernelConfig(16, 64, spec.planes_min_block_k, 2, swap_ab=True, planes=True)))
+    if _library_of(spec) == "dequant_mm":
+        variants.append((33, KernelConfig(0, 0, 0, library="dequant_mm")))
+    for M, config in variants:
+        x = x_all[:M]
+        expected = run_linear(x, *row_major_args, bias, spec, x.dtype, config)
+        got = run_linear(x, *column_major_args, bias, spec, x.dtype, config)
+        assert torch.equal(expected, got), f"M={M} {config}"
+
+
 def test_plane_decode_refuses_what_it_cannot_take():
     x_all, w, bias = _inputs()
     case = next(c for c in CASES if c.scheme == "int8_weight_only")
