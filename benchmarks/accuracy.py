@@ -217,8 +217,11 @@ def embedding_rows() -> list[Row]:
     return rows
 
 
-# (model, how many of its rows) in the order they run: each model's target rows first, then the rest
-SCHEDULE = (("MiniLM", 10), ("SmolLM2", 5), ("SmolLM2", None), ("MiniLM", None))
+# (model, how many of its rows) in the order they run: each model's target rows first, then every scheme and the
+# torchao rows with the same numerics, the extra comparisons last (the budget cuts from the end)
+SMOLLM2_EXTRAS = 3  # lm_rows' last three: int4 g32 on Q4_1's grid, int8_dynamic_intx 4-bit and its torchao twin
+SCHEDULE = (("MiniLM", 10), ("SmolLM2", 5), ("SmolLM2", len(lm_rows()) - 5 - SMOLLM2_EXTRAS), ("MiniLM", None),
+            ("SmolLM2", None))
 
 
 def prepare(row: Row, model, calibration_calls):
@@ -280,6 +283,14 @@ def checkpoint_bytes(row: Row, model, options_used) -> int:
         if not quantized or id(p) in embeddings:  # float, or also read in float by an embedding (tied)
             total += p.numel() * 2
     return total
+
+
+def linears_left_in_float(row: Row, model, options_used) -> int:
+    """nn.Linear modules whose weight the row's compile did not quantize (qcompile warned about each graph's)."""
+    from qcompile import backend
+    key = QuantOptions.from_dict(options_used).cache_key()
+    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and not any(k[0] == key for k in backend._QUANTIZED.get(m.weight, {})))
 
 
 def _is_subclass(t) -> bool:
@@ -345,15 +356,15 @@ def run_row(row: Row, load, measure, calibration_calls) -> Result:
         options_used = {**row.options, "keep_float_weights": True}
         if row.calibrate:
             options_used["calibration"] = calibration_calls
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what the warnings say lands in the row's notes
             expected = expected_graphs(row, model) if row.engine == "qcompile" else 0
             fn = prepare(row, model, calibration_calls)
             result.value = measure(fn, lambda: setattr(result, "prepare_seconds", time.monotonic() - start))
         result.size = checkpoint_bytes(row, model, options_used)
         notes = []
-        stays_float = sum("stays in float" in str(w.message) for w in caught)
-        if stays_float:
+        stays_float = linears_left_in_float(row, model, options_used) if row.engine == "qcompile" else 0
+        if stays_float:  # counted on the model: one warning of a block's graph stands for every block
             notes.append(f"{stays_float} linears left in float")
         graphs = counters["stats"]["unique_graphs"] - graphs_before
         if row.engine == "qcompile" and graphs != expected:  # each compiled once, each graph reused
@@ -450,7 +461,15 @@ CAVEATS = """Caveats:
   unquantized parameters of quantized rows are counted at 2 bytes (bf16) in the checkpoint size. In bf16 the
   int4 g32 row is no longer an exact copy of Q4_1's grid: the weights and tinygemm's scales and zeros are bf16.
 - fp32/bf16 rows run eagerly; torchao rows run eagerly on torchao's tensor subclasses (no compile: the same
-  numerics, without a second Inductor compile per row); qcompile rows through torch.compile(backend="qcompile")."""
+  numerics, without a second Inductor compile per row); qcompile rows through torch.compile(backend="qcompile"):
+  each decoder / encoder block compiled once (one graph serves every block) and the head / pooler on their own,
+  GPTQ rows as one whole-model graph (they calibrate that graph). Inside a graph Inductor keeps fused
+  intermediates in float32, so compiled and eager rows also differ by that rounding (a few 0.01 of perplexity).
+- codebook (+~200) and nvfp4 (+~30) on SmolLM2: its weights are Q4_1 data, a different 16-level grid in every
+  group of 32. One 16-entry codebook per tensor with a row scale reproduces them at a median 19.2 dB weight SQNR
+  over its 211 linears (int4 g64: 21.9 dB; nvfp4 about 20.5 dB), and SmolLM2's perplexity is steep in that
+  error. The compiled codebook linear matches its reference op exactly; on MiniLM (float weights) both schemes
+  are in line with int4."""
 
 
 def protocol_text(tokens: int, n_lines: int, sentence_tokens: int) -> str:
@@ -515,7 +534,7 @@ def smollm2_bench(texts) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="write the accuracy section of this markdown file")
-    parser.add_argument("--budget-min", type=float, default=20.0, help="stop starting new rows after this long")
+    parser.add_argument("--budget-min", type=float, default=19.0, help="stop starting new rows after this long")
     parser.add_argument("--only", choices=("lm", "embedding"), help="run one model's rows")
     parser.add_argument("--rows", help="regular expression on '<model> <row label>': run only matching rows, "
                                        "e.g. '^MiniLM (int8|float8)'")

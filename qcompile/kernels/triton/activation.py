@@ -53,7 +53,9 @@ def quantize_activation_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, tensor_amax_pt
             amax = tl.max(tl.abs(x), axis=0)
         else:
             amax = tl.load(tensor_amax_ptr).to(tl.float32)
-        scale = tl.maximum(amax / E4M3_MAX, FLOAT8_EPS)
+        # amax / 448 rounded to the activation's dtype, as torch divides bf16 / fp16 tensors (quant/float8.py)
+        scale = tl.maximum(cast_to(amax / E4M3_MAX, x_ptr.dtype.element_ty, BF16_BY_BITS).to(tl.float32),
+                           FLOAT8_EPS)
         q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX))
         tl.store(q_ptrs, q.to(tl.float8e4nv), mask=in_row)
         if FORMAT == "fp8_row":
