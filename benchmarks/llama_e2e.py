@@ -379,7 +379,9 @@ def build_row_model(row: Row, config, args, device):
     def on_part(i: int) -> None:
         if i + 1 in marks:
             log(f"  {row.name}: {i + 1}/{parts} parts on {device}"
-                + (" (quantized layer by layer)" if row.options else ""))
+                + (" (quantized layer by layer)" if row.options else "")
+                + (f"; allocated {gb(allocated(device))} GB, peak {gb(peak(device))} GB" if device.type == "cuda"
+                   else ""))
 
     quantize = None
     if row.options is not None:
