@@ -63,16 +63,17 @@ def _fp4_grid(device) -> torch.Tensor:
 
 
 def float_to_fp4_code(v: torch.Tensor) -> torch.Tensor:
-    """Round float32 to the nearest e2m1 value (ties to the even code), return 4-bit codes (uint8)."""
-    grid = _fp4_grid(v.device)
+    """Round float32 to the nearest e2m1 value (ties to the even code; |v| saturates at 6; NaN -> 0), return
+    4-bit codes (uint8). Elementwise comparisons with the midpoints between neighbours (not a bucketize: Inductor
+    fuses these into the surrounding kernel, where bucketize stayed a separate op and took a third of an nvfp4
+    forward on CPU)."""
     mag = v.abs().clamp(max=FP4_MAX)
-    # midpoints between neighbours; a tie goes to the even index (whose mantissa bit is 0)
-    mids = (grid[1:] + grid[:-1]) / 2
-    idx = torch.bucketize(mag, mids, right=False)  # mag == mid -> lower index
-    is_tie = (idx < len(FP4_VALUES) - 1) & (mag == mids[idx.clamp(max=len(mids) - 1)])
-    idx = torch.where(is_tie & (idx % 2 == 1), idx + 1, idx)
-    idx = torch.nan_to_num(idx.float(), nan=0).long()
-    sign = ((v < 0) & (idx > 0)).to(torch.int64) << 3
+    idx = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
+    for i, (low, high) in enumerate(zip(FP4_VALUES[:-1], FP4_VALUES[1:])):
+        mid = (low + high) / 2
+        # above the midpoint: the upper neighbour; on it: the even code of the two (the upper one when i is odd)
+        idx = idx + ((mag > mid) | ((mag == mid) & (i % 2 == 1))).to(torch.int32)
+    sign = ((v < 0) & (idx > 0)).to(torch.int32) << 3
     return (idx | sign).to(torch.uint8)
 
 
