@@ -64,7 +64,7 @@ def main():
     a = ap.parse_args()
     device = "cpu" if a.smoke else "cuda"
     shapes = [("tiny", 64, 512)] if a.smoke else SHAPES
-    tiles = [(64, 256, 1)] if a.smoke else list(itertools.product((32, 64, 128, 256), (128, 256, 512, 1024),
+    tiles = [(64, 128, 1)] if a.smoke else list(itertools.product((32, 64, 128, 256), (128, 256, 512, 1024),
                                                                   (1, 2, 4, 8)))
     from qcompile.kernels.triton import layout
     from qcompile.kernels.triton.ops import spec_for
