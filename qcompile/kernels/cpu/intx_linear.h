@@ -469,6 +469,24 @@ inline T* thread_scratch(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
+// The calling thread's scratch for M quantized tokens of K values each, with a float scale and one int32 (zero
+// point or correction term) per token; the vectors only grow, so steady-state calls allocate nothing.
+template <typename A>
+struct TokenScratch {
+  A* act;
+  float* scale;
+  int32_t* aux;
+};
+
+template <typename A>
+TokenScratch<A> token_scratch(int64_t M, int64_t K) {
+  static thread_local std::vector<A> act_storage;
+  static thread_local std::vector<float> scale_storage;
+  static thread_local std::vector<int32_t> aux_storage;
+  return {thread_scratch(act_storage, (size_t)(M * K)), thread_scratch(scale_storage, (size_t)M),
+          thread_scratch(aux_storage, (size_t)M)};
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // x86 AVX-512 VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, 64 MACs per instruction). The
 // activation is the u8 operand: a = q + 128 in [0, 255]; c = 128 + zero, so a - c = q - zero. Weights are the s8
@@ -795,12 +813,10 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
     }
     return;
   }
-  static thread_local std::vector<uint8_t> act_storage;
-  static thread_local std::vector<float> ascale_storage;
-  static thread_local std::vector<int32_t> c_storage;
-  uint8_t* act = thread_scratch(act_storage, (size_t)(M * K));
-  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
-  int32_t* c = thread_scratch(c_storage, (size_t)M);
+  const TokenScratch<uint8_t> tokens = token_scratch<uint8_t>(M, K);  // shared by the team below
+  uint8_t* act = tokens.act;
+  float* a_scale = tokens.scale;
+  int32_t* c = tokens.aux;
   constexpr int64_t BLOCK = 16 * QC_VNNI_NR;
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
@@ -868,12 +884,10 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
     // GEMV: every thread quantizes the few tokens itself (no barrier between quantizing and the dot products)
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
-      static thread_local std::vector<act_t> act_storage;
-      static thread_local std::vector<float> ascale_storage;
-      static thread_local std::vector<int32_t> azero_storage;
-      act_t* act = thread_scratch(act_storage, (size_t)(M * K));
-      float* a_scale = thread_scratch(ascale_storage, (size_t)M);
-      int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
+      const TokenScratch<act_t> tokens = token_scratch<act_t>(M, K);  // this thread's own
+      act_t* act = tokens.act;
+      float* a_scale = tokens.scale;
+      int32_t* a_zero = tokens.aux;
       for (int64_t m = 0; m < M; ++m) quantize_tokens(m, act, a_scale, a_zero);
 #pragma omp for schedule(static) nowait
       for (int64_t n = 0; n < N; ++n) {
@@ -886,12 +900,10 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
     }
     return;
   }
-  static thread_local std::vector<act_t> act_storage;
-  static thread_local std::vector<float> ascale_storage;
-  static thread_local std::vector<int32_t> azero_storage;
-  act_t* act = thread_scratch(act_storage, (size_t)(M * K));
-  float* a_scale = thread_scratch(ascale_storage, (size_t)M);
-  int32_t* a_zero = thread_scratch(azero_storage, (size_t)M);
+  const TokenScratch<act_t> tokens = token_scratch<act_t>(M, K);  // shared by the team below
+  act_t* act = tokens.act;
+  float* a_scale = tokens.scale;
+  int32_t* a_zero = tokens.aux;
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
 #pragma omp for schedule(static)
