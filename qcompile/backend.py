@@ -59,12 +59,28 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
             w = w if weight_is_nk else w.t()
             w = w.to(cast_dtype) if cast_dtype is not None else w
             extra = () if options.algorithm != "gptq" else (hessian,)
-            quantized = dict(options.scheme_def.quantize_weight(w.contiguous(), options, *extra))
+            quantized = _quantize_in_row_blocks(w.contiguous(), options, extra)
             if w.is_cuda:  # the Triton template's layout (same values); imported here: CPU runs need no Triton
                 from .kernels.triton import layout
                 quantized = layout.for_kernels(quantized)
             per_tensor[key] = quantized
     return per_tensor[key]
+
+
+# elements per block of rows when a large weight is quantized: float32 temporaries stay ~0.25 GB each, where the
+# whole LM head of an 8B model (525 M weights) took ~10 GB of them at once
+ROW_BLOCK_ELEMENTS = 1 << 26
+
+
+def _quantize_in_row_blocks(w: torch.Tensor, options: QuantOptions, extra: tuple) -> dict:
+    """scheme.quantize_weight(w), in blocks of rows when the weight is large and the scheme quantizes rows
+    independently (RTN only: the same tensors as one call, concatenated along the rows)."""
+    scheme = options.scheme_def
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[-1]))
+    if w.shape[0] <= rows or options.algorithm != "rtn" or not scheme.rows_independent(options):
+        return dict(scheme.quantize_weight(w, options, *extra))
+    blocks = [dict(scheme.quantize_weight(w[i:i + rows], options, *extra)) for i in range(0, w.shape[0], rows)]
+    return {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
 
 
 def _drop_unused_weight_inputs(result: PassResult, weight_indices) -> list[int]:

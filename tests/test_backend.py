@@ -248,3 +248,21 @@ def test_int8_dynamic_at_batch_one():
     with torch.no_grad():
         out = compile_with(model, {"scheme": "int8_dynamic", "keep_float_weights": True})(x)
         assert sqnr_db(model(x), out) > 30
+
+
+@pytest.mark.parametrize("scheme", [name for name in qcompile.SCHEMES
+                                    if qcompile.get_scheme(name).rows_independent(QuantOptions.from_dict(
+                                        {"scheme": name}))])
+def test_large_weights_quantized_in_row_blocks_give_the_same_tensors(scheme, monkeypatch):
+    """A scheme that declares its rows independent gets the same tensors when the backend quantizes a large weight
+    in blocks of rows (bounding float32 temporaries) as from one call: the declaration is checked, not trusted."""
+    from qcompile import backend
+
+    options = QuantOptions.from_dict({"scheme": scheme})
+    w = (torch.randn(96, 256) * torch.linspace(0.1, 3.0, 96)[:, None]).to(torch.bfloat16)  # rows of unlike ranges
+    whole = backend._quantize_in_row_blocks(w, options, ())
+    monkeypatch.setattr(backend, "ROW_BLOCK_ELEMENTS", 40 * 256)  # blocks of 40 rows: 40, 40, 16
+    blocks = backend._quantize_in_row_blocks(w, options, ())
+    assert whole.keys() == blocks.keys()
+    for name in whole:
+        assert torch.equal(whole[name], blocks[name]), f"{scheme}: {name}"

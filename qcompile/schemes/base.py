@@ -47,6 +47,9 @@ class Scheme:
     k_multiple: int = 1
     algorithms: tuple[str, ...] = ("rtn",)  # rounding algorithms its quantize_weight implements
     extra_skip: Callable[[int, int, "QuantOptions"], str | None] | None = field(default=None)
+    # whether quantize_weight treats each output row on its own (no per-tensor scale or codebook), so that the
+    # backend may quantize a large weight in blocks of rows and bound its float32 temporaries
+    rows_independent: Callable[["QuantOptions"], bool] = field(default=lambda options: False)
 
     def skip_reason(self, out_features: int, in_features: int, options: "QuantOptions") -> str | None:
         """Why a [N, K] weight cannot take this scheme (the layer then stays in float), or None."""
@@ -62,3 +65,11 @@ class Scheme:
         if self.extra_skip is not None:
             return self.extra_skip(out_features, in_features, options)
         return None
+
+
+def always(options) -> bool:
+    return True
+
+
+def per_row_granularity(options) -> bool:
+    return (options.granularity or "row") == "row"

@@ -1,7 +1,7 @@
 """float8 e4m3 activations (dynamic) x e4m3 weights, per row (default) or per tensor
 (torchao Float8DynamicActivationFloat8WeightConfig; torchao defaults to per tensor, we to per row)."""
 from .. import ops
-from .base import Scheme
+from .base import Scheme, per_row_granularity
 from .float8_weight_only import quantize_float8_weight
 
 
@@ -19,4 +19,5 @@ SCHEME = Scheme(
     emit=emit,
     activation="float8 e4m3, per row or per tensor",
     granularities=("row", "tensor"),
+    rows_independent=per_row_granularity,
 )

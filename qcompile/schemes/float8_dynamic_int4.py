@@ -6,7 +6,7 @@ import torch
 from .. import ops
 from ..quant import affine, packing
 from ..quant.grids import AffineGrid
-from .base import Scheme
+from .base import Scheme, always
 from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
@@ -38,4 +38,5 @@ SCHEME = Scheme(
     group_sizes=(32, 64, 128, 256),
     default_group_size=128,
     algorithms=GRID_ALGORITHMS,
+    rows_independent=always,
 )

@@ -1,7 +1,7 @@
 """float8 e4m3 weights per output row, float32 scales; float activations (torchao Float8WeightOnlyConfig)."""
 from .. import ops
 from ..quant import float8
-from .base import Scheme
+from .base import Scheme, per_row_granularity
 
 
 def quantize_float8_weight(w, options):
@@ -21,4 +21,5 @@ SCHEME = Scheme(
     aliases=("Float8WeightOnlyConfig",),
     quantize_weight=quantize_float8_weight,
     emit=emit,
+    rows_independent=per_row_granularity,
 )

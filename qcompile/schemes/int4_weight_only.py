@@ -3,7 +3,7 @@ float activations (torchao Int4WeightOnlyConfig). w' = (q - 8) * scale + zero; s
 from .. import ops
 from ..quant import affine, packing
 from ..quant.grids import AffineGrid
-from .base import Scheme
+from .base import Scheme, always
 from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
@@ -34,4 +34,5 @@ SCHEME = Scheme(
     group_sizes=(32, 64, 128, 256),
     default_group_size=128,
     algorithms=GRID_ALGORITHMS,
+    rows_independent=always,
 )

@@ -1,7 +1,7 @@
 """int8 activations per token (dynamic, symmetric) x int8 weights per row: an int32 GEMM, then both scales
 (torchao Int8DynamicActivationInt8WeightConfig)."""
 from .. import ops
-from .base import Scheme
+from .base import Scheme, always
 from .int8_weight_only import quantize_int8_rowwise
 
 
@@ -18,4 +18,5 @@ SCHEME = Scheme(
     quantize_weight=quantize_int8_rowwise,
     emit=emit,
     activation="int8 per token, symmetric",
+    rows_independent=always,
 )

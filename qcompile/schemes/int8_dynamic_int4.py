@@ -5,7 +5,7 @@ import torch
 from .. import ops
 from ..quant import affine, packing
 from ..quant.grids import AffineGrid
-from .base import Scheme
+from .base import Scheme, always
 from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 EPS = 1e-6  # torchao's for this config
@@ -37,4 +37,5 @@ SCHEME = Scheme(
     group_sizes=(32, 64, 128, 256),
     default_group_size=32,
     algorithms=GRID_ALGORITHMS,
+    rows_independent=always,
 )

@@ -1,7 +1,7 @@
 """int8 activations per token (dynamic, asymmetric) x 1-8 bit symmetric group-wise weights
 (torchao Int8DynamicActivationIntxWeightConfig). Group scales apply inside the matmul, the token scale after."""
 from .. import ops
-from .base import Scheme
+from .base import Scheme, always
 from .intx_weight_only import quantize_intx_symmetric
 from .rounding import GRID_ALGORITHMS
 
@@ -24,4 +24,5 @@ SCHEME = Scheme(
     bits=tuple(range(1, 9)),
     default_bits=8,
     algorithms=GRID_ALGORITHMS,
+    rows_independent=always,
 )

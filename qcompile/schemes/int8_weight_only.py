@@ -1,7 +1,7 @@
 """int8 weights, symmetric per output row, float32 scales; activations stay in float (torchao Int8WeightOnlyConfig)."""
 from .. import ops
 from ..quant import affine
-from .base import Scheme
+from .base import Scheme, always
 
 
 def quantize_int8_rowwise(w, options):
@@ -19,4 +19,5 @@ SCHEME = Scheme(
     aliases=("Int8WeightOnlyConfig",),
     quantize_weight=quantize_int8_rowwise,
     emit=emit,
+    rows_independent=always,
 )

@@ -5,7 +5,7 @@ import torch
 from .. import ops
 from ..quant import affine, packing
 from ..quant.grids import AffineGrid
-from .base import Scheme
+from .base import Scheme, always
 from .rounding import GRID_ALGORITHMS, round_onto_grid
 
 
@@ -38,4 +38,5 @@ SCHEME = Scheme(
     bits=tuple(range(1, 9)),
     default_bits=8,
     algorithms=GRID_ALGORITHMS,
+    rows_independent=always,
 )

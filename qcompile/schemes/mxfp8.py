@@ -3,7 +3,7 @@
 (exactly: e4m3 x 2^e fits bf16) and multiplied in the model's dtype."""
 from .. import ops
 from ..quant import microscaling
-from .base import Scheme
+from .base import Scheme, always
 
 
 def quantize(w, options):
@@ -25,4 +25,5 @@ SCHEME = Scheme(
     emit=emit,
     activation="mxfp8, dynamic",
     k_multiple=microscaling.MX_BLOCK,
+    rows_independent=always,
 )
