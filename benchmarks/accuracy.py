@@ -268,29 +268,33 @@ def checkpoint_bytes(row: Row, model, options_used) -> int:
     """Bytes of every parameter the row's model reads: the quantized tensors (weights, scales, zeros) for each
     quantized weight, the rest in the row's float dtype (bf16 for quantized rows, as they would be shipped);
     tied weights once, and a tied weight that is both quantized and read in float (SmolLM2's embedding) twice."""
-    from qcompile import backend
     params = {id(p): p for p in model.parameters()}.values()
     if row.engine == "torchao":  # its unquantized parameters at bf16 too, as for the qcompile rows
         return sum(_tensor_bytes(p) if _is_subclass(p) else p.numel() * 2 for p in params)
     if row.engine == "eager":
         return sum(p.numel() * p.element_size() for p in params)
-    key = QuantOptions.from_dict(options_used).cache_key()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     total = 0
     for p in params:
-        quantized = [q for k, q in backend._QUANTIZED.get(p, {}).items() if k[0] == key]
+        quantized = quantized_tensors(p, options_used)
         total += sum(t.numel() * t.element_size() for q in quantized for t in q.values())
         if not quantized or id(p) in embeddings:  # float, or also read in float by an embedding (tied)
             total += p.numel() * 2
     return total
 
 
-def linears_left_in_float(row: Row, model, options_used) -> int:
-    """nn.Linear modules whose weight the row's compile did not quantize (qcompile warned about each graph's)."""
+def quantized_tensors(weight, options_used) -> list[dict]:
+    """The quantized tensors the backend cached for `weight` under the row's options (one dict per cast dtype /
+    layout it was compiled with; none if the weight stayed in float)."""
     from qcompile import backend
     key = QuantOptions.from_dict(options_used).cache_key()
+    return [q for k, q in backend._QUANTIZED.get(weight, {}).items() if k[0] == key]
+
+
+def linears_left_in_float(row: Row, model, options_used) -> int:
+    """nn.Linear modules whose weight the row's compile did not quantize (qcompile warned about each graph's)."""
     return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
-               and not any(k[0] == key for k in backend._QUANTIZED.get(m.weight, {})))
+               and not quantized_tensors(m.weight, options_used))
 
 
 def _is_subclass(t) -> bool:
@@ -410,7 +414,8 @@ def lm_table(results: list[Result], tokens: int) -> str:
             continue
         peer = base.get(r.row.numerics)
         peer_text = f"{peer - ref:+.3f}" if peer is not None and ref is not None else ""
-        lines.append(f"| {r.row.label} | {r.value:.3f} | {r.value - ref:+.3f} | {r.size / 1e6:.1f} | {peer_text} | "
+        increase = f"{r.value - ref:+.3f}" if ref is not None else ""  # --rows may leave out bf16 and fp32
+        lines.append(f"| {r.row.label} | {r.value:.3f} | {increase} | {r.size / 1e6:.1f} | {peer_text} | "
                      f"{_seconds(r)} | {r.notes} |")
     return "\n".join(lines)
 
