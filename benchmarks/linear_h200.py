@@ -128,6 +128,13 @@ def precompile(names, workers: int, only_cached: bool) -> list[str]:
         return [r for r in pool.imap_unordered(_precompile_one, tasks) if r]
 
 
+def peer_fn(peers_mod, kind: str, N: int, K: int):
+    """The peers script's callable for one peer kind on an [N, K] linear."""
+    build = (peers_mod.torchao_fn if kind.startswith("torchao") else
+             peers_mod.gemlite_fn if kind.startswith("gemlite") else peers_mod.raw_fn)
+    return build(kind, N, K)
+
+
 def _warm_peer(job) -> str | None:
     """Build one peer and run it at every M, untimed, so that Inductor's and Triton's on-disk caches hold its
     kernels before the timed phase builds it again (then cache hits: the peers' budget goes to timing). Only
@@ -140,9 +147,7 @@ def _warm_peer(job) -> str | None:
     torch._dynamo.config.accumulated_recompile_limit = 10**5
     try:
         for _, N, K in SHAPES:
-            build = (peers_mod.torchao_fn if kind.startswith("torchao") else
-                     peers_mod.gemlite_fn if kind.startswith("gemlite") else peers_mod.raw_fn)
-            fn = build(kind, N, K)
+            fn = peer_fn(peers_mod, kind, N, K)
             with torch.no_grad():
                 for M in ms:
                     if M not in PEER_SKIP_M.get(kind, ()):
@@ -213,12 +218,7 @@ def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
                 print(f"peer budget reached at {kind}", flush=True)
                 return
             try:
-                if kind.startswith("torchao"):
-                    fn = peers_mod.torchao_fn(kind, N, K)
-                elif kind.startswith("gemlite"):
-                    fn = peers_mod.gemlite_fn(kind, N, K)
-                else:
-                    fn = peers_mod.raw_fn(kind, N, K)
+                fn = peer_fn(peers_mod, kind, N, K)
             except Exception as e:
                 rows.append(dict(kind=kind, shape=shape, M=None, err=f"build: {type(e).__name__}: {str(e)[:200]}"))
                 print(f"{kind} {shape}: build failed: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -62,6 +62,11 @@ class LinearSpec:
     def scales_per_group_in_loop(self) -> bool:
         return self.gemm_activation != "float" and self.weight_format == "intx"
 
+    def groups_fit(self, block_k: int, planes: bool) -> bool:
+        """Whether a K block of `block_k` meets the group rule: where the group scale multiplies the partial
+        product in the K loop, a K block lies in one group (the plane decode reads one per 32-bit word instead)."""
+        return not (self.scales_per_group_in_loop and not planes and self.group_size % block_k)
+
     def key(self) -> str:
         return (f"{self.activation}/{self.weight_format}/b{self.bits}/g{self.group_size}/"
                 f"{'t' if self.w_scale_per_tensor else 'r'}{'z' if self.has_w_zero else ''}")
@@ -132,8 +137,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                               and config.block_k >= spec.planes_min_block_k):
         raise ValueError(f"Triton linear: the plane decode takes sub-byte group-wise weights with a tensor-core "
                          f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
-    if K % config.block_k or (spec.scales_per_group_in_loop and not config.planes
-                              and spec.group_size % config.block_k):
+    if K % config.block_k or not spec.groups_fit(config.block_k, config.planes):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
     any_tensor = xq

@@ -91,11 +91,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
                                  planes=True) for c in (_PLANES if bucket <= 16 else _PLANES_MEDIUM)]
 
     def fits(c: KernelConfig) -> bool:
-        if K % c.block_k or K < c.block_k * c.split_k:
-            return False
-        if spec.scales_per_group_in_loop and not c.planes and spec.group_size % c.block_k:
-            return False  # one group scale per K block (the plane decode reads one per 8 weights instead)
-        return True
+        return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes)
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)
