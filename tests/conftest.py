@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
     # Triton kernels are tested in Triton's interpreter on CPU; triton.jit reads this when triton is imported,
     # which `import qcompile` already does
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # each kernel test would otherwise tune its shape over every candidate (minutes per test at real shapes):
+    # tests take each bucket's first candidate; benchmarks/linear_h200.py exercises the autotuner
+    os.environ.setdefault("QCOMPILE_AUTOTUNE", "0")
 
 import qcompile  # noqa: E402,F401  (registers the qcompile:: ops)
 

@@ -26,7 +26,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 # pointer args, int args (all 16-divisible, as Triton specializes them at these shapes)
 POINTERS = ["x_ptr", "x_scale_ptr", "x_zero_ptr", "w_ptr", "w_scale_ptr", "w_zero_ptr", "w_aux_ptr", "bias_ptr",
             "out_ptr"]
-INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"]
+INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_pg", "stride_om"]
 
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
@@ -42,6 +42,7 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes,
                      USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False)
+    constants["stride_pn"] = 1  # group parameters column-major (layout.py): Triton specializes the 1
     signature = {**types, **{name: "i32" for name in INTS}, **{name: "constexpr" for name in constants}}
     if block_m == 1:  # M is a guarded 1 at decode (Triton specializes ints equal to 1)
         pass

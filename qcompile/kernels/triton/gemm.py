@@ -15,7 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import cast_to, decode_plane, decode_planes_ptx, load_plane_words, load_weight_tile, to_float
+from .dequant import (cast_to, decode_plane, decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma,
+                      to_float)
 
 
 @triton.jit
@@ -105,6 +106,70 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
 
 
 @triton.jit
+def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS: tl.constexpr,
+                WIDTH: tl.constexpr, A_HAS_ZERO: tl.constexpr, SUB_K: tl.constexpr, USE_PTX: tl.constexpr):
+    """sum over the SUB_K positions from k0 of (the WIDTH-bit plane's values, at their place in the BITS-bit
+    value) * x, per row [BLOCK_N]; zero if BITS has no such plane. Word c of the plane holds K = k0 + (32 /
+    WIDTH) c + j at bits WIDTH j: value j is multiplied by the strided column x[k0 + j :: 32 / WIDTH], so
+    nothing is interleaved (dequant.mantissa_fma decodes it where it lies)."""
+    if (BITS & WIDTH) == 0:
+        return tl.zeros((cols_in.shape[0],), tl.float32)
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    LOW: tl.constexpr = BITS & (WIDTH - 1)  # where this plane's bits sit in the value (quant/packing.py)
+    COL: tl.constexpr = BITS - (BITS & (2 * WIDTH - 1))
+    NW: tl.constexpr = SUB_K // PER_WORD
+    c = tl.arange(0, NW)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    words = tl.load(words_ptr + cols_in[:, None] * (stride_wn // 4) + ((COL * K) // 32 + k0 // PER_WORD + c)[None, :])
+    words = words.to(tl.uint32, bitcast=True)
+    high = words >> 16
+    part = tl.zeros((cols_in.shape[0], NW), tl.float32)
+    for j in tl.static_range(PER_WORD):
+        xj = tl.load(x_ptr + row * stride_xm + k0 + PER_WORD * c + j).to(tl.float32)
+        if A_HAS_ZERO:
+            xj -= a_zero
+        if WIDTH * j + WIDTH <= 20:  # in place, or in the word shifted by 16
+            part = mantissa_fma(part, words, xj, WIDTH, WIDTH * j, LOW, USE_PTX)
+        else:
+            part = mantissa_fma(part, high, xj, WIDTH, WIDTH * j - 16, LOW, USE_PTX)
+    return tl.sum(part, axis=1)
+
+
+@triton.jit
+def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn,
+                 stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
+                 W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_PTX: tl.constexpr):
+    """One row times affine group-wise sub-byte weights (w = u * scale + shift per group): per group,
+    scale * sum(u x) + shift * sum(x), so the weights are never dequantized one by one (~3 instructions per
+    weight: decode in the float mantissa, subtract, multiply-add). Any activation: a quantized one is
+    multiplied as its float integers (minus its zero point); its scale is the epilogue's."""
+    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE  # K positions of one group
+    a_zero = tl.load(x_zero_ptr + row).to(tl.float32) if A_HAS_ZERO else 0.0
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k_block in range(k_start, k_end, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            k0 = k_block + sub * SUB_K
+            dot = tl.zeros((BLOCK_N,), tl.float32)
+            for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
+                dot += _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS,
+                                   8 >> plane_bit, A_HAS_ZERO, SUB_K, USE_PTX)
+            x_sum = tl.sum(tl.load(x_ptr + row * stride_xm + k0 + tl.arange(0, SUB_K)).to(tl.float32), axis=0)
+            if A_HAS_ZERO:
+                x_sum -= SUB_K * a_zero
+            group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+            scale = tl.load(s_ptr + group).to(tl.float32)
+            if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero
+                shift = tl.load(z_ptr + group).to(tl.float32) - 8.0 * scale
+            elif W_HAS_ZERO:  # (u - zero) * scale
+                shift = -tl.load(z_ptr + group).to(tl.float32) * scale
+            else:
+                shift = -(1 << (BITS - 1)) * scale
+            acc += dot * scale + shift * x_sum
+    return acc
+
+
+@triton.jit
 def quantized_linear_kernel(
         x_ptr, x_scale_ptr, x_zero_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_wn, stride_pn, stride_pg, stride_om,
@@ -172,6 +237,10 @@ def quantized_linear_kernel(
                     acc += part
         if SWAP_AB:
             acc = tl.trans(acc)
+    elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx":  # GEMV of bit-plane words, group sums
+        acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
+                           k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,
+                           W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once
         row = pid_m % M
         acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -181,11 +250,7 @@ def quantized_linear_kernel(
                 a = a - tl.load(x_zero_ptr + row).to(tl.float32)
             w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn, stride_pn,
                                  stride_pg, W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
-            product = to_float(w) * a[None, :]
-            if SCALE_PER_GROUP:
-                scale = tl.load(w_scale_ptr + cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg).to(tl.float32)
-                product = product * scale[:, None]
-            acc_tile += product
+            acc_tile += to_float(w) * a[None, :]
         acc = tl.sum(acc_tile, axis=1)[None, :]
 
     out = acc.to(tl.float32)

@@ -48,8 +48,10 @@ def m_bucket(M: int) -> int:
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket.
 # Swapped tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the best of a sweep on the H200
 # (benchmarks/experiments/gemv_lab.py) for int4 / int8 weights at M = 1 and 16; 1.25x the plain 16-row tile.
+# GEMV: the last three are the best of benchmarks/experiments/int4_bound_lab.py's sweep for the group-sum GEMV
 _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4, 2, 3), (64, 256, 4, 4, 2),
-         (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2)]
+         (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2),
+         (64, 512, 4, 4, 2), (64, 128, 4, 4, 2), (128, 512, 4, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
           (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
