@@ -24,18 +24,31 @@ def _hint(size) -> int:
     return int(size)
 
 
+RANDOM_CHUNK_ELEMENTS = 1 << 24  # bounds the float32 / int64 temporaries of _random_like
+
+
 def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A real tensor with t's shape and dtype and non-trivial values, for timing configs."""
+    """A real tensor with t's shape, dtype and strides (the kernels read column-major group parameters faster
+    than row-major ones: layout.py) and non-trivial values, for timing configs. Filled in blocks of rows: one
+    call for an LM head's weight (128256 x 2048 bytes) made an int64 temporary of 2.1 GB, which was the peak
+    memory of compiling the whole model."""
     if t is None:
         return None
     shape = [_hint(s) for s in t.shape]
-    if t.dtype.is_floating_point:
-        values = (torch.rand(shape, device=t.device) + 0.5).to(t.dtype)
-    else:
-        low, high = (-128, 128) if t.dtype in (torch.int8, torch.int32) else (0, 256)
-        values = torch.randint(low, high, shape, device=t.device).to(t.dtype)
-    # t's strides too: the kernels read column-major group parameters (layout.py) faster than row-major ones
-    return torch.empty_strided(shape, [_hint(s) for s in t.stride()], dtype=t.dtype, device=t.device).copy_(values)
+    out = torch.empty_strided(shape, [_hint(s) for s in t.stride()], dtype=t.dtype, device=t.device)
+    if out.numel() == 0:
+        return out
+    rows = out.view(-1) if out.dim() == 0 else out
+    per_row = max(1, rows[0].numel()) if rows.dim() > 1 else 1
+    step = max(1, RANDOM_CHUNK_ELEMENTS // per_row)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        if t.dtype.is_floating_point:
+            block.copy_(torch.rand(block.shape, device=t.device) + 0.5)
+        else:
+            low, high = (-128, 128) if t.dtype in (torch.int8, torch.int32) else (0, 256)
+            block.copy_(torch.randint(low, high, block.shape, device=t.device, dtype=torch.int32))
+    return out
 
 
 def _measure_on_random(tensors, spec: LinearSpec, out_dtype):
