@@ -195,3 +195,74 @@ def shard_ranges(t: torch.Tensor, dim: int) -> list[tuple[int, int]]:
             split += [(min(start + r * chunk, stop), min(start + (r + 1) * chunk, stop)) for r in range(ranks)]
         ranges = split
     return ranges
+
+
+# --- Inductor's analysis of user Triton kernels -------------------------------------------------------------
+
+TTIR_CACHE_ENTRIES = 256
+
+
+def _ttir_arg_key(value):
+    """What of one kernel argument reaches the TTIR that torch's generate_ttir builds, or None when unknown:
+    it replaces fake tensors / TensorBoxes by empty(2) of their dtype and symbolic values by 2; a real tensor
+    is specialised on its dtype and 16-byte alignment, a plain value on itself."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+        return ("symbolic",)
+    if isinstance(value, FakeTensor):
+        return ("tensor", value.dtype)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.data_ptr() % 16 == 0)
+    if type(value).__name__ == "TensorBox":
+        return ("tensor", value.get_dtype())
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return ("value", type(value).__name__, value)
+    return None
+
+
+def memoized_generate_ttir(original):
+    """`original` (torch's triton_kernel_wrap.generate_ttir) memoized for qcompile's kernels. Inductor builds a
+    user kernel's TTIR to find which tensors it writes at every call site, more than once per site (~0.2 s for
+    the linear template): the 8B model's 129 linears spent most of the int4 model's Inductor time there. The
+    TTIR module owns its MLIR context (Triton: `module.context = context`), so keeping it is safe; the
+    analyses only read it."""
+    cache: dict = {}
+
+    @functools.wraps(original)
+    def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
+        fn = getattr(kernel, "fn", None)
+        keys = [_ttir_arg_key(kwargs[name]) for name in sorted(kwargs)]
+        if (not getattr(fn, "__module__", "").startswith("qcompile.") or tma_descriptor_metadata
+                or any(k is None for k in keys)):
+            return original(kernel, kwargs, tma_descriptor_metadata)
+        key = (kernel, tuple(zip(sorted(kwargs), keys)))
+        if key not in cache:
+            if len(cache) >= TTIR_CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
+            cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        ttir_module, arg_names = cache[key]
+        return ttir_module, list(arg_names)
+
+    generate_ttir.qcompile_memoized = True
+    return generate_ttir
+
+
+def install_ttir_memo() -> bool:
+    """Put memoized_generate_ttir in place of torch's generate_ttir (torch 2.11-2.14 call it by its module
+    global from identify_mutated_tensors / identify_accessed_tensors). False if this torch has no such
+    function with that signature (then nothing changes)."""
+    import inspect
+
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as wrap
+    except ImportError:
+        return False
+    original = getattr(wrap, "generate_ttir", None)
+    if original is None or getattr(original, "qcompile_memoized", False):
+        return original is not None
+    if list(inspect.signature(original).parameters) != ["kernel", "kwargs", "tma_descriptor_metadata"]:
+        return False
+    wrap.generate_ttir = memoized_generate_ttir(original)
+    return True

@@ -12,8 +12,11 @@ import torch
 import triton
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ... import _compat
 from .linear import LinearSpec, run_linear
 from .tuning import KernelConfig, select_config
+
+_compat.install_ttir_memo()  # Inductor analyses the template at every call site: once per variant suffices
 
 
 def _hint(size) -> int:

@@ -1,0 +1,51 @@
+"""The memo in front of torch's generate_ttir (Inductor's analysis of which tensors a user Triton kernel writes,
+run at every call site): one TTIR per kernel variant, keyed by what reaches the TTIR, for qcompile's kernels
+only."""
+import torch
+
+from qcompile import _compat
+from qcompile.kernels.triton.gemm import quantized_linear_kernel
+
+
+class _Kernel:  # stands in for a JITFunction: .fn is the Python function
+    def __init__(self, module):
+        self.fn = type("F", (), {"__module__": module})()
+
+
+def test_one_ttir_per_variant_of_our_kernels():
+    calls = []
+
+    def original(kernel, kwargs, tma):
+        calls.append(dict(kwargs))
+        return object(), list(kwargs)
+
+    memo = _compat.memoized_generate_ttir(original)
+    ours = _Kernel("qcompile.kernels.triton.gemm")
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake:
+        x = torch.empty(4, 8, dtype=torch.bfloat16)
+        x_other_shape = torch.empty(16, 8, dtype=torch.bfloat16)
+    first = memo(ours, {"x": x, "N": 4096, "BLOCK": 64}, {})
+    again = memo(ours, {"x": x_other_shape, "N": 4096, "BLOCK": 64}, {})  # another call site, same variant
+    assert len(calls) == 1 and again[0] is first[0] and again[1] == first[1]
+    memo(ours, {"x": x, "N": 4096, "BLOCK": 128}, {})  # another constexpr
+    memo(ours, {"x": x, "N": 28672, "BLOCK": 64}, {})  # another specialised int
+    with fake:
+        memo(ours, {"x": torch.empty(4, 8, dtype=torch.float16), "N": 4096, "BLOCK": 64}, {})  # another dtype
+    assert len(calls) == 4
+    theirs = _Kernel("user_code")
+    memo(theirs, {"N": 1}, {})
+    memo(theirs, {"N": 1}, {})
+    memo(ours, {"x": x, "N": 4096, "BLOCK": 64}, {"x": ("stable", ([16, 16],))})  # TMA: not memoized
+    memo(ours, {"x": x, "N": 4096, "BLOCK": object()}, {})  # unknown argument kind: not memoized
+    assert len(calls) == 8
+
+
+def test_installed_in_front_of_torchs_generate_ttir():
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    assert _compat.install_ttir_memo()
+    assert getattr(triton_kernel_wrap.generate_ttir, "qcompile_memoized", False)
+    assert _compat.install_ttir_memo()  # idempotent: not wrapped twice
+    assert not hasattr(triton_kernel_wrap.generate_ttir.__wrapped__, "qcompile_memoized")
+    assert quantized_linear_kernel.fn.__module__.startswith("qcompile.")  # what the memo keys on
