@@ -260,3 +260,30 @@ def test_kernel_string_globals_are_one_line():
         for name, value in vars(module).items():
             if isinstance(value, tl.constexpr) and isinstance(value.value, str):
                 assert "\n" not in value.value and "'" not in value.value, f"{module.__name__}.{name}"
+
+
+AFFINE_SUB_BYTE = [c for c in CASES if c.weight_format in ("int4_tinygemm", "intx")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", AFFINE_SUB_BYTE, ids=case_id)
+def test_group_sum_gemv_on_gpu_real_shape(case):
+    """The group-sum GEMV (its inline-PTX decode runs only on the GPU) at a real shape, column-major group
+    parameters as the backend stores them on CUDA, K blocks of one group, several groups and split-K."""
+    from qcompile.kernels.triton import layout
+
+    n, k = 4096, 4096
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
+                                                                    "group_size": 128}.items())), w)
+    weight_args = case.weight_args(layout.for_kernels(q))
+    spec = _spec(case, options, weight_args, None)
+    reference = case.reference(x, q, None, options)
+    exact = x.double() @ w.double().t()
+    for config in (KernelConfig(1, 64, 512, 4), KernelConfig(1, 128, 128, 1), KernelConfig(1, 32, 64, 2)):
+        if not spec.groups_fit(config.block_k, False):
+            continue
+        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
+        assert sqnr_db(reference.float(), out.float()) > 40, config
+        assert _as_accurate(out, reference, exact), config
