@@ -238,6 +238,7 @@ def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
             del fn
             torch._dynamo.reset()
             torch.cuda.empty_cache()
+            save()
 
 
 def layer_totals(rows) -> dict[str, dict[int, float]]:
@@ -332,13 +333,16 @@ def main():
                 rows.append(dict(kind="bf16_cublas", shape=shape, N=N, K=K, M=M, us=bench(lambda: F.linear(x, w))))
     time_ours(names, rows, deadline)
     print(f"qcompile timed at {time.time() - start:.0f} s", flush=True)
-    (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
+    def save():  # the JSON and the table so far: a run stopped by its time limit keeps what it measured
+        (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
+        (out / "linear_h200.md").write_text(markdown(result) + "\n")
+
+    save()
     if peers_mod is not None and not a.skip_peers_after_ours:
         time_peers(peers_mod, wanted, rows, min(time.time() + a.peer_budget_s, deadline + a.peer_budget_s),
-                   save=lambda: (out / "linear_h200.json").write_text(json.dumps(result, indent=1)))
+                   save=save)
     result["wall_s"] = time.time() - start
-    (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
-    (out / "linear_h200.md").write_text(markdown(result) + "\n")
+    save()
     print(markdown(result))
 
 
