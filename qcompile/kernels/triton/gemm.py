@@ -107,11 +107,13 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
 
 @triton.jit
 def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS: tl.constexpr,
-                WIDTH: tl.constexpr, A_HAS_ZERO: tl.constexpr, SUB_K: tl.constexpr, USE_PTX: tl.constexpr):
+                WIDTH: tl.constexpr, A_HAS_ZERO: tl.constexpr, SIGNED: tl.constexpr, SUB_K: tl.constexpr,
+                USE_PTX: tl.constexpr):
     """sum over the SUB_K positions from k0 of (the WIDTH-bit plane's values, at their place in the BITS-bit
     value) * x, per row [BLOCK_N]; zero if BITS has no such plane. Word c of the plane holds K = k0 + (32 /
     WIDTH) c + j at bits WIDTH j: value j is multiplied by the strided column x[k0 + j :: 32 / WIDTH], so
-    nothing is interleaved (dequant.mantissa_fma decodes it where it lies)."""
+    nothing is interleaved (dequant.mantissa_fma decodes it where it lies). SIGNED: int8 bytes, read as
+    u = q + 128 (their top bit flipped)."""
     if (BITS & WIDTH) == 0:
         return tl.zeros((cols_in.shape[0],), tl.float32)
     PER_WORD: tl.constexpr = 32 // WIDTH
@@ -122,6 +124,8 @@ def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn,
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
     words = tl.load(words_ptr + cols_in[:, None] * (stride_wn // 4) + ((COL * K) // 32 + k0 // PER_WORD + c)[None, :])
     words = words.to(tl.uint32, bitcast=True)
+    if SIGNED:
+        words ^= 0x80808080
     high = words >> 16
     part = tl.zeros((cols_in.shape[0], NW), tl.float32)
     for j in tl.static_range(PER_WORD):
@@ -140,11 +144,14 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
                  stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
                  W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_PTX: tl.constexpr):
-    """One row times affine group-wise sub-byte weights (w = u * scale + shift per group): per group,
-    scale * sum(u x) + shift * sum(x), so the weights are never dequantized one by one (~3 instructions per
-    weight: decode in the float mantissa, subtract, multiply-add). Any activation: a quantized one is
-    multiplied as its float integers (minus its zero point); its scale is the epilogue's."""
-    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE  # K positions of one group
+    """One row times affine group-wise weights (w = u * scale + shift per group): per group, scale * sum(u x)
+    + shift * sum(x), so the weights are never dequantized one by one (~3-4 instructions per weight: decode
+    in the float mantissa, subtract, multiply-add). int8 weights are the case of one group per row, u = q +
+    128, shift -128, the row scale left to the epilogue. Any activation: a quantized one is multiplied as its
+    float integers (minus its zero point); its scale is the epilogue's."""
+    ROW_SCALED: tl.constexpr = W_FORMAT == "int8"
+    PLANE_BITS: tl.constexpr = 8 if ROW_SCALED else BITS
+    SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
     a_zero = tl.load(x_zero_ptr + row).to(tl.float32) if A_HAS_ZERO else 0.0
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
@@ -152,20 +159,23 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
             k0 = k_block + sub * SUB_K
             dot = tl.zeros((BLOCK_N,), tl.float32)
             for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
-                dot += _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS,
-                                   8 >> plane_bit, A_HAS_ZERO, SUB_K, USE_PTX)
+                dot += _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, PLANE_BITS,
+                                   8 >> plane_bit, A_HAS_ZERO, ROW_SCALED, SUB_K, USE_PTX)
             x_sum = tl.sum(tl.load(x_ptr + row * stride_xm + k0 + tl.arange(0, SUB_K)).to(tl.float32), axis=0)
             if A_HAS_ZERO:
                 x_sum -= SUB_K * a_zero
-            group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
-            scale = tl.load(s_ptr + group).to(tl.float32)
-            if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero
-                shift = tl.load(z_ptr + group).to(tl.float32) - 8.0 * scale
-            elif W_HAS_ZERO:  # (u - zero) * scale
-                shift = -tl.load(z_ptr + group).to(tl.float32) * scale
+            if ROW_SCALED:
+                acc += dot - 128.0 * x_sum
             else:
-                shift = -(1 << (BITS - 1)) * scale
-            acc += dot * scale + shift * x_sum
+                group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+                scale = tl.load(s_ptr + group).to(tl.float32)
+                if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero
+                    shift = tl.load(z_ptr + group).to(tl.float32) - 8.0 * scale
+                elif W_HAS_ZERO:  # (u - zero) * scale
+                    shift = -tl.load(z_ptr + group).to(tl.float32) * scale
+                else:
+                    shift = -(1 << (BITS - 1)) * scale
+                acc += dot * scale + shift * x_sum
     return acc
 
 
@@ -237,7 +247,7 @@ def quantized_linear_kernel(
                     acc += part
         if SWAP_AB:
             acc = tl.trans(acc)
-    elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx":  # GEMV of bit-plane words, group sums
+    elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
                            k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,
                            W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
