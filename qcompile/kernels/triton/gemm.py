@@ -108,14 +108,16 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
 @triton.jit
 def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS: tl.constexpr,
                 WIDTH: tl.constexpr, A_HAS_ZERO: tl.constexpr, SIGNED: tl.constexpr, SUB_K: tl.constexpr,
-                USE_PTX: tl.constexpr):
+                X_SUM: tl.constexpr, USE_PTX: tl.constexpr):
     """sum over the SUB_K positions from k0 of (the WIDTH-bit plane's values, at their place in the BITS-bit
     value) * x, per row [BLOCK_N]; zero if BITS has no such plane. Word c of the plane holds K = k0 + (32 /
     WIDTH) c + j at bits WIDTH j: value j is multiplied by the strided column x[k0 + j :: 32 / WIDTH], so
     nothing is interleaved (dequant.mantissa_fma decodes it where it lies). SIGNED: int8 bytes, read as
-    u = q + 128 (their top bit flipped)."""
+    u = q + 128 (their top bit flipped). Also returns the sum of x over the positions if X_SUM (else 0): from
+    the columns already loaded, reduced like the products (a separate load of x and a reduction across the
+    whole program put a barrier in every group)."""
     if (BITS & WIDTH) == 0:
-        return tl.zeros((cols_in.shape[0],), tl.float32)
+        return tl.zeros((cols_in.shape[0],), tl.float32), 0.0
     PER_WORD: tl.constexpr = 32 // WIDTH
     LOW: tl.constexpr = BITS & (WIDTH - 1)  # where this plane's bits sit in the value (quant/packing.py)
     COL: tl.constexpr = BITS - (BITS & (2 * WIDTH - 1))
@@ -128,15 +130,21 @@ def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn,
         words ^= 0x80808080
     high = words >> 16
     part = tl.zeros((cols_in.shape[0], NW), tl.float32)
+    xs = tl.zeros((NW,), tl.float32)
     for j in tl.static_range(PER_WORD):
         xj = tl.load(x_ptr + row * stride_xm + k0 + PER_WORD * c + j).to(tl.float32)
         if A_HAS_ZERO:
             xj -= a_zero
+        if X_SUM:
+            xs += xj
         if WIDTH * j + WIDTH <= 20:  # in place, or in the word shifted by 16
             part = mantissa_fma(part, words, xj, WIDTH, WIDTH * j, LOW, USE_PTX)
         else:
             part = mantissa_fma(part, high, xj, WIDTH, WIDTH * j - 16, LOW, USE_PTX)
-    return tl.sum(part, axis=1)
+    if X_SUM:
+        return tl.sum(part, axis=1), tl.sum(xs, axis=0)
+    else:
+        return tl.sum(part, axis=1), 0.0
 
 
 @triton.jit
@@ -151,6 +159,7 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
     float integers (minus its zero point); its scale is the epilogue's."""
     ROW_SCALED: tl.constexpr = W_FORMAT == "int8"
     PLANE_BITS: tl.constexpr = 8 if ROW_SCALED else BITS
+    TOP_PLANE: tl.constexpr = 8 if PLANE_BITS >= 8 else 4 if PLANE_BITS >= 4 else 2 if PLANE_BITS >= 2 else 1
     SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
     a_zero = tl.load(x_zero_ptr + row).to(tl.float32) if A_HAS_ZERO else 0.0
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -158,12 +167,13 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k0 = k_block + sub * SUB_K
             dot = tl.zeros((BLOCK_N,), tl.float32)
+            x_sum = 0.0
             for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
-                dot += _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, PLANE_BITS,
-                                   8 >> plane_bit, A_HAS_ZERO, ROW_SCALED, SUB_K, USE_PTX)
-            x_sum = tl.sum(tl.load(x_ptr + row * stride_xm + k0 + tl.arange(0, SUB_K)).to(tl.float32), axis=0)
-            if A_HAS_ZERO:
-                x_sum -= SUB_K * a_zero
+                plane_dot, plane_x_sum = _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K,
+                                                     stride_wn, PLANE_BITS, 8 >> plane_bit, A_HAS_ZERO, ROW_SCALED,
+                                                     SUB_K, (8 >> plane_bit) == TOP_PLANE, USE_PTX)
+                dot += plane_dot
+                x_sum += plane_x_sum  # (x - zero) summed once, by the widest plane
             if ROW_SCALED:
                 acc += dot - 128.0 * x_sum
             else:
