@@ -120,6 +120,29 @@ def load_group_param(ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE: tl.const
 
 
 @triton.jit
+def _prefetch_to_l1(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_group_params(s_ptr, z_ptr, offs_n, k0, K, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Prefetch into L1 the group parameters of the K block after k0 (the last block's own at the end). The
+    tile loop loads a K block's parameters right before decoding it; they are a few bytes per thread, too
+    few for Triton's pipeliner (cp.async takes 4+), so each iteration waited an L2 round trip for them."""
+    k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
+    if BLOCK_K <= GROUP_SIZE:
+        offsets = offs_n * stride_pn + (k_next // GROUP_SIZE) * stride_pg
+    else:
+        groups = k_next // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        offsets = offs_n[:, None] * stride_pn + groups[None, :] * stride_pg
+    _prefetch_to_l1(s_ptr + offsets)
+    if HAS_ZERO:
+        _prefetch_to_l1(z_ptr + offsets)
+
+
+@triton.jit
 def group_affine(v, scale, shift, SHIFT_FIRST: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per group along K: (v - shift) * scale (SHIFT_FIRST) or v * scale + shift; v [BLOCK_N, BLOCK_K], the
     parameters [BLOCK_N, groups in the tile] from load_group_param."""

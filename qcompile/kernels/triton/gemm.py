@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .dequant import (cast_to, decode_plane, decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma,
-                      to_float)
+                      prefetch_group_params, to_float)
 
 
 @triton.jit
@@ -164,6 +164,9 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
     a_zero = tl.load(x_zero_ptr + row).to(tl.float32) if A_HAS_ZERO else 0.0
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
+        if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
+            prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE,
+                                  W_HAS_ZERO or W_FORMAT == "int4_tinygemm", BLOCK_K)
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k0 = k_block + sub * SUB_K
             dot = tl.zeros((BLOCK_N,), tl.float32)
@@ -234,7 +237,13 @@ def quantized_linear_kernel(
         else:
             acc = tl.zeros(ACC_SHAPE, dtype=tl.float32)
         a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32) if A_HAS_ZERO else None
+        PARAM_GROUP: tl.constexpr = 16 if W_FORMAT == "nvfp4" else 32 if W_FORMAT == "mxfp8" else GROUP_SIZE
+        PREFETCH: tl.constexpr = USE_PTX and (W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx"
+                                              or W_FORMAT == "nvfp4" or W_FORMAT == "mxfp8")
         for k0 in range(k_start, k_end, BLOCK_K):
+            if PREFETCH:  # the next block's group parameters, while this block is decoded and multiplied
+                prefetch_group_params(w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_pn, stride_pg, PARAM_GROUP,
+                                      W_HAS_ZERO, BLOCK_K)
             if PLANES:  # bit planes as K-planes of 32-bit words, decoded two words at a time; a dot per plane
                 for plane_bit in tl.static_range(3):  # the 4-, 2- and 1-bit planes, those BITS has
                     acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr,
