@@ -2,11 +2,14 @@
 
 Candidates are generated per M bucket (GEMV / split-K for decode, tiled for prefill) and filtered to those the
 shape allows; library GEMMs join at large M. The cache file (QCOMPILE_CACHE_DIR, default ~/.cache/qcompile)
-is keyed by device name and Triton version, so a second process reuses the choice without tuning.
+is keyed by device name, Triton version and a hash of the kernel sources, so a second process reuses the
+choice without tuning, and an edited kernel is tuned again.
 QCOMPILE_AUTOTUNE=0 skips measuring and takes each bucket's first (heuristic) candidate.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -144,8 +147,19 @@ class ConfigCache:
 CACHE = ConfigCache()
 
 
+@functools.lru_cache(None)
+def template_version() -> str:
+    """A hash of the Triton kernels' sources (this folder): a choice tuned for other kernel code is not
+    reused — after an edit the fastest config can differ (session 4's new GEMV would have kept old picks)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cache_key(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> str:
-    return f"{device_name}|triton {triton.__version__}|{spec.key()}|M{m_bucket(M)}|N{N}|K{K}"
+    return (f"{device_name}|triton {triton.__version__}|kernels {template_version()}|{spec.key()}|M{m_bucket(M)}"
+            f"|N{N}|K{K}")
 
 
 def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,

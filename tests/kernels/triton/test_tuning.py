@@ -52,3 +52,17 @@ def test_tuning_tensors_keep_shape_dtype_strides_and_are_filled_in_blocks(monkey
         values = r.float()
         assert values.std() > 0.1 if values.numel() > 1 else values.item() >= 0.5
         assert (values != 0).float().mean() > 0.9  # every block written (not left as empty memory of zeros)
+
+
+def test_an_edited_kernel_is_tuned_again(tmp_path, monkeypatch):
+    """Choices are keyed by a hash of the kernel sources: one tuned for other kernel code is not reused."""
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache(tmp_path / "configs.json"))
+    spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128)
+    options = tuning.candidates(spec, 1, 4096, 4096)
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", lambda c: 1.0 if c == options[-1] else 2.0) \
+        == options[-1]
+    assert len(tuning.template_version()) == 12
+    monkeypatch.setattr(tuning, "template_version", lambda: "edited")
+    measured = []
+    tuning.select_config(spec, 1, 4096, 4096, "H200", lambda c: measured.append(c) or 1.0)
+    assert measured == options  # tuned again, not read back
