@@ -30,7 +30,7 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_pg", "stride_om"]
 
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
-                     activation="float", num_warps=4, planes=False):
+                     activation="float", num_warps=4, planes=False, join_planes=False):
     types = {"x_ptr": {"float": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[activation], "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
              "w_ptr": {"int8": "*i8", "fp8": "*fp8e4nv"}.get(weight_format, "*u8"), "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
              "w_zero_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*u8", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -39,7 +39,7 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      W_FORMAT=weight_format, BITS=bits, GROUP_SIZE=256 if bits in (2, 3) else 128 if bits < 8 else 1,
                      W_HAS_ZERO=weight_format == "int4_tinygemm" or (activation == "int8" and weight_format == "intx"),
                      W_SCALE="row" if weight_format in ("int8", "fp8") else "none", HAS_BIAS=False, BLOCK_M=block_m,
-                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes,
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes, JOIN_PLANES=join_planes,
                      USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False)
     constants["stride_pn"] = 1  # group parameters column-major (layout.py): Triton specializes the 1
@@ -98,6 +98,8 @@ VARIANTS = {
     "int4_swap16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128, swap_ab=True),
     "int4_planes16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128, swap_ab=True,
                           planes=True),
+    "int4_joined16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128, swap_ab=True,
+                          planes=True, join_planes=True),
     "int4_planes16_n256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=256, block_k=128,
                                swap_ab=True, planes=True),
     "int8dyn_int4_planes16": dict(weight_format="intx", bits=4, block_m=16, block_n=128, block_k=128, swap_ab=True,

@@ -69,14 +69,70 @@ def _along_m(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _as_dot_operand(a, a_zero, A_FORMAT: tl.constexpr, A_HAS_ZERO: tl.constexpr, DOT_FP32: tl.constexpr):
+    """x's tile for a dot with decoded bf16 weights: a quantized activation is multiplied as the exact bf16 of
+    its integers (|q - zero| <= 255, e4m3); its scale is the epilogue's."""
+    if A_FORMAT == "int8":
+        a = a.to(tl.int32)
+        if A_HAS_ZERO:
+            a -= a_zero[:, None]
+        a = a.to(tl.float32)
+    elif A_FORMAT == "fp8":
+        a = a.to(tl.float32)
+    if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
+        a = a.to(tl.bfloat16)
+    return a
+
+
+@triton.jit
+def _plane(planes, words, scale, shift, J: tl.constexpr, WIDTH: tl.constexpr, USE_PTX: tl.constexpr):
+    """K-plane J of the decoded words: from the inline-PTX tuple, or decoded in float32 (the interpreter)."""
+    if USE_PTX:
+        return planes[J]
+    else:
+        return decode_plane(words, scale, shift, J, WIDTH)
+
+
+@triton.jit
+def _planes_in_k_order(planes, words, scale, shift, WIDTH: tl.constexpr, USE_PTX: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K-planes of a 4- or 2-bit plane joined back into K order, [BLOCK_N, BLOCK_K]: plane j holds K = (32 /
+    WIDTH) c + j, and tl.join adds its new axis as the fastest, so joining plane a with plane a + n/2, then those
+    results likewise, down to one tensor, gives index ((c * 2 + j_top) * 2 + ...) * 2 + j_0 = (32 / WIDTH) c + j."""
+    if WIDTH == 4:
+        low = tl.join(tl.join(_plane(planes, words, scale, shift, 0, 4, USE_PTX),
+                              _plane(planes, words, scale, shift, 4, 4, USE_PTX)),
+                      tl.join(_plane(planes, words, scale, shift, 2, 4, USE_PTX),
+                              _plane(planes, words, scale, shift, 6, 4, USE_PTX)))
+        high = tl.join(tl.join(_plane(planes, words, scale, shift, 1, 4, USE_PTX),
+                               _plane(planes, words, scale, shift, 5, 4, USE_PTX)),
+                       tl.join(_plane(planes, words, scale, shift, 3, 4, USE_PTX),
+                               _plane(planes, words, scale, shift, 7, 4, USE_PTX)))
+        joined = tl.join(low, high)
+    else:  # WIDTH == 2: sixteen planes
+        j0 = tl.join(_plane(planes, words, scale, shift, 0, 2, USE_PTX), _plane(planes, words, scale, shift, 8, 2, USE_PTX))
+        j1 = tl.join(_plane(planes, words, scale, shift, 1, 2, USE_PTX), _plane(planes, words, scale, shift, 9, 2, USE_PTX))
+        j2 = tl.join(_plane(planes, words, scale, shift, 2, 2, USE_PTX), _plane(planes, words, scale, shift, 10, 2, USE_PTX))
+        j3 = tl.join(_plane(planes, words, scale, shift, 3, 2, USE_PTX), _plane(planes, words, scale, shift, 11, 2, USE_PTX))
+        j4 = tl.join(_plane(planes, words, scale, shift, 4, 2, USE_PTX), _plane(planes, words, scale, shift, 12, 2, USE_PTX))
+        j5 = tl.join(_plane(planes, words, scale, shift, 5, 2, USE_PTX), _plane(planes, words, scale, shift, 13, 2, USE_PTX))
+        j6 = tl.join(_plane(planes, words, scale, shift, 6, 2, USE_PTX), _plane(planes, words, scale, shift, 14, 2, USE_PTX))
+        j7 = tl.join(_plane(planes, words, scale, shift, 7, 2, USE_PTX), _plane(planes, words, scale, shift, 15, 2, USE_PTX))
+        joined = tl.join(tl.join(tl.join(j0, j4), tl.join(j2, j6)), tl.join(tl.join(j1, j5), tl.join(j3, j7)))
+    return tl.reshape(joined, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
                 stride_pn, stride_pg, A_FORMAT: tl.constexpr, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr,
                 BITS: tl.constexpr, WIDTH: tl.constexpr, W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, JOIN: tl.constexpr, USE_PTX: tl.constexpr,
+                DOT_FP32: tl.constexpr):
     """acc + the K block's product with the WIDTH-bit plane of the weights (none if BITS has no such plane):
-    one dot per K-plane j (K positions k0 + (32 / WIDTH) c + j) against the matching strided columns of x. A
-    quantized activation is multiplied as the exact bf16 of its integers (|q - zero| <= 255, e4m3); its scale is
-    the epilogue's."""
+    one dot per K-plane j (K positions k0 + (32 / WIDTH) c + j) against the matching strided columns of x, or
+    (JOIN, 4- and 2-bit planes) the planes joined back into K order and one dot against x's contiguous tile,
+    which Triton's pipeliner can prefetch (strided column loads it cannot, and each plane's dot waited for its
+    own)."""
     if (BITS & WIDTH) != 0:
         PER_WORD: tl.constexpr = 32 // WIDTH
         words, scale, shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
@@ -85,23 +141,20 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
                                                W_HAS_ZERO, GROUP_SIZE, BLOCK_K)
         if USE_PTX:
             planes = decode_planes_ptx(words, scale, shift, WIDTH)
-        plane_k = k0 + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)
-        for j in tl.static_range(PER_WORD):
-            if USE_PTX:
-                plane = planes[j]
-            else:
-                plane = decode_plane(words, scale, shift, j, WIDTH)
-            a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
-            if A_FORMAT == "int8":  # integers up to 255 in magnitude are exact in bf16
-                a = a.to(tl.int32)
-                if A_HAS_ZERO:
-                    a -= a_zero[:, None]
-                a = a.to(tl.float32)
-            elif A_FORMAT == "fp8":  # e4m3 values are exact in bf16
-                a = a.to(tl.float32)
-            if A_FORMAT != "float" and not DOT_FP32:  # (the interpreter's bf16 casts are not exact)
-                a = a.to(tl.bfloat16)
-            acc += _tile_dot(a, plane, "float", False, DOT_FP32, SWAP_AB)
+        else:
+            planes = words  # unused: _plane decodes in float32
+        if JOIN and WIDTH != 1:
+            w = _planes_in_k_order(planes, words, scale, shift, WIDTH, USE_PTX, cols_in.shape[0], BLOCK_K)
+            a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :])
+            acc += _tile_dot(_as_dot_operand(a, a_zero, A_FORMAT, A_HAS_ZERO, DOT_FP32), w, "float", False,
+                             DOT_FP32, SWAP_AB)
+        else:
+            plane_k = k0 + PER_WORD * tl.arange(0, BLOCK_K // PER_WORD)
+            for j in tl.static_range(PER_WORD):
+                a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
+                acc += _tile_dot(_as_dot_operand(a, a_zero, A_FORMAT, A_HAS_ZERO, DOT_FP32),
+                                 _plane(planes, words, scale, shift, j, WIDTH, USE_PTX), "float", False, DOT_FP32,
+                                 SWAP_AB)
     return acc
 
 
@@ -203,7 +256,8 @@ def quantized_linear_kernel(
         W_SCALE: tl.constexpr,  # weight scale left for the epilogue: "none", "row", "tensor"
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, PLANES: tl.constexpr, USE_PTX: tl.constexpr,
+        GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, PLANES: tl.constexpr, JOIN_PLANES: tl.constexpr,
+        USE_PTX: tl.constexpr,
         DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
@@ -249,7 +303,7 @@ def quantized_linear_kernel(
                     acc = _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_zero_ptr,
                                       cols_in, k0, K, stride_wn, stride_pn, stride_pg, A_FORMAT, A_HAS_ZERO,
                                       W_FORMAT, BITS, 4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB,
-                                      USE_PTX, DOT_FP32)
+                                      JOIN_PLANES, USE_PTX, DOT_FP32)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

@@ -137,6 +137,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                               and config.block_k >= spec.planes_min_block_k):
         raise ValueError(f"Triton linear: the plane decode takes sub-byte group-wise weights with a tensor-core "
                          f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
+    if config.join_planes and not config.planes:
+        raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
@@ -158,7 +160,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         W_FORMAT=spec.weight_format, BITS=spec.bits, GROUP_SIZE=max(spec.group_size, 1),
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes,
+        GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
         USE_PTX=not _interpreting() and out_dtype == torch.bfloat16, DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)

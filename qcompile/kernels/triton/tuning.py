@@ -35,6 +35,7 @@ class KernelConfig:
     group_m: int = 8
     swap_ab: bool = False  # tensor-core tile computing out^T = W x^T (small M: the weight is the wide operand)
     planes: bool = False  # sub-byte weights decoded into K-planes by packed bf16x2 instructions
+    join_planes: bool = False  # ... joined back into K order: one dot per bit width against x's contiguous tile
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
 
 
@@ -92,8 +93,10 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         configs = [KernelConfig(*c) for c in (_MEDIUM if bucket <= 256 else _LARGE)]
     configs += [KernelConfig(*c, swap_ab=True) for c in swapped]
     if bucket <= 256 and spec.takes_planes and planes_verified(_current_device(), spec.bits):
-        configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=bucket <= 16,
-                                 planes=True) for c in (_PLANES if bucket <= 16 else _PLANES_MEDIUM)]
+        plane_tiles = _PLANES if bucket <= 16 else _PLANES_MEDIUM
+        for join in (False, True):  # joined: the 4- and 2-bit planes' K-planes in K order, one dot each
+            configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=bucket <= 16,
+                                     planes=True, join_planes=join) for c in plane_tiles[:None if not join else 3]]
 
     def fits(c: KernelConfig) -> bool:
         return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes)

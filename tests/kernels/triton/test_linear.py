@@ -160,7 +160,7 @@ PLANE_CASES = [next(c for c in CASES if c.scheme == "int4_weight_only"),
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: f"{c.scheme}-{dict(c.options).get('bits', 4)}bit")
 def test_plane_decode_matches_reference_ops(case):
     """The K-plane decode of sub-byte weights (inline PTX on the GPU, its float32 twin here) in swapped and
-    plain tiles, with and without split-K, at groups of 32 (parameters per word) and 256 (one per row when the K
+    plain tiles, with and without split-K, a dot per K-plane or the planes joined back into K order, at groups of 32 (parameters per word) and 256 (one per row when the K
     block lies in one group), every bit width 1-7 (several bit planes: a dot per plane)."""
     x_all, w, bias = _inputs(k=1024)
     for group in (32, 256):
@@ -172,7 +172,9 @@ def test_plane_decode_matches_reference_ops(case):
         block_k = spec.planes_min_block_k
         for M, config in [(1, KernelConfig(16, 64, block_k, 1, swap_ab=True, planes=True)),
                           (5, KernelConfig(16, 64, block_k, 1024 // block_k, swap_ab=True, planes=True)),
-                          (33, KernelConfig(16, 64, block_k, 1, planes=True))]:
+                          (33, KernelConfig(16, 64, block_k, 1, planes=True)),
+                          (1, KernelConfig(16, 64, block_k, 2, swap_ab=True, planes=True, join_planes=True)),
+                          (33, KernelConfig(16, 64, block_k, 1, planes=True, join_planes=True))]:
             x = x_all[:M]
             out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
             reference = case.reference(x, q, bias, options)
@@ -200,6 +202,8 @@ def test_column_major_group_parameters_give_the_same_output(case):
     variants = list(VARIANTS)
     if spec.takes_planes:
         variants.append((5, KernelConfig(16, 64, spec.planes_min_block_k, 2, swap_ab=True, planes=True)))
+        variants.append((5, KernelConfig(16, 64, spec.planes_min_block_k, 2, swap_ab=True, planes=True,
+                                         join_planes=True)))
     if _library_of(spec) == "dequant_mm":
         variants.append((33, KernelConfig(0, 0, 0, library="dequant_mm")))
     for M, config in variants:
@@ -219,6 +223,12 @@ def test_plane_decode_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="plane decode takes sub-byte group-wise weights"):
         run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
                    KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True))
+    case = next(c for c in CASES if c.scheme == "int4_weight_only")
+    q, options = quantized(case, w)
+    spec = _spec(case, options, case.weight_args(q), bias)
+    with pytest.raises(ValueError, match="join_planes joins the plane decode's K-planes"):
+        run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
+                   KernelConfig(16, 64, 128, 1, swap_ab=True, join_planes=True))
 
 
 def test_plane_decode_is_verified_before_autotuning_offers_it():
@@ -243,7 +253,9 @@ def test_int4_plane_decode_on_gpu_real_shape(M):
     weight_args = case.weight_args(q)
     spec = _spec(case, options, weight_args, None)
     for config in (KernelConfig(16, 128, 128, 1, swap_ab=True, planes=True),
-                   KernelConfig(16, 256, 128, 4, swap_ab=True, planes=True)):
+                   KernelConfig(16, 256, 128, 4, swap_ab=True, planes=True),
+                   KernelConfig(16, 128, 128, 2, swap_ab=True, planes=True, join_planes=True),
+                   KernelConfig(64, 128, 128, 1, planes=True, join_planes=True)):
         out = run_linear(x, *weight_args, None, spec, x.dtype, config)
         reference = case.reference(x, q, None, options)
         assert sqnr_db(reference.float(), out.float()) > 40, config
