@@ -28,40 +28,45 @@ def _ceil_log2(v):
 
 @triton.jit
 def quantize_activation_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, tensor_amax_ptr, K, stride_xm, stride_qm,
-                               FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                               FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, DEQUANTIZE: tl.constexpr,
+                               BF16_BY_BITS: tl.constexpr):
+    """DEQUANTIZE (int8 / fp8 formats): write (q - zero) * scale in q_ptr's dtype (x's) instead of q, scale and
+    zero: the activation a float GEMM (dequantize-then-cuBLAS) multiplies, in one pass."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     in_row = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=in_row, other=0.0).to(tl.float32)
     q_ptrs = q_ptr + row * stride_qm + offs
-    if FORMAT == "int8_sym":
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.5, FP32_EPS)
-        q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)), -128.0), 127.0)
-        tl.store(q_ptrs, q.to(tl.int8), mask=in_row)
-        tl.store(scale_ptr + row, scale)
-    elif FORMAT == "int8_asym":
-        min_neg = tl.minimum(tl.min(x, axis=0), 0.0)
-        max_pos = tl.maximum(tl.max(x, axis=0), 0.0)
-        scale = tl.maximum((max_pos - min_neg) / 255.0, FP32_EPS)
-        zero = tl.minimum(tl.maximum(-128.0 - round_half_even(min_neg / scale), -128.0), 127.0)
-        q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)) + zero, -128.0), 127.0)
-        tl.store(q_ptrs, q.to(tl.int8), mask=in_row)
-        tl.store(scale_ptr + row, scale)
-        tl.store(zero_ptr + row, zero.to(tl.int32))
-    elif FORMAT == "fp8_row" or FORMAT == "fp8_tensor":
-        if FORMAT == "fp8_row":
-            amax = tl.max(tl.abs(x), axis=0)
+    if FORMAT == "int8_sym" or FORMAT == "int8_asym" or FORMAT == "fp8_row" or FORMAT == "fp8_tensor":
+        zero = 0.0
+        if FORMAT == "int8_sym":
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.5, FP32_EPS)
+            q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)), -128.0), 127.0)
+        elif FORMAT == "int8_asym":
+            min_neg = tl.minimum(tl.min(x, axis=0), 0.0)
+            max_pos = tl.maximum(tl.max(x, axis=0), 0.0)
+            scale = tl.maximum((max_pos - min_neg) / 255.0, FP32_EPS)
+            zero = tl.minimum(tl.maximum(-128.0 - round_half_even(min_neg / scale), -128.0), 127.0)
+            q = tl.minimum(tl.maximum(round_half_even(x * (1.0 / scale)) + zero, -128.0), 127.0)
         else:
-            amax = tl.load(tensor_amax_ptr).to(tl.float32)
-        # amax / 448 rounded to the activation's dtype, as torch divides bf16 / fp16 tensors (quant/float8.py)
-        scale = tl.maximum(cast_to(amax / E4M3_MAX, x_ptr.dtype.element_ty, BF16_BY_BITS).to(tl.float32),
-                           FLOAT8_EPS)
-        q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX))
-        tl.store(q_ptrs, q.to(tl.float8e4nv), mask=in_row)
-        if FORMAT == "fp8_row":
-            tl.store(scale_ptr + row, scale)
+            if FORMAT == "fp8_row":
+                amax = tl.max(tl.abs(x), axis=0)
+            else:
+                amax = tl.load(tensor_amax_ptr).to(tl.float32)
+            # amax / 448 rounded to the activation's dtype, as torch divides bf16 / fp16 tensors (quant/float8.py)
+            scale = tl.maximum(cast_to(amax / E4M3_MAX, x_ptr.dtype.element_ty, BF16_BY_BITS).to(tl.float32),
+                               FLOAT8_EPS)
+            q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX))
+        if DEQUANTIZE:
+            tl.store(q_ptrs, cast_to((q - zero) * scale, q_ptr.dtype.element_ty, BF16_BY_BITS), mask=in_row)
         else:
-            tl.store(scale_ptr, scale, mask=row == 0)
+            tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=in_row)
+            if FORMAT == "fp8_tensor":
+                tl.store(scale_ptr, scale, mask=row == 0)
+            else:
+                tl.store(scale_ptr + row, scale)
+            if FORMAT == "int8_asym":
+                tl.store(zero_ptr + row, zero.to(tl.int32))
     elif FORMAT == "mxfp8":  # blocks of 32, scale 2^ceil(log2(amax / 448)), e4m3 elements
         blocks = tl.reshape(x, (BLOCK_K // 32, 32))
         amax = tl.max(tl.abs(blocks), axis=1)

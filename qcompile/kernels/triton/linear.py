@@ -96,8 +96,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def quantize_activation(x: torch.Tensor, activation: str):
-    """x [M, K] -> (x for the GEMM, row/tensor scale or None, zero or None)."""
+def quantize_activation(x: torch.Tensor, activation: str, dequantize: bool = False):
+    """x [M, K] -> (x for the GEMM, row/tensor scale or None, zero or None). dequantize: (x on the activation's
+    grid in x's dtype, None, None), in one pass — what a float GEMM multiplies."""
     if activation == "float":
         return x, None, None
     M, K = x.shape
@@ -105,7 +106,7 @@ def quantize_activation(x: torch.Tensor, activation: str):
     scale = zero = tensor_amax = x  # placeholders for pointers the format does not read
     if activation in ("fp8_tensor", "nvfp4"):
         tensor_amax = x.abs().amax().float().reshape(1)
-    if activation in ("mxfp8", "nvfp4"):
+    if activation in ("mxfp8", "nvfp4") or dequantize:
         q = torch.empty_like(x)
     elif activation.startswith("int8"):
         q = torch.empty((M, K), dtype=torch.int8, device=x.device)
@@ -117,9 +118,9 @@ def quantize_activation(x: torch.Tensor, activation: str):
         zero = torch.empty((M,), dtype=torch.int32, device=x.device)
     wrap_triton(quantize_activation_kernel)[(M,)](
         x, q, scale, zero, tensor_amax, K, x.stride(0), q.stride(0), FORMAT=activation, BLOCK_K=block_k,
-        BF16_BY_BITS=_interpreting(),
+        DEQUANTIZE=dequantize, BF16_BY_BITS=_interpreting(),
         num_warps=4 if block_k <= 4096 else 8)
-    if activation in ("mxfp8", "nvfp4"):
+    if activation in ("mxfp8", "nvfp4") or dequantize:
         return q, None, None
     return q, (scale if activation == "fp8_tensor" else scale.view(M, 1)), (
         zero.view(M, 1) if activation == "int8_asym" else None)
@@ -194,22 +195,12 @@ def dequantize_weight(qweight, w_scale, w_zero, w_aux, spec: LinearSpec, K: int,
     return out
 
 
-def dequantize_activation(xq, x_scale, x_zero, dtype):
-    """(xq - zero) * scale in `dtype`: the activation quantize_activation produced, back on the float grid."""
-    x = xq.float() if x_zero is None else xq.float() - x_zero.float()
-    return (x * x_scale.float()).to(dtype)
-
-
 def run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype,
                 library: str):
-    """Library GEMMs the autotuner may pick at large M: cuBLAS on the dequantized weight (and, for quantized
-    activations with group-wise weights, whose group scales no integer GEMM can apply, the dequantized
-    activation), `torch._scaled_mm` (e4m3) or `torch._int_mm` (int8)."""
+    """Library GEMMs on the quantized activation the autotuner may pick at large M: `torch._scaled_mm` (e4m3)
+    or `torch._int_mm` (int8). (dequant_mm is run_linear's: it never needs the quantized activation.)"""
     M, K = xq.shape
     N = qweight.shape[0]
-    if library == "dequant_mm":  # quantized activations are dequantized too: one float GEMM
-        x = xq if spec.gemm_activation == "float" else dequantize_activation(xq, x_scale, x_zero, out_dtype)
-        return F.linear(x, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, K, x.dtype), bias)
     if library == "scaled_mm":
         a_scale = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
         b_scale = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
@@ -217,11 +208,16 @@ def run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec
     if library == "int_mm":
         out = torch._int_mm(xq, qweight.t()).float() * x_scale.float() * w_scale.float().reshape(1, -1)
         return (out if bias is None else out + bias.float()).to(out_dtype)
-    raise ValueError(f"unknown library GEMM {library!r}; known: dequant_mm, scaled_mm, int_mm")
+    raise ValueError(f"unknown library GEMM {library!r}; known: scaled_mm, int_mm (and run_linear's dequant_mm)")
 
 
 def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, config):
     """Quantize x [M, K] as spec.activation says, then multiply by the quantized weight with `config`."""
+    if config.library == "dequant_mm":  # cuBLAS on both sides dequantized: the activation's grid in one pass
+        # (for quantized activations with group-wise weights, whose group scales no integer GEMM can apply)
+        x_grid = quantize_activation(x, spec.activation, dequantize=True)[0]
+        return F.linear(x_grid, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, x.shape[1], x_grid.dtype),
+                        bias)
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
     if config.library:
         return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,

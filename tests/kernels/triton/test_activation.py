@@ -40,3 +40,16 @@ def test_block_scaled_round_trip_is_bit_exact(activation, round_trip):
     q, scale, zero = quantize_activation(x, activation)
     assert scale is None and zero is None and q.dtype == x.dtype
     assert torch.equal(q, round_trip(x))
+
+
+@pytest.mark.parametrize("activation", ["int8_sym", "int8_asym", "fp8_row", "fp8_tensor"])
+def test_dequantized_activation_is_the_quantized_one_back_on_its_grid(activation):
+    """dequantize=True (what dequantize-then-cuBLAS multiplies) writes (q - zero) * scale in x's dtype in one
+    pass: bit-exact against the quantized output taken back through float32."""
+    x = _x()
+    q, scale, zero = quantize_activation(x, activation)
+    values = q.float() - (zero.float() if zero is not None else 0.0)
+    want = (values * scale.float()).to(x.dtype)
+    got, no_scale, no_zero = quantize_activation(x, activation, dequantize=True)
+    assert no_scale is None and no_zero is None and got.dtype == x.dtype
+    assert torch.equal(got, want), activation
