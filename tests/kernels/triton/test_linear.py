@@ -217,18 +217,16 @@ def test_column_major_group_parameters_give_the_same_output(case):
 
 def test_plane_decode_refuses_what_it_cannot_take():
     x_all, w, bias = _inputs()
-    case = next(c for c in CASES if c.scheme == "int8_weight_only")
-    q, options = quantized(case, w)
-    spec = _spec(case, options, case.weight_args(q), bias)
-    with pytest.raises(ValueError, match="plane decode takes sub-byte group-wise weights"):
-        run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
-                   KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True))
-    case = next(c for c in CASES if c.scheme == "int4_weight_only")
-    q, options = quantized(case, w)
-    spec = _spec(case, options, case.weight_args(q), bias)
-    with pytest.raises(ValueError, match="join_planes joins the plane decode's K-planes"):
-        run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype,
-                   KernelConfig(16, 64, 128, 1, swap_ab=True, join_planes=True))
+    for scheme, config, message in [
+            ("int8_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True),
+             "plane decode takes sub-byte group-wise weights"),
+            ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, join_planes=True),
+             "join_planes joins the plane decode's K-planes")]:
+        case = next(c for c in CASES if c.scheme == scheme)
+        q, options = quantized(case, w)
+        spec = _spec(case, options, case.weight_args(q), bias)
+        with pytest.raises(ValueError, match=message):
+            run_linear(x_all[:1], *case.weight_args(q), bias, spec, x_all.dtype, config)
 
 
 def test_plane_decode_is_verified_before_autotuning_offers_it():
