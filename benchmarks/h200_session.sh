@@ -3,11 +3,11 @@
 #
 #   device run, carry [".whl", ".cache/qcompile"]:
 #     source benchmarks/h200_session.sh
-#     stage 200 tests   python -m pytest -m gpu tests/kernels/triton tests/test_cudagraphs.py -q
+#     stage 220 tests   python -m pytest -m gpu tests/kernels/triton tests/test_cudagraphs.py -n 8 -v
 #     stage 300 linear  python benchmarks/linear_h200.py --out $OUT/linear --peers .whl/peers_h200.py ...
 #     save_tuning
 #
-# .whl (ignored) holds the test wheels (pytest, pluggy, iniconfig, pygments, expecttest) and, for the peers,
+# .whl (ignored) holds the test wheels (pytest, pluggy, iniconfig, pygments, expecttest, pytest-xdist, execnet) and, for the peers,
 # ../shared/bench/peers_h200.py, the torchao wheel and gemlite's source under .whl/src. .cache/qcompile holds the
 # tuned Triton configs (triton_linear_configs.json): save_tuning copies them to $OUT/tuning/, copy that back into
 # .cache/qcompile here so the next call does not tune again.
