@@ -107,16 +107,31 @@ def unpack_bit_planes(w_ptr, row_offsets, k0, K, BITS: tl.constexpr, BLOCK_K: tl
     return u
 
 
+NVFP4_BLOCK = tl.constexpr(16)  # elements per e4m3 block scale
+MXFP8_BLOCK = tl.constexpr(32)  # elements per e8m0 scale
+
+
+@triton.jit
+def group_param_offsets(offs_n, k0, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets of the tile's per-(row, group) parameters: [BLOCK_N] when the K block sits inside one group, else
+    [BLOCK_N, groups in the tile]. Strides (row, group): on CUDA they are stored column-major (layout.py) so
+    that the tile's rows at one group are contiguous."""
+    if BLOCK_K <= GROUP_SIZE:
+        return offs_n * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+    else:
+        groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        return offs_n[:, None] * stride_pn + groups[None, :] * stride_pg
+
+
 @triton.jit
 def load_group_param(ptr, offs_n, k0, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """The per-(row, group) parameters of the tile as float32 [BLOCK_N, groups in the tile] (one per row when
-    the K block sits inside one group). Strides (row, group): on CUDA they are stored column-major (layout.py)
-    so that the tile's rows at one group are contiguous."""
+    the K block sits inside one group)."""
+    p = tl.load(ptr + group_param_offsets(offs_n, k0, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K)).to(tl.float32)
     if BLOCK_K <= GROUP_SIZE:
-        return tl.load(ptr + offs_n * stride_pn + (k0 // GROUP_SIZE) * stride_pg).to(tl.float32)[:, None]
+        return p[:, None]
     else:
-        groups = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-        return tl.load(ptr + offs_n[:, None] * stride_pn + groups[None, :] * stride_pg).to(tl.float32)
+        return p
 
 
 @triton.jit
@@ -131,15 +146,23 @@ def prefetch_group_params(s_ptr, z_ptr, offs_n, k0, K, stride_pn, stride_pg, GRO
     """Prefetch into L1 the group parameters of the K block after k0 (the last block's own at the end). The
     tile loop loads a K block's parameters right before decoding it; they are a few bytes per thread, too
     few for Triton's pipeliner (cp.async takes 4+), so each iteration waited an L2 round trip for them."""
-    k_next = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)
-    if BLOCK_K <= GROUP_SIZE:
-        offsets = offs_n * stride_pn + (k_next // GROUP_SIZE) * stride_pg
-    else:
-        groups = k_next // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-        offsets = offs_n[:, None] * stride_pn + groups[None, :] * stride_pg
+    offsets = group_param_offsets(offs_n, tl.minimum(k0 + BLOCK_K, K - BLOCK_K), stride_pn, stride_pg, GROUP_SIZE,
+                                  BLOCK_K)
     _prefetch_to_l1(s_ptr + offsets)
     if HAS_ZERO:
         _prefetch_to_l1(z_ptr + offsets)
+
+
+@triton.jit
+def affine_shift(scale, zero, W_FORMAT: tl.constexpr, HAS_ZERO: tl.constexpr, BITS: tl.constexpr):
+    """shift such that w = u * scale + shift: tinygemm's float zero z (w = (q - 8) scale + z), intx's integer
+    zero (w = (u - z) scale), or the symmetric zero 2^(BITS-1)."""
+    if W_FORMAT == "int4_tinygemm":
+        return zero - 8.0 * scale
+    elif HAS_ZERO:
+        return -zero * scale
+    else:
+        return -(1 << (BITS - 1)) * scale
 
 
 @triton.jit
@@ -221,8 +244,9 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn, str
     if W_FORMAT == "int8" or W_FORMAT == "fp8" or W_FORMAT == "mxfp8":
         w = tl.load(w_ptr + rows[:, None] + (k0 + tl.arange(0, BLOCK_K))[None, :])
         if W_FORMAT == "mxfp8":  # e4m3 * 2^(e - 127) per 32
-            e = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, 32, BLOCK_K)
-            w = group_affine(w.to(tl.float32), e8m0_to_float(e), tl.zeros((1, 1), tl.float32), False, 32, BLOCK_K)
+            e = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, MXFP8_BLOCK, BLOCK_K)
+            w = group_affine(w.to(tl.float32), e8m0_to_float(e), tl.zeros((1, 1), tl.float32), False, MXFP8_BLOCK,
+                             BLOCK_K)
         elif not RAW:
             w = to_float(w)
     else:  # sub-byte formats, bit-plane packed along K
@@ -249,8 +273,9 @@ def load_weight_tile(w_ptr, s_ptr, z_ptr, aux_ptr, offs_n, k0, K, stride_wn, str
         elif W_FORMAT == "codebook":  # lookup; the row scale is applied in the epilogue
             w = codebook_lookup(aux_ptr, u)
         else:  # nvfp4: e2m1 * e4m3 block scale (per 16) * float32 tensor scale
-            block_scale = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, 16, BLOCK_K) * tl.load(aux_ptr)
-            w = group_affine(e2m1_to_float(u), block_scale, tl.zeros((1, 1), tl.float32), False, 16, BLOCK_K)
+            block_scale = load_group_param(s_ptr, offs_n, k0, stride_pn, stride_pg, NVFP4_BLOCK, BLOCK_K)
+            w = group_affine(e2m1_to_float(u), block_scale * tl.load(aux_ptr), tl.zeros((1, 1), tl.float32), False,
+                             NVFP4_BLOCK, BLOCK_K)
     return w
 
 
@@ -316,12 +341,8 @@ def load_plane_words(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_pn, s
         zero = tl.load(z_ptr + group).to(tl.float32) if HAS_ZERO else None
     if COL != 0:  # a lower plane: its bits only
         shift = tl.zeros_like(s)
-    elif W_FORMAT == "int4_tinygemm":
-        shift = zero - 8.0 * s
-    elif HAS_ZERO:
-        shift = -zero * s
     else:
-        shift = -(1 << (BITS - 1)) * s
+        shift = affine_shift(s, zero, W_FORMAT, HAS_ZERO, BITS)
     return w, s * (1 << LOW), shift
 
 

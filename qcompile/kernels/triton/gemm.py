@@ -15,8 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dequant import (cast_to, decode_plane, decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma,
-                      prefetch_group_params, to_float)
+from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_plane, decode_planes_ptx,
+                      load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
 
 @triton.jit
@@ -94,31 +94,34 @@ def _plane(planes, words, scale, shift, J: tl.constexpr, WIDTH: tl.constexpr, US
 
 
 @triton.jit
+def _plane_pair(planes, words, scale, shift, A: tl.constexpr, B: tl.constexpr, WIDTH: tl.constexpr,
+                USE_PTX: tl.constexpr):
+    """K-planes A and B joined along a new fastest axis."""
+    return tl.join(_plane(planes, words, scale, shift, A, WIDTH, USE_PTX),
+                   _plane(planes, words, scale, shift, B, WIDTH, USE_PTX))
+
+
+@triton.jit
 def _planes_in_k_order(planes, words, scale, shift, WIDTH: tl.constexpr, USE_PTX: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K-planes of a 4- or 2-bit plane joined back into K order, [BLOCK_N, BLOCK_K]: plane j holds K = (32 /
     WIDTH) c + j, and tl.join adds its new axis as the fastest, so joining plane a with plane a + n/2, then those
     results likewise, down to one tensor, gives index ((c * 2 + j_top) * 2 + ...) * 2 + j_0 = (32 / WIDTH) c + j."""
     if WIDTH == 4:
-        low = tl.join(tl.join(_plane(planes, words, scale, shift, 0, 4, USE_PTX),
-                              _plane(planes, words, scale, shift, 4, 4, USE_PTX)),
-                      tl.join(_plane(planes, words, scale, shift, 2, 4, USE_PTX),
-                              _plane(planes, words, scale, shift, 6, 4, USE_PTX)))
-        high = tl.join(tl.join(_plane(planes, words, scale, shift, 1, 4, USE_PTX),
-                               _plane(planes, words, scale, shift, 5, 4, USE_PTX)),
-                       tl.join(_plane(planes, words, scale, shift, 3, 4, USE_PTX),
-                               _plane(planes, words, scale, shift, 7, 4, USE_PTX)))
-        joined = tl.join(low, high)
+        joined = tl.join(tl.join(_plane_pair(planes, words, scale, shift, 0, 4, 4, USE_PTX),
+                                 _plane_pair(planes, words, scale, shift, 2, 6, 4, USE_PTX)),
+                         tl.join(_plane_pair(planes, words, scale, shift, 1, 5, 4, USE_PTX),
+                                 _plane_pair(planes, words, scale, shift, 3, 7, 4, USE_PTX)))
     else:  # WIDTH == 2: sixteen planes
-        j0 = tl.join(_plane(planes, words, scale, shift, 0, 2, USE_PTX), _plane(planes, words, scale, shift, 8, 2, USE_PTX))
-        j1 = tl.join(_plane(planes, words, scale, shift, 1, 2, USE_PTX), _plane(planes, words, scale, shift, 9, 2, USE_PTX))
-        j2 = tl.join(_plane(planes, words, scale, shift, 2, 2, USE_PTX), _plane(planes, words, scale, shift, 10, 2, USE_PTX))
-        j3 = tl.join(_plane(planes, words, scale, shift, 3, 2, USE_PTX), _plane(planes, words, scale, shift, 11, 2, USE_PTX))
-        j4 = tl.join(_plane(planes, words, scale, shift, 4, 2, USE_PTX), _plane(planes, words, scale, shift, 12, 2, USE_PTX))
-        j5 = tl.join(_plane(planes, words, scale, shift, 5, 2, USE_PTX), _plane(planes, words, scale, shift, 13, 2, USE_PTX))
-        j6 = tl.join(_plane(planes, words, scale, shift, 6, 2, USE_PTX), _plane(planes, words, scale, shift, 14, 2, USE_PTX))
-        j7 = tl.join(_plane(planes, words, scale, shift, 7, 2, USE_PTX), _plane(planes, words, scale, shift, 15, 2, USE_PTX))
-        joined = tl.join(tl.join(tl.join(j0, j4), tl.join(j2, j6)), tl.join(tl.join(j1, j5), tl.join(j3, j7)))
+        joined = tl.join(
+            tl.join(tl.join(_plane_pair(planes, words, scale, shift, 0, 8, 2, USE_PTX),
+                            _plane_pair(planes, words, scale, shift, 4, 12, 2, USE_PTX)),
+                    tl.join(_plane_pair(planes, words, scale, shift, 2, 10, 2, USE_PTX),
+                            _plane_pair(planes, words, scale, shift, 6, 14, 2, USE_PTX))),
+            tl.join(tl.join(_plane_pair(planes, words, scale, shift, 1, 9, 2, USE_PTX),
+                            _plane_pair(planes, words, scale, shift, 5, 13, 2, USE_PTX)),
+                    tl.join(_plane_pair(planes, words, scale, shift, 3, 11, 2, USE_PTX),
+                            _plane_pair(planes, words, scale, shift, 7, 15, 2, USE_PTX))))
     return tl.reshape(joined, (BLOCK_N, BLOCK_K))
 
 
@@ -218,8 +221,8 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
         if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
-            prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE,
-                                  W_HAS_ZERO or W_FORMAT == "int4_tinygemm", BLOCK_K)
+            prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE, W_HAS_ZERO,
+                                  BLOCK_K)
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k0 = k_block + sub * SUB_K
             dot = tl.zeros((BLOCK_N,), tl.float32)
@@ -235,13 +238,8 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
             else:
                 group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
                 scale = tl.load(s_ptr + group).to(tl.float32)
-                if W_FORMAT == "int4_tinygemm":  # (q - 8) * scale + zero
-                    shift = tl.load(z_ptr + group).to(tl.float32) - 8.0 * scale
-                elif W_HAS_ZERO:  # (u - zero) * scale
-                    shift = -tl.load(z_ptr + group).to(tl.float32) * scale
-                else:
-                    shift = -(1 << (BITS - 1)) * scale
-                acc += dot * scale + shift * x_sum
+                zero = tl.load(z_ptr + group).to(tl.float32) if W_HAS_ZERO else None
+                acc += dot * scale + affine_shift(scale, zero, W_FORMAT, W_HAS_ZERO, BITS) * x_sum
     return acc
 
 
@@ -291,7 +289,8 @@ def quantized_linear_kernel(
         else:
             acc = tl.zeros(ACC_SHAPE, dtype=tl.float32)
         a_zero = tl.load(x_zero_ptr + rows_in).to(tl.int32) if A_HAS_ZERO else None
-        PARAM_GROUP: tl.constexpr = 16 if W_FORMAT == "nvfp4" else 32 if W_FORMAT == "mxfp8" else GROUP_SIZE
+        PARAM_GROUP: tl.constexpr = NVFP4_BLOCK if W_FORMAT == "nvfp4" else MXFP8_BLOCK if W_FORMAT == "mxfp8" \
+            else GROUP_SIZE
         PREFETCH: tl.constexpr = USE_PTX and (W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx"
                                               or W_FORMAT == "nvfp4" or W_FORMAT == "mxfp8")
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -324,13 +323,12 @@ def quantized_linear_kernel(
         acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
                            k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,
                            W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
-    else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once
+    else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (the
+        # formats here take no zero-point activation: int8_asym comes only with intx weights, linear.py)
         row = pid_m % M
         acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             a = tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32)
-            if A_HAS_ZERO:
-                a = a - tl.load(x_zero_ptr + row).to(tl.float32)
             w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn, stride_pn,
                                  stride_pg, W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
             acc_tile += to_float(w) * a[None, :]

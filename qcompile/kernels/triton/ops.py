@@ -42,8 +42,7 @@ def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
     if out.numel() == 0:
         return out
     rows = out.view(-1) if out.dim() == 0 else out
-    per_row = max(1, rows[0].numel()) if rows.dim() > 1 else 1
-    step = max(1, RANDOM_CHUNK_ELEMENTS // per_row)
+    step = max(1, RANDOM_CHUNK_ELEMENTS // rows[0].numel())  # rows of at most that many elements
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step]
         if t.dtype.is_floating_point:
