@@ -1,6 +1,7 @@
 """Everything that touches PyTorch internals whose shape changes between torch 2.11 and 2.14, in one place."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import re
@@ -222,6 +223,17 @@ def _ttir_arg_key(value):
     return None
 
 
+# TTIR modules built for qcompile's kernels, by id, kept alive so that an id is never reused while listed
+_OUR_TTIR: dict[int, object] = {}
+
+
+def _ours(ttir_module):
+    if len(_OUR_TTIR) >= TTIR_CACHE_ENTRIES and id(ttir_module) not in _OUR_TTIR:
+        _OUR_TTIR.pop(next(iter(_OUR_TTIR)))
+    _OUR_TTIR[id(ttir_module)] = ttir_module
+    return ttir_module
+
+
 def memoized_generate_ttir(original):
     """`original` (torch's triton_kernel_wrap.generate_ttir) memoized for qcompile's kernels. Inductor builds a
     user kernel's TTIR to find which tensors it writes at every call site, more than once per site (~0.2 s for
@@ -233,36 +245,66 @@ def memoized_generate_ttir(original):
     @functools.wraps(original)
     def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
         fn = getattr(kernel, "fn", None)
-        keys = [_ttir_arg_key(kwargs[name]) for name in sorted(kwargs)]
-        if (not getattr(fn, "__module__", "").startswith("qcompile.") or tma_descriptor_metadata
-                or any(k is None for k in keys)):
+        if not getattr(fn, "__module__", "").startswith("qcompile."):
             return original(kernel, kwargs, tma_descriptor_metadata)
+        keys = [_ttir_arg_key(kwargs[name]) for name in sorted(kwargs)]
+        if tma_descriptor_metadata or any(k is None for k in keys):
+            ttir_module, arg_names = original(kernel, kwargs, tma_descriptor_metadata)
+            return _ours(ttir_module), arg_names
         key = (kernel, tuple(zip(sorted(kwargs), keys)))
         if key not in cache:
             if len(cache) >= TTIR_CACHE_ENTRIES:
                 cache.pop(next(iter(cache)))
             cache[key] = original(kernel, kwargs, tma_descriptor_metadata)
         ttir_module, arg_names = cache[key]
-        return ttir_module, list(arg_names)
+        return _ours(ttir_module), list(arg_names)
 
     generate_ttir.qcompile_memoized = True
     return generate_ttir
 
 
+def prefetch_aware_ttir_to_functions(original):
+    """`original` (torch's ttir_to_functions) with qcompile's non-pure inline asm read as writing no memory.
+    Torch's analysis gives up on a non-pure `tt.elementwise_inline_asm` and then assumes the kernel writes every
+    input, weights included: CUDA graphs are skipped ("mutated inputs") and the scheduler orders around phantom
+    writes. qcompile's only non-pure asm is the L1 prefetch (kernels/triton/dequant.py), non-pure only so that
+    the compiler keeps an instruction whose result nobody reads; tests/test_compat_ttir.py holds it to that."""
+
+    @functools.wraps(original)
+    def ttir_to_functions(ttir_module, *args, **kwargs):
+        functions = original(ttir_module, *args, **kwargs)
+        if id(ttir_module) not in _OUR_TTIR or _OUR_TTIR[id(ttir_module)] is not ttir_module:
+            return functions
+        return {name: {result: [dataclasses.replace(op, is_pure=True)
+                                if op.name == "tt.elementwise_inline_asm" else op for op in ops]
+                       for result, ops in body.items()}
+                for name, body in functions.items()}
+
+    ttir_to_functions.qcompile_prefetch_aware = True
+    return ttir_to_functions
+
+
 def install_ttir_memo() -> bool:
-    """Put memoized_generate_ttir in place of torch's generate_ttir (torch 2.11-2.14 call it by its module
-    global from identify_mutated_tensors / identify_accessed_tensors). False if this torch has no such
-    function with that signature (then nothing changes)."""
+    """Put memoized_generate_ttir in place of torch's generate_ttir and prefetch_aware_ttir_to_functions in place
+    of its ttir_to_functions (torch 2.11-2.14 call both by their module globals from the analysis of which
+    tensors a user kernel writes). False if this torch has no such functions with those signatures (then nothing
+    changes)."""
     import inspect
 
     try:
         from torch._higher_order_ops import triton_kernel_wrap as wrap
     except ImportError:
         return False
-    original = getattr(wrap, "generate_ttir", None)
-    if original is None or getattr(original, "qcompile_memoized", False):
-        return original is not None
-    if list(inspect.signature(original).parameters) != ["kernel", "kwargs", "tma_descriptor_metadata"]:
+    generate, to_functions = getattr(wrap, "generate_ttir", None), getattr(wrap, "ttir_to_functions", None)
+    op_class = getattr(wrap, "Op", None)
+    if generate is None or to_functions is None or op_class is None \
+            or "is_pure" not in getattr(op_class, "__dataclass_fields__", {}):
         return False
-    wrap.generate_ttir = memoized_generate_ttir(original)
+    if getattr(generate, "qcompile_memoized", False):
+        return True
+    if list(inspect.signature(generate).parameters) != ["kernel", "kwargs", "tma_descriptor_metadata"] \
+            or list(inspect.signature(to_functions).parameters)[:1] != ["ttir_module"]:
+        return False
+    wrap.generate_ttir = memoized_generate_ttir(generate)
+    wrap.ttir_to_functions = prefetch_aware_ttir_to_functions(to_functions)
     return True

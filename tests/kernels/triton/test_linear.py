@@ -285,15 +285,18 @@ def test_group_sum_gemv_on_gpu_real_shape(case):
     n, k = 4096, 4096
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    # the bias keeps the reference non-zero where the weights round to zero (symmetric 1-bit: torchao's int1
+    # range is [-1, 0], so every |w| / scale <= 1/2 rounds to 0) and SQNR against it stays defined
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
                                                                     "group_size": 128}.items())), w)
     weight_args = case.weight_args(layout.for_kernels(q))
-    spec = _spec(case, options, weight_args, None)
-    reference = case.reference(x, q, None, options)
-    exact = x.double() @ w.double().t()
+    spec = _spec(case, options, weight_args, bias)
+    reference = case.reference(x, q, bias, options)
+    exact = x.double() @ w.double().t() + bias.double()
     for config in (KernelConfig(1, 64, 512, 4), KernelConfig(1, 128, 128, 1), KernelConfig(1, 32, 64, 2)):
         if not spec.groups_fit(config.block_k, False):
             continue
-        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
+        out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
         assert sqnr_db(reference.float(), out.float()) > 40, config
         assert _as_accurate(out, reference, exact), config
