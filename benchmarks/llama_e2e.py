@@ -37,12 +37,15 @@ Protocol (every row alike):
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import gc
 import inspect
+import io
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import time
@@ -302,14 +305,33 @@ def first_call(call, result: dict, device, label: str) -> dict:
     time, where that went, and the peak after it. Returns the compile counters from before, for phase_checks."""
     before = compile_snapshot()
     reset_peak(device)
+    profiler = cProfile.Profile() if PROFILE_COMPILE is not None else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     call()
     sync(device)
     seconds = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, PROFILE_COMPILE / (label.replace(" ", "_").replace("()", "") + ".txt"))
     result["compile"] = compile_report(before, compile_snapshot(), seconds)
     result["peak_first_gb"] = gb(peak(device))
     log(f"  {label}: first call {seconds:.1f} s {short_compile(result['compile'])}")
     return before
+
+
+PROFILE_COMPILE: Path | None = None  # --profile-compile: where first calls' profiles go
+
+
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """The functions a first call spent its time in, by cumulative and by own time (cProfile's text)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    for order in ("cumulative", "tottime"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
+    path.write_text(text.getvalue())
+    log(f"  profile of the first call -> {path}")
 
 
 def short_compile(c: dict) -> str:
@@ -756,6 +778,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, help="prompts per prefill forward (default 4; tiny 2)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
     ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
+    ap.add_argument("--profile-compile", type=Path, help="profile each phase's first call (compile + first forward) "
+                    "with cProfile; its top functions go to DIR/<row>_<phase>.txt")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     defaults = ({"new_tokens": 8, "prompt_len": 4, "prefill_prompts": 4, "prefill_len": 64, "prefill_chunk": 2}
@@ -771,7 +795,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
+    global PROFILE_COMPILE
     args = parse_args(argv)
+    PROFILE_COMPILE = args.profile_compile
     if args.write is not None and args.rows is None:
         write_section(args.write, "llama_e2e", render(load_records(args.out), args.out))
         print(f"wrote the llama_e2e section of {args.write} from {args.out}")
