@@ -52,10 +52,15 @@ def m_bucket(M: int) -> int:
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per bucket class; BLOCK_M comes from the bucket.
 # Swapped tiles (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): the best of a sweep on the H200
 # (benchmarks/experiments/gemv_lab.py) for int4 / int8 weights at M = 1 and 16; 1.25x the plain 16-row tile.
-# GEMV: the last three are the best of benchmarks/experiments/int4_bound_lab.py's sweep for the group-sum GEMV
+# GEMV: (64, 512, 4, 4, 2) .. (128, 512, 4, 4, 2) are the best of benchmarks/experiments/int4_bound_lab.py's sweep
+# for the group-sum GEMV; the last four give each thread 8 rows (BLOCK_N = 64 x num_warps): every x value a
+# thread loads, converts and scales serves 8 rows, not 2-4 — int4 4.2 SASS instructions per weight against 4.9
+# at 4 rows and 6.3 at 2, 2-bit 3.8 against 4.4 / 5.5, int8 4.7 against 5.2 (sass_count.py, sm_90); split-K
+# keeps the programs many.
 _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4, 2, 3), (64, 256, 4, 4, 2),
          (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2),
-         (64, 512, 4, 4, 2), (64, 128, 4, 4, 2), (128, 512, 4, 4, 2)]
+         (64, 512, 4, 4, 2), (64, 128, 4, 4, 2), (128, 512, 4, 4, 2),
+         (128, 128, 4, 2, 3), (128, 128, 8, 2, 3), (256, 128, 4, 4, 3), (64, 128, 8, 1, 3)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
           (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
