@@ -244,6 +244,95 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
 
 
 @triton.jit
+def _dp4a(a, b, acc, SIGNED_A: tl.constexpr, USE_PTX: tl.constexpr):
+    """acc + the dot product of the four bytes of int32 `a` (signed if SIGNED_A, else unsigned) with the four
+    signed bytes of `b`, elementwise: one DP4A on the GPU, byte by byte in the interpreter."""
+    if USE_PTX:
+        if SIGNED_A:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for byte in tl.static_range(4):
+            if SIGNED_A:
+                a_byte = (a << (24 - 8 * byte)) >> 24
+            else:
+                a_byte = (a >> (8 * byte)) & 0xFF
+            acc += a_byte * ((b << (24 - 8 * byte)) >> 24)
+        return acc
+
+
+@triton.jit
+def _int8_words(x_ptr, row, stride_xm, k0, NW: tl.constexpr, EVEN_ODD: tl.constexpr):
+    """The int8 activation's bytes from k0 as int32 words of 4: plain (words c = x[k0 + 4c : k0 + 4c + 4]), or
+    (EVEN_ODD) as the two words that meet the low / high nibbles of an int4 word c, x[k0 + 8c + {0, 2, 4, 6}]
+    and x[k0 + 8c + {1, 3, 5, 7}] (a byte permute of its two plain words)."""
+    words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm + k0) // 4
+    c = tl.arange(0, NW)
+    if EVEN_ODD:
+        first = tl.load(words_ptr + 2 * c)
+        second = tl.load(words_ptr + 2 * c + 1)
+        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second & 0xFF) << 16) | ((second << 8) & -16777216)
+        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & -16777216)
+        return even, odd
+    else:
+        words = tl.load(words_ptr + c)
+        return words, words
+
+
+@triton.jit
+def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, stride_wn,
+               stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, W_HAS_ZERO: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
+    """One row of an int8 activation times int8 or int4 weights in integer arithmetic, four products per DP4A
+    instruction: exact, as the reference's integer matmul. int8 weights (symmetric, row-scaled): the int32 dot,
+    scales in the epilogue. int4 (intx, group-wise): per group sum (a - za)(u - zw) = sum a u - zw sum a - za
+    sum u + n za zw, each sum by DP4A (sum u against bytes of ones), times the group scale."""
+    ONES: tl.constexpr = 0x01010101
+    if W_FORMAT == "int8":
+        NW: tl.constexpr = BLOCK_K // 4
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
+        dots = tl.zeros((BLOCK_N, NW), tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            x_words, _ = _int8_words(x_ptr, row, stride_xm, k0, NW, False)
+            w = tl.load(words_ptr + (k0 // 4 + tl.arange(0, NW))[None, :])
+            dots = _dp4a(w, tl.broadcast_to(x_words[None, :], (BLOCK_N, NW)), dots, True, USE_PTX)
+        return tl.sum(dots, axis=1).to(tl.float32)
+    else:  # 4-bit values u at bits 4j of word c: K = 8c + j
+        SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
+        NW4: tl.constexpr = SUB_K // 8
+        a_zero = tl.load(x_zero_ptr + row) if A_HAS_ZERO else 0
+        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k_block in range(k_start, k_end, BLOCK_K):
+            if USE_PTX:  # the next block's group parameters (dequant.prefetch_group_params)
+                prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, k_end, stride_pn, stride_pg, GROUP_SIZE,
+                                      W_HAS_ZERO, BLOCK_K)
+            for sub in tl.static_range(BLOCK_K // SUB_K):
+                k0 = k_block + sub * SUB_K
+                x_even, x_odd = _int8_words(x_ptr, row, stride_xm, k0, NW4, True)
+                w = tl.load(words_ptr + (k0 // 8 + tl.arange(0, NW4))[None, :])
+                low = w & 0x0F0F0F0F
+                high = (w >> 4) & 0x0F0F0F0F
+                dot = _dp4a(low, tl.broadcast_to(x_even[None, :], (BLOCK_N, NW4)), tl.zeros((BLOCK_N, NW4), tl.int32),
+                            False, USE_PTX)
+                dot = _dp4a(high, tl.broadcast_to(x_odd[None, :], (BLOCK_N, NW4)), dot, False, USE_PTX)
+                u_sum = _dp4a(low + high, tl.full((BLOCK_N, NW4), ONES, tl.int32),
+                              tl.zeros((BLOCK_N, NW4), tl.int32), False, USE_PTX)
+                a_sum = tl.sum(_dp4a(x_even, tl.full((NW4,), ONES, tl.int32), tl.zeros((NW4,), tl.int32), True,
+                                     USE_PTX) + _dp4a(x_odd, tl.full((NW4,), ONES, tl.int32),
+                                                      tl.zeros((NW4,), tl.int32), True, USE_PTX), axis=0)
+                group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+                w_zero = tl.load(z_ptr + group).to(tl.int32) if W_HAS_ZERO else 8  # symmetric: 2^(bits - 1)
+                exact = tl.sum(dot, axis=1) - w_zero * a_sum - a_zero * tl.sum(u_sum, axis=1) \
+                    + SUB_K * a_zero * w_zero
+                acc += exact.to(tl.float32) * tl.load(s_ptr + group).to(tl.float32)
+        return acc
+
+
+@triton.jit
 def quantized_linear_kernel(
         x_ptr, x_scale_ptr, x_zero_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_wn, stride_pn, stride_pg, stride_om,
@@ -319,6 +408,10 @@ def quantized_linear_kernel(
                     acc += part
         if SWAP_AB:
             acc = tl.trans(acc)
+    elif A_FORMAT == "int8" and (W_FORMAT == "int8" or (W_FORMAT == "intx" and BITS == 4)):  # DP4A GEMV
+        acc = _dp4a_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start,
+                         k_end, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, W_HAS_ZERO, GROUP_SIZE,
+                         BLOCK_N, BLOCK_K, USE_PTX)[None, :]
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
                            k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,

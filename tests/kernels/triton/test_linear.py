@@ -272,14 +272,17 @@ def test_kernel_string_globals_are_one_line():
                 assert "\n" not in value.value and "'" not in value.value, f"{module.__name__}.{name}"
 
 
-AFFINE_SUB_BYTE = [c for c in CASES if c.weight_format in ("int4_tinygemm", "intx")]
+# the GEMVs with inline PTX: the group-sum GEMV of affine sub-byte weights, and the DP4A GEMV of int8
+# activations with int8 or 4-bit weights
+PTX_GEMV_CASES = [c for c in CASES if c.weight_format in ("int4_tinygemm", "intx")
+                  or (c.weight_format == "int8" and c.activation == "int8_sym")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", AFFINE_SUB_BYTE, ids=case_id)
-def test_group_sum_gemv_on_gpu_real_shape(case):
-    """The group-sum GEMV (its inline-PTX decode runs only on the GPU) at a real shape, column-major group
-    parameters as the backend stores them on CUDA, K blocks of one group, several groups and split-K."""
+@pytest.mark.parametrize("case", PTX_GEMV_CASES, ids=case_id)
+def test_ptx_gemvs_on_gpu_real_shape(case):
+    """The GEMVs whose inline PTX (mantissa decode, DP4A) runs only on the GPU, at a real shape, column-major
+    group parameters as the backend stores them on CUDA, K blocks of one group, several groups and split-K."""
     from qcompile.kernels.triton import layout
 
     n, k = 4096, 4096
@@ -288,8 +291,10 @@ def test_group_sum_gemv_on_gpu_real_shape(case):
     # the bias keeps the reference non-zero where the weights round to zero (symmetric 1-bit: torchao's int1
     # range is [-1, 0], so every |w| / scale <= 1/2 rounds to 0) and SQNR against it stays defined
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    grouped = case.weight_format != "int8"  # group 128, the size a real model takes
     q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
-                                                                    "group_size": 128}.items())), w)
+                                                                    **({"group_size": 128} if grouped else {})}
+                                                                   .items())), w)
     weight_args = case.weight_args(layout.for_kernels(q))
     spec = _spec(case, options, weight_args, bias)
     reference = case.reference(x, q, bias, options)
