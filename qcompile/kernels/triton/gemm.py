@@ -136,18 +136,20 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
     (JOIN, 4- and 2-bit planes) the planes joined back into K order and one dot against x's contiguous tile,
     which Triton's pipeliner can prefetch (strided column loads it cannot, and each plane's dot waited for its
     own)."""
+    # the PTX decodes into bf16, the dot operand of bf16 activations and of quantized ones (exact integers)
+    BF16_PTX: tl.constexpr = USE_PTX and (A_FORMAT != "float" or x_ptr.dtype.element_ty == tl.bfloat16)
     if (BITS & WIDTH) != 0:
         PER_WORD: tl.constexpr = 32 // WIDTH
         words, scale, shift = load_plane_words(w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0, K, stride_wn,
                                                stride_pn, stride_pg, W_FORMAT,
                                                BITS, WIDTH, BITS & (WIDTH - 1), BITS - (BITS & (2 * WIDTH - 1)),
                                                W_HAS_ZERO, GROUP_SIZE, BLOCK_K)
-        if USE_PTX:
+        if BF16_PTX:
             planes = decode_planes_ptx(words, scale, shift, WIDTH)
         else:
             planes = words  # unused: _plane decodes in float32
         if JOIN and WIDTH != 1:
-            w = _planes_in_k_order(planes, words, scale, shift, WIDTH, USE_PTX, cols_in.shape[0], BLOCK_K)
+            w = _planes_in_k_order(planes, words, scale, shift, WIDTH, BF16_PTX, cols_in.shape[0], BLOCK_K)
             a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :])
             acc += _tile_dot(_as_dot_operand(a, a_zero, A_FORMAT, A_HAS_ZERO, DOT_FP32), w, "float", False,
                              DOT_FP32, SWAP_AB)
@@ -156,7 +158,7 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
             for j in tl.static_range(PER_WORD):
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (plane_k + j)[None, :])
                 acc += _tile_dot(_as_dot_operand(a, a_zero, A_FORMAT, A_HAS_ZERO, DOT_FP32),
-                                 _plane(planes, words, scale, shift, j, WIDTH, USE_PTX), "float", False, DOT_FP32,
+                                 _plane(planes, words, scale, shift, j, WIDTH, BF16_PTX), "float", False, DOT_FP32,
                                  SWAP_AB)
     return acc
 

@@ -162,7 +162,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         W_HAS_ZERO=w_zero is not None, W_SCALE=spec.epilogue_w_scale, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
-        USE_PTX=not _interpreting() and out_dtype == torch.bfloat16, DOT_FP32=_interpreting(),
+        USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
