@@ -62,10 +62,12 @@ class LinearSpec:
     def scales_per_group_in_loop(self) -> bool:
         return self.gemm_activation != "float" and self.weight_format == "intx"
 
-    def groups_fit(self, block_k: int, planes: bool) -> bool:
-        """Whether a K block of `block_k` meets the group rule: where the group scale multiplies the partial
-        product in the K loop, a K block lies in one group (the plane decode reads one per 32-bit word instead)."""
-        return not (self.scales_per_group_in_loop and not planes and self.group_size % block_k)
+    def groups_fit(self, block_k: int, planes: bool, gemv: bool = False) -> bool:
+        """Whether a K block of `block_k` meets the group rule: where the group scale multiplies a tile's partial
+        product in the K loop, a K block lies in one group (the plane decode reads one per 32-bit word instead,
+        and the GEMVs split a K block into its groups)."""
+        return (not self.scales_per_group_in_loop or planes or self.group_size % block_k == 0
+                or (gemv and block_k % self.group_size == 0))
 
     def key(self) -> str:
         return (f"{self.activation}/{self.weight_format}/b{self.bits}/g{self.group_size}/"
@@ -140,7 +142,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                          f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
-    if K % config.block_k or not spec.groups_fit(config.block_k, config.planes):
+    if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
         raise ValueError(f"Triton linear: BLOCK_K={config.block_k} must divide K={K}"
                          + (f" and group_size={spec.group_size}" if spec.scales_per_group_in_loop else ""))
     any_tensor = xq

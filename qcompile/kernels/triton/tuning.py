@@ -104,7 +104,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
                                      planes=True, join_planes=join) for c in plane_tiles[:None if not join else 3]]
 
     def fits(c: KernelConfig) -> bool:
-        return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes)
+        return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)

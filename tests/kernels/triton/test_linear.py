@@ -72,6 +72,27 @@ def test_float16_activations(case):
         assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30, f"M={M} {config}"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.scheme in ("int8_dynamic_int4", "int8_dynamic_intx")],
+                         ids=case_id)
+def test_gemv_k_blocks_spanning_several_groups(case):
+    """Quantized activations with group-wise intx weights: the tiles need a K block inside one group, the GEMVs
+    (DP4A for 4 bits, the group-sum GEMV otherwise) split a block into its groups — here 4 groups of 32 per
+    block, with split-K."""
+    x_all, w, bias = _inputs()
+    q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options), "group_size": 32}.items())),
+                           w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    config = KernelConfig(1, 32, 128, 2)
+    assert spec.groups_fit(128, False, gemv=True) and not spec.groups_fit(128, False)
+    out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
+    reference = case.reference(x_all[:1], q, bias, options)
+    assert sqnr_db(reference.float(), out.float()) > 30
+    assert _as_accurate(out, reference, x_all[:1].double() @ w.double().t() + bias.double())
+    with pytest.raises(ValueError, match="group_size=32"):  # the tile's rule still holds
+        run_linear(x_all[:5], *weight_args, bias, spec, x_all.dtype, KernelConfig(16, 32, 128, 1))
+
+
 def test_split_k_with_an_empty_split_stores_its_zeros():
     """K=256 in three splits of 128: the last one has no K left and must still write its (zero) partial, since
     the partials buffer is not zero-filled; its memory first held NaNs here."""
@@ -207,7 +228,7 @@ def test_column_major_group_parameters_give_the_same_output(case):
     if _library_of(spec) == "dequant_mm":
         variants.append((33, KernelConfig(0, 0, 0, library="dequant_mm")))
     for M, config in variants:
-        if not (config.library or spec.groups_fit(config.block_k, config.planes)):
+        if not (config.library or spec.groups_fit(config.block_k, config.planes, config.block_m == 1)):
             continue  # a K block must lie in one group here
         x = x_all[:M]
         expected = run_linear(x, *row_major_args, bias, spec, x.dtype, config)
@@ -300,8 +321,7 @@ def test_ptx_gemvs_on_gpu_real_shape(case):
     reference = case.reference(x, q, bias, options)
     exact = x.double() @ w.double().t() + bias.double()
     for config in (KernelConfig(1, 64, 512, 4), KernelConfig(1, 128, 128, 1), KernelConfig(1, 32, 64, 2)):
-        if not spec.groups_fit(config.block_k, False):
-            continue
+        assert spec.groups_fit(config.block_k, False, gemv=True)
         out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
         assert sqnr_db(reference.float(), out.float()) > 40, config
         assert _as_accurate(out, reference, exact), config
