@@ -271,13 +271,14 @@ def _int8_words(x_ptr, row, stride_xm, k0, NW: tl.constexpr, EVEN_ODD: tl.conste
     """The int8 activation's bytes from k0 as int32 words of 4: plain (words c = x[k0 + 4c : k0 + 4c + 4]), or
     (EVEN_ODD) as the two words that meet the low / high nibbles of an int4 word c, x[k0 + 8c + {0, 2, 4, 6}]
     and x[k0 + 8c + {1, 3, 5, 7}] (a byte permute of its two plain words)."""
+    TOP_BYTE: tl.constexpr = -16777216  # 0xFF000000 as an int32
     words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm + k0) // 4
     c = tl.arange(0, NW)
     if EVEN_ODD:
         first = tl.load(words_ptr + 2 * c)
         second = tl.load(words_ptr + 2 * c + 1)
-        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second & 0xFF) << 16) | ((second << 8) & -16777216)
-        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & -16777216)
+        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second & 0xFF) << 16) | ((second << 8) & TOP_BYTE)
+        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & TOP_BYTE)
         return even, odd
     else:
         words = tl.load(words_ptr + c)
@@ -323,9 +324,9 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
                 dot = _dp4a(high, tl.broadcast_to(x_odd[None, :], (BLOCK_N, NW4)), dot, False, USE_PTX)
                 u_sum = _dp4a(low + high, tl.full((BLOCK_N, NW4), ONES, tl.int32),
                               tl.zeros((BLOCK_N, NW4), tl.int32), False, USE_PTX)
-                a_sum = tl.sum(_dp4a(x_even, tl.full((NW4,), ONES, tl.int32), tl.zeros((NW4,), tl.int32), True,
-                                     USE_PTX) + _dp4a(x_odd, tl.full((NW4,), ONES, tl.int32),
-                                                      tl.zeros((NW4,), tl.int32), True, USE_PTX), axis=0)
+                ones = tl.full((NW4,), ONES, tl.int32)
+                a_sum = tl.sum(_dp4a(x_odd, ones, _dp4a(x_even, ones, tl.zeros((NW4,), tl.int32), True, USE_PTX),
+                                     True, USE_PTX), axis=0)
                 group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
                 w_zero = tl.load(z_ptr + group).to(tl.int32) if W_HAS_ZERO else 8  # symmetric: 2^(bits - 1)
                 exact = tl.sum(dot, axis=1) - w_zero * a_sum - a_zero * tl.sum(u_sum, axis=1) \
