@@ -267,47 +267,74 @@ def _dp4a(a, b, acc, SIGNED_A: tl.constexpr, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _int8_words(x_ptr, row, stride_xm, k0, NW: tl.constexpr, EVEN_ODD: tl.constexpr):
-    """The int8 activation's bytes from k0 as int32 words of 4: plain (words c = x[k0 + 4c : k0 + 4c + 4]), or
-    (EVEN_ODD) as the two words that meet the low / high nibbles of an int4 word c, x[k0 + 8c + {0, 2, 4, 6}]
-    and x[k0 + 8c + {1, 3, 5, 7}] (a byte permute of its two plain words)."""
-    TOP_BYTE: tl.constexpr = -16777216  # 0xFF000000 as an int32
-    words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm + k0) // 4
+def _x_lane(x_ptr, row, stride_xm, k0, NW: tl.constexpr, PER_WORD: tl.constexpr, LANES: tl.constexpr,
+            LANE: tl.constexpr):
+    """The int8 activation bytes that meet byte lane LANE of a WIDTH-bit plane's words, packed as int32 [NW]:
+    lane s of word c, (word >> WIDTH s) & (2^WIDTH - 1 in every byte), holds in byte b the value at K = k0 +
+    PER_WORD c + LANES b + s (LANES = 8 / WIDTH values per byte)."""
     c = tl.arange(0, NW)
-    if EVEN_ODD:
-        first = tl.load(words_ptr + 2 * c)
-        second = tl.load(words_ptr + 2 * c + 1)
-        even = (first & 0xFF) | ((first >> 8) & 0xFF00) | ((second & 0xFF) << 16) | ((second << 8) & TOP_BYTE)
-        odd = ((first >> 8) & 0xFF) | ((first >> 16) & 0xFF00) | ((second << 8) & 0xFF0000) | (second & TOP_BYTE)
-        return even, odd
-    else:
-        words = tl.load(words_ptr + c)
-        return words, words
+    base = x_ptr + row * stride_xm + k0 + PER_WORD * c + LANE
+    word = tl.zeros((NW,), tl.int32)
+    for b in tl.static_range(4):
+        word |= (tl.load(base + LANES * b).to(tl.int32) & 0xFF) << (8 * b)
+    return word
 
 
 @triton.jit
-def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, stride_wn,
-               stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, W_HAS_ZERO: tl.constexpr,
-               GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
-    """One row of an int8 activation times int8 or int4 weights in integer arithmetic, four products per DP4A
-    instruction: exact, as the reference's integer matmul. int8 weights (symmetric, row-scaled): the int32 dot,
-    scales in the epilogue. int4 (intx, group-wise): per group sum (a - za)(u - zw) = sum a u - zw sum a - za
-    sum u + n za zw, each sum by DP4A (sum u against bytes of ones), times the group scale."""
+def _plane_dp4a(x_ptr, row, stride_xm, words_ptr, k0, K, BITS: tl.constexpr, WIDTH: tl.constexpr,
+                SUB_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
+    """(sum a u, sum u) per row [BLOCK_N] over the SUB_K positions from k0, for the WIDTH-bit plane's part of
+    the values u (at its place in the BITS-bit value); zeros if BITS has no such plane. The plane's words split
+    into 8 / WIDTH byte lanes, each met by the activation bytes of its K positions (_x_lane)."""
+    if (BITS & WIDTH) == 0:
+        return tl.zeros((BLOCK_N,), tl.int32), tl.zeros((BLOCK_N,), tl.int32)
     ONES: tl.constexpr = 0x01010101
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    LANES: tl.constexpr = 8 // WIDTH
+    LOW: tl.constexpr = BITS & (WIDTH - 1)  # where this plane's bits sit in the value (quant/packing.py)
+    COL: tl.constexpr = BITS - (BITS & (2 * WIDTH - 1))
+    NWP: tl.constexpr = SUB_K // PER_WORD
+    w = tl.load(words_ptr + ((COL * K) // 32 + k0 // PER_WORD + tl.arange(0, NWP))[None, :])
+    dot = tl.zeros((BLOCK_N, NWP), tl.int32)
+    lane_sum = tl.zeros((BLOCK_N, NWP), tl.int32)  # at most 255 (one 8-bit lane) or 30 per byte: no carries
+    for lane in tl.static_range(LANES):
+        if WIDTH == 8:
+            bytes_of_lane = w
+        else:  # (the arithmetic shift's sign bits stay above the mask: WIDTH * lane + WIDTH <= 8)
+            bytes_of_lane = (w >> (WIDTH * lane)) & (((1 << WIDTH) - 1) * ONES)
+        x_lane = _x_lane(x_ptr, row, stride_xm, k0, NWP, PER_WORD, LANES, lane)
+        dot = _dp4a(bytes_of_lane, tl.broadcast_to(x_lane[None, :], (BLOCK_N, NWP)), dot, False, USE_PTX)
+        lane_sum += bytes_of_lane
+    u = _dp4a(lane_sum, tl.full((BLOCK_N, NWP), ONES, tl.int32), tl.zeros((BLOCK_N, NWP), tl.int32), False, USE_PTX)
+    return tl.sum(dot, axis=1) << LOW, tl.sum(u, axis=1) << LOW
+
+
+@triton.jit
+def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn,
+               stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
+               W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """One row of an int8 activation times int8 or intx weights in integer arithmetic, four products per DP4A
+    instruction: exact, as the reference's integer matmul. int8 weights (symmetric, row-scaled): the int32 dot,
+    scales in the epilogue. intx (group-wise, bit planes): each plane's words split into byte lanes (a mask and
+    a shift) that meet the activation bytes of the same K positions; per group sum (a - za)(u - zw) = sum a u -
+    zw sum a - za sum u + n za zw, every sum by DP4A (sum u against bytes of ones), times the group scale."""
+    ONES: tl.constexpr = 0x01010101
+    x_words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm) // 4
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
     if W_FORMAT == "int8":
         NW: tl.constexpr = BLOCK_K // 4
-        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
         dots = tl.zeros((BLOCK_N, NW), tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            x_words, _ = _int8_words(x_ptr, row, stride_xm, k0, NW, False)
+            x_words = tl.load(x_words_ptr + k0 // 4 + tl.arange(0, NW))
             w = tl.load(words_ptr + (k0 // 4 + tl.arange(0, NW))[None, :])
             dots = _dp4a(w, tl.broadcast_to(x_words[None, :], (BLOCK_N, NW)), dots, True, USE_PTX)
         return tl.sum(dots, axis=1).to(tl.float32)
-    else:  # 4-bit values u at bits 4j of word c: K = 8c + j
+    else:
         SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
-        NW4: tl.constexpr = SUB_K // 8
+        SUB_WORDS: tl.constexpr = SUB_K // 4
+        x_ones = tl.full((SUB_WORDS,), ONES, tl.int32)
         a_zero = tl.load(x_zero_ptr + row) if A_HAS_ZERO else 0
-        words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for k_block in range(k_start, k_end, BLOCK_K):
             if USE_PTX:  # the next block's group parameters (dequant.prefetch_group_params)
@@ -315,22 +342,18 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
                                       W_HAS_ZERO, BLOCK_K)
             for sub in tl.static_range(BLOCK_K // SUB_K):
                 k0 = k_block + sub * SUB_K
-                x_even, x_odd = _int8_words(x_ptr, row, stride_xm, k0, NW4, True)
-                w = tl.load(words_ptr + (k0 // 8 + tl.arange(0, NW4))[None, :])
-                low = w & 0x0F0F0F0F
-                high = (w >> 4) & 0x0F0F0F0F
-                dot = _dp4a(low, tl.broadcast_to(x_even[None, :], (BLOCK_N, NW4)), tl.zeros((BLOCK_N, NW4), tl.int32),
-                            False, USE_PTX)
-                dot = _dp4a(high, tl.broadcast_to(x_odd[None, :], (BLOCK_N, NW4)), dot, False, USE_PTX)
-                u_sum = _dp4a(low + high, tl.full((BLOCK_N, NW4), ONES, tl.int32),
-                              tl.zeros((BLOCK_N, NW4), tl.int32), False, USE_PTX)
-                ones = tl.full((NW4,), ONES, tl.int32)
-                a_sum = tl.sum(_dp4a(x_odd, ones, _dp4a(x_even, ones, tl.zeros((NW4,), tl.int32), True, USE_PTX),
-                                     True, USE_PTX), axis=0)
+                dot = tl.zeros((BLOCK_N,), tl.int32)  # sum a u
+                u_sum = tl.zeros((BLOCK_N,), tl.int32)
+                for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
+                    plane_dot, plane_u = _plane_dp4a(x_ptr, row, stride_xm, words_ptr, k0, K, BITS, 8 >> plane_bit,
+                                                     SUB_K, BLOCK_N, USE_PTX)
+                    dot += plane_dot
+                    u_sum += plane_u
+                a_sum = tl.sum(_dp4a(tl.load(x_words_ptr + k0 // 4 + tl.arange(0, SUB_WORDS)), x_ones,
+                                     tl.zeros((SUB_WORDS,), tl.int32), True, USE_PTX), axis=0)
                 group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
-                w_zero = tl.load(z_ptr + group).to(tl.int32) if W_HAS_ZERO else 8  # symmetric: 2^(bits - 1)
-                exact = tl.sum(dot, axis=1) - w_zero * a_sum - a_zero * tl.sum(u_sum, axis=1) \
-                    + SUB_K * a_zero * w_zero
+                w_zero = tl.load(z_ptr + group).to(tl.int32) if W_HAS_ZERO else 1 << (BITS - 1)  # symmetric
+                exact = dot - w_zero * a_sum - a_zero * u_sum + SUB_K * a_zero * w_zero
                 acc += exact.to(tl.float32) * tl.load(s_ptr + group).to(tl.float32)
         return acc
 
@@ -411,10 +434,10 @@ def quantized_linear_kernel(
                     acc += part
         if SWAP_AB:
             acc = tl.trans(acc)
-    elif A_FORMAT == "int8" and (W_FORMAT == "int8" or (W_FORMAT == "intx" and BITS == 4)):  # DP4A GEMV
+    elif A_FORMAT == "int8" and (W_FORMAT == "int8" or W_FORMAT == "intx"):  # DP4A GEMV
         acc = _dp4a_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start,
-                         k_end, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, W_HAS_ZERO, GROUP_SIZE,
-                         BLOCK_N, BLOCK_K, USE_PTX)[None, :]
+                         k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS, W_HAS_ZERO,
+                         GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
                            k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,

@@ -72,12 +72,16 @@ def test_float16_activations(case):
         assert sqnr_db(case.reference(x, q, bias, options).float(), out.float()) > 30, f"M={M} {config}"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.scheme in ("int8_dynamic_int4", "int8_dynamic_intx")],
-                         ids=case_id)
+INT8_INTX = [next(c for c in CASES if c.scheme == "int8_dynamic_int4"),
+             *[dataclasses.replace(next(c for c in CASES if c.scheme == "int8_dynamic_intx"), options=(("bits", b),))
+               for b in (1, 2, 3, 5, 6, 7, 8)]]
+
+
+@pytest.mark.parametrize("case", INT8_INTX, ids=case_id)
 def test_gemv_k_blocks_spanning_several_groups(case):
-    """Quantized activations with group-wise intx weights: the tiles need a K block inside one group, the GEMVs
-    (DP4A for 4 bits, the group-sum GEMV otherwise) split a block into its groups — here 4 groups of 32 per
-    block, with split-K."""
+    """int8 activations with group-wise intx weights of every width (the DP4A GEMV: every bit plane's byte
+    lanes): the tiles need a K block inside one group, the GEMV splits a block into its groups — here 4 groups
+    of 32 per block, with split-K."""
     x_all, w, bias = _inputs()
     q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options), "group_size": 32}.items())),
                            w)

@@ -1,0 +1,39 @@
+"""Run as a script, without TRITON_INTERPRET: compile variants of the linear template for sm_90 through Triton's
+whole pipeline, ptxas included, on a machine without a GPU. The interpreter runs the kernels' Python, not
+Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that ptxas rejects, only shows
+here. Prints one line per variant: its name and the size of its cubin."""
+import sys
+from pathlib import Path
+
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks" / "experiments"))
+import sass_count  # noqa: E402  (the offline sm_90 variant builder)
+
+VARIANTS = {
+    "int4_gemv": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=128, block_k=128),
+    "int8_weight_only_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256),
+    "int8_dynamic_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256, activation="int8"),
+    "int8_dynamic_int4_gemv": dict(weight_format="intx", bits=4, block_m=1, block_n=128, block_k=128,
+                                   activation="int8"),
+    "int8_dynamic_int3_gemv": dict(weight_format="intx", bits=3, block_m=1, block_n=64, block_k=256,
+                                   activation="int8"),
+    "int4_joined_planes": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
+                               swap_ab=True, planes=True, join_planes=True),
+    "fp8_dynamic_tile": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
+                             activation="fp8"),
+}
+
+
+def main():
+    for name, variant in VARIANTS.items():
+        fn, signature, constants, attrs, warps, _ = sass_count.template_variant(**variant)
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+        options = triton.compiler.make_backend(sass_count.TARGET).parse_options({"num_warps": warps,
+                                                                                 "num_stages": 3})
+        compiled = triton.compile(src, target=sass_count.TARGET, options=options.__dict__)
+        print(name, len(compiled.asm["cubin"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
