@@ -273,7 +273,7 @@ def prefetch_aware_ttir_to_functions(original):
     @functools.wraps(original)
     def ttir_to_functions(ttir_module, *args, **kwargs):
         functions = original(ttir_module, *args, **kwargs)
-        if id(ttir_module) not in _OUR_TTIR or _OUR_TTIR[id(ttir_module)] is not ttir_module:
+        if _OUR_TTIR.get(id(ttir_module)) is not ttir_module:
             return functions
         return {name: {result: [dataclasses.replace(op, is_pure=True)
                                 if op.name == "tt.elementwise_inline_asm" else op for op in ops]

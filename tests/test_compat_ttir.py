@@ -51,27 +51,6 @@ def test_installed_in_front_of_torchs_generate_ttir():
     assert quantized_linear_kernel.fn.__module__.startswith("qcompile.")  # what the memo keys on
 
 
-def test_inductor_sees_the_template_write_only_its_output():
-    """With its inline PTX (the decode and the L1 prefetch), torch's analysis alone gives up and assumes the
-    kernel writes every input, weights included (then CUDA graphs are skipped for "mutated inputs"); with
-    qcompile's patch it finds the one output. The sm_90 TTIR is built here, without a GPU, in a process that
-    does not interpret Triton."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    here = pathlib.Path(__file__).parent / "kernels" / "triton"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[2]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "ttir_writes_probe.py"], cwd=here, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    alone, patched = run.stdout.split("\n")[:2]
-    assert {"w_ptr", "w_scale_ptr", "x_ptr"} <= set(alone.split())  # the probe reached the non-pure asm
-    assert patched.split() == ["out_ptr"]
-
-
 def test_the_only_non_pure_asm_is_the_l1_prefetch():
     """What the patch assumes: an `is_pure=False` inline asm in qcompile's kernels writes no memory. Each
     one must be a prefetch."""

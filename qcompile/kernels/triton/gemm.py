@@ -164,9 +164,8 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
 
 
 @triton.jit
-def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn, BITS: tl.constexpr,
-                WIDTH: tl.constexpr, A_HAS_ZERO: tl.constexpr, SIGNED: tl.constexpr, SUB_K: tl.constexpr,
-                X_SUM: tl.constexpr, USE_PTX: tl.constexpr):
+def _plane_gemv(x_ptr, row, stride_xm, w_ptr, cols_in, k0, K, stride_wn, BITS: tl.constexpr, WIDTH: tl.constexpr,
+                SIGNED: tl.constexpr, SUB_K: tl.constexpr, X_SUM: tl.constexpr, USE_PTX: tl.constexpr):
     """sum over the SUB_K positions from k0 of (the WIDTH-bit plane's values, at their place in the BITS-bit
     value) * x, per row [BLOCK_N]; zero if BITS has no such plane. Word c of the plane holds K = k0 + (32 /
     WIDTH) c + j at bits WIDTH j: value j is multiplied by the strided column x[k0 + j :: 32 / WIDTH], so
@@ -191,8 +190,6 @@ def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn,
     xs = tl.zeros((NW,), tl.float32)
     for j in tl.static_range(PER_WORD):
         xj = tl.load(x_ptr + row * stride_xm + k0 + PER_WORD * c + j).to(tl.float32)
-        if A_HAS_ZERO:
-            xj -= a_zero
         if X_SUM:
             xs += xj
         if WIDTH * j + WIDTH <= 20:  # in place, or in the word shifted by 16
@@ -206,20 +203,18 @@ def _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K, stride_wn,
 
 
 @triton.jit
-def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn,
-                 stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
-                 W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_PTX: tl.constexpr):
+def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn, stride_pn,
+                 stride_pg, W_FORMAT: tl.constexpr, BITS: tl.constexpr, W_HAS_ZERO: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
     """One row times affine group-wise weights (w = u * scale + shift per group): per group, scale * sum(u x)
     + shift * sum(x), so the weights are never dequantized one by one (~3-4 instructions per weight: decode
     in the float mantissa, subtract, multiply-add). int8 weights are the case of one group per row, u = q +
-    128, shift -128, the row scale left to the epilogue. Any activation: a quantized one is multiplied as its
-    float integers (minus its zero point); its scale is the epilogue's."""
+    128, shift -128, the row scale left to the epilogue. Float or e4m3 activations (an e4m3 one multiplied as
+    its float values, its scale the epilogue's); int8 ones take the DP4A GEMV."""
     ROW_SCALED: tl.constexpr = W_FORMAT == "int8"
     PLANE_BITS: tl.constexpr = 8 if ROW_SCALED else BITS
     TOP_PLANE: tl.constexpr = 8 if PLANE_BITS >= 8 else 4 if PLANE_BITS >= 4 else 2 if PLANE_BITS >= 2 else 1
     SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
-    a_zero = tl.load(x_zero_ptr + row).to(tl.float32) if A_HAS_ZERO else 0.0
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
         if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
@@ -230,11 +225,11 @@ def _affine_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in
             dot = tl.zeros((BLOCK_N,), tl.float32)
             x_sum = 0.0
             for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
-                plane_dot, plane_x_sum = _plane_gemv(x_ptr, row, stride_xm, a_zero, w_ptr, cols_in, k0, K,
-                                                     stride_wn, PLANE_BITS, 8 >> plane_bit, A_HAS_ZERO, ROW_SCALED,
-                                                     SUB_K, (8 >> plane_bit) == TOP_PLANE, USE_PTX)
+                plane_dot, plane_x_sum = _plane_gemv(x_ptr, row, stride_xm, w_ptr, cols_in, k0, K, stride_wn,
+                                                     PLANE_BITS, 8 >> plane_bit, ROW_SCALED, SUB_K,
+                                                     (8 >> plane_bit) == TOP_PLANE, USE_PTX)
                 dot += plane_dot
-                x_sum += plane_x_sum  # (x - zero) summed once, by the widest plane
+                x_sum += plane_x_sum  # x summed once, by the widest plane
             if ROW_SCALED:
                 acc += dot - 128.0 * x_sum
             else:
@@ -338,7 +333,7 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for k_block in range(k_start, k_end, BLOCK_K):
             if USE_PTX:  # the next block's group parameters (dequant.prefetch_group_params)
-                prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, k_end, stride_pn, stride_pg, GROUP_SIZE,
+                prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE,
                                       W_HAS_ZERO, BLOCK_K)
             for sub in tl.static_range(BLOCK_K // SUB_K):
                 k0 = k_block + sub * SUB_K
@@ -439,11 +434,11 @@ def quantized_linear_kernel(
                          k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS, W_HAS_ZERO,
                          GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
-        acc = _affine_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in,
-                           k_start, k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS,
-                           W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
-    else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (the
-        # formats here take no zero-point activation: int8_asym comes only with intx weights, linear.py)
+        acc = _affine_gemv(x_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start, k_end, K,
+                           stride_wn, stride_pn, stride_pg, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                           USE_PTX)[None, :]
+    else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (no
+        # zero-point activation reaches the GEMVs but the DP4A one: int8_asym comes only with intx weights)
         row = pid_m % M
         acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
