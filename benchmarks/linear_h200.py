@@ -143,20 +143,45 @@ def _warm_peer(job) -> str | None:
     spec = importlib.util.spec_from_file_location("peers_h200", peers_path)
     peers_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peers_mod)
+    load_gemlite_configs()
     torch._dynamo.config.recompile_limit = 10**4
     torch._dynamo.config.accumulated_recompile_limit = 10**5
-    try:
-        for _, N, K in SHAPES:
+    failures = []  # one M that fails (torchao's int8 at M <= 16) must not leave the other Ms and shapes cold
+    for _, N, K in SHAPES:
+        try:
             fn = peer_fn(peers_mod, kind, N, K)
-            with torch.no_grad():
-                for M in ms:
-                    if M not in PEER_SKIP_M.get(kind, ()):
+        except Exception as e:
+            failures.append(f"N={N} K={K}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        for M in ms:
+            if M not in PEER_SKIP_M.get(kind, ()):
+                try:
+                    with torch.no_grad():
                         fn(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
-            del fn
-            torch._dynamo.reset()
-    except Exception as e:
-        return f"{kind}: {type(e).__name__}: {str(e)[:200]}"
-    return None
+                except Exception as e:
+                    failures.append(f"N={N} K={K} M={M}: {type(e).__name__}: {str(e)[:120]}")
+        del fn
+        torch._dynamo.reset()
+    return f"{kind}: " + "; ".join(failures[:3]) if failures else None
+
+
+def gemlite_config_path() -> Path:
+    return Path(os.environ.get("QCOMPILE_CACHE_DIR", ".cache/qcompile")) / "gemlite_configs.json"
+
+
+def load_gemlite_configs() -> None:
+    """gemlite's autotuned configs from an earlier run on this GPU, as ours come from our tuning cache: both sides
+    then spend the run timing, not tuning (gemlite tunes what the file lacks)."""
+    if gemlite_config_path().exists():
+        import gemlite
+
+        gemlite.load_config(str(gemlite_config_path()))
+
+
+def save_gemlite_configs() -> None:
+    if "gemlite" in sys.modules:
+        gemlite_config_path().parent.mkdir(parents=True, exist_ok=True)
+        sys.modules["gemlite"].cache_config(str(gemlite_config_path()))
 
 
 def warm_peers(peers_path: str, kinds: list[str]):
@@ -281,6 +306,7 @@ def main():
     ap.add_argument("--only-cached", action="store_true", help="compile only the configs the cache chose")
     ap.add_argument("--skip-peers-after-ours", action="store_true")
     ap.add_argument("--wait-for", default=None, help="a pid to wait for before timing (a GPU test run)")
+    ap.add_argument("--peer-kinds", default=None, help="comma-separated peers to run (default: every peer of --schemes)")
     a = ap.parse_args()
     MS[:] = [int(m) for m in a.ms.split(",")]
     out = Path(a.out)
@@ -291,6 +317,8 @@ def main():
     torch._dynamo.config.accumulated_recompile_limit = 10**5
 
     wanted = [k for k in PEER_ORDER if k in {p for n in names for p in PEERS.get(n, [])}]
+    if a.peer_kinds:
+        wanted = [k for k in wanted if k in a.peer_kinds.split(",")]
     warming = warm_peers(a.peers, wanted) if a.peers else None
     failures = precompile(names, a.workers, a.only_cached)
     print(f"precompiled in {time.time() - start:.0f} s; {len(failures)} configs failed", flush=True)
@@ -310,6 +338,7 @@ def main():
         spec = importlib.util.spec_from_file_location("peers_h200", a.peers)
         peers_mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(peers_mod)
+        load_gemlite_configs()
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__, "rows": [], "precompile_failures": failures,
               "peer_warm_failures": warm_failures}
@@ -335,6 +364,7 @@ def main():
     def save():  # the JSON and the table so far: a run stopped by its time limit keeps what it measured
         (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
         (out / "linear_h200.md").write_text(markdown(result) + "\n")
+        save_gemlite_configs()
 
     save()
     if peers_mod is not None and not a.skip_peers_after_ours:

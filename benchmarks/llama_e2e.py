@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import datetime
+import faulthandler
 import gc
 import inspect
 import io
@@ -46,6 +48,7 @@ import json
 import os
 import platform
 import pstats
+import signal
 import subprocess
 import sys
 import time
@@ -308,13 +311,13 @@ def first_call(call, result: dict, device, label: str) -> dict:
     profiler = cProfile.Profile() if PROFILE_COMPILE is not None else None
     start = time.perf_counter()
     if profiler is not None:
-        profiler.enable()
-    call()
-    sync(device)
+        with profiling(profiler, PROFILE_COMPILE / label.replace(" ", "_").replace("()", "")):
+            call()
+            sync(device)
+    else:
+        call()
+        sync(device)
     seconds = time.perf_counter() - start
-    if profiler is not None:
-        profiler.disable()
-        write_profile(profiler, PROFILE_COMPILE / (label.replace(" ", "_").replace("()", "") + ".txt"))
     result["compile"] = compile_report(before, compile_snapshot(), seconds)
     result["peak_first_gb"] = gb(peak(device))
     log(f"  {label}: first call {seconds:.1f} s {short_compile(result['compile'])}")
@@ -324,13 +327,43 @@ def first_call(call, result: dict, device, label: str) -> dict:
 PROFILE_COMPILE: Path | None = None  # --profile-compile: where first calls' profiles go
 
 
+@contextlib.contextmanager
+def profiling(profiler: cProfile.Profile, stem: Path, every_s: float = 15.0):
+    """Profile the block into STEM.txt / STEM.prof, and every EVERY_S seconds append every thread's stack to
+    STEM.stacks.txt (a sampling view that holds even if the block never ends). If a time limit ends the process
+    (SIGTERM, as `timeout` sends), the profile so far is written before it exits."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stacks = open(stem.with_suffix(".stacks.txt"), "w")
+    faulthandler.dump_traceback_later(every_s, repeat=True, file=stacks)
+
+    def on_term(signum, frame):
+        profiler.disable()
+        write_profile(profiler, stem.with_suffix(".txt"))
+        faulthandler.dump_traceback(file=stacks)
+        stacks.flush()
+        os._exit(124)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        signal.signal(signal.SIGTERM, previous)
+        faulthandler.cancel_dump_traceback_later()
+        stacks.close()
+        write_profile(profiler, stem.with_suffix(".txt"))
+
+
 def write_profile(profiler: cProfile.Profile, path: Path) -> None:
-    """The functions a first call spent its time in, by cumulative and by own time (cProfile's text)."""
+    """The functions a first call spent its time in, by cumulative and by own time (cProfile's text), and the
+    raw profile beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     for order in ("cumulative", "tottime"):
-        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(120)
     path.write_text(text.getvalue())
+    profiler.dump_stats(path.with_suffix(".prof"))  # the whole profile, for pstats / snakeviz
     log(f"  profile of the first call -> {path}")
 
 

@@ -112,9 +112,15 @@ def dequantize_nvfp4(packed, block_scale, tensor_scale, dtype):
 def matmul_int8(a, b):
     """int8 [..., K] x int8 [N, K] -> exact int32 [..., N]."""
     rows = _flat(a)
-    if rows.shape[0] == 1:  # ATen's CPU _int_mm misreads a single row of stride 0, as Inductor may lay one out
-        return torch._int_mm(torch.cat([rows, rows]), b.t())[:1].reshape(*a.shape[:-1], b.shape[0])
-    return torch._int_mm(rows, b.t()).reshape(*a.shape[:-1], b.shape[0])
+    m, (n, k) = rows.shape[0], b.shape
+    if rows.is_cuda and (k % 8 or n % 8):  # cuBLAS's int8 GEMM wants K and N in multiples of 8: exact in float64
+        return (rows.double() @ b.double().t()).to(torch.int32).reshape(*a.shape[:-1], n)
+    # CUDA's _int_mm wants more than 16 rows; ATen's CPU one misreads a single row of stride 0 (as Inductor may
+    # lay one out): pad with zero rows into a fresh tensor
+    min_rows = 17 if rows.is_cuda else 2
+    if m < min_rows:
+        rows = torch.cat([rows, rows.new_zeros(min_rows - m, k)])
+    return torch._int_mm(rows, b.t())[:m].reshape(*a.shape[:-1], n)
 
 
 @_op("matmul_float8(Tensor a, Tensor b) -> Tensor")
