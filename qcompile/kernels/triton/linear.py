@@ -59,6 +59,12 @@ class LinearSpec:
         return PLANES_MIN_DOT_K * 32 // (self.bits & -self.bits)
 
     @property
+    def elementwise_gemv(self) -> bool:
+        """At M=1 the weights take the elementwise GEMV (products summed in a [BLOCK_N, BLOCK_K] tile), not a word
+        GEMV (int4 / intx / int8 words decoded per group) — gemm.quantized_linear_kernel's last branch."""
+        return self.weight_format in ("fp8", "mxfp8", "nvfp4", "codebook")
+
+    @property
     def scales_per_group_in_loop(self) -> bool:
         return self.gemm_activation != "float" and self.weight_format == "intx"
 

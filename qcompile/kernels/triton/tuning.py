@@ -61,6 +61,11 @@ _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4
          (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2),
          (64, 512, 4, 4, 2), (64, 128, 4, 4, 2), (128, 512, 4, 4, 2),
          (128, 128, 4, 2, 3), (128, 128, 8, 2, 3), (256, 128, 4, 4, 3), (64, 128, 8, 1, 3)]
+# GEMVs of a few rows over a whole K row (gemlite's fp8 shape at M=1, 63 us a layer against our 93): thousands of
+# small programs, no split-K partials. For the elementwise GEMV only (fp8 / microscaling / codebook weights): the
+# word GEMVs (int4, intx, int8) need wide row blocks to amortise their per-word work (int8 at 2 rows: 10 SASS
+# instructions per weight against 5.7)
+_GEMV_ROWS = [(2, 4096, 1, 8, 1), (4, 4096, 1, 8, 1), (2, 2048, 1, 4, 1), (4, 2048, 1, 4, 1), (8, 1024, 1, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
           (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
@@ -91,7 +96,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     elif bucket <= 256:
         swapped = _SWAPPED_MEDIUM
     if bucket == 1:
-        configs = [KernelConfig(1, *c) for c in _GEMV]
+        configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.elementwise_gemv else [])]
     elif bucket == 16:
         configs = [KernelConfig(16, *c) for c in _SMALL]
     else:
