@@ -110,7 +110,7 @@ def _precompile_one(task):
 def precompile(names, workers: int, only_cached: bool) -> list[str]:
     """Compile every candidate config (or, with only_cached, the configs the disk cache already chose)."""
     from qcompile.kernels.triton.ops import spec_for
-    from qcompile.kernels.triton.tuning import candidates, select_config
+    from qcompile.kernels.triton.tuning import candidates, select_config, untried_candidates
 
     tasks = set()
     device_name = torch.cuda.get_device_name()
@@ -119,8 +119,9 @@ def precompile(names, workers: int, only_cached: bool) -> list[str]:
         qw, sc, zr, aux, act, fmt, bits, group = fused_linear_args(name, w)
         spec = spec_for(act, fmt, bits, group, sc, zr, None)
         for M in MS:
-            if only_cached:
-                chosen = [select_config(spec, M, N, K, device_name, None) for _, N, K in SHAPES]
+            if only_cached:  # the cached choices, and the candidates added since (the timing measures them)
+                chosen = [c for _, N, K in SHAPES for c in [select_config(spec, M, N, K, device_name, None),
+                                                            *untried_candidates(spec, M, N, K, device_name)]]
             else:
                 chosen = candidates(spec, M, 4096, 4096)
             tasks |= {(name, M, c) for c in chosen if not c.library}
@@ -303,7 +304,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=420, help="stop timing qcompile after this many seconds")
     ap.add_argument("--peer-budget-s", type=float, default=150)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    ap.add_argument("--only-cached", action="store_true", help="compile only the configs the cache chose")
+    ap.add_argument("--only-cached", action="store_true",
+                    help="compile only the configs the cache chose and the candidates they never met")
     ap.add_argument("--skip-peers-after-ours", action="store_true")
     ap.add_argument("--wait-for", default=None, help="a pid to wait for before timing (a GPU test run)")
     ap.add_argument("--peer-kinds", default=None, help="comma-separated peers to run (default: every peer of --schemes)")

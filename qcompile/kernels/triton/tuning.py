@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -123,8 +123,14 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     return kept
 
 
+def config_id(config: KernelConfig) -> str:
+    """A short, stable name for one candidate: a cache entry lists the candidates its choice was measured against."""
+    return hashlib.sha256(repr(astuple(config)).encode()).hexdigest()[:10]
+
+
 class ConfigCache:
-    """Chosen configs by key, mirrored to one JSON file (merged on write, so processes can share it)."""
+    """Chosen configs by key, each with the ids of the candidates it beat, mirrored to one JSON file (merged on
+    write, so processes can share it)."""
 
     def __init__(self, path: Path | None = None):
         root = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile"))
@@ -138,17 +144,23 @@ class ConfigCache:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def get(self, key: str) -> KernelConfig | None:
+    def get_entry(self, key: str) -> tuple[KernelConfig, frozenset[str]] | None:
         with self._lock:
             if self._entries is None:
                 self._entries = self._load()
             entry = self._entries.get(key)
-        return KernelConfig(**entry) if entry is not None else None
+        if entry is None or "config" not in entry:  # not this format's: tuned again
+            return None
+        return KernelConfig(**entry["config"]), frozenset(entry["tried"])
 
-    def put(self, key: str, config: KernelConfig) -> None:
+    def get(self, key: str) -> KernelConfig | None:
+        entry = self.get_entry(key)
+        return entry[0] if entry is not None else None
+
+    def put(self, key: str, config: KernelConfig, tried: frozenset[str]) -> None:
         with self._lock:
             entries = self._load()
-            entries[key] = asdict(config)
+            entries[key] = {"config": asdict(config), "tried": sorted(tried)}
             self._entries = entries
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
@@ -162,11 +174,14 @@ CACHE = ConfigCache()
 
 @functools.lru_cache(None)
 def template_version() -> str:
-    """A hash of the Triton kernels' sources (this folder): a choice tuned for other kernel code is not
-    reused — after an edit the fastest config can differ (session 4's new GEMV would have kept old picks)."""
+    """A hash of the Triton kernels' sources (this folder but this file): a choice tuned for other kernel code is
+    not reused — after an edit the fastest config can differ (session 4's new GEMV would have kept old picks).
+    The candidate lists here are not hashed: a cache entry names the candidates it was measured against, and a
+    new candidate is measured against the cached choice alone (select_config)."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
+        if path.name != Path(__file__).name:
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -175,16 +190,32 @@ def cache_key(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> str
             f"|N{N}|K{K}")
 
 
+def untried_candidates(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> list[KernelConfig]:
+    """The candidates that select_config would measure now: all of them without a cached choice, else those the
+    choice never met."""
+    options = candidates(spec, M, N, K)
+    entry = CACHE.get_entry(cache_key(spec, M, N, K, device_name))
+    return options if entry is None else [c for c in options if config_id(c) not in entry[1]]
+
+
 def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
                   measure: Callable[[KernelConfig], float] | None) -> KernelConfig:
-    """The cached choice, else the fastest candidate by `measure` (seconds), else the first candidate."""
+    """The cached choice (measured against candidates added since, when `measure` is given), else the fastest
+    candidate by `measure` (seconds), else the first candidate."""
     key = cache_key(spec, M, N, K, device_name)
-    cached = CACHE.get(key)
-    if cached is not None:
-        return cached
     options = candidates(spec, M, N, K)
-    if measure is None or os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0" or len(options) == 1:
+    can_measure = measure is not None and os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
+    entry = CACHE.get_entry(key)
+    if entry is not None:
+        cached, tried = entry
+        new = [c for c in options if config_id(c) not in tried]
+        if not new or not can_measure:
+            return cached
+        options = [cached] + new  # timings of another process are not comparable: the choice is timed again
+    elif not can_measure or len(options) == 1:
         return options[0]
+    else:
+        tried = frozenset()
     timings = []
     for config in options:
         try:
@@ -194,5 +225,5 @@ def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
     if not timings:
         return options[0]
     best = min(timings, key=lambda t: t[0])[1]
-    CACHE.put(key, best)
+    CACHE.put(key, best, tried | {config_id(c) for c in options})
     return best

@@ -55,7 +55,8 @@ def test_tuning_tensors_keep_shape_dtype_strides_and_are_filled_in_blocks(monkey
 
 
 def test_an_edited_kernel_is_tuned_again(tmp_path, monkeypatch):
-    """Choices are keyed by a hash of the kernel sources: one tuned for other kernel code is not reused."""
+    """Choices are keyed by a hash of the kernel sources (not of the candidate lists in tuning.py): one tuned for
+    other kernel code is not reused."""
     monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache(tmp_path / "configs.json"))
     spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128)
     options = tuning.candidates(spec, 1, 4096, 4096)
@@ -66,3 +67,33 @@ def test_an_edited_kernel_is_tuned_again(tmp_path, monkeypatch):
     measured = []
     tuning.select_config(spec, 1, 4096, 4096, "H200", lambda c: measured.append(c) or 1.0)
     assert measured == options  # tuned again, not read back
+
+
+def test_a_new_candidate_meets_the_cached_choice_alone(tmp_path, monkeypatch):
+    """A candidate added after tuning is measured against the cached choice only (timed again beside it), and
+    wins only if faster; once measured, nothing is tuned again."""
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache(tmp_path / "configs.json"))
+    spec = LinearSpec("float", "fp8")
+    options = tuning.candidates(spec, 1, 4096, 4096)
+    chosen = options[3]
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", lambda c: 1.0 if c == chosen else 2.0) == chosen
+    added = tuning.KernelConfig(1, 16, 64, 1, num_warps=2, num_stages=1)
+    assert added not in options
+    monkeypatch.setattr(tuning, "candidates", lambda *args: options + [added])
+    assert tuning.untried_candidates(spec, 1, 4096, 4096, "H200") == [added]
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", None) == chosen  # nothing to measure with: cached
+    measured = []
+
+    def measure(config):
+        measured.append(config)
+        return 0.5 if config == added else 1.0
+
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", measure) == added
+    assert measured == [chosen, added]
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache(tmp_path / "configs.json"))  # a new process
+
+    def must_not_measure(config):
+        raise AssertionError("tuned again despite the cache")
+
+    assert tuning.select_config(spec, 1, 4096, 4096, "H200", must_not_measure) == added
+    assert tuning.untried_candidates(spec, 1, 4096, 4096, "H200") == []
