@@ -175,6 +175,7 @@ def compile_snapshot() -> dict:
             "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
             "fx_cache_hits": counters["inductor"].get("fxgraph_cache_hit", 0),
             "fx_cache_misses": counters["inductor"].get("fxgraph_cache_miss", 0),
+            "aot_cache_hits": counters["aot_autograd"].get("autograd_cache_hit", 0),
             "autotuned_linear_configs": autotune_entries()}
 
 
@@ -202,8 +203,9 @@ def compile_report(before: dict, after: dict, first_call_s: float) -> dict:
               "inductor_s": minus(t["inductor"], 0), "inductor_codegen_s": minus(t["inductor_codegen"], 0),
               "kernel_compile_wait_s": minus(t["kernel_compile_wait"], 0),
               "first_run_and_rest_s": minus(first_call_s, t["dynamo"])}
-    for key in ("graphs", "graph_breaks", "fx_cache_hits", "fx_cache_misses"):
-        report[key] = after[key] - before[key]
+    for key in ("graphs", "graph_breaks", "fx_cache_hits", "fx_cache_misses", "aot_cache_hits"):
+        if key in before and key in after:  # results of older runs lack the AOT count
+            report[key] = after[key] - before[key]
     if after["autotuned_linear_configs"] is not None:
         tuned_before = before["autotuned_linear_configs"] or 0
         report["autotuned_linear_configs"] = after["autotuned_linear_configs"] - tuned_before
@@ -707,8 +709,8 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
               "generate(1)) at batch 1, with a StaticCache allocated once and passed to every generate() call.", "",
               "Where compile time goes (first call of each phase, seconds; Dynamo's own timers):", "",
               "| row | phase | first call | Dynamo trace | backend outside Inductor (qcompile pass) | Inductor "
-              "(codegen, kernel-compile wait) | run + rest | autotuned linear configs | FX-cache hits |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "(codegen, kernel-compile wait) | run + rest | autotuned linear configs | FX-cache hits | AOT-cache hits |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
     for name in order:
         for phase in PHASES:
@@ -719,7 +721,7 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
                          f"{fmt(comp['backend_outside_inductor_s'])} | {fmt(comp['inductor_s'])} "
                          f"({fmt(comp['inductor_codegen_s'])}, {fmt(comp['kernel_compile_wait_s'])}) | "
                          f"{fmt(comp['first_run_and_rest_s'])} | {comp.get('autotuned_linear_configs', '—')} | "
-                         f"{comp['fx_cache_hits']} |")
+                         f"{comp['fx_cache_hits']} | {comp.get('aot_cache_hits', '—')} |")
     lines += targets(rows)
     problems = [f"- {name} {phase}: {r['error'][:300]}" for name in order
                 for phase, r in rows[name]["phases"].items() if "error" in r]

@@ -60,7 +60,12 @@ def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list, wrap=None) -> torch
     if wrap is not None:
         run = wrap(run)
     with torch.fx.traceback.preserve_node_meta(), torch.no_grad():
-        return make_fx(run, tracing_mode="symbolic", record_module_stack=False)(*fake_args)
+        traced = make_fx(run, tracing_mode="symbolic", record_module_stack=False)(*fake_args)
+    # make_fx leaves its ShapeEnv on the module; AOTAutograd's cache key pickles the module's attributes and the
+    # ShapeEnv pickles differently every time, so the cache never hit (AOTAutograd retraced every graph, custom
+    # ops and Triton kernel analyses included). Nothing downstream reads it: AOTAutograd traces its own.
+    traced.__dict__.pop("shape_env", None)
+    return traced
 
 
 @functools.lru_cache(None)

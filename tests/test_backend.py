@@ -266,3 +266,44 @@ def test_large_weights_quantized_in_row_blocks_give_the_same_tensors(scheme, mon
     assert whole.keys() == blocks.keys()
     for name in whole:
         assert torch.equal(whole[name], blocks[name]), f"{scheme}: {name}"
+
+
+def test_a_second_compile_of_the_same_model_hits_aotautograds_cache():
+    """AOTAutograd's cache key pickles the graph module handed to it: our aten trace must not carry make_fx's
+    ShapeEnv (it pickled differently every time, so every warm compile retraced the whole graph)."""
+    from torch._dynamo.utils import counters
+
+    def compile_once():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+        with torch.no_grad():
+            torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(torch.randn(3, 64))
+
+    torch._dynamo.reset()
+    compile_once()
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    torch._dynamo.reset()
+    compile_once()
+    assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1
+
+
+def test_an_edited_kernel_misses_aotautograds_cache(monkeypatch):
+    """AOTAutograd's cache key covers Inductor's config, our kernel-source stamp pass included: a graph compiled
+    with other kernel or reference-op sources is not served."""
+    from torch._dynamo.utils import counters
+
+    from qcompile import _compat
+
+    def compile_once():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32)).eval()
+        with torch.no_grad():
+            torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(torch.randn(3, 64))
+
+    torch._dynamo.reset()
+    compile_once()
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    monkeypatch.setattr(_compat, "_kernel_sources_hash", lambda: b"edited kernels")
+    torch._dynamo.reset()
+    compile_once()
+    assert counters["aot_autograd"]["autograd_cache_hit"] == hits
