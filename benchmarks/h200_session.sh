@@ -1,7 +1,7 @@
 # Helpers for one call of the device tool on the H200: source it, then run stages, each under its own time limit,
 # so that one slow stage cannot eat the others' time and every stage's output lands in $OUT.
 #
-#   device run, carry [".whl", ".cache/qcompile"]:
+#   device run, carry [".whl", ".cache"]:
 #     source benchmarks/h200_session.sh
 #     stage 220 tests   python -m pytest -m gpu tests/kernels/triton tests/test_cudagraphs.py -n 8 -v
 #     stage 300 linear  python benchmarks/linear_h200.py --out $OUT/linear --peers .whl/peers_h200.py ...
@@ -21,6 +21,9 @@ python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /d
     || echo "h200_session: installing .whl/*.whl into /tmp/site failed" >&2
 export PYTHONPATH=$PWD:/tmp/site:$PWD/.whl/src
 export QCOMPILE_CACHE_DIR=$PWD/.cache/qcompile
+# Inductor's caches (FX graphs, AOTAutograd entries, Triton binaries) in the working tree too: carry ".cache" and a
+# fresh machine compiles nothing it compiled before (save_inductor_cache brings them back, within the carry limit)
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 mkdir -p "$QCOMPILE_CACHE_DIR" "$OUT"
 # seed the caches with the H200 choices committed in benchmarks/h200_cache (entries already here win): ours are
 # keyed by a hash of the kernels' sources, so a kernel edit makes them unused; gemlite's are keyed by shape only
@@ -53,4 +56,14 @@ save_tuning() {
     mkdir -p "$OUT/tuning"
     cp "$QCOMPILE_CACHE_DIR"/*.json "$OUT/tuning/" 2>/dev/null || true
     cat "$OUT/stages.txt"
+}
+
+# save_inductor_cache [MAX_MB]: Inductor's cache as $OUT/inductor_cache.tgz when it compresses under MAX_MB
+# (default 40: the device tool carries 64 MiB in all); here, `tar -xzf <files_at>/inductor_cache.tgz -C .cache`.
+save_inductor_cache() {
+    local max_mb=${1:-40}
+    tar -czf /tmp/inductor_cache.tgz -C .cache inductor 2>/dev/null || return 0
+    local mb=$(( $(stat -c %s /tmp/inductor_cache.tgz) / 1048576 ))
+    if [ "$mb" -lt "$max_mb" ]; then cp /tmp/inductor_cache.tgz "$OUT/"; else
+        echo "inductor cache ${mb} MB compressed: not saved (limit ${max_mb} MB)" >> "$OUT/stages.txt"; fi
 }
