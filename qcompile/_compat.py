@@ -46,13 +46,61 @@ def dynamo_example_value(node: torch.fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+class _RegionInliner(torch.fx.Interpreter):
+    """Runs a Dynamo graph with every `torch.compiler.nested_compile_region` call (the invoke_subgraph HOP) run as
+    its subgraph's own ops, so the aten trace inlines them: each call site's linears then match with their own
+    weights. Kept as a HOP, the regions' bodies reached Inductor pre-traced to aten, which its invoke_subgraph
+    lowering does not take (torch 2.13: "both a fallback and a decomp for same op: aten.t"). Dynamo traces a
+    region's body at one call site and reuses it at the others, so the body's nn_module_stack names that site's
+    modules: while a site runs, the body's stacks are rewritten to name its own (the pass names nodes by them)."""
+
+    def run_node(self, n):
+        self._site = n
+        return super().run_node(n)
+
+    def call_function(self, target, args, kwargs):
+        if target is not torch.ops.higher_order.invoke_subgraph:
+            return super().call_function(target, args, kwargs)
+        subgraph, _identifier, *operands = args
+        site_stack = self._site.meta.get("nn_module_stack") or {}
+        saved = {node: node.meta.get("nn_module_stack") for node in subgraph.graph.nodes}
+        try:
+            for node, stack in saved.items():
+                if stack and site_stack:
+                    node.meta["nn_module_stack"] = _restack(stack, site_stack)
+            return _RegionInliner(subgraph).run(*operands)
+        finally:
+            for node, stack in saved.items():
+                if stack is not None:
+                    node.meta["nn_module_stack"] = stack
+
+
+def _restack(stack: dict, site_stack: dict) -> dict:
+    """A region body node's nn_module_stack as seen from another call site: the site's own stack, then the body's
+    entries below the region's root module with the root's path replaced by the site's."""
+    depth = len(site_stack)
+    entries = list(stack.items())
+    if len(entries) < depth:
+        return dict(site_stack)
+    root_path = entries[depth - 1][1][0]
+    site_path = list(site_stack.values())[-1][0]
+    inner = {key.replace(root_path, site_path): (path.replace(root_path, site_path, 1), *rest)
+             for key, (path, *rest) in entries[depth:]}
+    return {**site_stack, **inner}
+
+
+def has_compile_regions(gm: torch.fx.GraphModule) -> bool:
+    """Whether a Dynamo graph calls `torch.compiler.nested_compile_region` bodies (trace_to_aten inlines them)."""
+    return bool(gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph))
+
+
 def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list, wrap=None) -> torch.fx.GraphModule:
     """Trace a Dynamo graph into an aten-level graph on the same fake inputs (same symbolic shapes), without
     functionalization or Inductor's decompositions: linear becomes t + mm/addmm (+ views), as AOTAutograd
     would see it. Node metadata (nn_module_stack, stack traces) is carried over from the Dynamo nodes.
     `wrap(run)`, if given, turns the graph's function into the one to trace (over `fake_args`), e.g.
     `distributed.LocalSignature.traced`: the graph over DTensors' local shards."""
-    interpreter = torch.fx.Interpreter(gm)
+    interpreter = _RegionInliner(gm)
 
     def run(*args):
         return interpreter.run(*args)

@@ -139,6 +139,10 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
         fake_args = signature.fake_inputs(fake_args)
         weights = signature.local_weights(weights)
         example_inputs = signature.flatten(example_inputs)
+    if _compat.has_compile_regions(gm):
+        warnings.warn("qcompile: the graph calls torch.compiler.nested_compile_region regions; they are inlined and "
+                      "compiled at every call site (each site's linears have their own quantized weights), so "
+                      "the region saves no compile time here", stacklevel=2)
     aten_gm = _compat.trace_to_aten(gm, fake_args, wrap=signature.traced if signature is not None else None)
     aten_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(aten_placeholders) != len(example_inputs):

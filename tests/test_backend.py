@@ -307,3 +307,28 @@ def test_an_edited_kernel_misses_aotautograds_cache(monkeypatch):
     torch._dynamo.reset()
     compile_once()
     assert counters["aot_autograd"]["autograd_cache_hit"] == hits
+
+
+def test_nested_compile_regions_are_inlined_with_each_sites_weights():
+    """A model whose blocks are `torch.compiler.nested_compile_region`s (Dynamo traces one body and calls it at
+    every block): each block's linears quantize with their own weights and keep their own module names, with a
+    warning that the region is inlined (it crashed in Inductor before)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(64, 96), nn.Linear(96, 64)
+
+        @torch.compiler.nested_compile_region
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block() for _ in range(3)]).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+        with pytest.warns(UserWarning, match="nested_compile_region regions; they are inlined"):
+            report = qcompile.diff(model, (x,), {"scheme": "int8_weight_only"})
+        out = torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(x)
+    assert [layer.module for layer in report.layers] == [f"{i}.{name}" for i in range(3) for name in ("up", "down")]
+    assert 35 < sqnr_db(expected, out) < 80  # int8 weights' noise: quantized, and right
