@@ -2,6 +2,7 @@
 options errors, and what happens to the float weights."""
 import subprocess
 import sys
+import uuid
 import warnings
 
 import pytest
@@ -268,45 +269,35 @@ def test_large_weights_quantized_in_row_blocks_give_the_same_tensors(scheme, mon
         assert torch.equal(whole[name], blocks[name]), f"{scheme}: {name}"
 
 
+def _aot_cache_hits_of_a_fresh_compile(hidden: int) -> int:
+    """Compiles a small model from scratch (Dynamo reset), returns how many AOTAutograd cache hits that added."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 32)).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(torch.randn(3, 64))
+    return counters["aot_autograd"]["autograd_cache_hit"] - hits
+
+
 def test_a_second_compile_of_the_same_model_hits_aotautograds_cache():
     """AOTAutograd's cache key pickles the graph module handed to it: our aten trace must not carry make_fx's
     ShapeEnv (it pickled differently every time, so every warm compile retraced the whole graph)."""
-    from torch._dynamo.utils import counters
-
-    def compile_once():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
-        with torch.no_grad():
-            torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(torch.randn(3, 64))
-
-    torch._dynamo.reset()
-    compile_once()
-    hits = counters["aot_autograd"]["autograd_cache_hit"]
-    torch._dynamo.reset()
-    compile_once()
-    assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1
+    _aot_cache_hits_of_a_fresh_compile(64)
+    assert _aot_cache_hits_of_a_fresh_compile(64) == 1
 
 
 def test_an_edited_kernel_misses_aotautograds_cache(monkeypatch):
     """AOTAutograd's cache key covers Inductor's config, our kernel-source stamp pass included: a graph compiled
     with other kernel or reference-op sources is not served."""
-    from torch._dynamo.utils import counters
-
     from qcompile import _compat
 
-    def compile_once():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32)).eval()
-        with torch.no_grad():
-            torch.compile(model, backend="qcompile", options={"scheme": "int8_weight_only"})(torch.randn(3, 64))
-
-    torch._dynamo.reset()
-    compile_once()
-    hits = counters["aot_autograd"]["autograd_cache_hit"]
-    monkeypatch.setattr(_compat, "_kernel_sources_hash", lambda: b"edited kernels")
-    torch._dynamo.reset()
-    compile_once()
-    assert counters["aot_autograd"]["autograd_cache_hit"] == hits
+    _aot_cache_hits_of_a_fresh_compile(48)
+    edited = f"edited kernels {uuid.uuid4()}".encode()  # new every run: Inductor's cache outlives the test session
+    monkeypatch.setattr(_compat, "_kernel_sources_hash", lambda: edited)
+    assert _aot_cache_hits_of_a_fresh_compile(48) == 0
 
 
 def test_nested_compile_regions_are_inlined_with_each_sites_weights():
