@@ -35,7 +35,8 @@ def test_a_quantized_row_runs_and_renders(tmp_path):
     decode = record["phases"]["decode_b1"]
     assert decode["tok_s"] > 0 and len(decode["times_s"]) == 2
     assert (decode["graphs_compiled"], decode["graph_breaks"]) == (1, 0)  # one graph serves every position
-    assert decode["compile"]["inductor_s"] > 0
+    compiled = decode["compile"]  # compiled by Inductor, or served whole by AOTAutograd's cache (an earlier run's)
+    assert compiled["first_call_s"] > 0 and ((compiled["inductor_s"] or 0) > 0 or compiled["aot_cache_hits"] == 1)
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nearlier sections")
     assert "| qcompile int8_weight_only | int8, per row (sym) | bf16 | — |" in text
