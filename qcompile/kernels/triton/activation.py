@@ -27,9 +27,27 @@ def _ceil_log2(v):
 
 
 @triton.jit
+def fp8_scale(amax, x_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The e4m3 scale of values whose largest magnitude is amax: amax / 448 rounded to the activation's dtype,
+    as torch divides bf16 / fp16 tensors (quant/float8.py), at least FLOAT8_EPS."""
+    return tl.maximum(cast_to(amax / E4M3_MAX, x_dtype, BF16_BY_BITS).to(tl.float32), FLOAT8_EPS)
+
+
+@triton.jit
+def quantize_e4m3(x, scale, HW_FP8: tl.constexpr):
+    """x / scale on the e4m3 grid (saturated at ±448), as float32. HW_FP8: the GPU's conversion (sm_89+
+    `cvt.rn.satfinite.e4m3x2.f32`, two values an instruction; round to nearest even like round_to_e4m3, which
+    the interpreter runs: its fp8 casts are not that rounding)."""
+    v = tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX)
+    if HW_FP8:
+        return v.to(tl.float8e4nv).to(tl.float32)
+    return round_to_e4m3(v)
+
+
+@triton.jit
 def quantize_activation_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, tensor_amax_ptr, K, stride_xm, stride_qm,
                                FORMAT: tl.constexpr, BLOCK_K: tl.constexpr, DEQUANTIZE: tl.constexpr,
-                               BF16_BY_BITS: tl.constexpr):
+                               BF16_BY_BITS: tl.constexpr, HW_FP8: tl.constexpr):
     """DEQUANTIZE (int8 / fp8 formats): write (q - zero) * scale in q_ptr's dtype (x's) instead of q, scale and
     zero: the activation a float GEMM (dequantize-then-cuBLAS) multiplies, in one pass."""
     row = tl.program_id(0)
@@ -53,10 +71,8 @@ def quantize_activation_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, tensor_amax_pt
                 amax = tl.max(tl.abs(x), axis=0)
             else:
                 amax = tl.load(tensor_amax_ptr).to(tl.float32)
-            # amax / 448 rounded to the activation's dtype, as torch divides bf16 / fp16 tensors (quant/float8.py)
-            scale = tl.maximum(cast_to(amax / E4M3_MAX, x_ptr.dtype.element_ty, BF16_BY_BITS).to(tl.float32),
-                               FLOAT8_EPS)
-            q = round_to_e4m3(tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX))
+            scale = fp8_scale(amax, x_ptr.dtype.element_ty, BF16_BY_BITS)
+            q = quantize_e4m3(x, scale, HW_FP8)
         if DEQUANTIZE:
             tl.store(q_ptrs, cast_to((q - zero) * scale, q_ptr.dtype.element_ty, BF16_BY_BITS), mask=in_row)
         else:

@@ -7,7 +7,9 @@ out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: sub-byte
 weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx),
 and split-K (SPLIT_K > 1: each split stores its fp32 partial [M, N] in its slice of out [SPLIT_K, M, N]; the
-caller sums them: no zero-filled buffer, no atomics, the same answer every run). The epilogue applies the
+caller sums them: no zero-filled buffer, no atomics, the same answer every run). A_FUSED (float8_dynamic per row
+at M=1): the elementwise GEMV takes x in its own dtype and quantizes it to e4m3 itself, the row's scale from a
+first pass over K — one launch instead of the activation kernel's and the GEMV's. The epilogue applies the
 activation's row/tensor scale, the weight's row/tensor scale and the bias in float32 and casts once.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .activation import fp8_scale, quantize_e4m3
 from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_plane, decode_planes_ptx,
                       load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
@@ -366,7 +369,8 @@ def quantized_linear_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, PLANES: tl.constexpr, JOIN_PLANES: tl.constexpr,
         USE_PTX: tl.constexpr,
-        DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+        DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+        A_FUSED: tl.constexpr):  # the elementwise GEMV quantizes x (in its own dtype) to e4m3 per row itself
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -440,13 +444,23 @@ def quantized_linear_kernel(
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (no
         # zero-point activation reaches the GEMVs but the DP4A one: int8_asym comes only with intx weights)
         row = pid_m % M
+        if A_FUSED:  # the row's e4m3 scale from its largest magnitude over all of K (every split reads the row)
+            amax = 0.0
+            for k0 in range(0, K, BLOCK_K):
+                amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_ptr + row * stride_xm + k0 + offs_k)
+                                                      .to(tl.float32)), axis=0))
+            a_scale = fp8_scale(amax, x_ptr.dtype.element_ty, BF16_BY_BITS)
         acc_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             a = tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32)
+            if A_FUSED:
+                a = quantize_e4m3(a, a_scale, USE_PTX)
             w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn, stride_pn,
                                  stride_pg, W_FORMAT, BITS, GROUP_SIZE, W_HAS_ZERO, RAW, BLOCK_K)
             acc_tile += to_float(w) * a[None, :]
         acc = tl.sum(acc_tile, axis=1)[None, :]
+        if A_FUSED:  # where the epilogue applies a row scale, in the same order
+            acc = acc * a_scale
 
     out = acc.to(tl.float32)
     if A_SCALE == "row":

@@ -126,7 +126,7 @@ def quantize_activation(x: torch.Tensor, activation: str, dequantize: bool = Fal
         zero = torch.empty((M,), dtype=torch.int32, device=x.device)
     wrap_triton(quantize_activation_kernel)[(M,)](
         x, q, scale, zero, tensor_amax, K, x.stride(0), q.stride(0), FORMAT=activation, BLOCK_K=block_k,
-        DEQUANTIZE=dequantize, BF16_BY_BITS=_interpreting(),
+        DEQUANTIZE=dequantize, BF16_BY_BITS=_interpreting(), HW_FP8=not _interpreting(),
         num_warps=4 if block_k <= 4096 else 8)
     if activation in ("mxfp8", "nvfp4") or dequantize:
         return q, None, None
@@ -135,7 +135,8 @@ def quantize_activation(x: torch.Tensor, activation: str, dequantize: bool = Fal
 
 
 def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype, config):
-    """The template GEMM on an already-quantized activation [M, K]; returns [M, N] in out_dtype."""
+    """The template GEMM on an already-quantized activation [M, K] (with config.fuse_activation: x itself, in its
+    dtype); returns [M, N] in out_dtype."""
     M, K = xq.shape
     N = qweight.shape[0]
     if config.block_m not in (1, 16, 32, 64, 128, 256):
@@ -146,6 +147,10 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                               and config.block_k >= spec.planes_min_block_k):
         raise ValueError(f"Triton linear: the plane decode takes sub-byte group-wise weights with a tensor-core "
                          f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
+    if config.fuse_activation and not (config.block_m == 1 and spec.activation == "fp8_row"
+                                       and spec.elementwise_gemv):
+        raise ValueError(f"Triton linear: fuse_activation is the elementwise GEMV's (BLOCK_M=1) e4m3 per-row "
+                         f"quantization; got {spec.key()} with {config}")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
@@ -171,7 +176,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
         USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
-        BF16_BY_BITS=_interpreting(),
+        BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 
@@ -226,6 +231,8 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
         x_grid = quantize_activation(x, spec.activation, dequantize=True)[0]
         return F.linear(x_grid, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, x.shape[1], x_grid.dtype),
                         bias)
+    if config.fuse_activation:  # the GEMV quantizes x itself
+        return run_gemm(x, None, None, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
     if config.library:
         return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,

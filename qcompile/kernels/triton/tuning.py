@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ class KernelConfig:
     planes: bool = False  # sub-byte weights decoded into K-planes by packed bf16x2 instructions
     join_planes: bool = False  # ... joined back into K order: one dot per bit width against x's contiguous tile
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
+    fuse_activation: bool = False  # GEMV only: x quantized (e4m3 per row) by the GEMV, not by its own kernel
 
 
 def m_bucket(M: int) -> int:
@@ -66,6 +67,8 @@ _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4
 # word GEMVs (int4, intx, int8) need wide row blocks to amortise their per-word work (int8 at 2 rows: 10 SASS
 # instructions per weight against 5.7)
 _GEMV_ROWS = [(2, 4096, 1, 8, 1), (4, 4096, 1, 8, 1), (2, 2048, 1, 4, 1), (4, 2048, 1, 4, 1), (8, 1024, 1, 4, 2)]
+# and GEMVs that quantize the activation themselves (float8_dynamic per row): the few-row ones above and these
+_GEMV_FUSED = [(32, 1024, 1, 8, 2), (32, 256, 1, 4, 3), (64, 128, 4, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
           (128, 64, 4, 4, 4), (32, 128, 4, 4, 4), (32, 256, 4, 4, 3), (64, 128, 8, 4, 3)]
 _MEDIUM = [(64, 64, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 2, 4, 3),
@@ -97,6 +100,8 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         swapped = _SWAPPED_MEDIUM
     if bucket == 1:
         configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.elementwise_gemv else [])]
+        if spec.elementwise_gemv and spec.activation == "fp8_row":  # one launch: the GEMV quantizes x itself
+            configs += [KernelConfig(1, *c, fuse_activation=True) for c in _GEMV_ROWS + _GEMV_FUSED]
     elif bucket == 16:
         configs = [KernelConfig(16, *c) for c in _SMALL]
     else:
@@ -123,9 +128,16 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     return kept
 
 
+_ID_FIELDS = 11  # KernelConfig's fields when ids were introduced: a field added since counts only when set
+
+
 def config_id(config: KernelConfig) -> str:
-    """A short, stable name for one candidate: a cache entry lists the candidates its choice was measured against."""
-    return hashlib.sha256(repr(astuple(config)).encode()).hexdigest()[:10]
+    """A short, stable name for one candidate: a cache entry lists the candidates its choice was measured against
+    (a new field at its default leaves every existing candidate's name as it was)."""
+    values = astuple(config)
+    defaults = [f.default for f in fields(KernelConfig)]
+    used = max([_ID_FIELDS] + [i + 1 for i in range(_ID_FIELDS, len(values)) if values[i] != defaults[i]])
+    return hashlib.sha256(repr(values[:used]).encode()).hexdigest()[:10]
 
 
 class ConfigCache:

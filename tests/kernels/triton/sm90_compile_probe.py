@@ -20,6 +20,8 @@ VARIANTS = {
                                    activation="int8"),
     "int4_joined_planes": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
                                swap_ab=True, planes=True, join_planes=True),
+    "fp8_dynamic_fused_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=2, block_k=4096, activation="fp8",
+                                   num_warps=8, fused=True),
     "fp8_dynamic_tile": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
                              activation="fp8"),
 }

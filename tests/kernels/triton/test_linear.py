@@ -116,6 +116,29 @@ def test_gemvs_of_a_few_rows_over_whole_k_rows(case):
         assert _as_accurate(out, reference, exact), config
 
 
+def test_gemvs_that_quantize_the_activation_themselves():
+    """float8_dynamic per row at M=1: the GEMV candidates that take x in bf16 and quantize it to e4m3 themselves
+    (one launch) give exactly what the activation kernel + the same GEMV give, split-K included."""
+    case = next(c for c in CASES if c.scheme == "float8_dynamic" and dict(c.options).get("granularity") != "tensor")
+    x_all, w, bias = _inputs(k=4096)
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    assert spec.activation == "fp8_row"
+    fused = [c for c in candidates(spec, 1, N, 4096) if c.fuse_activation]
+    assert len(fused) == 8 and any(c.split_k > 1 for c in fused)
+    reference = case.reference(x_all[:1], q, bias, options)
+    for config in fused:
+        out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
+        apart = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype,
+                           dataclasses.replace(config, fuse_activation=False))
+        assert torch.equal(out, apart), config
+        assert sqnr_db(reference.float(), out.float()) > 40, config
+    with pytest.raises(ValueError, match="fuse_activation"):  # tiles read a quantized activation
+        run_linear(x_all[:16], *weight_args, bias, spec, x_all.dtype,
+                   KernelConfig(16, 64, 128, 1, fuse_activation=True))
+
+
 def test_split_k_with_an_empty_split_stores_its_zeros():
     """K=256 in three splits of 128: the last one has no K left and must still write its (zero) partial, since
     the partials buffer is not zero-filled; its memory first held NaNs here."""
