@@ -228,12 +228,20 @@ def time_ours(names, rows, deadline):
                     config = CACHE.get(cache_key(spec, M, N, K, device_name))
                     rows.append(dict(kind=f"qcompile_{name}", shape=shape, N=N, K=K, M=M, us=us,
                                      config=None if config is None else config.__dict__))
-                    print(f"qcompile_{name:24s} {shape:8s} M={M:5d} {us:9.1f} us  {config}", flush=True)
+                    print(f"{_clock()} qcompile_{name:24s} {shape:8s} M={M:5d} {us:9.1f} us  {config}", flush=True)
                 except Exception as e:
                     rows.append(dict(kind=f"qcompile_{name}", shape=shape, M=M, err=f"{type(e).__name__}: {e}"[:300]))
                     print(f"qcompile_{name} {shape} M={M}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             del args
             torch.cuda.empty_cache()
+
+
+_START = time.time()
+
+
+def _clock() -> str:
+    """Seconds since the script started, on every timing line: where a run's time went (peers' builds, tuning)."""
+    return f"[{time.time() - _START:6.0f} s]"
 
 
 def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
@@ -256,7 +264,7 @@ def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
                     with torch.no_grad():
                         us = bench(lambda: fn(x))
                     rows.append(dict(kind=kind, shape=shape, N=N, K=K, M=M, us=us))
-                    print(f"{kind:28s} {shape:8s} M={M:5d} {us:9.1f} us", flush=True)
+                    print(f"{_clock()} {kind:28s} {shape:8s} M={M:5d} {us:9.1f} us", flush=True)
                 except Exception as e:
                     rows.append(dict(kind=kind, shape=shape, M=M, err=f"{type(e).__name__}: {str(e)[:200]}"))
                     print(f"{kind} {shape} M={M}: {type(e).__name__}: {str(e)[:200]}", flush=True)
