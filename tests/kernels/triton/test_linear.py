@@ -370,3 +370,29 @@ def test_ptx_gemvs_on_gpu_real_shape(case):
         out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
         assert sqnr_db(reference.float(), out.float()) > 40, config
         assert _as_accurate(out, reference, exact), config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if LinearSpec(c.activation, c.weight_format).elementwise_gemv],
+                         ids=case_id)
+def test_few_row_and_fused_gemvs_on_gpu_real_shape(case):
+    """Session 6's M=1 candidates at real shapes on the GPU (the other GPU tests take each bucket's first
+    candidate): the few-row GEMVs over whole K rows, and for float8_dynamic per row the GEMVs that quantize the
+    activation themselves with the hardware's e4m3 rounding — equal to the activation kernel + the same GEMV."""
+    from qcompile.kernels.triton import layout
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(6144, device="cuda", dtype=torch.bfloat16)
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(layout.for_kernels(q))
+    spec = _spec(case, options, weight_args, bias)
+    reference = case.reference(x, q, bias, options)
+    configs = [c for c in candidates(spec, 1, 6144, 4096) if c.fuse_activation or c.block_n <= 8]
+    assert configs
+    for config in configs:
+        out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
+        assert sqnr_db(reference.float(), out.float()) > 40, config
+        if config.fuse_activation:
+            apart = run_linear(x, *weight_args, bias, spec, x.dtype, dataclasses.replace(config, fuse_activation=False))
+            assert torch.equal(out, apart), config
