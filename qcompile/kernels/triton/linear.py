@@ -65,6 +65,13 @@ class LinearSpec:
         return self.weight_format in ("fp8", "mxfp8", "nvfp4", "codebook")
 
     @property
+    def few_row_gemvs(self) -> bool:
+        """Whether GEMVs of a few rows per program cost about what wide ones do per weight: the elementwise GEMV,
+        and int8 words (one value per byte: sm_90 SASS per weight at 8-16 rows 6.2-6.7 against 5.0 at 64 through
+        float, 0.56 against 0.42 by DP4A), not sub-byte words (int4 at 8 rows 12.6 against 5.9)."""
+        return self.elementwise_gemv or self.weight_format == "int8"
+
+    @property
     def scales_per_group_in_loop(self) -> bool:
         return self.gemm_activation != "float" and self.weight_format == "intx"
 

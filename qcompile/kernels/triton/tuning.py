@@ -62,11 +62,11 @@ _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4
          (128, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 512, 2, 4, 2), (32, 1024, 1, 8, 2), (16, 1024, 2, 4, 2),
          (64, 512, 4, 4, 2), (64, 128, 4, 4, 2), (128, 512, 4, 4, 2),
          (128, 128, 4, 2, 3), (128, 128, 8, 2, 3), (256, 128, 4, 4, 3), (64, 128, 8, 1, 3)]
-# GEMVs of a few rows over a whole K row (gemlite's fp8 shape at M=1, 63 us a layer against our 93): thousands of
-# small programs, no split-K partials. For the elementwise GEMV only (fp8 / microscaling / codebook weights): the
-# word GEMVs (int4, intx, int8) need wide row blocks to amortise their per-word work (int8 at 2 rows: 10 SASS
-# instructions per weight against 5.7)
-_GEMV_ROWS = [(2, 4096, 1, 8, 1), (4, 4096, 1, 8, 1), (2, 2048, 1, 4, 1), (4, 2048, 1, 4, 1), (8, 1024, 1, 4, 2)]
+# GEMVs of a few rows over a whole K row (gemlite's fp8 and int8 shapes at M=1: fp8 dynamic 63 us a layer against
+# our 93, int8 weight-only 78 against 87): thousands of small programs, no split-K partials. Where the per-weight
+# work allows (LinearSpec.few_row_gemvs): sub-byte words need wide row blocks to amortise their decode
+_GEMV_ROWS = [(2, 4096, 1, 8, 1), (4, 4096, 1, 8, 1), (2, 2048, 1, 4, 1), (4, 2048, 1, 4, 1), (8, 1024, 1, 4, 2),
+              (16, 512, 1, 4, 2), (8, 4096, 1, 8, 1)]
 # and GEMVs that quantize the activation themselves (float8_dynamic per row): the few-row ones above and these
 _GEMV_FUSED = [(32, 1024, 1, 8, 2), (32, 256, 1, 4, 3), (64, 128, 4, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),
@@ -99,7 +99,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     elif bucket <= 256:
         swapped = _SWAPPED_MEDIUM
     if bucket == 1:
-        configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.elementwise_gemv else [])]
+        configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.few_row_gemvs else [])]
         if spec.elementwise_gemv and spec.activation == "fp8_row":  # one launch: the GEMV quantizes x itself
             configs += [KernelConfig(1, *c, fuse_activation=True) for c in _GEMV_ROWS + _GEMV_FUSED]
     elif bucket == 16:

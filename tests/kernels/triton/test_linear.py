@@ -97,17 +97,17 @@ def test_gemv_k_blocks_spanning_several_groups(case):
         run_linear(x_all[:5], *weight_args, bias, spec, x_all.dtype, KernelConfig(16, 32, 128, 1))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if LinearSpec(c.activation, c.weight_format).elementwise_gemv],
+@pytest.mark.parametrize("case", [c for c in CASES if LinearSpec(c.activation, c.weight_format).few_row_gemvs],
                          ids=case_id)
 def test_gemvs_of_a_few_rows_over_whole_k_rows(case):
-    """The M=1 candidates with 2-8 rows per program and K blocks up to 4096 (the elementwise GEMV's gemlite-like
-    shapes), at a K they span whole."""
+    """The M=1 candidates with 2-16 rows per program and K blocks up to 4096 (gemlite-like shapes: the elementwise
+    GEMV, the int8 word GEMVs through float and DP4A), at a K they span whole."""
     x_all, w, bias = _inputs(k=4096)
     q, options = quantized(case, w)
     weight_args = case.weight_args(q)
     spec = _spec(case, options, weight_args, bias)
-    configs = [c for c in candidates(spec, 1, N, 4096) if c.block_m == 1 and c.block_n <= 8]
-    assert {c.block_k for c in configs} == {1024, 2048, 4096}
+    configs = [c for c in candidates(spec, 1, N, 4096) if c.block_m == 1 and c.block_n <= 16 and c.split_k == 1]
+    assert {c.block_k for c in configs} >= {512, 1024, 2048, 4096}
     reference = case.reference(x_all[:1], q, bias, options)
     exact = x_all[:1].double() @ w.double().t() + bias.double()
     for config in configs:
@@ -126,7 +126,7 @@ def test_gemvs_that_quantize_the_activation_themselves():
     spec = _spec(case, options, weight_args, bias)
     assert spec.activation == "fp8_row"
     fused = [c for c in candidates(spec, 1, N, 4096) if c.fuse_activation]
-    assert len(fused) == 8 and any(c.split_k > 1 for c in fused)
+    assert len(fused) >= 8 and any(c.split_k > 1 for c in fused)
     reference = case.reference(x_all[:1], q, bias, options)
     for config in fused:
         out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
@@ -373,7 +373,7 @@ def test_ptx_gemvs_on_gpu_real_shape(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in CASES if LinearSpec(c.activation, c.weight_format).elementwise_gemv],
+@pytest.mark.parametrize("case", [c for c in CASES if LinearSpec(c.activation, c.weight_format).few_row_gemvs],
                          ids=case_id)
 def test_few_row_and_fused_gemvs_on_gpu_real_shape(case):
     """Session 6's M=1 candidates at real shapes on the GPU (the other GPU tests take each bucket's first
@@ -388,7 +388,7 @@ def test_few_row_and_fused_gemvs_on_gpu_real_shape(case):
     weight_args = case.weight_args(layout.for_kernels(q))
     spec = _spec(case, options, weight_args, bias)
     reference = case.reference(x, q, bias, options)
-    configs = [c for c in candidates(spec, 1, 6144, 4096) if c.fuse_activation or c.block_n <= 8]
+    configs = [c for c in candidates(spec, 1, 6144, 4096) if c.fuse_activation or (c.block_n <= 16 and c.split_k == 1)]
     assert configs
     for config in configs:
         out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
