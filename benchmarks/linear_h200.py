@@ -51,8 +51,10 @@ PEERS = {
 PEER_ORDER = ["gemlite_a16w4_g128", "torchao_int4_wo_tinygemm", "gemlite_a16w8_int8", "raw_fp8_rowwise_scaled_mm",
               "torchao_fp8_rowwise", "gemlite_a8w8_fp8_dyn", "gemlite_a8w8_int8_dyn", "torchao_int8_dyn",
               "torchao_fp8_wo", "torchao_int8_wo", "raw_int8_int_mm_dyn"]
-# seconds per call at M > 1 (int8 weight-only), 0.1 s per call at M=8192 (tinygemm): see peers-h200.md
-PEER_SKIP_M = {"torchao_int8_wo": {16, 128, 8192}, "torchao_int4_wo_tinygemm": {8192}}
+# seconds per call at M > 1 (int8 weight-only), 0.1 s per call at M=8192 (tinygemm): see peers-h200.md; bare
+# `_int_mm` (torchao's int8 dynamic too) refuses M <= 16 ("self.size(0) needs to be greater than 16")
+PEER_SKIP_M = {"torchao_int8_wo": {16, 128, 8192}, "torchao_int4_wo_tinygemm": {8192},
+               "torchao_int8_dyn": {1, 16}, "raw_int8_int_mm_dyn": {1, 16}}
 
 
 def scheme_options(name: str) -> dict:
