@@ -33,6 +33,9 @@ Protocol (every row alike):
 - Compile time: the first call of each phase, split with Dynamo's own timers into Dynamo tracing, the backend's
   work outside Inductor (qcompile: aten trace + quantize pass + lowering; bf16: pre-grad passes), Inductor (AOT
   + lowering + codegen + waiting for kernel compiles) and the rest (running the first forward).
+- --compile-scope layer (rows "<row> (per-layer compile)"): each decoder block and the LM head compiled on their
+  own instead of the whole step — one graph serves all blocks, so a phase compiles one block and the head; the
+  glue between them runs eagerly; CUDA graphs per compiled piece (prefill too, a step per forward).
 """
 from __future__ import annotations
 
@@ -120,15 +123,34 @@ def row_named(name: str) -> Row:
     return Row(scheme.name, scheme.summary, scheme.activation or "bf16", options)
 
 
-def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
-    """`fn` compiled as the row says; fixed shapes (dynamic=False) so every batch size gets its own graph."""
+def compile_kwargs(row: Row, device: torch.device, cuda_graphs: bool) -> dict:
+    """torch.compile's arguments for the row; fixed shapes (dynamic=False) so every batch size gets its own graph."""
     graphs = cuda_graphs and device.type == "cuda"
     if row.options is None:
-        return torch.compile(fn, dynamic=False, mode="reduce-overhead" if graphs else None)
+        return {"dynamic": False, "mode": "reduce-overhead" if graphs else None}
     options = dict(row.options)
     if graphs and HAS_CUDAGRAPHS_OPTION:
         options["cudagraphs"] = True
-    return torch.compile(fn, backend="qcompile", options=options, dynamic=False)
+    return {"backend": "qcompile", "options": options, "dynamic": False}
+
+
+def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
+    """`fn` compiled as the row says — as it is under --compile-scope layer, whose modules compile_per_layer
+    compiled when the model was built (fn is then the eager glue between them)."""
+    if COMPILE_SCOPE == "layer" and row.model == "ours":
+        return fn
+    return torch.compile(fn, **compile_kwargs(row, device, cuda_graphs))
+
+
+def compile_per_layer(model, row: Row, device: torch.device) -> None:
+    """--compile-scope layer: every decoder block compiled on its own — one graph that Dynamo reuses for all of
+    them, each fed its own (quantized) weights: a layer's compile instead of the model's — and the LM head on its
+    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. CUDA graphs per compiled
+    piece (a replay per block and token)."""
+    kwargs = compile_kwargs(row, device, cuda_graphs=True)
+    for layer in model.layers:
+        layer.compile(**kwargs)
+    model.out = torch.compile(model.out, **kwargs)  # Module.compile() on torch.nn's own classes compiles nothing
 
 
 def uses_cuda_graphs(row: Row, device: torch.device) -> bool:
@@ -286,14 +308,22 @@ def prefill_phase(model, row: Row, args, device) -> dict:
     fn = compile_for(prefill, row, device, cuda_graphs=False)
     result = {"prompts": n, "prompt_len": L, "chunk": chunk, "kv_cache_gb": gb(cache.nbytes),
               "allocated_at_start_gb": gb(allocated(device))}
+    # per-layer compile keeps CUDA graphs for prefill too (one compile per block serves every phase): a new
+    # step per forward, so a replay never overwrites what the previous forward still reads
+    mark_step = torch.compiler.cudagraph_mark_step_begin if COMPILE_SCOPE == "layer" else (lambda: None)
+
+    def forward(ids):
+        mark_step()
+        return fn(model, ids, cache)
+
     with torch.no_grad():
-        before = first_call(lambda: fn(model, chunks[0], cache), result, device, f"{row.name} prefill")
+        before = first_call(lambda: forward(chunks[0]), result, device, f"{row.name} prefill")
         times = []
         for _ in range(args.reps):
             sync(device)
             start = time.perf_counter()
             for ids in chunks:
-                logits = fn(model, ids, cache)
+                logits = forward(ids)
             sync(device)
             times.append(time.perf_counter() - start)
     if not torch.isfinite(logits).all():
@@ -327,6 +357,8 @@ def first_call(call, result: dict, device, label: str) -> dict:
 
 
 PROFILE_COMPILE: Path | None = None  # --profile-compile: where first calls' profiles go
+COMPILE_SCOPE = "model"  # --compile-scope
+PER_LAYER_SUFFIX = " (per-layer compile)"  # the rows' names under --compile-scope layer
 
 
 @contextlib.contextmanager
@@ -446,6 +478,8 @@ def build_row_model(row: Row, config, args, device):
             qcompile.prepare(module, row.options, device, progress=False)
     builder = llama_model.build_transformers if row.model == "transformers" else llama_model.build
     model = builder(config, device, getattr(torch, args.dtype), seed=0, quantize=quantize, on_part=on_part)
+    if COMPILE_SCOPE == "layer" and row.model == "ours":
+        compile_per_layer(model, row, device)
     if row.model == "transformers":
         model.generation_config.disable_compile = True  # we compile forward ourselves (prompt and step alike)
         model.generation_config.eos_token_id = None  # random weights: never stop early
@@ -454,7 +488,8 @@ def build_row_model(row: Row, config, args, device):
 
 
 def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
-    record = {"row": row.name, "invocation": INVOCATION, "model": row.model, "weight": row.weight,
+    record = {"row": row.name + (PER_LAYER_SUFFIX if COMPILE_SCOPE == "layer" and row.model == "ours" else ""),
+              "invocation": INVOCATION, "model": row.model, "weight": row.weight,
               "activation": row.activation,
               "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "setup": setup(args, device, config), "phases": {}}
@@ -524,6 +559,7 @@ def cleanup(device) -> None:
 def setup(args, device, config) -> dict:
     return {"command": "python benchmarks/llama_e2e.py " + " ".join(args.argv),
             "device": device_name(device), "versions": versions(), "commit": git_commit(),
+            "compile_scope": COMPILE_SCOPE,
             "config": {"layers": config.n_layers, "dim": config.dim, "heads": config.n_heads, "kv_heads": config.n_kv,
                        "ffn": config.ffn, "vocab": config.vocab, "tiny": args.tiny, "dtype": args.dtype},
             "protocol": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
@@ -636,7 +672,9 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         if "tok_s" not in result:
             return "failed" if "error" in result else "skipped"
         text = f"{result['tok_s']:,.0f}" if result["tok_s"] >= 100 else f"{result['tok_s']:.1f}"
-        ref = base.get(phase, {}).get("tok_s")
+        same_scope = rows.get("bf16" + PER_LAYER_SUFFIX) if entry["record"]["row"].endswith(PER_LAYER_SUFFIX) \
+            else None  # a per-layer row against bf16 compiled per layer, where that was measured
+        ref = (same_scope["phases"] if same_scope else base).get(phase, {}).get("tok_s")
         if ref:
             text += f" ({result['tok_s'] / ref:.2f}x)"
         hf_ref = hf_base.get(phase, {}).get("tok_s")
@@ -680,7 +718,11 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         f"decode step, {p['new_tokens']} greedy tokens timed, one CUDA-graph replay per token (bf16: "
         f"`mode=\"reduce-overhead\"`; qcompile: `options={{..., \"cudagraphs\": True}}`), attention over the "
         f"static cache ({p['prompt_len']} + {p['new_tokens']} slots) under a mask. Best of {p['reps']}; speedups "
-        f"against bf16 under Inductor in the same table.",
+        f"against bf16 under Inductor in the same table."
+        + (f" Rows marked{PER_LAYER_SUFFIX} (`--compile-scope layer`): each decoder block and the LM head compiled "
+           f"on their own (one graph serves every block), the glue between them eager, a CUDA-graph replay per "
+           f"block; against bf16 compiled the same way where measured." if any(n.endswith(PER_LAYER_SUFFIX)
+                                                                           for n in rows) else ""),
         "",
         "| row | weight | activation | prefill tok/s | decode tok/s b1 | decode tok/s b128 | weights GB "
         "| peak GB b1 / b128 / prefill (KV cache) | compile s b1 / b128 / prefill |",
@@ -690,7 +732,7 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     for name in order:
         entry = rows[name]
         rec = entry["record"]
-        label = "bf16 (Inductor)" if rec["options"] is None else f"qcompile {name}"
+        label = (f"bf16 (Inductor){name[len('bf16'):]}" if rec["options"] is None else f"qcompile {name}")
         if rec["model"] == "transformers":
             how = "bf16" if rec["options"] is None else f"qcompile {rec['options']['scheme']}"
             label = f"transformers LlamaForCausalLM, generate() ({how})"
@@ -813,6 +855,9 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, help="prompts per prefill forward (default 4; tiny 2)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
     ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
+    ap.add_argument("--compile-scope", choices=("model", "layer"), default="model",
+                    help="our model's rows: compile the whole step (default), or each decoder block and the LM "
+                         "head on their own (rows named '<row> (per-layer compile)'; transformers rows unchanged)")
     ap.add_argument("--profile-compile", type=Path, help="profile each phase's first call (compile + first forward) "
                     "with cProfile; its top functions go to DIR/<row>_<phase>.txt")
     args = ap.parse_args(argv)
@@ -830,9 +875,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
-    global PROFILE_COMPILE
+    global PROFILE_COMPILE, COMPILE_SCOPE
     args = parse_args(argv)
-    PROFILE_COMPILE = args.profile_compile
+    PROFILE_COMPILE, COMPILE_SCOPE = args.profile_compile, args.compile_scope
     if args.write is not None and args.rows is None:
         write_section(args.write, "llama_e2e", render(load_records(args.out), args.out))
         print(f"wrote the llama_e2e section of {args.write} from {args.out}")

@@ -40,3 +40,17 @@ def test_a_quantized_row_runs_and_renders(tmp_path):
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nearlier sections")
     assert "| qcompile int8_weight_only | int8, per row (sym) | bf16 | — |" in text
+
+
+def test_per_layer_compile_rows(tmp_path):
+    """--compile-scope layer: each block and the LM head compiled on their own — one graph serves every block, so
+    a phase compiles two (block, head) — under rows named apart from the whole-model ones."""
+    results, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n")
+    llama_e2e.main(["--tiny", "--device", "cpu", "--rows", "int8_weight_only", "--phases", "decode_b1",
+                    "--compile-scope", "layer", "--out", str(results), "--write", str(markdown)])
+    [record] = json.loads(results.read_text())
+    assert record["row"] == "int8_weight_only (per-layer compile)" and record["setup"]["compile_scope"] == "layer"
+    decode = record["phases"]["decode_b1"]
+    assert decode["tok_s"] > 0 and (decode["graphs_compiled"], decode["graph_breaks"]) == (2, 0)
+    assert "| qcompile int8_weight_only (per-layer compile) | int8, per row (sym) | bf16 | — |" in markdown.read_text()
