@@ -1,4 +1,5 @@
-"""Run as a script, without TRITON_INTERPRET: compile variants of the linear template for sm_90 through Triton's
+"""Run as a script, without TRITON_INTERPRET: compile variants of the linear template and of the activation
+kernel for sm_90 through Triton's
 whole pipeline, ptxas included, on a machine without a GPU. The interpreter runs the kernels' Python, not
 Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that ptxas rejects, only shows
 here. Prints one line per variant: its name and the size of its cubin."""
@@ -26,10 +27,24 @@ VARIANTS = {
                              activation="fp8"),
 }
 
+# the activation kernel's formats with the GPU's e4m3 conversion (HW_FP8) and the integer ones
+ACTIVATION_VARIANTS = {"activation_fp8_row": ("fp8_row", "*fp8e4nv"), "activation_fp8_tensor": ("fp8_tensor", "*fp8e4nv"),
+                       "activation_int8_asym": ("int8_asym", "*i8")}
+
+
+def activation_variant(fmt: str, q_type: str):
+    from qcompile.kernels.triton.activation import quantize_activation_kernel
+
+    signature = {"x_ptr": "*bf16", "q_ptr": q_type, "scale_ptr": "*fp32", "zero_ptr": "*i32",
+                 "tensor_amax_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32"}
+    constants = {"FORMAT": fmt, "BLOCK_K": 4096, "DEQUANTIZE": False, "BF16_BY_BITS": False, "HW_FP8": True}
+    return quantize_activation_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, {}, 4
+
 
 def main():
-    for name, variant in VARIANTS.items():
-        fn, signature, constants, attrs, warps, _ = sass_count.template_variant(**variant)
+    variants = {name: sass_count.template_variant(**variant)[:5] for name, variant in VARIANTS.items()}
+    variants.update({name: activation_variant(*variant) for name, variant in ACTIVATION_VARIANTS.items()})
+    for name, (fn, signature, constants, attrs, warps) in variants.items():
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
         options = triton.compiler.make_backend(sass_count.TARGET).parse_options({"num_warps": warps,
                                                                                  "num_stages": 3})
