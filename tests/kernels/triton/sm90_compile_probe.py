@@ -1,8 +1,7 @@
 """Run as a script, without TRITON_INTERPRET: compile variants of the linear template and of the activation
-kernel for sm_90 through Triton's
-whole pipeline, ptxas included, on a machine without a GPU. The interpreter runs the kernels' Python, not
-Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that ptxas rejects, only shows
-here. Prints one line per variant: its name and the size of its cubin."""
+kernel for sm_90 through Triton's whole pipeline, ptxas included, on a machine without a GPU. The interpreter
+runs the kernels' Python, not Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that
+ptxas rejects, only shows here. Prints one line per variant: its name and the size of its cubin."""
 import sys
 from pathlib import Path
 
