@@ -143,10 +143,7 @@ def _warm_peer(job) -> str | None:
     kernels before the timed phase builds it again (then cache hits: the peers' budget goes to timing). Only
     compiled code is shared: gemlite's autotuner still picks its configs in the timed phase, on an idle GPU."""
     peers_path, kind, ms = job
-    spec = importlib.util.spec_from_file_location("peers_h200", peers_path)
-    peers_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peers_mod)
-    load_gemlite_configs()
+    peers_mod = load_peers(peers_path)
     torch._dynamo.config.recompile_limit = 10**4
     torch._dynamo.config.accumulated_recompile_limit = 10**5
     failures = []  # one M that fails (torchao's int8 at M <= 16) must not leave the other Ms and shapes cold
@@ -166,6 +163,15 @@ def _warm_peer(job) -> str | None:
         del fn
         torch._dynamo.reset()
     return f"{kind}: " + "; ".join(failures[:3]) if failures else None
+
+
+def load_peers(path: str):
+    """The peers script as a module, with gemlite's tuned configs loaded."""
+    spec = importlib.util.spec_from_file_location("peers_h200", path)
+    peers_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers_mod)
+    load_gemlite_configs()
+    return peers_mod
 
 
 def gemlite_config_path() -> Path:
@@ -345,12 +351,7 @@ def main():
         warm_failures = [f for f in pending.get() if f]
         pool.close()
         print(f"peers warmed at {time.time() - start:.0f} s; failures: {warm_failures}", flush=True)
-    peers_mod = None
-    if a.peers:
-        spec = importlib.util.spec_from_file_location("peers_h200", a.peers)
-        peers_mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(peers_mod)
-        load_gemlite_configs()
+    peers_mod = load_peers(a.peers) if a.peers else None
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__, "rows": [], "precompile_failures": failures,
               "peer_warm_failures": warm_failures}

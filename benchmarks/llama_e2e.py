@@ -137,9 +137,13 @@ def compile_kwargs(row: Row, device: torch.device, cuda_graphs: bool) -> dict:
 def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
     """`fn` compiled as the row says — as it is under --compile-scope layer, whose modules compile_per_layer
     compiled when the model was built (fn is then the eager glue between them)."""
-    if COMPILE_SCOPE == "layer" and row.model == "ours":
+    if compiled_per_layer(row):
         return fn
     return torch.compile(fn, **compile_kwargs(row, device, cuda_graphs))
+
+
+def compiled_per_layer(row: Row) -> bool:
+    return COMPILE_SCOPE == "layer" and row.model == "ours"
 
 
 def compile_per_layer(model, row: Row, device: torch.device) -> None:
@@ -310,7 +314,7 @@ def prefill_phase(model, row: Row, args, device) -> dict:
               "allocated_at_start_gb": gb(allocated(device))}
     # per-layer compile keeps CUDA graphs for prefill too (one compile per block serves every phase): a new
     # step per forward, so a replay never overwrites what the previous forward still reads
-    mark_step = torch.compiler.cudagraph_mark_step_begin if COMPILE_SCOPE == "layer" else (lambda: None)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if compiled_per_layer(row) else (lambda: None)
 
     def forward(ids):
         mark_step()
@@ -340,13 +344,9 @@ def first_call(call, result: dict, device, label: str) -> dict:
     time, where that went, and the peak after it. Returns the compile counters from before, for phase_checks."""
     before = compile_snapshot()
     reset_peak(device)
-    profiler = cProfile.Profile() if PROFILE_COMPILE is not None else None
     start = time.perf_counter()
-    if profiler is not None:
-        with profiling(profiler, PROFILE_COMPILE / label.replace(" ", "_").replace("()", "")):
-            call()
-            sync(device)
-    else:
+    with (profiling(PROFILE_COMPILE / label.replace(" ", "_").replace("()", "")) if PROFILE_COMPILE is not None
+          else contextlib.nullcontext()):
         call()
         sync(device)
     seconds = time.perf_counter() - start
@@ -362,10 +362,11 @@ PER_LAYER_SUFFIX = " (per-layer compile)"  # the rows' names under --compile-sco
 
 
 @contextlib.contextmanager
-def profiling(profiler: cProfile.Profile, stem: Path, every_s: float = 15.0):
+def profiling(stem: Path, every_s: float = 15.0):
     """Profile the block into STEM.txt / STEM.prof, and every EVERY_S seconds append every thread's stack to
     STEM.stacks.txt (a sampling view that holds even if the block never ends). If a time limit ends the process
     (SIGTERM, as `timeout` sends), the profile so far is written before it exits."""
+    profiler = cProfile.Profile()
     stem.parent.mkdir(parents=True, exist_ok=True)
     stacks = open(stem.with_suffix(".stacks.txt"), "w")
     faulthandler.dump_traceback_later(every_s, repeat=True, file=stacks)
@@ -478,7 +479,7 @@ def build_row_model(row: Row, config, args, device):
             qcompile.prepare(module, row.options, device, progress=False)
     builder = llama_model.build_transformers if row.model == "transformers" else llama_model.build
     model = builder(config, device, getattr(torch, args.dtype), seed=0, quantize=quantize, on_part=on_part)
-    if COMPILE_SCOPE == "layer" and row.model == "ours":
+    if compiled_per_layer(row):
         compile_per_layer(model, row, device)
     if row.model == "transformers":
         model.generation_config.disable_compile = True  # we compile forward ourselves (prompt and step alike)
@@ -488,7 +489,7 @@ def build_row_model(row: Row, config, args, device):
 
 
 def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
-    record = {"row": row.name + (PER_LAYER_SUFFIX if COMPILE_SCOPE == "layer" and row.model == "ours" else ""),
+    record = {"row": row.name + (PER_LAYER_SUFFIX if compiled_per_layer(row) else ""),
               "invocation": INVOCATION, "model": row.model, "weight": row.weight,
               "activation": row.activation,
               "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -732,7 +733,7 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     for name in order:
         entry = rows[name]
         rec = entry["record"]
-        label = (f"bf16 (Inductor){name[len('bf16'):]}" if rec["options"] is None else f"qcompile {name}")
+        label = "bf16 (Inductor)" + name.removeprefix("bf16") if rec["options"] is None else f"qcompile {name}"
         if rec["model"] == "transformers":
             how = "bf16" if rec["options"] is None else f"qcompile {rec['options']['scheme']}"
             label = f"transformers LlamaForCausalLM, generate() ({how})"

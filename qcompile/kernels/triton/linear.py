@@ -65,6 +65,12 @@ class LinearSpec:
         return self.weight_format in ("fp8", "mxfp8", "nvfp4", "codebook")
 
     @property
+    def gemv_quantizes_activation(self) -> bool:
+        """Whether the GEMV can quantize the activation itself (KernelConfig.fuse_activation): e4m3 per row into
+        the elementwise GEMV."""
+        return self.activation == "fp8_row" and self.elementwise_gemv
+
+    @property
     def few_row_gemvs(self) -> bool:
         """Whether GEMVs of a few rows per program cost about what wide ones do per weight: the elementwise GEMV,
         and int8 words (one value per byte: sm_90 SASS per weight at 8-16 rows 6.2-6.7 against 5.0 at 64 through
@@ -154,8 +160,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                               and config.block_k >= spec.planes_min_block_k):
         raise ValueError(f"Triton linear: the plane decode takes sub-byte group-wise weights with a tensor-core "
                          f"tile and BLOCK_K >= {PLANES_MIN_DOT_K} x values per word; got {spec.key()} with {config}")
-    if config.fuse_activation and not (config.block_m == 1 and spec.activation == "fp8_row"
-                                       and spec.elementwise_gemv):
+    if config.fuse_activation and not (config.block_m == 1 and spec.gemv_quantizes_activation):
         raise ValueError(f"Triton linear: fuse_activation is the elementwise GEMV's (BLOCK_M=1) e4m3 per-row "
                          f"quantization; got {spec.key()} with {config}")
     if config.join_planes and not config.planes:

@@ -100,7 +100,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         swapped = _SWAPPED_MEDIUM
     if bucket == 1:
         configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.few_row_gemvs else [])]
-        if spec.elementwise_gemv and spec.activation == "fp8_row":  # one launch: the GEMV quantizes x itself
+        if spec.gemv_quantizes_activation:  # one launch: the GEMV quantizes x itself
             configs += [KernelConfig(1, *c, fuse_activation=True) for c in _GEMV_ROWS + _GEMV_FUSED]
     elif bucket == 16:
         configs = [KernelConfig(16, *c) for c in _SMALL]
@@ -202,12 +202,16 @@ def cache_key(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> str
             f"|N{N}|K{K}")
 
 
+def _never_met(options: list[KernelConfig], tried: frozenset[str]) -> list[KernelConfig]:
+    return [c for c in options if config_id(c) not in tried]
+
+
 def untried_candidates(spec: LinearSpec, M: int, N: int, K: int, device_name: str) -> list[KernelConfig]:
     """The candidates that select_config would measure now: all of them without a cached choice, else those the
     choice never met."""
     options = candidates(spec, M, N, K)
     entry = CACHE.get_entry(cache_key(spec, M, N, K, device_name))
-    return options if entry is None else [c for c in options if config_id(c) not in entry[1]]
+    return options if entry is None else _never_met(options, entry[1])
 
 
 def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
@@ -220,7 +224,7 @@ def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
     entry = CACHE.get_entry(key)
     if entry is not None:
         cached, tried = entry
-        new = [c for c in options if config_id(c) not in tried]
+        new = _never_met(options, tried)
         if not new or not can_measure:
             return cached
         options = [cached] + new  # timings of another process are not comparable: the choice is timed again
