@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import triton
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ... import _compat
 from .linear import LinearSpec, run_linear
@@ -55,7 +56,10 @@ def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _measure_on_random(tensors, spec: LinearSpec, out_dtype):
     def measure(config: KernelConfig) -> float:
-        with unset_fake_temporarily(), torch.no_grad():
+        # outside every mode of the trace that asked (fake tensors, and the proxy / functional modes too): under
+        # those, each launch was traced like the model's own (a TTIR build per candidate call, ~100 s of the 8B
+        # model's compile) and the timed CUDA graph was captured while tracing
+        with unset_fake_temporarily(), _disable_current_modes(), torch.no_grad():
             x, qweight, w_scale, w_zero, w_aux, bias = (_random_like(t) for t in tensors)
             if spec.weight_format == "codebook":
                 w_aux = torch.linspace(-1, 1, 16, device=x.device)

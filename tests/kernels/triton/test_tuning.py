@@ -97,3 +97,36 @@ def test_a_new_candidate_meets_the_cached_choice_alone(tmp_path, monkeypatch):
 
     assert tuning.select_config(spec, 1, 4096, 4096, "H200", must_not_measure) == added
     assert tuning.untried_candidates(spec, 1, 4096, 4096, "H200") == []
+
+
+def test_candidates_are_timed_outside_every_tracing_mode(monkeypatch):
+    """fused_linear tunes while Inductor traces it (fake tensors under proxy and functional modes). The timed
+    launches must run on real tensors with no mode active: under the proxy mode every launch was traced into the
+    graph (a TTIR build per call: most of the H200's compile time) and captured into the timing CUDA graph."""
+    import torch
+    import triton.testing
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from qcompile.kernels.triton import ops
+
+    seen = []
+
+    def spy_run_linear(x, qweight, *args):
+        seen.append((type(x), type(qweight), _get_current_dispatch_mode_stack()))
+        return torch.ones(x.shape[0], qweight.shape[0])
+
+    monkeypatch.setattr(ops, "run_linear", spy_run_linear)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kwargs: (fn(), fn(), 1.0)[-1])
+    spec = LinearSpec("float", "int8")
+    config = tuning.candidates(spec, 4, 32, 64)[0]
+
+    def traced(x, qweight, w_scale):
+        ops._measure_on_random((x, qweight, w_scale, None, None, None), spec, torch.bfloat16)(config)
+        return x * 2
+
+    x, qweight = torch.randn(4, 64, dtype=torch.bfloat16), torch.randint(-128, 128, (32, 64), dtype=torch.int8)
+    graph = make_fx(traced, tracing_mode="fake")(x, qweight, torch.rand(32, 1))
+    assert len(seen) == 3  # the compile run and the two timed ones
+    assert all((x_type, w_type) == (torch.Tensor, torch.Tensor) and not modes for x_type, w_type, modes in seen), seen
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]
