@@ -35,7 +35,10 @@ Protocol (every row alike):
   + lowering + codegen + waiting for kernel compiles) and the rest (running the first forward).
 - --compile-scope layer (rows "<row> (per-layer compile)"): each decoder block and the LM head compiled on their
   own instead of the whole step — one graph serves all blocks, so a phase compiles one block and the head; the
-  glue between them runs eagerly; CUDA graphs per compiled piece (prefill too, a step per forward).
+  glue between them runs eagerly. On CUDA a decode step is captured as one CUDA graph (torch.cuda.graph) around
+  the compiled blocks and the glue, after the first call compiled them: session 7's replay per block (CUDA-graph
+  trees) cost ~100 us of host bookkeeping per block (194 tok/s at b1 against 268 whole-model). Prefill without
+  CUDA graphs, as whole-model rows.
 """
 from __future__ import annotations
 
@@ -149,12 +152,33 @@ def compiled_per_layer(row: Row) -> bool:
 def compile_per_layer(model, row: Row, device: torch.device) -> None:
     """--compile-scope layer: every decoder block compiled on its own — one graph that Dynamo reuses for all of
     them, each fed its own (quantized) weights: a layer's compile instead of the model's — and the LM head on its
-    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. CUDA graphs per compiled
-    piece (a replay per block and token)."""
-    kwargs = compile_kwargs(row, device, cuda_graphs=True)
+    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. No CUDA-graph trees: the
+    decode phases capture a whole step in one graph (captured_step)."""
+    kwargs = compile_kwargs(row, device, cuda_graphs=False)
     for layer in model.layers:
         layer.compile(**kwargs)
     model.out = torch.compile(model.out, **kwargs)  # Module.compile() on torch.nn's own classes compiles nothing
+
+
+def captured_step(step, device: torch.device):
+    """`step` (a decode step whose compiled pieces have already compiled) captured as one CUDA graph; returns a
+    call that replays it and gives the graph's static output. The step reads its inputs (ids, position, KV cache)
+    from fixed addresses, as the CUDA-graph trees of whole-model rows do. Warm-up on a side stream, as
+    torch.cuda.graph's documentation asks (it writes the cache at the current position: generate refills it)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 def uses_cuda_graphs(row: Row, device: torch.device) -> bool:
@@ -266,7 +290,8 @@ def decode_phase(model, row: Row, args, device, batch: int) -> dict:
     generated = torch.empty(batch, N, dtype=torch.long, device=device)
     graphs = uses_cuda_graphs(row, device)
     step = compile_for(decode_step, row, device, cuda_graphs=True)
-    mark_step = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
+    whole_step_graph = graphs and compiled_per_layer(row)  # captured after the first call compiled the pieces
+    mark_step = torch.compiler.cudagraph_mark_step_begin if graphs and not whole_step_graph else (lambda: None)
 
     def call():
         mark_step()  # a CUDA-graph tree replay may overwrite the previous step's output: it was copied already
@@ -292,6 +317,10 @@ def decode_phase(model, row: Row, args, device, batch: int) -> dict:
     with torch.no_grad():
         ids.copy_(prompt[:, :1])
         before = first_call(call, result, device, f"{row.name} decode b{batch}")
+        if whole_step_graph:
+            call = captured_step(call, device)
+        if compiled_per_layer(row) and graphs:
+            result["cuda_graph_scope"] = "step" if whole_step_graph else "block"
         times = [generate() for _ in range(args.reps)]
     result["times_s"] = [round(t, 4) for t in times]
     result["tok_s"] = round(batch * N / min(times), 2)
@@ -312,12 +341,7 @@ def prefill_phase(model, row: Row, args, device) -> dict:
     fn = compile_for(prefill, row, device, cuda_graphs=False)
     result = {"prompts": n, "prompt_len": L, "chunk": chunk, "kv_cache_gb": gb(cache.nbytes),
               "allocated_at_start_gb": gb(allocated(device))}
-    # per-layer compile keeps CUDA graphs for prefill too (one compile per block serves every phase): a new
-    # step per forward, so a replay never overwrites what the previous forward still reads
-    mark_step = torch.compiler.cudagraph_mark_step_begin if compiled_per_layer(row) else (lambda: None)
-
     def forward(ids):
-        mark_step()
         return fn(model, ids, cache)
 
     with torch.no_grad():
@@ -658,6 +682,17 @@ def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
     return rows, used
 
 
+def per_layer_graphs(rows: dict) -> str:
+    """How the per-layer rows' decode steps replayed CUDA graphs (records before session 7's change: per block)."""
+    scopes = {result.get("cuda_graph_scope", "block") for name, entry in rows.items() if name.endswith(PER_LAYER_SUFFIX)
+              for phase, result in entry["phases"].items() if phase.startswith("decode") and "tok_s" in result}
+    words = {"step": "one CUDA graph captured around the whole step (`torch.cuda.graph`)",
+             "block": "a CUDA-graph replay per block (CUDA-graph trees)"}
+    return " or ".join(words[s] for s in sorted(scopes, reverse=True)) + (" (as each row's record says)"
+                                                                           if len(scopes) > 1 else "") \
+        if scopes else "not measured"
+
+
 def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     rows, used = merged_rows(records)
     latest = used[-1] if used else records[-1]
@@ -721,9 +756,9 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         f"static cache ({p['prompt_len']} + {p['new_tokens']} slots) under a mask. Best of {p['reps']}; speedups "
         f"against bf16 under Inductor in the same table."
         + (f" Rows marked{PER_LAYER_SUFFIX} (`--compile-scope layer`): each decoder block and the LM head compiled "
-           f"on their own (one graph serves every block), the glue between them eager, a CUDA-graph replay per "
-           f"block; against bf16 compiled the same way where measured." if any(n.endswith(PER_LAYER_SUFFIX)
-                                                                           for n in rows) else ""),
+           f"on their own (one graph serves every block), the glue between them eager; decode "
+           + per_layer_graphs(rows) + "; against bf16 compiled the same way where measured."
+           if any(n.endswith(PER_LAYER_SUFFIX) for n in rows) else ""),
         "",
         "| row | weight | activation | prefill tok/s | decode tok/s b1 | decode tok/s b128 | weights GB "
         "| peak GB b1 / b128 / prefill (KV cache) | compile s b1 / b128 / prefill |",
