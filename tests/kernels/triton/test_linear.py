@@ -116,6 +116,23 @@ def test_gemvs_of_a_few_rows_over_whole_k_rows(case):
         assert _as_accurate(out, reference, exact), config
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.weight_format == "fp8"], ids=case_id)
+def test_one_row_in_a_16_row_tile_for_fp8_weights(case):
+    """fp8 weights at M=1 may take the 16-row tensor-core tile (the row repeated, the store masked): the H200 ran
+    gate_up faster there than in any GEMV."""
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    config = next(c for c in candidates(spec, 1, N, K) if c.block_m == 16 and not c.swap_ab)
+    x = x_all[:1]
+    reference = case.reference(x, q, bias, options)
+    out = run_linear(x, *weight_args, bias, spec, x_all.dtype, config)
+    assert out.shape == (1, N)
+    assert sqnr_db(reference.float(), out.float()) > 30
+    assert _as_accurate(out, reference, x.double() @ w.double().t() + bias.double())
+
+
 def test_gemvs_that_quantize_the_activation_themselves():
     """float8_dynamic per row at M=1: the GEMV candidates that take x in bf16 and quantize it to e4m3 themselves
     (one launch) give exactly what the activation kernel + the same GEMV give, split-K included."""
