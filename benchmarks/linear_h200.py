@@ -24,6 +24,9 @@ import torch.nn.functional as F
 import triton
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+# --shapes may also name the LM head (not in the layer's table): llama_e2e's other linear, tuned here beforehand so
+# that its compiles find the choices cached (in-process tuning during a compile builds candidates one by one)
+EXTRA_SHAPES = [("lm_head", 128256, 4096)]
 MS = [1, 16, 128, 8192]
 # scheme -> options; group-wise schemes at group 128 (intx at 2 and 3 bits)
 SCHEMES = {
@@ -282,17 +285,17 @@ def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
             save()
 
 
-def layer_totals(rows) -> dict[str, dict[int, float]]:
-    """kind -> M -> sum over the four linears (only where all four were timed)."""
+def layer_totals(rows, shape_count: int = len(SHAPES)) -> dict[str, dict[int, float]]:
+    """kind -> M -> sum over the run's linears (only where all of them were timed)."""
     per = {}
     for r in rows:
         if "us" in r:
             per.setdefault(r["kind"], {}).setdefault(r["M"], {})[r["shape"]] = r["us"]
-    return {k: {M: sum(d.values()) for M, d in ms.items() if len(d) == len(SHAPES)} for k, ms in per.items()}
+    return {k: {M: sum(d.values()) for M, d in ms.items() if len(d) == shape_count} for k, ms in per.items()}
 
 
 def markdown(result: dict) -> str:
-    totals = layer_totals(result["rows"])
+    totals = layer_totals(result["rows"], len(result.get("shapes", SHAPES)))
     base = totals.get("bf16_cublas", {})
 
     def cell(kind, M):
@@ -317,6 +320,8 @@ def main():
     ap.add_argument("--peers", default=None, help="path to peers_h200.py (peers are skipped without it)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
+    ap.add_argument("--shapes", default=",".join(s for s, _, _ in SHAPES),
+                    help="linears to time (default: the layer's four; also: lm_head — the table then sums these)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop timing qcompile after this many seconds")
     ap.add_argument("--peer-budget-s", type=float, default=150)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -327,6 +332,11 @@ def main():
     ap.add_argument("--peer-kinds", default=None, help="comma-separated peers to run (default: every peer of --schemes)")
     a = ap.parse_args()
     MS[:] = [int(m) for m in a.ms.split(",")]
+    known = {s[0]: s for s in SHAPES + EXTRA_SHAPES}
+    unknown = [s for s in a.shapes.split(",") if s not in known]
+    if unknown:
+        ap.error(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    SHAPES[:] = [known[s] for s in a.shapes.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = a.schemes.split(",")
@@ -353,7 +363,7 @@ def main():
         print(f"peers warmed at {time.time() - start:.0f} s; failures: {warm_failures}", flush=True)
     peers_mod = load_peers(a.peers) if a.peers else None
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__, "rows": [], "precompile_failures": failures,
+              "torch": torch.__version__, "triton": triton.__version__, "shapes": [s[0] for s in SHAPES], "rows": [], "precompile_failures": failures,
               "peer_warm_failures": warm_failures}
     if peers_mod is not None:
         result["ceilings"] = peers_mod.ceilings()
