@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import triton
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-# --shapes may also name the LM head (not in the layer's table): llama_e2e's other linear, tuned here beforehand so
-# that its compiles find the choices cached (in-process tuning during a compile builds candidates one by one)
-EXTRA_SHAPES = [("lm_head", 128256, 4096)]
+# --shapes may also name linears outside the layer's table, tuned here beforehand so that llama_e2e's compiles find
+# their choices cached (tuning inside a compile builds the candidates one by one): our model's LM head, and the
+# unfused projections of transformers' LlamaForCausalLM (q and o are "o"'s shape, down is "down"'s)
+EXTRA_SHAPES = [("lm_head", 128256, 4096), ("hf_kv", 1024, 4096), ("hf_gate_up", 14336, 4096)]
 MS = [1, 16, 128, 8192]
 # scheme -> options; group-wise schemes at group 128 (intx at 2 and 3 bits)
 SCHEMES = {
