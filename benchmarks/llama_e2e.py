@@ -134,6 +134,8 @@ def compile_kwargs(row: Row, device: torch.device, cuda_graphs: bool) -> dict:
     options = dict(row.options)
     if graphs and HAS_CUDAGRAPHS_OPTION:
         options["cudagraphs"] = True
+    if quantizes_activation_in_graph(row):
+        options["activation_quantization"] = "graph"
     return {"backend": "qcompile", "options": options, "dynamic": False}
 
 
@@ -143,6 +145,12 @@ def compile_for(fn, row: Row, device: torch.device, cuda_graphs: bool):
     if compiled_per_layer(row):
         return fn
     return torch.compile(fn, **compile_kwargs(row, device, cuda_graphs))
+
+
+def quantizes_activation_in_graph(row: Row) -> bool:
+    """--activation-quantization graph, for a row whose scheme takes it (dynamic int8 / float8)."""
+    return (ACTIVATION_QUANTIZATION == "graph" and row.options is not None
+            and qcompile.get_scheme(row.options["scheme"]).activation_in_graph)
 
 
 def compiled_per_layer(row: Row) -> bool:
@@ -387,6 +395,8 @@ def first_call(call, result: dict, device, label: str) -> dict:
 
 PROFILE_COMPILE: Path | None = None  # --profile-compile: where first calls' profiles go
 COMPILE_SCOPE = "model"  # --compile-scope
+ACTIVATION_QUANTIZATION = "kernel"  # --activation-quantization
+GRAPH_ACTIVATION_SUFFIX = " (activation quantized in the graph)"  # its rows' names under "graph"
 PER_LAYER_SUFFIX = " (per-layer compile)"  # the rows' names under --compile-scope layer
 
 
@@ -518,7 +528,8 @@ def build_row_model(row: Row, config, args, device):
 
 
 def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
-    record = {"row": row.name + (PER_LAYER_SUFFIX if compiled_per_layer(row) else ""),
+    record = {"row": row.name + (GRAPH_ACTIVATION_SUFFIX if quantizes_activation_in_graph(row) else "")
+              + (PER_LAYER_SUFFIX if compiled_per_layer(row) else ""),
               "invocation": INVOCATION, "model": row.model, "weight": row.weight,
               "activation": row.activation,
               "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -589,7 +600,7 @@ def cleanup(device) -> None:
 def setup(args, device, config) -> dict:
     return {"command": "python benchmarks/llama_e2e.py " + " ".join(args.argv),
             "device": device_name(device), "versions": versions(), "commit": git_commit(),
-            "compile_scope": COMPILE_SCOPE,
+            "compile_scope": COMPILE_SCOPE, "activation_quantization": ACTIVATION_QUANTIZATION,
             "config": {"layers": config.n_layers, "dim": config.dim, "heads": config.n_heads, "kv_heads": config.n_kv,
                        "ffn": config.ffn, "vocab": config.vocab, "tiny": args.tiny, "dtype": args.dtype},
             "protocol": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
@@ -763,7 +774,10 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         + (f" Rows marked{PER_LAYER_SUFFIX} (`--compile-scope layer`): each decoder block and the LM head compiled "
            f"on their own (one graph serves every block), the glue between them eager; decode "
            + per_layer_graphs(rows) + "; against bf16 compiled the same way where measured."
-           if any(n.endswith(PER_LAYER_SUFFIX) for n in rows) else ""),
+           if any(n.endswith(PER_LAYER_SUFFIX) for n in rows) else "")
+        + (f" Rows marked{GRAPH_ACTIVATION_SUFFIX} (`--activation-quantization graph`): qcompile's option "
+           f"`activation_quantization=\"graph\"` — the activation's quantization left in the graph for Inductor to "
+           f"fuse into its producer." if any(GRAPH_ACTIVATION_SUFFIX in n for n in rows) else ""),
         "",
         "| row | weight | activation | prefill tok/s | decode tok/s b1 | decode tok/s b128 | weights GB "
         "| peak GB b1 / b128 / prefill (KV cache) | compile s b1 / b128 / prefill |",
@@ -899,6 +913,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-scope", choices=("model", "layer"), default="model",
                     help="our model's rows: compile the whole step (default), or each decoder block and the LM "
                          "head on their own (rows named '<row> (per-layer compile)'; transformers rows unchanged)")
+    ap.add_argument("--activation-quantization", choices=("kernel", "graph"), default="kernel",
+                    help="dynamic int8 / float8 rows: qcompile's option activation_quantization (rows under 'graph' "
+                         "named '<row> (activation quantized in the graph)')")
     ap.add_argument("--profile-compile", type=Path, help="profile each phase's first call (compile + first forward) "
                     "with cProfile; its top functions go to DIR/<row>_<phase>.txt")
     args = ap.parse_args(argv)
@@ -916,9 +933,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
-    global PROFILE_COMPILE, COMPILE_SCOPE
+    global PROFILE_COMPILE, COMPILE_SCOPE, ACTIVATION_QUANTIZATION
     args = parse_args(argv)
     PROFILE_COMPILE, COMPILE_SCOPE = args.profile_compile, args.compile_scope
+    ACTIVATION_QUANTIZATION = args.activation_quantization
     if args.write is not None and args.rows is None:
         write_section(args.write, "llama_e2e", render(load_records(args.out), args.out))
         print(f"wrote the llama_e2e section of {args.write} from {args.out}")

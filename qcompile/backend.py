@@ -175,7 +175,7 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if signature is not None:  # tensor parallel: the compiled graph takes the local shards
         example_inputs = signature.flatten(example_inputs)
     device = device_of(example_inputs)
-    lower_for_device(result.gm, device)
+    lower_for_device(result.gm, device, options)
     constants = [t for _, t in result.constants]
     inputs = [example_inputs[i] for i in kept] + constants
     cudagraphs = options.cudagraphs and device.type == "cuda"

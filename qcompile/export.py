@@ -49,7 +49,7 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
             first_user_input.prepend(node)  # the signature lists parameters and buffers before user inputs
         elif node.name not in constant_values and node in weights and not node.users:
             gm.graph.erase_node(node)  # a float weight the quantized graph no longer reads
-    lower_for_device(gm, device_of([*ep.state_dict.values(), *ep.constants.values()]))
+    lower_for_device(gm, device_of([*ep.state_dict.values(), *ep.constants.values()]), options)
 
     state_dict = dict(ep.state_dict)
     constants = dict(ep.constants)

@@ -30,6 +30,9 @@ _KEYS_DOC = {
     "calibration": "for algorithm 'gptq': an iterable of example inputs to the compiled callable, each a tuple "
                    "of positional args or a dict of keyword args",
     "act_order": "for algorithm 'gptq': quantize columns in order of decreasing Hessian diagonal (default True)",
+    "activation_quantization": "dynamic schemes on CUDA: 'kernel' (default: the fused linear quantizes its input "
+                               "in its own small kernel, or in the GEMV) or 'graph' (the quantization stays in the "
+                               "graph as plain ops that Inductor fuses into the op producing the input)",
 }
 
 
@@ -43,6 +46,7 @@ class QuantOptions:
     exclude: tuple[str, ...] = ()
     keep_float_weights: bool = False
     cudagraphs: bool = False
+    activation_quantization: str = "kernel"
     algorithm: str = "rtn"
     act_order: bool = True
     # read once by the backend's calibration step; never compared, hashed or guarded on
@@ -91,6 +95,7 @@ class QuantOptions:
             exclude=_patterns(options, "exclude"),
             keep_float_weights=_bool(options, "keep_float_weights"),
             cudagraphs=_bool(options, "cudagraphs"),
+            activation_quantization=_activation_quantization(options, scheme),
             **_algorithm(options, scheme),
         )
 
@@ -108,6 +113,17 @@ def _choice(options, key, allowed, default, scheme):
     if isinstance(value, bool) or value not in allowed:
         raise ValueError(f"option {key}={value!r} is not valid for scheme {scheme.name!r}; "
                          f"valid: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _activation_quantization(options, scheme: Scheme) -> str:
+    value = options.get("activation_quantization") or "kernel"
+    if value not in ("kernel", "graph"):
+        raise ValueError(f"option activation_quantization={value!r} is not valid; valid: 'kernel', 'graph'")
+    if value == "graph" and not scheme.activation_in_graph:
+        takes = [s.name for s in SCHEMES.values() if s.activation_in_graph]
+        raise ValueError(f"option activation_quantization='graph' does not apply to scheme {scheme.name!r}; "
+                         f"schemes that take it: {', '.join(takes)}")
     return value
 
 

@@ -122,6 +122,10 @@ def test_bad_options_name_the_problem():
         QuantOptions.from_dict({"scheme": "int8_dynamic", "bits": 4})
     with pytest.raises(ValueError, match="bits=9 is not valid"):
         QuantOptions.from_dict({"scheme": "intx_weight_only", "bits": 9})
+    with pytest.raises(ValueError, match="activation_quantization='fused' is not valid"):
+        QuantOptions.from_dict({"scheme": "int8_dynamic", "activation_quantization": "fused"})
+    with pytest.raises(ValueError, match="'graph' does not apply to scheme 'int4_weight_only'.*float8_dynamic"):
+        QuantOptions.from_dict({"scheme": "int4_weight_only", "activation_quantization": "graph"})
     with pytest.raises(ValueError, match="needs options"):
         QuantOptions.from_dict(None)
     assert QuantOptions.from_dict({"scheme": "Int4WeightOnlyConfig"}).scheme == "int4_weight_only"

@@ -9,8 +9,11 @@ from typing import Callable
 
 import torch
 
-# device type ("cuda", "cpu") -> lowerings applied in order; each rewrites the graph in place
-LOWERINGS: dict[str, list[Callable[[torch.fx.GraphModule, torch.device], None]]] = {}
+from ..options import QuantOptions
+
+# device type ("cuda", "cpu") -> lowerings applied in order; each rewrites the graph in place (options: the
+# compile's, for lowering choices they make; None where a caller has none)
+LOWERINGS: dict[str, list[Callable[[torch.fx.GraphModule, torch.device, QuantOptions | None], None]]] = {}
 
 
 def register_lowering(device_type: str):
@@ -20,9 +23,9 @@ def register_lowering(device_type: str):
     return register
 
 
-def lower_for_device(gm: torch.fx.GraphModule, device: torch.device) -> None:
+def lower_for_device(gm: torch.fx.GraphModule, device: torch.device, options: QuantOptions | None = None) -> None:
     for lowering in LOWERINGS.get(device.type, []):
-        lowering(gm, device)
+        lowering(gm, device, options)
     gm.graph.lint()
     gm.recompile()
 

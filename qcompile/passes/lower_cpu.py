@@ -83,7 +83,7 @@ def _unsupported(args) -> str | None:
 
 
 @register_lowering("cpu")
-def lower_intx_linears_cpu(gm: GraphModule, device: torch.device) -> None:
+def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False
     for node in list(gm.graph.nodes):
         for name, matcher in (("int8_dynamic_intx", _match_dynamic), ("intx_weight_only", _match_weight_only)):

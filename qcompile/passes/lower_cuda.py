@@ -4,6 +4,10 @@ Patterns (as the schemes emit them; `Q` is an activation-quantize node, `Q[i]` i
   weight-only : linear(x, dequantize_<fmt>(w...), bias)
   block-scaled: linear(dequantize_<fmt>(Q[0], Q[1].., dtype), dequantize_<fmt>(w...), bias),  Q = quantize_<fmt>(x)
   dynamic     : scale_output(matmul_<fmt>(Q[0], w...), Q[1], w_scale, bias, dtype),  Q = quantize_*(x)
+A dynamic linear becomes fused_linear(x, ...), which quantizes x in its own kernel; with the option
+activation_quantization='graph' it becomes fused_linear_quantized(Q[0], Q[1], Q[2], ...) instead, Q kept: the
+reference quantize op decomposes into aten ops that Inductor fuses into whatever produces x (a norm, an
+activation function), which saves a launch and a pass over x per linear.
 A linear the kernels cannot take (float32 activations, K not a multiple of 32, ...) keeps its reference nodes;
 COUNTS records what was lowered and why the rest was not (QCOMPILE_DEBUG_LOWERING=1 logs each reason).
 """
@@ -40,6 +44,7 @@ class FusedLinearArgs:
     w_aux: Node | None = None
     bits: int = 8
     group_size: int = 0
+    quantized: tuple[Node, Node, Node | None] | None = None  # dynamic: the quantize node's (q, scale, zero)
 
 
 # dequantize op -> (weight format, its args -> fused_linear weight fields)
@@ -108,12 +113,13 @@ def _match_dynamic(scale_output: Node) -> FusedLinearArgs | str:
         return "activation scale does not come from the same quantize node"
     activation = ACTIVATION_QUANTIZERS[quantized.target](quantized)
     x = quantized.args[0]
+    outputs = (acc.args[0], a_scale, None)
     if acc.target is ops.matmul_int8:
         return FusedLinearArgs(x=x, activation=activation, weight_format="int8", qweight=acc.args[1],
-                               w_scale=w_scale)
+                               w_scale=w_scale, quantized=outputs)
     if acc.target is ops.matmul_float8:
         return FusedLinearArgs(x=x, activation=activation, weight_format="fp8", qweight=acc.args[1],
-                               w_scale=w_scale)
+                               w_scale=w_scale, quantized=outputs)
     if acc.target is ops.matmul_intx:
         _, a_zero, packed, scale, zero, bits, group_size = acc.args
         if (a_zero is None) != (activation != "int8_asym") or (
@@ -122,7 +128,7 @@ def _match_dynamic(scale_output: Node) -> FusedLinearArgs | str:
         if w_scale is not None:
             return "matmul_intx followed by a per-row weight scale"
         return FusedLinearArgs(x=x, activation=activation, weight_format="intx", qweight=packed, w_scale=scale,
-                               w_zero=zero, bits=bits, group_size=group_size)
+                               w_zero=zero, bits=bits, group_size=group_size, quantized=(*outputs[:2], a_zero))
     return f"accumulator {acc.target} is not a qcompile matmul"
 
 
@@ -136,12 +142,16 @@ def _kernel_refusal(args: FusedLinearArgs, anchor: Node) -> str | None:
     return unsupported_reason(spec, x_val.dtype, out_val.dtype, int(x_val.shape[-1]))
 
 
-def _replace(gm: GraphModule, anchor: Node, args: FusedLinearArgs, bias: Node | None) -> Node:
+def _replace(gm: GraphModule, anchor: Node, args: FusedLinearArgs, bias: Node | None, graph_quantized: bool) -> Node:
     out_dtype = anchor.meta["val"].dtype
+    weight_and_rest = (args.qweight, args.w_scale, args.w_zero, args.w_aux, bias, args.activation,
+                       args.weight_format, args.bits, args.group_size, out_dtype)
     with gm.graph.inserting_before(anchor):
-        fused = gm.graph.call_function(torch.ops.qcompile.fused_linear.default, (
-            args.x, args.qweight, args.w_scale, args.w_zero, args.w_aux, bias, args.activation,
-            args.weight_format, args.bits, args.group_size, out_dtype))
+        if graph_quantized and args.quantized is not None:
+            fused = gm.graph.call_function(torch.ops.qcompile.fused_linear_quantized.default,
+                                           (*args.quantized, *weight_and_rest))
+        else:
+            fused = gm.graph.call_function(torch.ops.qcompile.fused_linear.default, (args.x, *weight_and_rest))
     for key in ("val", "qcompile", "nn_module_stack", "stack_trace"):
         if key in anchor.meta:
             fused.meta[key] = anchor.meta[key]
@@ -150,7 +160,7 @@ def _replace(gm: GraphModule, anchor: Node, args: FusedLinearArgs, bias: Node | 
 
 
 @register_lowering("cuda")
-def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device) -> None:
+def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device, options=None) -> None:
     """Replace every matched quantized linear with qcompile::fused_linear (see the module docstring)."""
     if importlib.util.find_spec("triton") is None:
         COUNTS["kept/triton is not installed"] += 1
@@ -174,7 +184,7 @@ def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device) -> 
                 log.warning("qcompile lower_cuda: %s (%s) not lowered: %s", node.name,
                             node.meta.get("qcompile", {}).get("module", "?"), reason)
             continue
-        _replace(gm, node, match, bias)
+        _replace(gm, node, match, bias, getattr(options, "activation_quantization", "kernel") == "graph")
         COUNTS[f"lowered/{match.activation}/{match.weight_format}"] += 1
         changed = True
     if changed:

@@ -38,6 +38,9 @@ class Scheme:
     # emit(emitter, x, weight nodes by name, bias node or None, options, output dtype) -> output node
     emit: Callable[..., "Node"]
     activation: str | None = None  # None = weight-only; else how activations are quantized per call
+    # whether the option activation_quantization='graph' applies: a per-token int8 / e4m3 activation, which the
+    # CUDA kernels can take already quantized (its quantize op then stays in the graph for Inductor to fuse)
+    activation_in_graph: bool = False
     group_sizes: tuple[int, ...] = ()  # allowed group sizes; () = not group-wise
     default_group_size: int | None = None
     bits: tuple[int, ...] = ()  # allowed bit widths for the `bits` option; () = fixed

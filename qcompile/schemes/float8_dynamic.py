@@ -18,6 +18,7 @@ SCHEME = Scheme(
     quantize_weight=quantize_float8_weight,
     emit=emit,
     activation="float8 e4m3, per row or per tensor",
+    activation_in_graph=True,
     granularities=("row", "tensor"),
     rows_independent=per_row_granularity,
 )

@@ -35,6 +35,7 @@ SCHEME = Scheme(
     quantize_weight=quantize,
     emit=emit,
     activation="float8 e4m3 per row",
+    activation_in_graph=True,
     group_sizes=(32, 64, 128, 256),
     default_group_size=128,
     algorithms=GRID_ALGORITHMS,

@@ -18,5 +18,6 @@ SCHEME = Scheme(
     quantize_weight=quantize_int8_rowwise,
     emit=emit,
     activation="int8 per token, symmetric",
+    activation_in_graph=True,
     rows_independent=always,
 )

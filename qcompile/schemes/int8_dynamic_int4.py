@@ -34,6 +34,7 @@ SCHEME = Scheme(
     quantize_weight=quantize,
     emit=emit,
     activation="int8 per token, asymmetric",
+    activation_in_graph=True,
     group_sizes=(32, 64, 128, 256),
     default_group_size=32,
     algorithms=GRID_ALGORITHMS,

@@ -19,6 +19,7 @@ SCHEME = Scheme(
     quantize_weight=quantize_intx_symmetric,
     emit=emit,
     activation="int8 per token, asymmetric",
+    activation_in_graph=True,
     group_sizes=(32, 64, 128, 256),
     default_group_size=32,
     bits=tuple(range(1, 9)),

@@ -34,6 +34,9 @@ class LinearSpec:
     w_scale_per_tensor: bool = False
     has_w_zero: bool = False
     has_bias: bool = False
+    # the activation arrives quantized (fused_linear_quantized); not in key(): the GEMM and its best config are
+    # the same, only the GEMVs that quantize x themselves drop out
+    prequantized: bool = False
 
     @property
     def gemm_activation(self) -> str:
@@ -68,7 +71,7 @@ class LinearSpec:
     def gemv_quantizes_activation(self) -> bool:
         """Whether the GEMV can quantize the activation itself (KernelConfig.fuse_activation): e4m3 per row into
         the elementwise GEMV."""
-        return self.activation == "fp8_row" and self.elementwise_gemv
+        return self.activation == "fp8_row" and self.elementwise_gemv and not self.prequantized
 
     @property
     def few_row_gemvs(self) -> bool:
@@ -246,6 +249,21 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
     if config.fuse_activation:  # the GEMV quantizes x itself
         return run_gemm(x, None, None, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
+    if config.library:
+        return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,
+                           config.library)
+    return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
+
+
+def run_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype,
+                         config):
+    """run_linear for an activation quantized beforehand: xq [M, K] (int8 / e4m3), x_scale [M] or [1], x_zero [M]
+    or None."""
+    if config.library == "dequant_mm":  # the activation's grid, (q - zero) * scale, as run_linear's one pass
+        grid = xq.float() if x_zero is None else xq.float() - x_zero.float().reshape(-1, 1)
+        x_grid = (grid * x_scale.float().reshape(-1, 1)).to(out_dtype)
+        return F.linear(x_grid, dequantize_weight(qweight, w_scale, w_zero, w_aux, spec, xq.shape[1], out_dtype),
+                        bias)
     if config.library:
         return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,
                            config.library)

@@ -6,6 +6,7 @@ random tensors of the real shapes, so it also works while Inductor traces with f
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -14,7 +15,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ... import _compat
-from .linear import LinearSpec, run_linear
+from . import linear
+from .linear import LinearSpec
 from .tuning import KernelConfig, select_config
 
 _compat.install_ttir_memo()  # Inductor analyses the template at every call site: once per variant suffices
@@ -54,21 +56,23 @@ def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def _measure_on_random(tensors, spec: LinearSpec, out_dtype):
+def _measure_on_random(tensors, spec: LinearSpec, out_dtype, run=None):
+    """Seconds of `run` (linear.run_linear; its arguments before spec are `tensors`) with a config, on random
+    stand-ins of the tensors."""
     def measure(config: KernelConfig) -> float:
         # outside every mode of the trace that asked (fake tensors, and the proxy / functional modes too): under
         # those, each launch was traced like the model's own (a TTIR build per candidate call, ~100 s of the 8B
         # model's compile) and the timed CUDA graph was captured while tracing
         with unset_fake_temporarily(), _disable_current_modes(), torch.no_grad():
-            x, qweight, w_scale, w_zero, w_aux, bias = (_random_like(t) for t in tensors)
-            if spec.weight_format == "codebook":
-                w_aux = torch.linspace(-1, 1, 16, device=x.device)
-            run = lambda: run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)  # noqa: E731
-            run()  # compile outside the capture
+            args = [_random_like(t) for t in tensors]
+            if spec.weight_format == "codebook":  # w_aux (second to last): the 16 values the codes index
+                args[-2] = torch.linspace(-1, 1, 16, device=args[0].device)
+            call = lambda: (run or linear.run_linear)(*args, spec, out_dtype, config)  # noqa: E731
+            call()  # compile outside the capture
             try:  # replays of a CUDA graph time the GPU alone; event timing of launches adds CPU overhead
-                return triton.testing.do_bench_cudagraph(run, rep=10, return_mode="median")
+                return triton.testing.do_bench_cudagraph(call, rep=10, return_mode="median")
             except RuntimeError:
-                return triton.testing.do_bench(run, warmup=2, rep=10, return_mode="median")
+                return triton.testing.do_bench(call, warmup=2, rep=10, return_mode="median")
     return measure
 
 
@@ -85,16 +89,42 @@ def fused_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: Optional[torch
                  out_dtype: torch.dtype) -> torch.Tensor:
     """x [..., K] (bf16/fp16) times a quantized weight [N, K(packed)] -> [..., N] in out_dtype; see linear.py."""
     K = x.shape[-1]
-    N = qweight.shape[0]
     x2d = x.reshape(-1, K).contiguous()
-    M = x2d.shape[0]
     spec = spec_for(activation, weight_format, bits, group_size, w_scale, w_zero, bias)
-    tunable = x.device.type == "cuda"
-    device_name = torch.cuda.get_device_name(x.device) if tunable else x.device.type
-    measure = _measure_on_random((x2d, qweight, w_scale, w_zero, w_aux, bias), spec, out_dtype) if tunable \
-        else None
-    config = select_config(spec, _hint(M), N, K, device_name, measure)
-    out = run_linear(x2d, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
-    return out.reshape(*x.shape[:-1], N)
+    tensors = (x2d, qweight, w_scale, w_zero, w_aux, bias)
+    config = _tuned_config(spec, tensors, qweight.shape[0], out_dtype, linear.run_linear)
+    out = linear.run_linear(*tensors, spec, out_dtype, config)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.triton_op("qcompile::fused_linear_quantized", mutates_args=())
+def fused_linear_quantized(xq: torch.Tensor, x_scale: torch.Tensor, x_zero: Optional[torch.Tensor],
+                           qweight: torch.Tensor, w_scale: Optional[torch.Tensor], w_zero: Optional[torch.Tensor],
+                           w_aux: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: str,
+                           weight_format: str, bits: int, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """fused_linear on an activation the graph quantized (activation_quantization='graph': Inductor fuses that
+    quantization into the op that produces x): xq [..., K] int8 / e4m3, x_scale [..., 1] per row or [] per
+    tensor, x_zero [..., 1] (int8_asym) or None — the reference quantize op's outputs."""
+    K = xq.shape[-1]
+    xq2d = xq.reshape(-1, K).contiguous()
+    scale = x_scale.reshape(-1).float().contiguous()
+    zero = None if x_zero is None else x_zero.reshape(-1).to(torch.int32).contiguous()
+    spec = dataclasses.replace(spec_for(activation, weight_format, bits, group_size, w_scale, w_zero, bias),
+                               prequantized=True)
+    tensors = (xq2d, scale, zero, qweight, w_scale, w_zero, w_aux, bias)
+    run = linear.run_linear_quantized
+    out = run(*tensors, spec, out_dtype, _tuned_config(spec, tensors, qweight.shape[0], out_dtype, run))
+    return out.reshape(*xq.shape[:-1], qweight.shape[0])
+
+
+def _tuned_config(spec: LinearSpec, tensors, N: int, out_dtype, run) -> KernelConfig:
+    """The config for `run` on `tensors` (x or xq [M, K] first): tuned on CUDA on random stand-ins, cached; else
+    the bucket's first candidate."""
+    x2d = tensors[0]
+    K = x2d.shape[1]
+    tunable = x2d.device.type == "cuda"
+    device_name = torch.cuda.get_device_name(x2d.device) if tunable else x2d.device.type
+    measure = _measure_on_random(tensors, spec, out_dtype, run) if tunable else None
+    return select_config(spec, _hint(x2d.shape[0]), N, K, device_name, measure)
 
 

@@ -225,6 +225,9 @@ def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
     options = candidates(spec, M, N, K)
     can_measure = measure is not None and os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
     entry = CACHE.get_entry(key)
+    shared_choice_unusable = entry is not None and entry[0].fuse_activation and not spec.gemv_quantizes_activation
+    if shared_choice_unusable:  # a GEMV that quantizes x, for an x quantized already (the key is shared): tuned
+        entry = None  # here among the rest, and not stored over the entry the other kind of call uses
     if entry is not None:
         cached, tried = entry
         new = _never_met(options, tried)
@@ -244,5 +247,6 @@ def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
     if not timings:
         return options[0]
     best = min(timings, key=lambda t: t[0])[1]
-    CACHE.put(key, best, tried | {config_id(c) for c in options})
+    if not shared_choice_unusable:
+        CACHE.put(key, best, tried | {config_id(c) for c in options})
     return best

@@ -57,3 +57,23 @@ def test_autotuning_inside_a_compile(tmp_path, monkeypatch):
     keys = json.loads((tmp_path / "configs.json").read_text())
     for shape in ("|M64|N1024|K512", "|M64|N256|K1024"):  # the 28 rows' bucket, both linears
         assert any(key.endswith(shape) for key in keys), keys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if SCHEMES[s].activation_in_graph])
+def test_activation_quantized_in_the_graph(scheme):
+    """activation_quantization='graph': Inductor generates the activation's quantization (fused with what
+    produces it) and the template GEMM takes its output; numerics as the reference."""
+    options = {"scheme": scheme, "activation_quantization": "graph",
+               **({"group_size": 128} if SCHEMES[scheme].group_sizes else {}),
+               **({"bits": 4} if SCHEMES[scheme].bits else {})}
+    model = MLP((512, 1024, 256), torch.nn.functional.gelu).cuda().bfloat16()
+    x = torch.randn(4, 7, 512, device="cuda", dtype=torch.bfloat16)
+    reference, _ = run_pass(model, (x,), options)
+    compiled = torch.compile(model, backend="qcompile", options={**options, "keep_float_weights": True})
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+    code = "\n".join(codes)
+    assert "quantize_activation_kernel" not in code
+    assert "quantized_linear_kernel" in code or "scaled_mm" in code or "_int_mm" in code, code[-3000:]
+    assert sqnr_db(reference.float(), out.float()) > 30

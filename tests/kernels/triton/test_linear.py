@@ -413,3 +413,23 @@ def test_few_row_and_fused_gemvs_on_gpu_real_shape(case):
         if config.fuse_activation:
             apart = run_linear(x, *weight_args, bias, spec, x.dtype, dataclasses.replace(config, fuse_activation=False))
             assert torch.equal(out, apart), config
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.activation in ("int8_sym", "int8_asym", "fp8_row",
+                                                                        "fp8_tensor")], ids=case_id)
+def test_a_linear_on_an_activation_quantized_beforehand(case):
+    """run_linear_quantized (fused_linear_quantized's body: the graph quantized x) on the activation kernel's
+    output gives what run_linear gives on x — through the template and through dequantize-then-cuBLAS."""
+    from qcompile.kernels.triton.linear import quantize_activation, run_linear_quantized
+
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    x = x_all[:4]
+    xq, x_scale, x_zero = quantize_activation(x, spec.activation)
+    prequantized = dataclasses.replace(spec, prequantized=True)
+    for config in (candidates(prequantized, 4, N, K)[0], KernelConfig(0, 0, 0, library="dequant_mm")):
+        expected = run_linear(x, *weight_args, bias, spec, x.dtype, config)
+        out = run_linear_quantized(xq, x_scale, x_zero, *weight_args, bias, prequantized, x.dtype, config)
+        assert sqnr_db(expected.float(), out.float()) > 40, config

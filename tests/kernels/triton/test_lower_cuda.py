@@ -27,7 +27,7 @@ def lower_and_run(options: dict, dtype=torch.bfloat16):
         reference_graph = torch.fx.Graph()
         reference_graph.output(reference_graph.graph_copy(result.gm.graph, {}))
         reference = torch.fx.GraphModule(result.gm, reference_graph)
-        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"))
+        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"), opts)
         result.gm.recompile()
         constants = [t for _, t in result.constants]
         graphs.append(result.gm)
@@ -64,6 +64,25 @@ def test_every_scheme_lowers_to_fused_linear_and_matches_reference(scheme):
     assert sqnr_db(reference.float(), lowered.float()) > 30
 
 
+DYNAMIC = [s for s in SCHEMES if SCHEMES[s].activation and s not in ("mxfp8", "nvfp4")]
+
+
+@pytest.mark.parametrize("scheme, granularity", [(s, None) for s in DYNAMIC] + [("float8_dynamic", "tensor")])
+def test_activation_quantization_in_the_graph(scheme, granularity):
+    """activation_quantization='graph': the reference quantize op stays (Inductor fuses it into x's producer) and
+    fused_linear_quantized takes its outputs; same numerics as the reference graph."""
+    lower_cuda.COUNTS.clear()
+    options = {**_options(scheme), "activation_quantization": "graph", **({"granularity": granularity}
+                                                                         if granularity else {})}
+    reference, lowered, gm = lower_and_run(options)
+    targets = _targets(gm)
+    assert targets.count("qcompile.fused_linear_quantized.default") == 2, targets
+    assert "qcompile.fused_linear.default" not in targets
+    assert len([t for t in targets if t.startswith("qcompile.quantize_")]) == 2
+    assert not [t for t in targets if t.startswith(("qcompile.matmul", "qcompile.scale_output"))]
+    assert sqnr_db(reference.float(), lowered.float()) > 30
+
+
 def test_float32_linears_keep_the_reference_path():
     lower_cuda.COUNTS.clear()
     reference, lowered, gm = lower_and_run({"scheme": "int8_dynamic"}, dtype=torch.float32)
@@ -89,6 +108,23 @@ relu = aten.relu(view_1)
 view_2 = aten.view(relu, [6, 96])
 fused_linear_default_1 = qcompile.fused_linear(view_2, down_weight__qweight, down_weight__scale, down_weight__zero, None, None, float, int4_tinygemm, 4, 32, torch.bfloat16)
 _unsafe_view = aten._unsafe_view(fused_linear_default_1, [2, 3, 64])""")
+
+    def test_dynamic_float8_quantized_in_the_graph(self):
+        options = {**_options("float8_dynamic"), "activation_quantization": "graph"}
+        self.assertExpectedInline(_graph(lower_and_run(options)[2]), """\
+view = aten.view(arg2_1, [6, 64])
+up_quantize_float8 = qcompile.quantize_float8(view, row)
+up_q = <built-in function getitem>(up_quantize_float8, 0)
+up_scale = <built-in function getitem>(up_quantize_float8, 1)
+fused_linear_quantized_default = qcompile.fused_linear_quantized(up_q, up_scale, None, up_weight__qweight, up_weight__scale, None, None, arg1_1, fp8_row, fp8, 8, 0, torch.bfloat16)
+view_1 = aten.view(fused_linear_quantized_default, [2, 3, 96])
+relu = aten.relu(view_1)
+view_2 = aten.view(relu, [6, 96])
+down_quantize_float8 = qcompile.quantize_float8(view_2, row)
+down_q = <built-in function getitem>(down_quantize_float8, 0)
+down_scale = <built-in function getitem>(down_quantize_float8, 1)
+fused_linear_quantized_default_1 = qcompile.fused_linear_quantized(down_q, down_scale, None, down_weight__qweight, down_weight__scale, None, None, None, fp8_row, fp8, 8, 0, torch.bfloat16)
+_unsafe_view = aten._unsafe_view(fused_linear_quantized_default_1, [2, 3, 64])""")
 
     def test_dynamic_int8_int4(self):
         self.assertExpectedInline(_graph(lower_and_run(_options("int8_dynamic_int4"))[2]), """\
