@@ -327,7 +327,9 @@ def decode_phase(model, row: Row, args, device, batch: int) -> dict:
         before = first_call(call, result, device, f"{row.name} decode b{batch}")
         if whole_step_graph:
             try:
+                start = time.perf_counter()
                 call = captured_step(call, device)
+                result["capture_s"] = round(time.perf_counter() - start, 2)  # two warm-up steps and the capture
             except Exception as e:  # noqa: BLE001 (recorded; the phase still measures, without CUDA graphs)
                 result["cuda_graph_capture_error"] = f"{type(e).__name__}: {str(e)[:500]}"
                 log(f"  WARNING: capturing the decode step failed, timing it without CUDA graphs: {e}")
