@@ -1,5 +1,6 @@
-"""`qcompile::fused_linear`: one quantized linear as a `torch.library.triton_op`, so Inductor traces into it and
-emits its Triton kernels as user-defined kernels in the output code (and AOTInductor can embed them).
+"""`qcompile::fused_linear` (and `fused_linear_quantized`, for an activation the graph quantized): one quantized
+linear as a `torch.library.triton_op`, so Inductor traces into it and emits its Triton kernels as user-defined
+kernels in the output code (and AOTInductor can embed them).
 
 The config is chosen when the op is traced or first run (tuning.select_config); tuning measures candidates on
 random tensors of the real shapes, so it also works while Inductor traces with fake tensors.

@@ -187,15 +187,19 @@ class ConfigCache:
 CACHE = ConfigCache()
 
 
+# sources in this folder that do not change what a config computes or how fast: the tuner itself (its candidate
+# lists: a cache entry names the candidates it was measured against) and the ops that call it
+_NOT_HASHED = {"tuning.py", "ops.py"}
+
+
 @functools.lru_cache(None)
 def template_version() -> str:
-    """A hash of the Triton kernels' sources (this folder but this file): a choice tuned for other kernel code is
-    not reused — after an edit the fastest config can differ (session 4's new GEMV would have kept old picks).
-    The candidate lists here are not hashed: a cache entry names the candidates it was measured against, and a
-    new candidate is measured against the cached choice alone (select_config)."""
+    """A hash of the Triton kernels' sources and their launchers (this folder but _NOT_HASHED): a choice tuned for
+    other kernel code is not reused — after an edit the fastest config can differ (session 4's new GEMV would have
+    kept old picks). A new candidate is measured against the cached choice alone (select_config)."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        if path.name != Path(__file__).name:
+        if path.name not in _NOT_HASHED:
             digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
