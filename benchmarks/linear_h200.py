@@ -364,7 +364,8 @@ def main():
         print(f"peers warmed at {time.time() - start:.0f} s; failures: {warm_failures}", flush=True)
     peers_mod = load_peers(a.peers) if a.peers else None
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__, "shapes": [s[0] for s in SHAPES], "rows": [], "precompile_failures": failures,
+              "torch": torch.__version__, "triton": triton.__version__, "shapes": [s[0] for s in SHAPES],
+              "rows": [], "precompile_failures": failures,
               "peer_warm_failures": warm_failures}
     if peers_mod is not None:
         result["ceilings"] = peers_mod.ceilings()

@@ -702,13 +702,15 @@ def merged_rows(records: list[dict]) -> tuple[dict[str, dict], list[dict]]:
 
 def per_layer_graphs(rows: dict) -> str:
     """How the per-layer rows' decode steps replayed CUDA graphs (records before session 7's change: per block)."""
-    scopes = {result.get("cuda_graph_scope", "block") for name, entry in rows.items() if name.endswith(PER_LAYER_SUFFIX)
+    scopes = {result.get("cuda_graph_scope", "block")
+              for name, entry in rows.items() if name.endswith(PER_LAYER_SUFFIX)
               for phase, result in entry["phases"].items() if phase.startswith("decode") and "tok_s" in result}
+    if not scopes:
+        return "not measured"
     words = {"step": "one CUDA graph captured around the whole step (`torch.cuda.graph`)",
              "block": "a CUDA-graph replay per block (CUDA-graph trees)", "none": "no CUDA graphs (capture failed)"}
-    return " or ".join(words[s] for s in sorted(scopes, reverse=True)) + (" (as each row's record says)"
-                                                                           if len(scopes) > 1 else "") \
-        if scopes else "not measured"
+    described = " or ".join(words[s] for s in sorted(scopes, reverse=True))
+    return described + (" (as each row's record says)" if len(scopes) > 1 else "")
 
 
 def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
