@@ -10,8 +10,8 @@
 # .whl (ignored) holds the test wheels (pytest, pluggy, iniconfig, pygments, expecttest, pytest-xdist, execnet) and, for the peers,
 # ../shared/bench/peers_h200.py, the torchao wheel and gemlite's source under .whl/src. .cache/qcompile holds the
 # tuned Triton configs (triton_linear_configs.json) and gemlite's (gemlite_configs.json): save_tuning copies them
-# to $OUT/tuning/; copy that back into .cache/qcompile here so the next call does not tune again, and into
-# benchmarks/h200_cache (committed) so that a fresh checkout starts from them.
+# to $OUT/tuning/; `python benchmarks/h200_seed.py <files_at>/tuning` here takes them into .cache/qcompile (the
+# next call does not tune again) and benchmarks/h200_cache (committed: a fresh checkout starts from them).
 
 if [ ! -d .whl ]; then
     echo "h200_session: no .whl folder on this machine: pass carry [\".whl\", ...] to the device tool" >&2

@@ -1,0 +1,54 @@
+"""Take the tuning caches a device call brought back ($OUT/tuning from h200_session.sh's save_tuning) into this
+checkout: .cache/qcompile (carried to the next call) and benchmarks/h200_cache (the committed seed). Our configs
+keep only the keys of the current kernels (`tuning.template_version()`: entries of older kernel code are never
+read again); gemlite's are merged by kernel kind.
+
+    python benchmarks/h200_seed.py /work/.device/N/tuning
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qcompile.kernels.triton.tuning import template_version
+
+DESTINATIONS = [Path(".cache/qcompile"), Path("benchmarks/h200_cache")]
+
+
+def current_kernels_only(entries: dict) -> dict:
+    marker = f"|kernels {template_version()}|"
+    return {key: value for key, value in entries.items() if marker in key}
+
+
+def merged(old: dict, new: dict, nested: bool) -> dict:
+    if not nested:
+        return {**old, **new}
+    return {kind: {**old.get(kind, {}), **new.get(kind, {})} for kind in {*old, *new}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tuning", type=Path, help="the folder holding triton_linear_configs.json / gemlite_configs.json")
+    args = ap.parse_args(argv)
+    for name, nested in (("triton_linear_configs.json", False), ("gemlite_configs.json", True)):
+        source = args.tuning / name
+        if not source.exists():
+            print(f"{source}: not there, skipped")
+            continue
+        new = json.loads(source.read_text())
+        if not nested:
+            new = current_kernels_only(new)
+        for folder in DESTINATIONS:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            old = json.loads(target.read_text()) if target.exists() else {}
+            if not nested:
+                old = current_kernels_only(old)
+            result = merged(old, new, nested)
+            target.write_text(json.dumps(result, indent=1, sort_keys=True))
+            print(f"{target}: {len(result)} entries ({len(new)} from {source})")
+
+
+if __name__ == "__main__":
+    main()
