@@ -166,6 +166,9 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     if config.fuse_activation and not (config.block_m == 1 and spec.gemv_quantizes_activation):
         raise ValueError(f"Triton linear: fuse_activation is the elementwise GEMV's (BLOCK_M=1) e4m3 per-row "
                          f"quantization; got {spec.key()} with {config}")
+    if config.reduce_each and not (config.block_m == 1 and spec.elementwise_gemv):
+        raise ValueError(f"Triton linear: reduce_each is the elementwise GEMV's (BLOCK_M=1; fp8, microscaling, "
+                         f"codebook weights); got {spec.key()} with {config}")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
@@ -191,7 +194,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
         USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
-        BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation,
+        BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation, REDUCE_EACH=config.reduce_each,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 

@@ -38,6 +38,7 @@ class KernelConfig:
     join_planes: bool = False  # ... joined back into K order: one dot per bit width against x's contiguous tile
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
     fuse_activation: bool = False  # GEMV only: x quantized (e4m3 per row) by the GEMV, not by its own kernel
+    reduce_each: bool = False  # elementwise GEMV only: per-row sums every K block (fewer registers, more programs)
 
 
 def m_bucket(M: int) -> int:
@@ -102,6 +103,8 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         configs = [KernelConfig(1, *c) for c in _GEMV + (_GEMV_ROWS if spec.few_row_gemvs else [])]
         if spec.gemv_quantizes_activation:  # one launch: the GEMV quantizes x itself
             configs += [KernelConfig(1, *c, fuse_activation=True) for c in _GEMV_ROWS + _GEMV_FUSED]
+        if spec.elementwise_gemv:  # the few-row GEMVs with per-row sums each K block: ~half the registers
+            configs += [KernelConfig(1, *c, reduce_each=True) for c in _GEMV_ROWS]
         if spec.weight_format == "fp8":  # one row padded to a 16-row tensor-core tile: the H200 ran gate_up at M=16
             # in 33.5 us (fp8 weight-only) / 34.2 (float8_dynamic) against the best GEMV's 38.9 / 39.3 at M=1
             configs += [KernelConfig(16, *c) for c in _SMALL]

@@ -108,6 +108,7 @@ def test_gemvs_of_a_few_rows_over_whole_k_rows(case):
     spec = _spec(case, options, weight_args, bias)
     configs = [c for c in candidates(spec, 1, N, 4096) if c.block_m == 1 and c.block_n <= 16 and c.split_k == 1]
     assert {c.block_k for c in configs} >= {512, 1024, 2048, 4096}
+    assert any(c.reduce_each for c in configs) == spec.elementwise_gemv  # per-row sums every K block, too
     reference = case.reference(x_all[:1], q, bias, options)
     exact = x_all[:1].double() @ w.double().t() + bias.double()
     for config in configs:
@@ -298,13 +299,15 @@ def test_column_major_group_parameters_give_the_same_output(case):
         assert torch.equal(expected, got), f"M={M} {config}"
 
 
-def test_plane_decode_refuses_what_it_cannot_take():
+def test_kernel_variants_refuse_what_they_cannot_take():
     x_all, w, bias = _inputs()
     for scheme, config, message in [
             ("int8_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, planes=True),
              "plane decode takes sub-byte group-wise weights"),
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, join_planes=True),
-             "join_planes joins the plane decode's K-planes")]:
+             "join_planes joins the plane decode's K-planes"),
+            ("int4_weight_only", KernelConfig(1, 32, 128, 1, reduce_each=True), "reduce_each is the elementwise"),
+            ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)
         spec = _spec(case, options, case.weight_args(q), bias)
