@@ -22,6 +22,8 @@ VARIANTS = {
                                swap_ab=True, planes=True, join_planes=True),
     "fp8_dynamic_fused_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=2, block_k=4096, activation="fp8",
                                    num_warps=8, fused=True),
+    "fp8_weight_only_reduce_each_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512,
+                                             reduce_each=True),
     "fp8_dynamic_tile": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
                              activation="fp8"),
 }
