@@ -4,6 +4,8 @@ keep only the keys of the current kernels (`tuning.template_version()`: entries 
 read again); gemlite's are merged by kernel kind.
 
     python benchmarks/h200_seed.py /work/.device/N/tuning
+    python benchmarks/h200_seed.py --rekey-from OLDHASH   # after a kernel edit that left the SASS as it was
+                                                          # (benchmarks/experiments/sass_fingerprint.py)
 """
 from __future__ import annotations
 
@@ -27,10 +29,31 @@ def merged(old: dict, new: dict, nested: bool) -> dict:
     return {kind: {**old.get(kind, {}), **new.get(kind, {})} for kind in {*old, *new}}
 
 
+def rekey(old: str) -> None:
+    new = template_version()
+    for folder in DESTINATIONS:
+        target = folder / "triton_linear_configs.json"
+        if not target.exists():
+            continue
+        entries = json.loads(target.read_text())
+        moved = {key.replace(f"|kernels {old}|", f"|kernels {new}|"): value for key, value in entries.items()
+                 if f"|kernels {old}|" in key}
+        target.write_text(json.dumps({**current_kernels_only(entries), **moved}, indent=1, sort_keys=True))
+        print(f"{target}: {len(moved)} entries moved from kernels {old} to {new}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tuning", type=Path, help="the folder holding triton_linear_configs.json / gemlite_configs.json")
+    ap.add_argument("tuning", type=Path, nargs="?",
+                    help="the folder holding triton_linear_configs.json / gemlite_configs.json")
+    ap.add_argument("--rekey-from", metavar="HASH", help="move the seed's entries of kernel hash HASH to the "
+                    "current one (only after checking that the edit left the compiled kernels as they were)")
     args = ap.parse_args(argv)
+    if args.rekey_from:
+        rekey(args.rekey_from)
+        return
+    if args.tuning is None:
+        ap.error("give the tuning folder, or --rekey-from")
     for name, nested in (("triton_linear_configs.json", False), ("gemlite_configs.json", True)):
         source = args.tuning / name
         if not source.exists():
