@@ -168,6 +168,7 @@ def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device, opt
     import qcompile.kernels.triton  # noqa: F401  (registers qcompile::fused_linear)
 
     debug = os.environ.get("QCOMPILE_DEBUG_LOWERING") == "1"
+    graph_quantized = getattr(options, "activation_quantization", "kernel") == "graph"
     changed = False
     for node in list(gm.graph.nodes):
         if _call(node, aten.linear.default):
@@ -184,7 +185,7 @@ def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device, opt
                 log.warning("qcompile lower_cuda: %s (%s) not lowered: %s", node.name,
                             node.meta.get("qcompile", {}).get("module", "?"), reason)
             continue
-        _replace(gm, node, match, bias, getattr(options, "activation_quantization", "kernel") == "graph")
+        _replace(gm, node, match, bias, graph_quantized)
         COUNTS[f"lowered/{match.activation}/{match.weight_format}"] += 1
         changed = True
     if changed:

@@ -252,16 +252,13 @@ def run_linear(x, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_d
     if config.fuse_activation:  # the GEMV quantizes x itself
         return run_gemm(x, None, None, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
     xq, x_scale, x_zero = quantize_activation(x, spec.activation)
-    if config.library:
-        return run_library(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype,
-                           config.library)
-    return run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
+    return run_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec, out_dtype, config)
 
 
 def run_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: LinearSpec, out_dtype,
                          config):
-    """run_linear for an activation quantized beforehand: xq [M, K] (int8 / e4m3), x_scale [M] or [1], x_zero [M]
-    or None."""
+    """run_linear from its activation quantized (xq [M, K] int8 / e4m3, x_scale [M] or [1], x_zero [M] or None;
+    a float activation with no scale or zero goes through as it is)."""
     if config.library == "dequant_mm":  # the activation's grid, (q - zero) * scale, as run_linear's one pass
         grid = xq.float() if x_zero is None else xq.float() - x_zero.float().reshape(-1, 1)
         x_grid = (grid * x_scale.float().reshape(-1, 1)).to(out_dtype)

@@ -57,9 +57,9 @@ def _random_like(t: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def _measure_on_random(tensors, spec: LinearSpec, out_dtype, run=None):
-    """Seconds of `run` (linear.run_linear; its arguments before spec are `tensors`) with a config, on random
-    stand-ins of the tensors."""
+def _measure_on_random(tensors, spec: LinearSpec, out_dtype, run):
+    """Seconds of `run` (linear.run_linear or run_linear_quantized: its arguments before spec are `tensors`) with
+    a config, on random stand-ins of the tensors."""
     def measure(config: KernelConfig) -> float:
         # outside every mode of the trace that asked (fake tensors, and the proxy / functional modes too): under
         # those, each launch was traced like the model's own (a TTIR build per candidate call, ~100 s of the 8B
@@ -68,7 +68,7 @@ def _measure_on_random(tensors, spec: LinearSpec, out_dtype, run=None):
             args = [_random_like(t) for t in tensors]
             if spec.weight_format == "codebook":  # w_aux (second to last): the 16 values the codes index
                 args[-2] = torch.linspace(-1, 1, 16, device=args[0].device)
-            call = lambda: (run or linear.run_linear)(*args, spec, out_dtype, config)  # noqa: E731
+            call = lambda: run(*args, spec, out_dtype, config)  # noqa: E731
             call()  # compile outside the capture
             try:  # replays of a CUDA graph time the GPU alone; event timing of launches adds CPU overhead
                 return triton.testing.do_bench_cudagraph(call, rep=10, return_mode="median")

@@ -116,13 +116,12 @@ def test_candidates_are_timed_outside_every_tracing_mode(monkeypatch):
         seen.append((type(x), type(qweight), _get_current_dispatch_mode_stack()))
         return torch.ones(x.shape[0], qweight.shape[0])
 
-    monkeypatch.setattr(ops.linear, "run_linear", spy_run_linear)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kwargs: (fn(), fn(), 1.0)[-1])
     spec = LinearSpec("float", "int8")
     config = tuning.candidates(spec, 4, 32, 64)[0]
 
     def traced(x, qweight, w_scale):
-        ops._measure_on_random((x, qweight, w_scale, None, None, None), spec, torch.bfloat16)(config)
+        ops._measure_on_random((x, qweight, w_scale, None, None, None), spec, torch.bfloat16, spy_run_linear)(config)
         return x * 2
 
     x, qweight = torch.randn(4, 64, dtype=torch.bfloat16), torch.randint(-128, 128, (32, 64), dtype=torch.int8)
