@@ -154,18 +154,30 @@ def quantizes_activation_in_graph(row: Row) -> bool:
 
 
 def compiled_per_layer(row: Row) -> bool:
-    return COMPILE_SCOPE == "layer" and row.model == "ours"
+    return COMPILE_SCOPE == "layer"
 
 
 def compile_per_layer(model, row: Row, device: torch.device) -> None:
     """--compile-scope layer: every decoder block compiled on its own — one graph that Dynamo reuses for all of
     them, each fed its own (quantized) weights: a layer's compile instead of the model's — and the LM head on its
-    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. No CUDA-graph trees: the
-    decode phases capture a whole step in one graph (captured_step)."""
-    kwargs = compile_kwargs(row, device, cuda_graphs=False)
-    for layer in model.layers:
+    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. Our model: no CUDA-graph
+    trees, the decode phases capture a whole step in one graph (captured_step). transformers: generate() owns the
+    loop, so each block and the head replay their own CUDA graphs (trees); its decoder layers read their KV-cache
+    slot by `self.layer_idx`, which Dynamo specializes on — a graph per layer (the first compiles, the others hit
+    the FX-graph cache), so the recompile limit is raised to hold them (prompt and decode graphs of every layer)."""
+    transformers_model = row.model == "transformers"
+    kwargs = compile_kwargs(row, device, cuda_graphs=transformers_model)
+    layers = model.model.layers if transformers_model else model.layers
+    if transformers_model:
+        limit = 2 * len(layers) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for layer in layers:
         layer.compile(**kwargs)
-    model.out = torch.compile(model.out, **kwargs)  # Module.compile() on torch.nn's own classes compiles nothing
+    # Module.compile() on torch.nn's own classes compiles nothing: wrap the head
+    if transformers_model:
+        model.lm_head = torch.compile(model.lm_head, **kwargs)
+    else:
+        model.out = torch.compile(model.out, **kwargs)
 
 
 def captured_step(step, device: torch.device):
@@ -719,7 +731,8 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     s = latest["setup"]
     p, c = s["protocol"], s["config"]
     base = rows.get("bf16", {}).get("phases", {})
-    hf_base = rows.get("transformers_bf16", {}).get("phases", {})
+    hf_base = {name: rows.get(name, {}).get("phases", {})  # per scope: the row's name ends as the scope says
+               for name in ("transformers_bf16", "transformers_bf16" + PER_LAYER_SUFFIX)}
 
     def cell(entry, phase):
         result = entry["phases"].get(phase)
@@ -733,7 +746,8 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         ref = (same_scope["phases"] if same_scope else base).get(phase, {}).get("tok_s")
         if ref:
             text += f" ({result['tok_s'] / ref:.2f}x)"
-        hf_ref = hf_base.get(phase, {}).get("tok_s")
+        hf_ref = hf_base["transformers_bf16" + (PER_LAYER_SUFFIX if entry["record"]["row"].endswith(PER_LAYER_SUFFIX)
+                                                else "")].get(phase, {}).get("tok_s")
         if entry["record"]["model"] == "transformers" and entry["record"]["options"] and hf_ref:
             text += f", {result['tok_s'] / hf_ref:.2f}x transformers bf16"
         if phase.startswith("decode") and result.get("cuda_graphs") is False:

@@ -132,8 +132,12 @@ def _kernel_stamp_pass(wrapped):
     """A post-grad pass that only runs the user's own (if any) and whose uuid() is the hash of qcompile's kernel
     and reference-op sources. Inductor's caches key on it, so editing a kernel — the C++ header that a template
     renders into the output code, a Triton kernel — or a reference op's decomposition invalidates cached graphs
-    built from the old one."""
+    built from the old one. Whether the autotuner measures is in the key too: a cached graph keeps the configs
+    chosen when it was compiled, so one compiled with tuning off (each bucket's first candidate) must not serve a
+    compile that tunes (it did on the H200: a GPU test found no tuning done)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from .kernels.triton.tuning import autotune_enabled
 
     class KernelSourceStamp(CustomGraphPass):
         def __call__(self, graph):
@@ -143,7 +147,7 @@ def _kernel_stamp_pass(wrapped):
         def uuid(self):
             if wrapped is not None and not hasattr(wrapped, "uuid"):
                 return None  # an unhashable user pass disables caching, as in Inductor
-            return (_kernel_sources_hash(), wrapped.uuid() if wrapped is not None else None)
+            return (_kernel_sources_hash(), autotune_enabled(), wrapped.uuid() if wrapped is not None else None)
 
     return KernelSourceStamp()
 

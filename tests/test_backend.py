@@ -304,6 +304,20 @@ def test_an_edited_kernel_misses_aotautograds_cache(monkeypatch):
     assert _aot_cache_hits_of_a_fresh_compile(48) == 0
 
 
+def test_a_graph_compiled_without_autotuning_does_not_serve_a_tuning_compile(monkeypatch):
+    """A cached graph carries the kernel configs chosen when it was compiled: one compiled with the autotuner off
+    must miss the cache of a compile that tunes (and the other way round), or that compile tunes nothing."""
+    from qcompile import _compat
+
+    fresh = f"kernels {uuid.uuid4()}".encode()  # both compiles new to Inductor's cache, which outlives the session
+    monkeypatch.setattr(_compat, "_kernel_sources_hash", lambda: fresh)
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    _aot_cache_hits_of_a_fresh_compile(40)
+    assert _aot_cache_hits_of_a_fresh_compile(40) == 1
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    assert _aot_cache_hits_of_a_fresh_compile(40) == 0
+
+
 def test_nested_compile_regions_are_inlined_with_each_sites_weights():
     """A model whose blocks are `torch.compiler.nested_compile_region`s (Dynamo traces one body and calls it at
     every block): each block's linears quantize with their own weights and keep their own module names, with a

@@ -224,13 +224,18 @@ def untried_candidates(spec: LinearSpec, M: int, N: int, K: int, device_name: st
     return options if entry is None else _never_met(options, entry[1])
 
 
+def autotune_enabled() -> bool:
+    """QCOMPILE_AUTOTUNE=0 turns measuring off (each bucket's first candidate, or the cached choice)."""
+    return os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
+
+
 def select_config(spec: LinearSpec, M: int, N: int, K: int, device_name: str,
                   measure: Callable[[KernelConfig], float] | None) -> KernelConfig:
     """The cached choice (measured against candidates added since, when `measure` is given), else the fastest
     candidate by `measure` (seconds), else the first candidate."""
     key = cache_key(spec, M, N, K, device_name)
     options = candidates(spec, M, N, K)
-    can_measure = measure is not None and os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
+    can_measure = measure is not None and autotune_enabled()
     entry = CACHE.get_entry(key)
     shared_choice_unusable = entry is not None and entry[0].fuse_activation and not spec.gemv_quantizes_activation
     if shared_choice_unusable:  # a GEMV that quantizes x, for an x quantized already (the key is shared): tuned
