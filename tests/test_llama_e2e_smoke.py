@@ -57,6 +57,24 @@ def test_per_layer_compile_rows(tmp_path):
     assert "| qcompile int8_weight_only (per-layer compile) | int8, per row (sym) | bf16 | — |" in markdown.read_text()
 
 
+def test_transformers_rows_compile_per_layer(tmp_path):
+    """transformers' LlamaForCausalLM under --compile-scope layer: each decoder layer and the LM head compiled with
+    qcompile, generate() eager around them — a graph per layer (Dynamo specializes on layer_idx) for the prompt and
+    for the step, within the raised recompile limit (none falls back to eager), with no graph break."""
+    pytest.importorskip("transformers")
+    results, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n")
+    llama_e2e.main(["--tiny", "--device", "cpu", "--rows", "transformers", "--compile-scope", "layer",
+                    "--new-tokens", "4", "--reps", "1", "--out", str(results), "--write", str(markdown)])
+    [record] = json.loads(results.read_text())
+    assert record["row"] == "transformers (per-layer compile)", record.get("error")
+    decode = record["phases"]["decode_b1"]
+    layers = llama_model.TINY.n_layers
+    assert decode["tok_s"] > 0 and not decode.get("cuda_graphs")  # generate()'s loop: nothing captures a step
+    assert (decode["graphs_compiled"], decode["graph_breaks"]) == (2 * (layers + 1), 0)
+    assert "generate() (qcompile int4_weight_only) (per-layer compile) |" in markdown.read_text()
+
+
 @pytest.mark.gpu
 def test_per_layer_decode_step_replays_as_one_cuda_graph(monkeypatch):
     """Per-layer rows capture the whole decode step (compiled blocks + eager glue) as one CUDA graph: the replay
