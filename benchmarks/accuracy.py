@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import qcompile  # noqa: E402
 from qcompile import models  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
+from qcompile.per_layer import compile_units  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from markdown_section import write_section  # noqa: E402
@@ -236,23 +237,9 @@ def prepare(row: Row, model, calibration_calls):
     if row.calibrate:  # GPTQ calibrates the graph it compiles: the whole model's, fed whole-model inputs
         options["calibration"] = calibration_calls
         return torch.compile(model, backend="qcompile", options=options, dynamic=False)
-    blocks, linears = compile_units(model)
-    for block in blocks:  # one graph serves every block (README: one compile per decoder layer)
-        block.compile(backend="qcompile", options=options, dynamic=False)
-    for parent, name, linear in linears:  # Module.compile() is a no-op on torch.nn's own classes: wrap them
-        setattr(parent, name, torch.compile(linear, backend="qcompile", options=options, dynamic=False))
-    return model
-
-
-def compile_units(model) -> tuple[list[torch.nn.Module], list[tuple[torch.nn.Module, str, torch.nn.Linear]]]:
-    """What a row compiles without calibration: each block of the model's longest ModuleList (decoder or encoder
-    layers: one graph for all), and each linear outside them on its own, as (parent, attribute, linear):
-    SmolLM2's head, MiniLM's pooler."""
-    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    in_blocks = {id(m) for block in blocks for m in block.modules()}
-    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.Linear) and id(child) not in in_blocks]
-    return list(blocks), linears
+    # each block of the model's longest ModuleList (decoder or encoder layers: one graph for all) and each linear
+    # outside them on its own (SmolLM2's head, MiniLM's pooler)
+    return qcompile.compile_blocks(model, options, dynamic=False)
 
 
 def expected_graphs(row: Row, model) -> int:

@@ -71,6 +71,7 @@ from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noq
 
 import qcompile  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
+from qcompile.per_layer import allow_graph_per_block  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
@@ -166,13 +167,11 @@ def compile_per_layer(model, row: Row, device: torch.device) -> None:
     region failed on the H200 ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
     run", a decoder layer's output read after the next layer's replay). Its decoder layers read their KV-cache slot
     by `self.layer_idx`, which Dynamo specializes on — a graph per layer (the first compiles, the others hit the
-    FX-graph cache): the recompile limit is raised to hold the prompt and decode graphs of every layer."""
+    FX-graph cache): the recompile limit is raised to hold them (see qcompile/per_layer.py)."""
     transformers_model = row.model == "transformers"
     kwargs = compile_kwargs(row, device, cuda_graphs=False)
     layers = model.model.layers if transformers_model else model.layers
-    if transformers_model:
-        limit = 2 * len(layers) + 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    allow_graph_per_block(len(layers))  # qcompile.compile_blocks does the same for qcompile alone
     for layer in layers:
         layer.compile(**kwargs)
     # Module.compile() on torch.nn's own classes compiles nothing: wrap the head

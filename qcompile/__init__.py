@@ -6,6 +6,7 @@ from . import ops  # noqa: F401  (registers the qcompile:: operators)
 from .backend import qcompile_backend  # noqa: F401
 from .export import export  # noqa: F401
 from .prepare import prepare  # noqa: F401
+from .per_layer import compile_blocks  # noqa: F401
 from .debug import diff  # noqa: F401
 from .options import QuantOptions  # noqa: F401
 from .schemes import SCHEMES, get_scheme  # noqa: F401
@@ -27,4 +28,4 @@ def _register_backend_name() -> None:
 
 
 _register_backend_name()
-__all__ = ["qcompile_backend", "export", "prepare", "QuantOptions", "SCHEMES", "get_scheme", "diff"]
+__all__ = ["qcompile_backend", "export", "prepare", "compile_blocks", "QuantOptions", "SCHEMES", "get_scheme", "diff"]

@@ -1,0 +1,67 @@
+"""Per-layer compile: each decoder block of a model compiled on its own with backend="qcompile" — a block's
+compile instead of the whole model's — and each linear outside the blocks (the LM head) on its own.
+
+    qcompile.compile_blocks(model, {"scheme": "int4_weight_only", "group_size": 128})
+
+One graph serves every block where the blocks differ only in their weights (they are graph inputs; qcompile feeds
+each block its own quantized weights). Blocks whose code reads an int attribute that differs between them —
+transformers' `layer_idx`, which picks the block's KV-cache slot — get a graph per block: Dynamo specializes on
+the int. The first compiles, the rest hit Inductor's cache, but Dynamo keeps at most `recompile_limit` (8) graphs
+per code object and runs the frame eagerly past it: the blocks after the 8th would stay in float, with only
+Dynamo's warning to say so. compile_blocks raises the limit to hold a graph per block and input shape.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SHAPES_PER_BLOCK = 4  # input shapes a block meets (prompt, decode step, ...), each a graph where blocks specialize
+
+
+def compile_units(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, str, nn.Linear]]]:
+    """The blocks (the model's longest nn.ModuleList: decoder or encoder layers) and every nn.Linear outside them
+    as (parent, attribute, linear): an LM head, a pooler."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"compile_blocks: {type(model).__name__} has no nn.ModuleList of blocks; pass blocks=, or "
+                         f"compile the whole model with torch.compile(model, backend=\"qcompile\", ...)")
+    blocks = list(max(lists, key=len))
+    return blocks, linears_outside(model, blocks)
+
+
+def linears_outside(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    inside = {id(m) for block in blocks for m in block.modules()}
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.Linear) and id(child) not in inside]
+
+
+def allow_graph_per_block(blocks: int, shapes_per_block: int = SHAPES_PER_BLOCK) -> None:
+    """Raise Dynamo's recompile limits (never lower them) to hold a graph per block and input shape."""
+    needed = blocks * shapes_per_block + 8
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+
+
+def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn.ModuleList | None = None,
+                   shapes_per_block: int = SHAPES_PER_BLOCK, **compile_kwargs) -> nn.Module:
+    """Compile each of `blocks` (default: the model's longest nn.ModuleList) with backend="qcompile" and `options`,
+    and each nn.Linear outside them (wrapped in place: Module.compile() on torch.nn's own classes compiles
+    nothing, the head would stay in float). `compile_kwargs` go to torch.compile (dynamic=False, say). Returns
+    the model."""
+    if blocks is None:
+        blocks, linears = compile_units(model)
+    else:
+        blocks = list(blocks)
+        linears = linears_outside(model, blocks)
+    for block in blocks:
+        if type(block).__module__.startswith("torch.nn."):
+            raise TypeError(f"compile_blocks: a block is torch.nn.{type(block).__name__}, whose forward torch.compile "
+                            f"does not trace (torch's own code); pass the model's decoder layers as blocks")
+    allow_graph_per_block(len(blocks), shapes_per_block)
+    kwargs = {"backend": "qcompile", "options": options, **compile_kwargs}
+    for block in blocks:
+        block.compile(**kwargs)
+    for parent, name, linear in linears:
+        setattr(parent, name, torch.compile(linear, **kwargs))
+    return model
