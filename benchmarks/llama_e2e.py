@@ -163,7 +163,7 @@ def compile_per_layer(model, row: Row, device: torch.device) -> None:
     them, each fed its own (quantized) weights: a layer's compile instead of the model's — and the LM head on its
     own; the embedding, RoPE angles, final norm and argmax run eagerly between them. No CUDA-graph trees: our
     model's decode phases capture a whole step in one graph (captured_step). transformers' generate() owns its
-    loop, so nothing captures a step there: its rows run without CUDA graphs (launch-bound at batch 1). Trees per
+    loop, so nothing captures a step there: its rows run without CUDA graphs (host-bound at batch 1). Trees per
     region failed on the H200 ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
     run", a decoder layer's output read after the next layer's replay). Its decoder layers read their KV-cache slot
     by `self.layer_idx`, which Dynamo specializes on — a graph per layer (the first compiles, the others hit the
