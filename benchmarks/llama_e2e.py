@@ -38,7 +38,8 @@ Protocol (every row alike):
   glue between them runs eagerly. On CUDA a decode step is captured as one CUDA graph (torch.cuda.graph) around
   the compiled blocks and the glue, after the first call compiled them: session 7's replay per block (CUDA-graph
   trees) cost ~100 us of host bookkeeping per block (194 tok/s at b1 against 268 whole-model). Prefill without
-  CUDA graphs, as whole-model rows.
+  CUDA graphs, as whole-model rows. transformers rows: each LlamaDecoderLayer and the LM head compiled (a graph per
+  layer: Dynamo specializes on layer_idx), generate()'s loop eager, no CUDA graphs (compile_per_layer says why).
 """
 from __future__ import annotations
 
@@ -937,8 +938,8 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
     ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
     ap.add_argument("--compile-scope", choices=("model", "layer"), default="model",
-                    help="our model's rows: compile the whole step (default), or each decoder block and the LM "
-                         "head on their own (rows named '<row> (per-layer compile)'; transformers rows unchanged)")
+                    help="compile the whole step (default), or each decoder block and the LM head on their own "
+                         "(rows named '<row> (per-layer compile)'; transformers rows too, without CUDA graphs)")
     ap.add_argument("--activation-quantization", choices=("kernel", "graph"), default="kernel",
                     help="dynamic int8 / float8 rows: qcompile's option activation_quantization (rows under 'graph' "
                          "named '<row> (activation quantized in the graph)')")
