@@ -6,6 +6,7 @@ transformers' LlamaForCausalLM compiled with backend="qcompile" running generate
     python benchmarks/llama_e2e.py --rows transformers --phases decode_b1
     python benchmarks/llama_e2e.py --write BENCHMARKS.md                    # renders --out, runs nothing
     python benchmarks/llama_e2e.py --tiny --device cpu --rows bf16,int8_weight_only --out /tmp/e2e.json
+    python benchmarks/llama_e2e.py --tp 2 --rows bf16,int4_weight_only --check   # 2 GPUs: llama_tp.py, torchrun
 
 Rows: bf16, any qcompile scheme name (group-wise ones at group 128), transformers (int4_weight_only g128) and
 transformers_bf16. Each phase of a row is saved to --out (JSON) as soon as it finishes, so a run killed by a
@@ -945,8 +946,22 @@ def parse_args(argv=None):
                          "named '<row> (activation quantized in the graph)')")
     ap.add_argument("--profile-compile", type=Path, help="profile each phase's first call (compile + first forward) "
                     "with cProfile; its top functions go to DIR/<row>_<phase>.txt")
+    ap.add_argument("--tp", type=int, default=1, help="shard the model over this many GPUs (decode phases): runs "
+                    "benchmarks/llama_tp.py under torchrun, one process per GPU, with the other options")
+    ap.add_argument("--check", action="store_true", help="with --tp: compare logits and greedy tokens with the "
+                    "unsharded model under the same options")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.tp < 1:
+        ap.error(f"--tp: {args.tp} processes; give 1 or more")
+    if args.check and args.tp == 1:
+        ap.error("--check compares a sharded run with the unsharded model: it needs --tp 2 or more")
+    if args.tp > 1:
+        given = {a.split("=")[0] for a in args.argv if a.startswith("--")}
+        unsharded_only = sorted(given & set(UNSHARDED_ONLY))
+        if unsharded_only:
+            ap.error(f"--tp: {', '.join(unsharded_only)} not available sharded (llama_tp.py times the decode phases "
+                     f"of whole-model compiles)")
     defaults = ({"new_tokens": 8, "prompt_len": 4, "prefill_prompts": 4, "prefill_len": 64, "prefill_chunk": 2}
                 if args.tiny else
                 {"new_tokens": 256, "prompt_len": 32, "prefill_prompts": 32, "prefill_len": 4096, "prefill_chunk": 4})
@@ -959,9 +974,35 @@ def parse_args(argv=None):
     return args
 
 
+UNSHARDED_ONLY = ("--compile-scope", "--activation-quantization", "--prefill-prompts", "--prefill-len",
+                  "--prefill-chunk", "--profile-compile")
+
+
+def tensor_parallel_command(argv: list[str], tp: int) -> list[str]:
+    """--tp N: the decode phases sharded Megatron-style over N GPUs — benchmarks/llama_tp.py under torchrun (one
+    process per GPU, a free rendezvous port) — with this invocation's other options."""
+    rest, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--tp":
+            skip_value = True
+        elif not arg.startswith("--tp="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+            str(REPO / "benchmarks" / "llama_tp.py"), *rest]
+
+
 def main(argv=None) -> list[dict]:
     global PROFILE_COMPILE, COMPILE_SCOPE, ACTIVATION_QUANTIZATION
     args = parse_args(argv)
+    if args.tp > 1:
+        command = tensor_parallel_command(args.argv, args.tp)
+        log("tensor parallel: " + " ".join(command))
+        returncode = subprocess.run(command).returncode
+        if returncode:
+            raise SystemExit(f"--tp {args.tp}: llama_tp.py exited with status {returncode}")
+        return []
     PROFILE_COMPILE, COMPILE_SCOPE = args.profile_compile, args.compile_scope
     ACTIVATION_QUANTIZATION = args.activation_quantization
     if args.write is not None and args.rows is None:

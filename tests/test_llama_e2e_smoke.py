@@ -75,6 +75,29 @@ def test_transformers_rows_compile_per_layer(tmp_path):
     assert "generate() (qcompile int4_weight_only) (per-layer compile) |" in markdown.read_text()
 
 
+def test_tensor_parallel_mode_runs_the_sharded_benchmark(tmp_path):
+    """--tp 2: llama_tp.py under torchrun, two gloo processes on the CPU, the model sharded Megatron-style; --check
+    compares the sharded int4 model with the unsharded one (same groups on every rank: same numerics up to the
+    all-reduce's summation order)."""
+    results = tmp_path / "tp.json"
+    llama_e2e.main(["--tp", "2", "--tiny", "--device", "cpu", "--rows", "int4_weight_only", "--phases", "decode_b1",
+                    "--reps", "1", "--check", "--out", str(results)])
+    [record] = json.loads(results.read_text())
+    assert record["row"] == "int4_weight_only" and record["setup"]["tp"] == 2
+    decode = record["phases"]["decode_b1"]
+    assert decode["tok_s"] > 0 and decode["tokens_same_on_all_ranks"] and decode["graph_breaks"] == 0
+    assert record["check"]["sqnr_db_tp_vs_single"] > 35, record["check"]
+
+
+def test_tensor_parallel_mode_refuses_what_it_cannot_shard():
+    with pytest.raises(SystemExit):
+        llama_e2e.parse_args(["--tp", "2", "--compile-scope", "layer"])
+    with pytest.raises(SystemExit):
+        llama_e2e.parse_args(["--check"])  # --check needs --tp
+    assert llama_e2e.tensor_parallel_command(["--tp=2", "--rows", "bf16"], 2)[-3:] == [
+        str(llama_e2e.REPO / "benchmarks" / "llama_tp.py"), "--rows", "bf16"]
+
+
 @pytest.mark.gpu
 def test_per_layer_decode_step_replays_as_one_cuda_graph(monkeypatch):
     """Per-layer rows capture the whole decode step (compiled blocks + eager glue) as one CUDA graph: the replay
