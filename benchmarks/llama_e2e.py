@@ -40,7 +40,7 @@ Protocol (every row alike):
   the compiled blocks and the glue, after the first call compiled them: session 7's replay per block (CUDA-graph
   trees) cost ~100 us of host bookkeeping per block (194 tok/s at b1 against 268 whole-model). Prefill without
   CUDA graphs, as whole-model rows. transformers rows: each LlamaDecoderLayer and the LM head compiled (a graph per
-  layer: Dynamo specializes on layer_idx), generate()'s loop eager, no CUDA graphs (compile_per_layer says why).
+  layer: Dynamo specializes on layer_idx), generate()'s loop eager, a CUDA-graph replay per block (trees).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noq
 
 import qcompile  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
-from qcompile.per_layer import allow_graph_per_block  # noqa: E402
+from qcompile.per_layer import allow_graph_per_block, mark_cuda_graph_step_per_call  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
@@ -163,17 +163,20 @@ def compiled_per_layer(row: Row) -> bool:
 def compile_per_layer(model, row: Row, device: torch.device) -> None:
     """--compile-scope layer: every decoder block compiled on its own — one graph that Dynamo reuses for all of
     them, each fed its own (quantized) weights: a layer's compile instead of the model's — and the LM head on its
-    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. No CUDA-graph trees: our
-    model's decode phases capture a whole step in one graph (captured_step). transformers' generate() owns its
-    loop, so nothing captures a step there: its rows run without CUDA graphs (host-bound at batch 1). Trees per
-    region failed on the H200 ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
-    run", a decoder layer's output read after the next layer's replay). Its decoder layers read their KV-cache slot
-    by `self.layer_idx`, which Dynamo specializes on — a graph per layer (the first compiles, the others hit the
-    FX-graph cache): the recompile limit is raised to hold them (see qcompile/per_layer.py)."""
+    own; the embedding, RoPE angles, final norm and argmax run eagerly between them. Our model: no CUDA-graph
+    trees, the decode phases capture a whole step in one graph (captured_step). transformers: generate() owns its
+    loop, so nothing captures a step there; each block and the head replay their own CUDA graphs (trees), with a
+    trees step marked per call of the model (qcompile.per_layer: without it the H200 run failed, "accessing tensor
+    output of CUDAGraphs that has been overwritten by a subsequent run", and session 8 measured these rows without
+    CUDA graphs). Its decoder layers read their KV-cache slot by `self.layer_idx`, which Dynamo specializes on — a
+    graph per layer (the first compiles, the others hit the FX-graph cache): the recompile limit is raised to
+    hold them (qcompile.per_layer)."""
     transformers_model = row.model == "transformers"
-    kwargs = compile_kwargs(row, device, cuda_graphs=False)
+    kwargs = compile_kwargs(row, device, cuda_graphs=transformers_model)
     layers = model.model.layers if transformers_model else model.layers
     allow_graph_per_block(len(layers))  # qcompile.compile_blocks does the same for qcompile alone
+    if transformers_model and uses_cuda_graphs(row, device):
+        mark_cuda_graph_step_per_call(model)
     for layer in layers:
         layer.compile(**kwargs)
     # Module.compile() on torch.nn's own classes compiles nothing: wrap the head
@@ -205,8 +208,6 @@ def captured_step(step, device: torch.device):
 
 
 def uses_cuda_graphs(row: Row, device: torch.device) -> bool:
-    if row.model == "transformers" and compiled_per_layer(row):
-        return False  # compile_per_layer says why
     return device.type == "cuda" and (row.options is None or HAS_CUDAGRAPHS_OPTION)
 
 
@@ -728,7 +729,9 @@ def per_layer_graphs(rows: dict) -> str:
     described += " (as each row's record says)" if len(scopes) > 1 else ""
     if any(entry["record"]["model"] == "transformers" for entry in per_layer):
         described += ("; transformers' rows: each LlamaDecoderLayer and the LM head compiled, generate()'s loop "
-                      "eager, no CUDA graphs (nothing captures a step that generate() runs)")
+                      "eager, " + ("a CUDA-graph replay per block (trees, a step marked per forward)" if any(
+                          result.get("cuda_graphs") for entry in per_layer if entry["record"]["model"] == "transformers"
+                          for result in entry["phases"].values()) else "no CUDA graphs"))
     return described
 
 
@@ -940,7 +943,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
     ap.add_argument("--compile-scope", choices=("model", "layer"), default="model",
                     help="compile the whole step (default), or each decoder block and the LM head on their own "
-                         "(rows named '<row> (per-layer compile)'; transformers rows too, without CUDA graphs)")
+                         "(rows named '<row> (per-layer compile)'; transformers rows too)")
     ap.add_argument("--activation-quantization", choices=("kernel", "graph"), default="kernel",
                     help="dynamic int8 / float8 rows: qcompile's option activation_quantization (rows under 'graph' "
                          "named '<row> (activation quantized in the graph)')")

@@ -9,6 +9,13 @@ transformers' `layer_idx`, which picks the block's KV-cache slot — get a graph
 the int. The first compiles, the rest hit Inductor's cache, but Dynamo keeps at most `recompile_limit` (8) graphs
 per code object and runs the frame eagerly past it: the blocks after the 8th would stay in float, with only
 Dynamo's warning to say so. compile_blocks raises the limit to hold a graph per block and input shape.
+
+With options {"cudagraphs": True} each block replays its own CUDA graph (Inductor's CUDA-graph trees). The trees
+start a new generation — and free the previous outputs — at every entry into a compiled function unless the user
+marks steps; block by block that freed each block's output before the next block read it (on the H200, under
+transformers' generate(): "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run").
+compile_blocks marks a step at each call of the model instead (`torch.compiler.cudagraph_mark_step_begin`), so one
+forward is one generation.
 """
 from __future__ import annotations
 
@@ -43,6 +50,13 @@ def allow_graph_per_block(blocks: int, shapes_per_block: int = SHAPES_PER_BLOCK)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
 
 
+def mark_cuda_graph_step_per_call(model: nn.Module) -> None:
+    """Each call of `model` begins a CUDA-graph-trees step (once per model, however often it is asked)."""
+    if not getattr(model, "_qcompile_marks_cuda_graph_steps", False):
+        model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+        model._qcompile_marks_cuda_graph_steps = True
+
+
 def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn.ModuleList | None = None,
                    shapes_per_block: int = SHAPES_PER_BLOCK, **compile_kwargs) -> nn.Module:
     """Compile each of `blocks` (default: the model's longest nn.ModuleList) with backend="qcompile" and `options`,
@@ -59,6 +73,8 @@ def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn
             raise TypeError(f"compile_blocks: a block is torch.nn.{type(block).__name__}, whose forward torch.compile "
                             f"does not trace (torch's own code); pass the model's decoder layers as blocks")
     allow_graph_per_block(len(blocks), shapes_per_block)
+    if options.get("cudagraphs"):
+        mark_cuda_graph_step_per_call(model)
     kwargs = {"backend": "qcompile", "options": options, **compile_kwargs}
     for block in blocks:
         block.compile(**kwargs)

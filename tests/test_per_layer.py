@@ -1,5 +1,7 @@
 """compile_blocks(): each decoder block and each linear outside the blocks compiled with backend="qcompile" —
 every block quantized, also past Dynamo's recompile limit where the blocks get a graph each."""
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -41,3 +43,64 @@ def test_torch_nn_blocks_are_refused():
     model.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
     with pytest.raises(TypeError, match="a block is torch.nn.Linear"):
         qcompile.compile_blocks(model, {"scheme": "int8_weight_only"})
+
+
+def test_with_cuda_graphs_each_call_of_the_model_is_one_step(monkeypatch):
+    """CUDA-graph trees free a compiled function's outputs when a new generation starts, and without marked steps
+    every block's call started one: compile_blocks marks a step per call of the model, not per block."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = _Stack(3)
+    qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})
+    qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})  # one hook all the same
+    with torch.no_grad(), pytest.warns(UserWarning, match="cudagraphs applies to CUDA graphs only"):
+        model(torch.randn(2, 16))
+        model(torch.randn(2, 16))
+    assert len(marks) == 2
+
+
+class _Stack(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(n))
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.gpu
+def test_transformers_generate_replays_cuda_graphs_block_by_block():
+    """transformers' generate() with a static cache over a model compiled block by block with CUDA graphs: the
+    blocks' outputs survive to the next block (one step per forward), and the tokens are those of the model
+    compiled the same way without CUDA graphs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
+    tokens = []
+    for cudagraphs in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval().cuda().bfloat16()
+        model.generation_config.eos_token_id = None
+        qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": cudagraphs}, dynamic=False)
+        prompt = torch.arange(1, 9, device="cuda")[None]
+        cache = transformers.StaticCache(config=config, max_cache_len=32)
+        # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
+        cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=0, **{cache_kwarg: cache})
+        tokens.append(out.tolist())
+    assert tokens[0] == tokens[1]
