@@ -15,7 +15,8 @@ start a new generation — and free the previous outputs — at every entry into
 marks steps; block by block that freed each block's output before the next block read it (on the H200, under
 transformers' generate(): "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run").
 compile_blocks marks a step at each call of the model instead (`torch.compiler.cudagraph_mark_step_begin`), so one
-forward is one generation.
+forward is one generation. The trees keep one step counter per process: once marked, other CUDA-graph models of the
+process also move to a new generation only at these marks (torch._dynamo.reset() clears it).
 """
 from __future__ import annotations
 
