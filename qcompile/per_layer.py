@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .options import QuantOptions
+
 SHAPES_PER_BLOCK = 4  # input shapes a block meets (prompt, decode step, ...), each a graph where blocks specialize
 
 
@@ -64,6 +66,7 @@ def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn
     and each nn.Linear outside them (wrapped in place: Module.compile() on torch.nn's own classes compiles
     nothing, the head would stay in float). `compile_kwargs` go to torch.compile (dynamic=False, say). Returns
     the model."""
+    QuantOptions.from_dict(options)  # bad options fail here, not at the first call
     if blocks is None:
         blocks, linears = compile_units(model)
     else:

@@ -37,6 +37,13 @@ def test_a_model_without_blocks_is_refused():
         qcompile.compile_blocks(nn.Sequential(nn.Linear(4, 4)), {"scheme": "int8_weight_only"})
 
 
+def test_bad_options_fail_before_the_first_call():
+    model = nn.Module()
+    model.layers = nn.ModuleList(_Block() for _ in range(2))
+    with pytest.raises(ValueError, match="no_such_scheme"):
+        qcompile.compile_blocks(model, {"scheme": "no_such_scheme"})
+
+
 def test_torch_nn_blocks_are_refused():
     """torch.compile does not trace torch.nn's own forwards: such blocks would silently stay in float."""
     model = nn.Module()
