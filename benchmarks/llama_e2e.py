@@ -73,7 +73,7 @@ from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noq
 
 import qcompile  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
-from qcompile.per_layer import allow_graph_per_block, mark_cuda_graph_step_per_call  # noqa: E402
+from qcompile.per_layer import compile_regions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
@@ -172,18 +172,8 @@ def compile_per_layer(model, row: Row, device: torch.device) -> None:
     graph per layer (the first compiles, the others hit the FX-graph cache): the recompile limit is raised to
     hold them (qcompile.per_layer)."""
     transformers_model = row.model == "transformers"
-    kwargs = compile_kwargs(row, device, cuda_graphs=transformers_model)
     layers = model.model.layers if transformers_model else model.layers
-    allow_graph_per_block(len(layers))  # qcompile.compile_blocks does the same for qcompile alone
-    if transformers_model and uses_cuda_graphs(row, device):
-        mark_cuda_graph_step_per_call(model)
-    for layer in layers:
-        layer.compile(**kwargs)
-    # Module.compile() on torch.nn's own classes compiles nothing: wrap the head
-    if transformers_model:
-        model.lm_head = torch.compile(model.lm_head, **kwargs)
-    else:
-        model.out = torch.compile(model.out, **kwargs)
+    compile_regions(model, list(layers), **compile_kwargs(row, device, cuda_graphs=transformers_model))
 
 
 def captured_step(step, device: torch.device):
@@ -727,11 +717,12 @@ def per_layer_graphs(rows: dict) -> str:
              "block": "a CUDA-graph replay per block (CUDA-graph trees)", "none": "no CUDA graphs (capture failed)"}
     described = " or ".join(words[s] for s in sorted(scopes, reverse=True)) if scopes else "not measured"
     described += " (as each row's record says)" if len(scopes) > 1 else ""
-    if any(entry["record"]["model"] == "transformers" for entry in per_layer):
+    transformers_rows = [entry for entry in per_layer if entry["record"]["model"] == "transformers"]
+    if transformers_rows:
+        graphs = any(result.get("cuda_graphs") for entry in transformers_rows for result in entry["phases"].values())
         described += ("; transformers' rows: each LlamaDecoderLayer and the LM head compiled, generate()'s loop "
-                      "eager, " + ("a CUDA-graph replay per block (trees, a step marked per forward)" if any(
-                          result.get("cuda_graphs") for entry in per_layer if entry["record"]["model"] == "transformers"
-                          for result in entry["phases"].values()) else "no CUDA graphs"))
+                      "eager, " + ("a CUDA-graph replay per block (trees, a step marked per forward)" if graphs
+                                   else "no CUDA graphs"))
     return described
 
 
@@ -741,8 +732,6 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
     s = latest["setup"]
     p, c = s["protocol"], s["config"]
     base = rows.get("bf16", {}).get("phases", {})
-    hf_base = {name: rows.get(name, {}).get("phases", {})  # per scope: the row's name ends as the scope says
-               for name in ("transformers_bf16", "transformers_bf16" + PER_LAYER_SUFFIX)}
 
     def cell(entry, phase):
         result = entry["phases"].get(phase)
@@ -751,13 +740,12 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         if "tok_s" not in result:
             return "failed" if "error" in result else "skipped"
         text = f"{result['tok_s']:,.0f}" if result["tok_s"] >= 100 else f"{result['tok_s']:.1f}"
-        same_scope = rows.get("bf16" + PER_LAYER_SUFFIX) if entry["record"]["row"].endswith(PER_LAYER_SUFFIX) \
-            else None  # a per-layer row against bf16 compiled per layer, where that was measured
+        scope = PER_LAYER_SUFFIX if entry["record"]["row"].endswith(PER_LAYER_SUFFIX) else ""
+        same_scope = rows.get("bf16" + scope)  # bf16 compiled the same way where measured, else whole-model bf16
         ref = (same_scope["phases"] if same_scope else base).get(phase, {}).get("tok_s")
         if ref:
             text += f" ({result['tok_s'] / ref:.2f}x)"
-        hf_ref = hf_base["transformers_bf16" + (PER_LAYER_SUFFIX if entry["record"]["row"].endswith(PER_LAYER_SUFFIX)
-                                                else "")].get(phase, {}).get("tok_s")
+        hf_ref = rows.get("transformers_bf16" + scope, {}).get("phases", {}).get(phase, {}).get("tok_s")
         if entry["record"]["model"] == "transformers" and entry["record"]["options"] and hf_ref:
             text += f", {result['tok_s'] / hf_ref:.2f}x transformers bf16"
         if phase.startswith("decode") and result.get("cuda_graphs") is False:

@@ -67,21 +67,25 @@ def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn
     nothing, the head would stay in float). `compile_kwargs` go to torch.compile (dynamic=False, say). Returns
     the model."""
     QuantOptions.from_dict(options)  # bad options fail here, not at the first call
-    if blocks is None:
-        blocks, linears = compile_units(model)
-    else:
-        blocks = list(blocks)
-        linears = linears_outside(model, blocks)
+    blocks = compile_units(model)[0] if blocks is None else list(blocks)
+    return compile_regions(model, blocks, shapes_per_block, backend="qcompile", options=options, **compile_kwargs)
+
+
+def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block: int = SHAPES_PER_BLOCK,
+                    **compile_kwargs) -> nn.Module:
+    """compile_blocks for any torch.compile arguments (benchmarks compile their bf16 baseline the same way): each
+    block compiled, each nn.Linear outside them wrapped, the recompile limits raised, and a CUDA-graph step marked
+    per call of the model where the arguments ask for CUDA graphs (qcompile's option, or mode="reduce-overhead")."""
     for block in blocks:
         if type(block).__module__.startswith("torch.nn."):
             raise TypeError(f"compile_blocks: a block is torch.nn.{type(block).__name__}, whose forward torch.compile "
                             f"does not trace (torch's own code); pass the model's decoder layers as blocks")
     allow_graph_per_block(len(blocks), shapes_per_block)
-    if options.get("cudagraphs"):
+    if (compile_kwargs.get("options") or {}).get("cudagraphs") or compile_kwargs.get("mode") == "reduce-overhead":
         mark_cuda_graph_step_per_call(model)
-    kwargs = {"backend": "qcompile", "options": options, **compile_kwargs}
+    linears = linears_outside(model, blocks)
     for block in blocks:
-        block.compile(**kwargs)
+        block.compile(**compile_kwargs)
     for parent, name, linear in linears:
-        setattr(parent, name, torch.compile(linear, **kwargs))
+        setattr(parent, name, torch.compile(linear, **compile_kwargs))
     return model
