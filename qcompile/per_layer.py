@@ -10,20 +10,22 @@ the int. The first compiles, the rest hit Inductor's cache, but Dynamo keeps at 
 per code object and runs the frame eagerly past it: the blocks after the 8th would stay in float, with only
 Dynamo's warning to say so. compile_blocks raises the limit to hold a graph per block and input shape.
 
-With options {"cudagraphs": True} each block replays its own CUDA graph (Inductor's CUDA-graph trees). The trees
-start a new generation — and free the previous outputs — at every entry into a compiled function unless the user
-marks steps; block by block that freed each block's output before the next block read it (on the H200, under
-transformers' generate(): "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run").
-compile_blocks marks a step at each call of the model instead (`torch.compiler.cudagraph_mark_step_begin`), so one
-forward is one generation. The trees keep one step counter per process: once marked, other CUDA-graph models of the
-process also move to a new generation only at these marks (torch._dynamo.reset() clears it).
+With options {"cudagraphs": True} (or mode="reduce-overhead" for a float baseline) the blocks compile without
+CUDA graphs of their own and each call of the model is captured whole as one CUDA graph per call signature
+(qcompile.step_graphs): a decode step under transformers' generate() is one graph launch — every block, the glue
+between them and the LM head. Inductor's CUDA-graph trees per block cost ~100 us of host work per block and replay
+(194 against 268 tokens/s on the H200), and freed each block's output before the next read it unless steps were
+marked.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from .options import QuantOptions
+from .step_graphs import capture_steps
 
 SHAPES_PER_BLOCK = 4  # input shapes a block meets (prompt, decode step, ...), each a graph where blocks specialize
 
@@ -53,13 +55,6 @@ def allow_graph_per_block(blocks: int, shapes_per_block: int = SHAPES_PER_BLOCK)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
 
 
-def mark_cuda_graph_step_per_call(model: nn.Module) -> None:
-    """Each call of `model` begins a CUDA-graph-trees step (once per model, however often it is asked)."""
-    if not getattr(model, "_qcompile_marks_cuda_graph_steps", False):
-        model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
-        model._qcompile_marks_cuda_graph_steps = True
-
-
 def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn.ModuleList | None = None,
                    shapes_per_block: int = SHAPES_PER_BLOCK, **compile_kwargs) -> nn.Module:
     """Compile each of `blocks` (default: the model's longest nn.ModuleList) with backend="qcompile" and `options`,
@@ -74,15 +69,25 @@ def compile_blocks(model: nn.Module, options: dict, blocks: list[nn.Module] | nn
 def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block: int = SHAPES_PER_BLOCK,
                     **compile_kwargs) -> nn.Module:
     """compile_blocks for any torch.compile arguments (benchmarks compile their bf16 baseline the same way): each
-    block compiled, each nn.Linear outside them wrapped, the recompile limits raised, and a CUDA-graph step marked
-    per call of the model where the arguments ask for CUDA graphs (qcompile's option, or mode="reduce-overhead")."""
+    block compiled, each nn.Linear outside them wrapped, the recompile limits raised, and each call of the model
+    captured as one CUDA graph where the arguments ask for CUDA graphs (qcompile's option, or
+    mode="reduce-overhead"): the blocks then compile without graphs of their own."""
     for block in blocks:
         if type(block).__module__.startswith("torch.nn."):
             raise TypeError(f"compile_blocks: a block is torch.nn.{type(block).__name__}, whose forward torch.compile "
                             f"does not trace (torch's own code); pass the model's decoder layers as blocks")
     allow_graph_per_block(len(blocks), shapes_per_block)
-    if (compile_kwargs.get("options") or {}).get("cudagraphs") or compile_kwargs.get("mode") == "reduce-overhead":
-        mark_cuda_graph_step_per_call(model)
+    options = compile_kwargs.get("options") or {}
+    if options.get("cudagraphs") or compile_kwargs.get("mode") == "reduce-overhead":
+        compile_kwargs = {**compile_kwargs, "mode": None}
+        if options:
+            compile_kwargs["options"] = {k: v for k, v in options.items() if k != "cudagraphs"}
+        devices = {p.device.type for p in model.parameters()}
+        if "cuda" not in devices:
+            warnings.warn(f"qcompile: option cudagraphs applies to CUDA graphs only; {type(model).__name__}'s "
+                          f"parameters are on {', '.join(sorted(devices)) or 'no device'}: its calls run without "
+                          f"them", stacklevel=3)
+        capture_steps(model)
     linears = linears_outside(model, blocks)
     for block in blocks:
         block.compile(**compile_kwargs)

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import qcompile
 from qcompile.quant.metrics import sqnr_db
+from qcompile.step_graphs import StepGraphs
 
 LAYERS = 12  # more than Dynamo's default recompile limit (8 graphs per code object)
 
@@ -52,18 +53,24 @@ def test_torch_nn_blocks_are_refused():
         qcompile.compile_blocks(model, {"scheme": "int8_weight_only"})
 
 
-def test_with_cuda_graphs_each_call_of_the_model_is_one_step(monkeypatch):
-    """CUDA-graph trees free a compiled function's outputs when a new generation starts, and without marked steps
-    every block's call started one: compile_blocks marks a step per call of the model, not per block."""
-    marks = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+def test_with_cuda_graphs_each_call_of_the_model_is_captured_whole(monkeypatch):
+    """cudagraphs: the blocks compile without CUDA graphs of their own and the model's calls go through one
+    StepGraphs (a graph per call signature on CUDA); on the CPU they run eagerly, with the warning."""
+    block_options = []
+    compile_block = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: (block_options.append(kw["options"]),
+                                                                   compile_block(self, **kw))[1])
     model = _Stack(3)
-    qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})
-    qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})  # one hook all the same
-    with torch.no_grad(), pytest.warns(UserWarning, match="cudagraphs applies to CUDA graphs only"):
+    with pytest.warns(UserWarning, match="cudagraphs applies to CUDA graphs only; _Stack's parameters are on cpu"):
+        qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})
+        steps = model.forward
+        qcompile.compile_blocks(model, {"scheme": "int8_weight_only", "cudagraphs": True})
+    assert isinstance(steps, StepGraphs) and model.forward is steps  # one StepGraphs however often asked
+    assert block_options == [{"scheme": "int8_weight_only"}] * 6
+    with torch.no_grad():
         model(torch.randn(2, 16))
         model(torch.randn(2, 16))
-    assert len(marks) == 2
+    assert (steps.eager_calls, steps.captures, steps.replays) == (2, 0, 0)
 
 
 class _Stack(nn.Module):
@@ -88,14 +95,14 @@ class _Block(nn.Module):
 
 
 @pytest.mark.gpu
-def test_transformers_generate_replays_cuda_graphs_block_by_block():
-    """transformers' generate() with a static cache over a model compiled block by block with CUDA graphs: the
-    blocks' outputs survive to the next block (one step per forward), and the tokens are those of the model
-    compiled the same way without CUDA graphs."""
+def test_transformers_generate_replays_one_cuda_graph_per_step():
+    """transformers' generate() with a static cache over a model compiled block by block with CUDA graphs: each
+    decode step after the first two replays one captured graph (no recompile), and the tokens are those of the
+    model compiled the same way without CUDA graphs."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
-    tokens = []
+    tokens, new_tokens = [], 12
     for cudagraphs in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -107,7 +114,10 @@ def test_transformers_generate_replays_cuda_graphs_block_by_block():
         # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
         cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=0, **{cache_kwarg: cache})
         tokens.append(out.tolist())
+    steps = model.forward
+    assert isinstance(steps, StepGraphs) and steps.captures == 1, vars(steps)
+    assert steps.replays == new_tokens - 2  # the prompt and the first step eager, the second captured and replayed
     assert tokens[0] == tokens[1]

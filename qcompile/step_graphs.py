@@ -1,0 +1,193 @@
+"""One CUDA graph per call of a model: the call's kernels — every compiled block, the eager glue between them, the
+LM head — captured once per input signature and replayed afterwards, so a decode step costs one graph launch
+however the model was compiled (per block with compile_blocks, or not at all).
+
+    model.forward = StepGraphs(model.forward)     # what compile_blocks(..., {"cudagraphs": True}) does
+
+Why not Inductor's CUDA-graph trees: they replay a graph per compiled function — per decoder block under
+per-layer compile — and their host-side bookkeeping per replay (~100 us on the H200) left per-layer decode at 194
+against 268 tokens/s whole-model. Capturing the whole call is what the benchmark's own decode loop did by hand;
+here it runs under any caller's loop, transformers' generate() included.
+
+Contract (as mode="reduce-overhead"): a call's outputs live in the graphs' memory pool and are overwritten by the
+next replayed call — keep what you need (generate() reads the logits before the next step). Per signature:
+  - the first call runs eagerly (it compiles the regions and warms them up) on the capture stream;
+  - the second is captured — recorded, then replayed once, so its side effects (a static KV cache's write and
+    position counter) happen exactly once — and later calls replay it.
+A signature is the call's structure: the shape, dtype, stride and device of each tensor argument (copied into the
+graph's own input buffers at every replay), the value of every plain argument (ints, strings, None), and for any
+other object argument (a KV-cache object) its identity and the addresses of the tensors it holds: the graph reads
+and writes those in place, so a new cache object or re-allocated cache tensors get a new graph. A call that
+cannot be captured (it synchronizes with the host, say) stays eager for that signature, with one warning that
+says why. Grad-enabled calls and CPU calls always run eagerly.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils import _pytree as pytree
+
+MAX_GRAPHS = 8  # signatures kept captured (least recently used dropped): decode b1, b128, a few prompt lengths
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _held_tensors(obj, depth: int = 4, seen: set | None = None) -> list[torch.Tensor]:
+    """The tensors reachable from an object's attributes, lists and dicts (a KV cache's key/value tensors and its
+    position counter), in a deterministic order."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, _PLAIN) or callable(obj) and not hasattr(obj, "__dict__"):
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _held_tensors(item, depth - 1, seen)]
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def signature(args: tuple, kwargs: dict) -> tuple[tuple, list[int]]:
+    """(hashable signature of a call, positions of its tensor leaves among pytree's leaves)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    parts, tensor_positions = [str(spec)], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("tensor", *_tensor_key(leaf)))
+            tensor_positions.append(i)
+        elif isinstance(leaf, _PLAIN):
+            parts.append(("value", type(leaf).__name__, leaf))
+        else:  # read in place by the graph: same object, same tensors at the same addresses
+            held = _held_tensors(leaf)
+            parts.append(("object", id(leaf), tuple((t.data_ptr(), *_tensor_key(t)) for t in held)))
+    return tuple(parts), tensor_positions
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    static_leaves: list  # the tensor leaves the graph reads (copied into before every replay)
+    tensor_positions: list[int]
+    output: object
+    keep: list = field(default_factory=list)  # the original call's non-tensor leaves (a cache object) stay alive
+
+    def replay(self, leaves: list):
+        for position, static in zip(self.tensor_positions, self.static_leaves):
+            static.copy_(leaves[position])
+        self.graph.replay()
+        return self.output
+
+
+class StepGraphs:
+    """Wraps a callable (a model's forward) to replay each call signature as one CUDA graph (module docstring)."""
+
+    def __init__(self, fn, max_graphs: int = MAX_GRAPHS):
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.seen: dict[tuple, int] = {}
+        self.uncapturable: dict[tuple, str] = {}
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None
+        self.captures = 0  # counters the tests and benchmarks read
+        self.replays = 0
+        self.eager_calls = 0
+
+    def __call__(self, *args, **kwargs):
+        device = _cuda_device(args, kwargs)
+        if device is None or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            self.eager_calls += 1
+            return self.fn(*args, **kwargs)
+        key, tensor_positions = signature(args, kwargs)
+        captured = self.graphs.get(key)
+        if captured is not None:
+            self.graphs.move_to_end(key)
+            self.replays += 1
+            return captured.replay(pytree.tree_leaves((args, kwargs)))
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] == 1 or key in self.uncapturable:
+            return self._eager(device, args, kwargs)
+        return self._capture(device, key, tensor_positions, args, kwargs)
+
+    def _on_stream(self, device):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+            self.pool = torch.cuda.graph_pool_handle()
+        return self.stream
+
+    def _eager(self, device, args, kwargs):
+        """Run on the capture stream, so the libraries' per-stream state (cuBLAS workspaces) the capture will
+        need exists before it."""
+        self.eager_calls += 1
+        stream = self._on_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out = self.fn(*args, **kwargs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return out
+
+    def _capture(self, device, key, tensor_positions, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        static_leaves = [leaves[i].clone() for i in tensor_positions]
+        graph_leaves = list(leaves)
+        for position, static in zip(tensor_positions, static_leaves):
+            graph_leaves[position] = static
+        graph_args, graph_kwargs = pytree.tree_unflatten(graph_leaves, spec)
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        stream = self._on_stream(device)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                output = self.fn(*graph_args, **graph_kwargs)
+        except Exception as e:  # noqa: BLE001 (a host sync, an unsupported op: this signature stays eager)
+            torch.cuda.synchronize(device)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.uncapturable[key] = reason
+            warnings.warn(f"qcompile: a call of {getattr(self.fn, '__qualname__', self.fn)} could not be captured as "
+                          f"a CUDA graph ({reason}); calls of this signature run without CUDA graphs", stacklevel=3)
+            return self._eager(device, args, kwargs)
+        self.captures += 1
+        captured = _Captured(graph, static_leaves, tensor_positions, output,
+                             keep=[leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)])
+        self.graphs[key] = captured
+        self.replays += 1
+        return captured.replay(leaves)  # the captured call's work happens here, once
+
+    def reset(self) -> None:
+        """Drop every captured graph (their memory pool goes with them)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.uncapturable.clear()
+
+
+def _cuda_device(args, kwargs) -> torch.device | None:
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
+            return leaf.device
+    return None
+
+
+def capture_steps(model: torch.nn.Module, max_graphs: int = MAX_GRAPHS) -> StepGraphs:
+    """Replay each call of `model` as one CUDA graph per call signature (module docstring); returns the StepGraphs
+    that now serves `model.forward` (its counters say what it did). Calling it again returns the same one."""
+    current = model.__dict__.get("forward")
+    if isinstance(current, StepGraphs):
+        return current
+    steps = StepGraphs(model.forward, max_graphs)
+    model.forward = steps
+    return steps

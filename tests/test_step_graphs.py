@@ -1,0 +1,71 @@
+"""StepGraphs: a model's call replayed as one CUDA graph per call signature (qcompile/step_graphs.py)."""
+import pytest
+import torch
+
+from qcompile.step_graphs import StepGraphs, signature
+
+
+class _Cache:
+    """A static KV cache as transformers keeps one: tensors written in place and a position counter on device."""
+
+    def __init__(self, device="cpu"):
+        self.layers = [{"keys": torch.zeros(4, 8, device=device)}]
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+
+def test_a_signature_is_the_structure_of_a_call_not_its_values():
+    cache = _Cache()
+    key, positions = signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})
+    same, _ = signature((torch.zeros(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.zeros(1, 1, 8)})
+    assert key == same and positions == [0, 3]  # the tensors' values are copied in, not part of the key
+    assert signature((torch.ones(1, 4),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
+    assert signature((torch.ones(1, 3),), {"cache": cache, "use_cache": False, "mask": torch.ones(1, 1, 8)})[0] != key
+    assert signature((torch.ones(1, 3).long(),), {"cache": cache, "use_cache": True,
+                                                  "mask": torch.ones(1, 1, 8)})[0] != key
+    assert signature((torch.ones(1, 3),), {"cache": _Cache(), "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
+    cache.layers[0]["keys"] = torch.zeros(4, 8)  # re-allocated in place of the old: the graph would write the old
+    assert signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
+
+
+def test_cpu_and_grad_calls_run_eagerly():
+    calls = []
+    steps = StepGraphs(lambda x: calls.append(1) or x * 2)
+    for _ in range(3):
+        assert torch.equal(steps(torch.ones(2)), torch.full((2,), 2.0))
+    assert (len(calls), steps.eager_calls, steps.captures) == (3, 3, 0)
+
+
+@pytest.mark.gpu
+def test_a_step_with_side_effects_replays_once_per_call():
+    """Each call writes the cache at its position and advances it, as a decode step does: replayed calls do it
+    exactly once each (the captured call too), with the inputs of that call, and return its outputs."""
+    cache = _Cache("cuda")
+    weight = torch.randn(8, 8, device="cuda")
+
+    def step(x, cache):
+        y = torch.tanh(x @ weight)
+        cache.layers[0]["keys"].index_copy_(0, cache.position.view(1), y)
+        cache.position.add_(1)
+        return {"out": y.sum(-1), "cache": cache}
+
+    steps = StepGraphs(step)
+    inputs = [torch.randn(1, 8, device="cuda") for _ in range(4)]
+    with torch.no_grad():
+        outs = [steps(x, cache)["out"].clone() for x in inputs]
+    expected = [torch.tanh(x @ weight) for x in inputs]
+    assert (steps.eager_calls, steps.captures, steps.replays) == (1, 1, 3)
+    assert int(cache.position) == 4
+    torch.testing.assert_close(cache.layers[0]["keys"], torch.cat(expected))
+    torch.testing.assert_close(torch.stack(outs), torch.stack([e.sum(-1) for e in expected]))
+
+
+@pytest.mark.gpu
+def test_a_call_that_syncs_with_the_host_stays_eager_with_a_warning():
+    steps = StepGraphs(lambda x: x * float(x.sum()))
+    x = torch.ones(3, device="cuda")
+    with torch.no_grad():
+        steps(x)
+        with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+            torch.testing.assert_close(steps(x), x * 3)
+        torch.testing.assert_close(steps(x), x * 3)
+    assert steps.captures == 0 and steps.eager_calls == 3
