@@ -74,6 +74,7 @@ from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noq
 import qcompile  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.per_layer import compile_regions  # noqa: E402
+from qcompile.step_graphs import StepGraphs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
@@ -99,6 +100,8 @@ class Row:
     activation: str
     options: dict | None = None  # qcompile options; None = bf16 under Inductor
     model: str = "ours"  # or "transformers"
+    torchao: str | None = None  # a torchao config (TORCHAO_CONFIGS) applied with quantize_, then compiled as bf16
+    whole_model: bool = False  # compiled whole whatever --compile-scope says (a baseline's own recipe)
 
 
 INT4_G128 = {"scheme": "int4_weight_only", "group_size": 128}
@@ -111,8 +114,24 @@ ROWS = {r.name: r for r in (
     Row("float8_weight_only", "float8 e4m3, per row", "bf16", {"scheme": "float8_weight_only"}),
     Row("int4_weight_only", "int4 g128 (asym, float zero)", "bf16", INT4_G128),
     Row("transformers", "int4 g128 (asym, float zero)", "bf16", INT4_G128, model="transformers"),
+    Row("transformers_float8_dynamic", "float8 e4m3, per row", "float8 e4m3, per token (dynamic)",
+        {"scheme": "float8_dynamic", "granularity": "row"}, model="transformers"),
+    Row("transformers_int8_dynamic", "int8, per row (sym)", "int8, per token (dynamic, sym)",
+        {"scheme": "int8_dynamic"}, model="transformers"),
     Row("transformers_bf16", "bf16", "bf16", model="transformers"),
+    # transformers' own recipe: torch.compile(model.forward, mode="reduce-overhead") over a static cache
+    Row("transformers_bf16_reduce_overhead", "bf16", "bf16", model="transformers", whole_model=True),
+    Row("transformers_torchao_int4", "int4 g128 (torchao tinygemm)", "bf16", model="transformers",
+        torchao="int4_tinygemm"),
+    Row("transformers_torchao_float8", "float8 e4m3, per row (torchao)", "float8 e4m3, per token (dynamic)",
+        model="transformers", torchao="float8_rowwise"),
 )}
+# torchao's configs for its rows, as ../shared/bench/e2e_peers_h200.py builds them (torchao is no dependency:
+# carry its wheel to the GPU machine)
+TORCHAO_CONFIGS = {
+    "int4_tinygemm": lambda q: q.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+    "float8_rowwise": lambda q: q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow()),
+}
 
 
 def row_named(name: str) -> Row:
@@ -157,7 +176,7 @@ def quantizes_activation_in_graph(row: Row) -> bool:
 
 
 def compiled_per_layer(row: Row) -> bool:
-    return COMPILE_SCOPE == "layer"
+    return COMPILE_SCOPE == "layer" and not row.whole_model
 
 
 def compile_per_layer(model, row: Row, device: torch.device) -> None:
@@ -459,12 +478,12 @@ def short_compile(c: dict) -> str:
 
 # --- transformers ---------------------------------------------------------------------------------------------
 
-def transformers_phase(model, row: Row, args, device) -> dict:
-    """generate() at batch 1 with a static cache; decode tok/s = (N - 1) / (time of N new tokens - time of 1),
-    so the prompt's forward and generate()'s set-up cancel out."""
+def transformers_phase(model, row: Row, args, device, batch: int) -> dict:
+    """generate() with a static cache; decode tok/s = B * (N - 1) / (time of N new tokens - time of 1), so the
+    prompt's forward and generate()'s set-up cancel out."""
     P, N = args.prompt_len, args.new_tokens
-    cache = llama_model.transformers_static_cache(model, 1, P + N)
-    prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device,
+    cache = llama_model.transformers_static_cache(model, batch, P + N)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, P), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
     mask = torch.ones_like(prompt)
     # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
@@ -479,26 +498,51 @@ def transformers_phase(model, row: Row, args, device) -> dict:
         sync(device)
         if out.shape[1] != P + n:
             raise RuntimeError(f"generate() returned {out.shape[1] - P} new tokens, asked for {n}")
+        result["first_tokens"] = out[0, P:P + 8].tolist()
         return time.perf_counter() - start
 
-    result = {"batch": 1, "prompt_len": P, "new_tokens": N,
+    result = {"batch": batch, "prompt_len": P, "new_tokens": N,
               "kv_cache_gb": gb(llama_model.transformers_cache_nbytes(cache)),
               "allocated_at_start_gb": gb(allocated(device))}
+    steps = model.__dict__.get("forward")
+    steps = steps if isinstance(steps, StepGraphs) else None
     with torch.no_grad():
         # generate(1) compiles the prompt's graph, generate(2) the one-token graph
-        before = first_call(lambda: (generate(1), generate(2)), result, device, f"{row.name} generate()")
+        before = first_call(lambda: (generate(1), generate(2)), result, device, f"{row.name} generate() b{batch}")
         generate(N)  # CUDA graphs recorded
+        warm = compile_snapshot()
+        counts = None if steps is None else (steps.captures, steps.replays, steps.eager_calls)
         one, full = [], []
         for _ in range(args.reps):
             one.append(generate(1))
             full.append(generate(N))
     result["generate_1_s"] = [round(t, 4) for t in one]
     result["generate_n_s"] = [round(t, 4) for t in full]
-    result["tok_s"] = round((N - 1) / (min(full) - min(one)), 2)
-    result["generate_tok_s"] = round(N / min(full), 2)  # prompt and set-up included
+    result["tok_s"] = round(batch * (N - 1) / (min(full) - min(one)), 2)
+    result["generate_tok_s"] = round(batch * N / min(full), 2)  # prompt and set-up included
     result["peak_gb"] = gb(peak(device))
+    after = compile_snapshot()
+    result["graphs_compiled_while_timed"] = after["graphs"] - warm["graphs"]  # recompiles per step: must be 0
+    result["graph_breaks_while_timed"] = after["graph_breaks"] - warm["graph_breaks"]
+    if steps is not None:  # each timed call of the model: replayed as one CUDA graph, or eager (the prompts)
+        result["step_graphs"] = {"captured": steps.captures - counts[0], "replayed": steps.replays - counts[1],
+                                 "eager": steps.eager_calls - counts[2], "graphs_held": len(steps.graphs)}
+        result["cuda_graph_scope"] = "step"
     phase_checks(result, before, device, uses_cuda_graphs(row, device))
     return result
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(package) is not None
 
 
 def transformers_version() -> str | None:
@@ -526,6 +570,13 @@ def build_row_model(row: Row, config, args, device):
     if row.options is not None:
         def quantize(module):
             qcompile.prepare(module, row.options, device, progress=False)
+    if row.torchao is not None:
+        import torchao.quantization as torchao_quantization
+
+        torchao_config = TORCHAO_CONFIGS[row.torchao](torchao_quantization)
+
+        def quantize(module):
+            torchao_quantization.quantize_(module, torchao_config)
     builder = llama_model.build_transformers if row.model == "transformers" else llama_model.build
     model = builder(config, device, getattr(torch, args.dtype), seed=0, quantize=quantize, on_part=on_part)
     if compiled_per_layer(row):
@@ -539,13 +590,15 @@ def build_row_model(row: Row, config, args, device):
 
 def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
     record = {"row": row.name + (GRAPH_ACTIVATION_SUFFIX if quantizes_activation_in_graph(row) else "")
-              + (PER_LAYER_SUFFIX if compiled_per_layer(row) else ""),
+              + (PER_LAYER_SUFFIX if compiled_per_layer(row) else "") + args.suffix,
               "invocation": INVOCATION, "model": row.model, "weight": row.weight,
-              "activation": row.activation,
+              "activation": row.activation, "torchao": row.torchao,
               "options": row.options, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "setup": setup(args, device, config), "phases": {}}
-    if row.model == "transformers" and transformers_version() is None:
-        record["error"] = "transformers is not installed on this machine"
+    missing = [name for name, needed in (("transformers", row.model == "transformers"),
+                                         ("torchao", row.torchao is not None)) if needed and not _installed(name)]
+    if missing:
+        record["error"] = f"{' and '.join(missing)} not installed on this machine"
         log(f"{row.name}: {record['error']}")
         save(record)
         return record
@@ -571,7 +624,7 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
         f"(build peak {record['build_peak_gb']} GB)")
     save(record)
     if row.model == "transformers":
-        phases = [p for p in phases if p == "decode_b1"]  # generate() runs at batch 1 only
+        phases = [p for p in phases if p.startswith("decode_b")]  # generate() only: no prefill phase
     for phase in phases:
         if args.budget_s is not None and time.monotonic() - START > args.budget_s:
             record["phases"][phase] = {"skipped": f"--budget-s {args.budget_s} reached"}
@@ -579,7 +632,7 @@ def run_row(row: Row, args, device, config, phases: list[str], save) -> dict:
             continue
         try:
             if row.model == "transformers":
-                result = transformers_phase(model, row, args, device)
+                result = transformers_phase(model, row, args, device, int(phase.removeprefix("decode_b")))
             elif phase == "prefill":
                 result = prefill_phase(model, row, args, device)
             else:
@@ -632,6 +685,7 @@ def device_name(device) -> str:
 
 def versions() -> dict:
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers_version(),
+           "torchao": _version_of("torchao"),
            "python": platform.python_version()}
     try:
         import triton
@@ -719,10 +773,13 @@ def per_layer_graphs(rows: dict) -> str:
     described += " (as each row's record says)" if len(scopes) > 1 else ""
     transformers_rows = [entry for entry in per_layer if entry["record"]["model"] == "transformers"]
     if transformers_rows:
-        graphs = any(result.get("cuda_graphs") for entry in transformers_rows for result in entry["phases"].values())
-        described += ("; transformers' rows: each LlamaDecoderLayer and the LM head compiled, generate()'s loop "
-                      "eager, " + ("a CUDA-graph replay per block (trees, a step marked per forward)" if graphs
-                                   else "no CUDA graphs"))
+        results = [result for entry in transformers_rows for result in entry["phases"].values()]
+        graphs = ("each call of the model captured whole as one CUDA graph (`qcompile.step_graphs`)"
+                  if any(result.get("cuda_graph_scope") == "step" for result in results)
+                  else "a CUDA-graph replay per block (trees, a step marked per forward)"
+                  if any(result.get("cuda_graphs") for result in results) else "no CUDA graphs")
+        described += ("; transformers' rows: each LlamaDecoderLayer and the LM head compiled (`qcompile.compile_blocks`"
+                      "), generate()'s loop eager, " + graphs)
     return described
 
 
@@ -805,7 +862,8 @@ def render(records: list[dict], source: Path = DEFAULT_OUT) -> str:
         rec = entry["record"]
         label = "bf16 (Inductor)" + name.removeprefix("bf16") if rec["options"] is None else f"qcompile {name}"
         if rec["model"] == "transformers":
-            how = "bf16" if rec["options"] is None else f"qcompile {rec['options']['scheme']}"
+            how = (f"qcompile {rec['options']['scheme']}" if rec["options"] is not None
+                   else f"torchao {rec['torchao']}" if rec.get("torchao") else "bf16")
             label = (f"transformers LlamaForCausalLM, generate() ({how})"
                      + (PER_LAYER_SUFFIX if name.endswith(PER_LAYER_SUFFIX) else " (whole-model compile)"))
         if "error" in entry and not entry["phases"]:
@@ -929,6 +987,8 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, help="prompts per prefill forward (default 4; tiny 2)")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per phase; the best is reported")
     ap.add_argument("--budget-s", type=float, help="start no phase after this many seconds (a run's time limit)")
+    ap.add_argument("--suffix", default="", help="appended to every row's name, e.g. ' (warm caches)' for a second "
+                    "process that finds the first one's Inductor and tuning caches")
     ap.add_argument("--compile-scope", choices=("model", "layer"), default="model",
                     help="compile the whole step (default), or each decoder block and the LM head on their own "
                          "(rows named '<row> (per-layer compile)'; transformers rows too)")

@@ -9,14 +9,17 @@ compiled function receives the quantized tensors as extra inputs, never the floa
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _compat, calibration
 from .distributed import LocalSignature
+from .graph_key import structure_key
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
@@ -27,6 +30,9 @@ _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # (tensor-identity sets: a WeakSet would compare tensors with ==)
 _RELEASED = WeakIdKeyDictionary()
 _READ_IN_FLOAT = WeakIdKeyDictionary()
+# (graph structure, options) -> the first compiled run of that structure (qcompile/graph_key.py); weak: an entry
+# lives as long as Dynamo keeps that run
+_COMPILED_BY_STRUCTURE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
@@ -162,9 +168,32 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
 
 
 def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions):
-    """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult)."""
+    """Run the pass and Inductor on one Dynamo graph; returns (compiled callable, PassResult). A graph with the
+    structure of one compiled before (another decoder layer's) reuses that compile with its own weights."""
     signature = LocalSignature.of(example_inputs, [_compat.dynamo_example_value(n) for n in gm.graph.nodes
                                                    if n.op == "placeholder"])
+    key = _reuse_key(gm, example_inputs, options, signature)
+    first = _COMPILED_BY_STRUCTURE.get(key) if key is not None else None
+    if first is not None:
+        return first.qcompile_rebind(example_inputs), first.qcompile_result
+    run, result = _compile_quantized(gm, example_inputs, options, signature)
+    if key is not None:
+        _COMPILED_BY_STRUCTURE[key] = run
+    return run, result
+
+
+def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | None:
+    """The structure key of a graph whose compile may be reused (graph_key.py), or None: tensor-parallel graphs,
+    GPTQ (its statistics are per weight, collected in the graph's own calibration run), QCOMPILE_DEBUG (a report
+    per compile) and CUDA-graph trees always compile."""
+    if signature is not None or options.algorithm == "gptq" or os.environ.get("QCOMPILE_DEBUG") or options.cudagraphs:
+        return None  # (CUDA-graph trees would re-record one graph per weight set: no gain)
+    names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
+    structure = structure_key(gm, example_inputs, names)
+    return None if structure is None else (options.cache_key(), structure)
+
+
+def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature):
     result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
     if os.environ.get("QCOMPILE_DEBUG") and signature is not None:
         warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
@@ -189,7 +218,15 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
     if not options.keep_float_weights:
         _release_float_weights(weights, kept)
 
-    constants_for = WeightBinding(result, weights, constants, options)
+    return _bound_run(compiled, result, weights, kept, WeightBinding(result, weights, constants, options),
+                      signature), result
+
+
+def _bound_run(compiled, result: PassResult, weights: dict[int, WeightRef], kept: list[int],
+               constants_for: "WeightBinding", signature: LocalSignature | None):
+    """The function Dynamo calls: the compiled graph fed the kept inputs and the quantized tensors of the call's
+    weights. Its `qcompile_rebind(example_inputs)` serves another graph of the same structure with that graph's
+    weights (quantized now; their float storage released as this graph's was)."""
     if signature is None:
         def run(*args):
             return compiled(*[args[i] for i in kept], *constants_for(args))
@@ -198,9 +235,17 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
             local = signature.flatten(args)
             return signature.wrap_outputs(compiled(*[local[i] for i in kept], *constants_for(local)))
 
+    def rebind(example_inputs):
+        own = {i: WeightRef(name=ref.name, tensor=example_inputs[i]) for i, ref in weights.items()}
+        binding = constants_for.bound_to(example_inputs)
+        if not constants_for.options.keep_float_weights:
+            _release_float_weights(own, kept)
+        return _bound_run(compiled, result, own, kept, binding, signature)
+
     run.qcompile_result = result  # for debugging tools and tests
     run.qcompile_float_weights_read = [weights[i] for i in kept if i in weights]  # the CLI's byte counts
-    return run, result
+    run.qcompile_rebind = rebind
+    return run
 
 
 class WeightBinding:
@@ -215,6 +260,13 @@ class WeightBinding:
         self.compiled_with = [g.weight.tensor for _, g in self.groups]
         self.constants = constants
         self.options = options
+
+    def bound_to(self, args) -> "WeightBinding":
+        """This binding with `args`' weights as the ones its fast path serves (quantized now)."""
+        bound = copy.copy(self)
+        bound.constants = self(args)
+        bound.compiled_with = [args[i] for i, _ in self.groups]
+        return bound
 
     def __call__(self, args) -> list:
         # the fast path: the weights the graph was compiled with (identity checks only)

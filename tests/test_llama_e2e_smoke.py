@@ -65,13 +65,16 @@ def test_transformers_rows_compile_per_layer(tmp_path):
     results, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n")
     llama_e2e.main(["--tiny", "--device", "cpu", "--rows", "transformers", "--compile-scope", "layer",
-                    "--new-tokens", "4", "--reps", "1", "--out", str(results), "--write", str(markdown)])
+                    "--phases", "decode_b1", "--new-tokens", "8", "--reps", "1", "--out", str(results),
+                    "--write", str(markdown)])
     [record] = json.loads(results.read_text())
     assert record["row"] == "transformers (per-layer compile)", record.get("error")
     decode = record["phases"]["decode_b1"]
     layers = llama_model.TINY.n_layers
-    assert decode["tok_s"] > 0 and not decode.get("cuda_graphs")  # generate()'s loop: nothing captures a step
+    assert decode["tok_s"] > 0 and not decode.get("cuda_graphs")  # CPU: the calls run without CUDA graphs
     assert (decode["graphs_compiled"], decode["graph_breaks"]) == (2 * (layers + 1), 0)
+    # generate(1) and generate(8), timed: 8 decode steps and more without a recompile or a graph break
+    assert (decode["graphs_compiled_while_timed"], decode["graph_breaks_while_timed"]) == (0, 0)
     assert "generate() (qcompile int4_weight_only) (per-layer compile) |" in markdown.read_text()
 
 

@@ -7,15 +7,20 @@ import torch
 import torch.nn as nn
 
 import qcompile
+from qcompile import backend
 from qcompile.quant.metrics import sqnr_db
 from qcompile.step_graphs import StepGraphs
 
 LAYERS = 12  # more than Dynamo's default recompile limit (8 graphs per code object)
 
 
-def test_every_block_of_a_transformers_llama_is_quantized():
+def test_every_block_of_a_transformers_llama_is_quantized(monkeypatch):
     """transformers' decoder layers read their KV-cache slot by `layer_idx`: Dynamo makes a graph per layer. At the
-    default recompile limit layers 9-12 ran eagerly, in float, with only Dynamo's warning."""
+    default recompile limit layers 9-12 ran eagerly, in float, with only Dynamo's warning. The graphs are alike
+    but for their weights: the backend compiles one and binds it to each layer's own quantized weights."""
+    compiles = []
+    compile_graph = backend._compile_quantized
+    monkeypatch.setattr(backend, "_compile_quantized", lambda *a: compiles.append(1) or compile_graph(*a))
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
@@ -30,7 +35,8 @@ def test_every_block_of_a_transformers_llama_is_quantized():
         assert layer.mlp.down_proj.weight.untyped_storage().nbytes() == 0, f"layer {i} ran in float"
     assert isinstance(model.lm_head, torch._dynamo.eval_frame.OptimizedModule)
     assert model.lm_head._orig_mod.weight.untyped_storage().nbytes() == 0  # the head too (not tied here)
-    assert 30 < sqnr_db(expected, out) < 80  # int8 weights' noise: quantized, and right
+    assert 30 < sqnr_db(expected, out) < 80  # int8 weights' noise: quantized, and right (each layer its own)
+    assert len(compiles) == 2  # one decoder layer's graph, bound to all 12, and the head's
 
 
 def test_a_model_without_blocks_is_refused():
