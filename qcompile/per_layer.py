@@ -88,6 +88,11 @@ def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block:
                           f"parameters are on {', '.join(sorted(devices)) or 'no device'}: its calls run without "
                           f"them", stacklevel=3)
         capture_steps(model)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "disable_compile"):
+        # transformers' generate() would torch.compile the whole model again (its own recipe under a static
+        # cache), tracing through these compiled blocks — whose float weights are released — in float
+        generation_config.disable_compile = True
     linears = linears_outside(model, blocks)
     for block in blocks:
         block.compile(**compile_kwargs)

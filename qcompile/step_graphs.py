@@ -23,6 +23,7 @@ says why. Grad-enabled calls and CPU calls always run eagerly.
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -150,12 +151,18 @@ class StepGraphs:
             self.graphs.popitem(last=False)
         stream = self._on_stream(device)
         torch.cuda.synchronize(device)
+        gc.collect()  # a dead cycle's CUDA tensors freed mid-capture would be freed into the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                output = self.fn(*graph_args, **graph_kwargs)
+            with torch.cuda.stream(stream):
+                # thread-local: CUDA calls of other threads (Inductor's compile workers) must not void the capture
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    output = self.fn(*graph_args, **graph_kwargs)
+                finally:
+                    graph.capture_end()
         except Exception as e:  # noqa: BLE001 (a host sync, an unsupported op: this signature stays eager)
-            torch.cuda.synchronize(device)
+            _recover_from_failed_capture(device, self.pool)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             self.uncapturable[key] = reason
             warnings.warn(f"qcompile: a call of {getattr(self.fn, '__qualname__', self.fn)} could not be captured as "
@@ -173,6 +180,22 @@ class StepGraphs:
         self.graphs.clear()
         self.seen.clear()
         self.uncapturable.clear()
+
+
+def _recover_from_failed_capture(device: torch.device, pool) -> None:
+    """Undo what a failed capture left behind: torch's capture_end raises at cudaStreamEndCapture before it tells
+    the caching allocator to stop allocating into the graph's pool and before it takes the RNG out of capture
+    mode — after which every allocation went to a dead pool and every random op failed ("Offset increment outside
+    graph capture")."""
+    torch.cuda.synchronize(device)
+    try:
+        torch._C._cuda_endAllocateToPool(device.index if device.index is not None else torch.cuda.current_device(),
+                                         pool)
+    except RuntimeError:
+        pass  # capture_end got that far
+    generator = torch.cuda.default_generators[device.index if device.index is not None else
+                                              torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())  # a fresh state object: same seed and offset
 
 
 def _cuda_device(args, kwargs) -> torch.device | None:

@@ -69,3 +69,10 @@ def test_a_call_that_syncs_with_the_host_stays_eager_with_a_warning():
             torch.testing.assert_close(steps(x), x * 3)
         torch.testing.assert_close(steps(x), x * 3)
     assert steps.captures == 0 and steps.eager_calls == 3
+    # the failed capture left nothing behind: random ops and another capture work
+    assert torch.randn(4, device="cuda").isfinite().all()
+    again = StepGraphs(lambda x: x * 2)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(again(x), x * 2)
+    assert again.captures == 1
