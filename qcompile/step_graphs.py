@@ -163,6 +163,7 @@ class StepGraphs:
                     graph.capture_end()
         except Exception as e:  # noqa: BLE001 (a host sync, an unsupported op: this signature stays eager)
             _recover_from_failed_capture(device, self.pool)
+            self.pool = torch.cuda.graph_pool_handle()  # the failed capture's pool may still be marked as recording
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             self.uncapturable[key] = reason
             warnings.warn(f"qcompile: a call of {getattr(self.fn, '__qualname__', self.fn)} could not be captured as "
