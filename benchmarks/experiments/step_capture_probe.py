@@ -6,6 +6,12 @@ A tiny LlamaForCausalLM (bf16, CUDA) under generate() with a static cache, its f
 eager, then compiled block by block with qcompile (int8 weight-only). Prints what StepGraphs did (captures, replays,
 eager calls, warnings), whether the tokens match the uncaptured model's, and every host synchronization the
 forward makes (torch.cuda.set_sync_debug_mode): a sync inside the forward is what makes a capture fail.
+
+    python benchmarks/experiments/step_capture_probe.py --where int4_weight_only 4
+
+--where SCHEME LAYERS: an 8B-shaped model of LAYERS layers built as llama_e2e builds it, compiled block by block,
+and a capture of its prompt's forward traced function by function: prints the first Python call or return after
+which the stream is no longer capturing (what voided the capture).
 """
 import inspect
 import warnings
@@ -52,7 +58,64 @@ def syncs_in_forward(model, config):
     return sorted({f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in caught if "synchroniz" in str(w.message)})
 
 
+def where_capture_breaks(scheme: str, layers: int) -> None:
+    import sys
+    sys.path.insert(0, "benchmarks")
+    import llama_model
+
+    config = llama_model.LlamaConfig(**{**llama_model.LLAMA_3_1_8B.__dict__, "n_layers": layers})
+    options = {"scheme": scheme, "group_size": 128} if "int4" in scheme else {"scheme": scheme}
+    model = llama_model.build_transformers(config, torch.device("cuda"), torch.bfloat16, seed=0,
+                                           quantize=lambda m: qcompile.prepare(m, options, "cuda", progress=False))
+    model.generation_config.eos_token_id = None
+    qcompile.compile_blocks(model, options, dynamic=False)
+    steps = model.forward
+    cache = llama_model.transformers_static_cache(model, 1, 64)
+    kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    prompt = torch.randint(0, 1000, (1, 32), device="cuda")
+    events, first_bad = [], []
+
+    def profile(frame, event, arg):
+        if first_bad or event not in ("call", "return", "c_call", "c_return"):
+            return
+        name = f"{event} {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+        if event.startswith("c_"):
+            name += f" [{getattr(arg, '__qualname__', arg)}]"
+        if not torch.cuda.is_current_stream_capturing():
+            first_bad.append(name)
+        else:
+            events.append(name)
+            del events[:-12]
+
+    with torch.no_grad():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                       pad_token_id=0, **{kwarg: cache})  # the prompt's forward compiles
+        real = steps.fn
+        def traced(*args, **kwargs):
+            if torch.cuda.is_current_stream_capturing():
+                sys.setprofile(profile)
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    sys.setprofile(None)
+            return real(*args, **kwargs)
+        steps.fn = traced
+        cache.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                           pad_token_id=0, **{kwarg: cache})
+    print(f"{scheme} x {layers} layers: captures {steps.captures}, uncapturable {steps.uncapturable}")
+    for w in caught:
+        print("   warning:", str(w.message)[:300])
+    print("   first event outside capture:", first_bad[:1])
+    print("   the events before it:\n     " + "\n     ".join(events))
+
+
 def main():
+    import sys
+    if sys.argv[1:2] == ["--where"]:
+        return where_capture_breaks(sys.argv[2], int(sys.argv[3]))
     print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
     model, config = build()
     reference = generate(model, config)
