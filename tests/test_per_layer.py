@@ -127,3 +127,31 @@ def test_transformers_generate_replays_one_cuda_graph_per_step():
     assert isinstance(steps, StepGraphs) and steps.captures == 1, vars(steps)
     assert steps.replays == new_tokens - 2  # the prompt and the first step eager, the second captured and replayed
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])
+def test_transformers_generate_gives_the_float_models_greedy_tokens(scheme):
+    """generate() over a tiny transformers Llama compiled block by block: the greedy tokens of the float model, with
+    no recompile across the decode steps. A small vocabulary and weights drawn at initializer_range 0.05 make each
+    step's best token lead the next by more than twice int8's error on any logit — checked, so a failure is the
+    compile's, not a near-tie's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 32, (1, 6))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(prompt, **kwargs)
+        qcompile.compile_blocks(model, {"scheme": scheme}, dynamic=False)
+        got = model.generate(prompt, **kwargs)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        again = model.generate(prompt, **kwargs)
+    float_logits, quantized_logits = torch.cat(expected.logits), torch.cat(got.logits)
+    top2 = float_logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 2 * (quantized_logits - float_logits).abs().max()  # no near-ties
+    assert got.sequences.tolist() == expected.sequences.tolist() == again.sequences.tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # 8 more steps, no recompile
