@@ -13,7 +13,7 @@ from qcompile.export import quantize_exported_program
 from qcompile.options import QuantOptions
 from qcompile.quant.metrics import sqnr_db
 
-from conftest import MLP
+from conftest import MLP, Projection
 
 KEEP = r"keep_float_weights': True"
 # output SQNR windows (dB) against float64 on the 64 -> 128 -> 32 MLP (measured ~41 and ~25)
@@ -101,19 +101,10 @@ def test_diff_and_state_dict_after_compile_raise_the_named_error(compiled_mlp):
     assert live["up.weight"] is model.up.weight and live["up.bias"].untyped_storage().nbytes() > 0
 
 
-class Projection(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(64, 64)
-
-    def forward(self, x):
-        return torch.relu(self.proj(x))
-
-
 def test_instances_sharing_one_graph_each_run_eagerly_on_their_own_weights():
     """Dynamo serves the second instance from the first one's graph; its weights are quantized and released on
     its first call, and its module (found in the calling frame) gets the eager path too."""
-    blocks, x = [Projection(), Projection()], torch.randn(4, 64)
+    blocks, x = [Projection(64), Projection(64)], torch.randn(4, 64)
     with torch.no_grad():
         expected = [b(x) for b in blocks]
         compiled = [torch.compile(b, backend="qcompile", options={"scheme": "int8_weight_only"})(x) for b in blocks]
@@ -151,3 +142,16 @@ def test_a_prepared_model_runs_eagerly():
     with torch.no_grad():
         out = model(x)
     assert model.up.weight.untyped_storage().nbytes() == 0 and INT4_DB[0] < sqnr_db(expected, out) < INT4_DB[1]
+
+
+@pytest.mark.gpu
+def test_eager_call_on_cuda_reads_the_kernels_layout():
+    """On CUDA the cached group parameters are column-major (the Triton template's layout) and the compiled linear
+    is the fused kernel; the eager call's reference ops read the same tensors through their strides."""
+    model, x = MLP().cuda(), torch.randn(5, 64, device="cuda")
+    expected = float64_reference(model, x)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="qcompile", options={"scheme": "int4_weight_only", "group_size": 32})(x)
+        eager = model(x)
+    assert model.up.weight.untyped_storage().nbytes() == 0
+    assert sqnr_db(compiled, eager) > 45 and INT4_DB[0] < sqnr_db(expected, eager) < INT4_DB[1]
