@@ -43,7 +43,8 @@ def dynamo_frame():
     return tx.f_code, tx.f_locals, tx.f_globals
 
 
-_PARAMETER_SOURCE = re.compile(r"^(?P<owner>.+)\._parameters\['(?P<attr>[^']+)'\]$")
+# "<owner>._parameters['weight']", or attribute style "<owner>.weight"
+_PARAMETER_SOURCE = re.compile(r"^(?P<owner>.+?)(\._parameters\['(?P<attr>[^']+)'\]|\.(?P<plain_attr>\w+))$")
 # how many frames above the backend's compiled function the frame Dynamo compiled can be (2 in torch 2.13)
 CALLER_FRAMES_SEARCHED = 16
 
@@ -66,8 +67,8 @@ class ParameterSource:
         if match is None or frame is None:
             return None
         code = frame[0]
-        return cls(compile(match["owner"], "<qcompile parameter owner>", "eval"), match["attr"], code.co_name,
-                   code.co_filename)
+        return cls(compile(match["owner"], "<qcompile parameter owner>", "eval"), match["attr"] or match["plain_attr"],
+                   code.co_name, code.co_filename)
 
     def _owner_in(self, frame_locals, frame_globals, tensor: torch.Tensor) -> "torch.nn.Module | None":
         try:
