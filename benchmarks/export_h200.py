@@ -25,7 +25,7 @@ LOADER = r"""
 import json, sys, time, torch, triton
 t0 = time.perf_counter()
 f = torch._inductor.aoti_load_package(sys.argv[1])
-ids = torch.load(sys.argv[2]).cuda()
+ids = torch.load(sys.argv[2], weights_only=True).cuda()
 out = f(ids); torch.cuda.synchronize()
 load_s = time.perf_counter() - t0
 ms = triton.testing.do_bench(lambda: f(ids), warmup=25, rep=200, return_mode="median")
@@ -69,7 +69,7 @@ def main():
                          "compile_s": compile_s, "export_s": export_s})
             continue
         loaded = json.loads(done.stdout.strip().splitlines()[-1])
-        pkg_out = torch.load(os.path.join(tmp, "out.pt")).cuda()
+        pkg_out = torch.load(os.path.join(tmp, "out.pt"), weights_only=True).cuda()
         rows.append({
             "scheme": scheme, "compile_s": compile_s, "export_s": export_s, "compiled_ms": compiled_ms,
             "package_ms": loaded["package_ms"], "package_over_compiled": loaded["package_ms"] / compiled_ms,

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import pathlib
 import re
+import sys
 
 import torch
 import torch.fx
@@ -40,6 +41,63 @@ def dynamo_frame():
     if tx is None:
         return None
     return tx.f_code, tx.f_locals, tx.f_globals
+
+
+# "<owner>._parameters['weight']", or attribute style "<owner>.weight"
+_PARAMETER_SOURCE = re.compile(r"^(?P<owner>.+?)(\._parameters\['(?P<attr>[^']+)'\]|\.(?P<plain_attr>\w+))$")
+# how many frames above the backend's compiled function the frame Dynamo compiled can be (2 in torch 2.13)
+CALLER_FRAMES_SEARCHED = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSource:
+    """Where Dynamo read a parameter input: its owning module, as an expression over the compiled frame's
+    `L` (locals) and `G` (globals), and the attribute name. Finds that module again in the compiled frame, or —
+    for another module instance that shares the graph — in the Python frame calling the compiled function."""
+    owner: object  # the compiled expression
+    attr: str
+    code_name: str  # the compiled frame's function, to recognise it among the callers
+    code_file: str
+
+    @classmethod
+    def of(cls, node: torch.fx.Node) -> "ParameterSource | None":
+        """For a Dynamo placeholder read as `<module>._parameters['<attr>']` while compiling a frame; else None."""
+        match = _PARAMETER_SOURCE.match(source_name(node) or "")
+        frame = dynamo_frame()
+        if match is None or frame is None:
+            return None
+        code = frame[0]
+        return cls(compile(match["owner"], "<qcompile parameter owner>", "eval"), match["attr"] or match["plain_attr"],
+                   code.co_name, code.co_filename)
+
+    def _owner_in(self, frame_locals, frame_globals, tensor: torch.Tensor) -> "torch.nn.Module | None":
+        try:
+            owner = eval(self.owner, {"__builtins__": {}}, {"L": frame_locals, "G": frame_globals})
+        except Exception:  # another frame of the same function that does not hold it
+            return None
+        held = owner._parameters.get(self.attr) if isinstance(owner, torch.nn.Module) else None
+        if held is tensor or (is_dtensor(held) and dtensor_local(held) is tensor):
+            return owner
+        return None
+
+    def owner_while_compiling(self, tensor: torch.Tensor) -> "torch.nn.Module | None":
+        frame = dynamo_frame()
+        return None if frame is None else self._owner_in(frame[1], frame[2], tensor)
+
+    def owner_in_callers(self, tensor: torch.Tensor) -> "torch.nn.Module | None":
+        """Dynamo runs the compiled function from the original frame (its code rewritten, its locals kept): the
+        module is found there, checked by identity with `tensor`."""
+        frame = sys._getframe(1)
+        for _ in range(CALLER_FRAMES_SEARCHED):
+            if frame is None:
+                return None
+            code = frame.f_code
+            if code.co_name == self.code_name and code.co_filename == self.code_file:
+                owner = self._owner_in(frame.f_locals, frame.f_globals, tensor)
+                if owner is not None:
+                    return owner
+            frame = frame.f_back
+        return None
 
 
 def dynamo_example_value(node: torch.fx.Node):

@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _compat, calibration
+from . import _compat, calibration, released
 from .distributed import LocalSignature
 from .graph_key import structure_key
 from .options import QuantOptions
@@ -26,8 +26,8 @@ from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
 
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}
 _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# float weights whose storage qcompile released, and weights some compiled graph still reads in float
-# (tensor-identity sets: a WeakSet would compare tensors with ==)
+# float weights whose storage qcompile released -> (name, options that released it), and weights some compiled
+# graph still reads in float (tensor-identity maps: a WeakSet would compare tensors with ==)
 _RELEASED = WeakIdKeyDictionary()
 _READ_IN_FLOAT = WeakIdKeyDictionary()
 # (graph structure, options) -> the first compiled run of that structure (qcompile/graph_key.py); weak: an entry
@@ -55,11 +55,11 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
     key = (options.cache_key(), cast_dtype, weight_is_nk, tensor._version)
     per_tensor = _QUANTIZED.setdefault(tensor, {})
     if key not in per_tensor:
-        if tensor in _RELEASED:
-            raise RuntimeError(
-                f"qcompile: the float weight {ref.name!r} was released after an earlier compile quantized it "
-                f"with other options; compile with options={{'keep_float_weights': True}} to quantize one model "
-                f"several ways")
+        # released, or sharing the storage of a tensor that was: no values to quantize (reading them would crash)
+        if tensor in _RELEASED or (tensor.untyped_storage().nbytes() == 0 and tensor.numel() > 0):
+            cast = f", read as {cast_dtype}" if cast_dtype is not None else ""
+            raise released.float_weights_released(
+                f"quantizing them again (scheme {options.scheme!r}{cast}: not as the earlier compile did)", [ref.name])
         with torch.no_grad():
             w = tensor.detach()
             w = w if weight_is_nk else w.t()
@@ -103,30 +103,62 @@ def _drop_unused_weight_inputs(result: PassResult, weight_indices) -> list[int]:
     return kept
 
 
-def _release_float_weights(weights: dict[int, WeightRef], kept: list[int]) -> None:
+def _release_float_weights(weights: dict[int, WeightRef], kept: list[int], options: QuantOptions,
+                            sources: dict[int, _compat.ParameterSource | None]) -> None:
+    """Release the float weights the graph no longer reads, during its compile (the modules holding them, found
+    through `sources` in the frame Dynamo compiles, get the eager path)."""
     kept_set = set(kept)
     for i, ref in weights.items():
         t = ref.tensor
         if i in kept_set:
             _READ_IN_FLOAT[t] = True
             if t in _RELEASED:
-                raise RuntimeError(
-                    f"qcompile: this graph reads the float weight {ref.name!r}, which an earlier compile released "
-                    f"after quantizing it; compile with options={{'keep_float_weights': True}}")
+                raise released.float_weights_released("compiling a graph that reads them in float", [ref.name])
             continue
         if t not in _READ_IN_FLOAT:
-            release_float_weight(t)
+            release_float_weight(t, ref.name, options)
+        if t in _RELEASED and sources.get(i) is not None:  # released now, or by an earlier compile or prepare()
+            owner = sources[i].owner_while_compiling(t)
+            if owner is not None:
+                released.attach(owner, released_weight)
 
 
-def release_float_weight(t: torch.Tensor) -> None:
-    """Free a quantized weight's float storage. Shape, dtype and strides stay, so Dynamo's guards hold and a
-    recompile finds the cached quantized tensors; a tensor sharing its storage with others, or mapped from a
-    file, is left alone."""
+def release_float_weight(t: torch.Tensor, name: str, options: QuantOptions) -> bool:
+    """Free a quantized weight's float storage; whether it was freed now. Shape, dtype and strides stay, so
+    Dynamo's guards hold and a recompile finds the cached quantized tensors; a tensor sharing its storage with
+    others, or mapped from a file, is left alone. The module holding it gets `released.attach`'s eager path."""
     storage = t.untyped_storage()
     # a storage mapped from a file (safetensors mmap) cannot be resized; its pages are the file's, not ours
     if storage.resizable() and storage.nbytes() == t.numel() * t.element_size() and storage.nbytes() > 0:
         storage.resize_(0)
-        _RELEASED[t] = True
+        _RELEASED[t] = (name, options)
+        return True
+    return False
+
+
+def released_weight(t: torch.Tensor) -> released.ReleasedWeight | None:
+    """How a released float weight was quantized, for its module's eager calls; None if it was not released.
+    Eager calls find their quantized tensors through here only."""
+    if t not in _RELEASED:
+        return None
+    name, options = _RELEASED[t]
+    return released.ReleasedWeight(name, options, lambda cast_dtype: quantized_weight(
+        WeightRef(name, t), options, cast_dtype, weight_is_nk=True))
+
+
+def released_names(weights) -> list[str]:
+    """The names of the WeightRefs in `weights` whose float storage qcompile released."""
+    return [ref.name for ref in weights if ref.tensor in _RELEASED]
+
+
+def parameter_sources(gm: torch.fx.GraphModule, signature: LocalSignature | None
+                      ) -> dict[int, _compat.ParameterSource | None]:
+    """By input position, where the Dynamo graph's parameters live (the modules that get the released weights'
+    eager path); none for tensor-parallel graphs, whose weight positions are the local shards'."""
+    if signature is not None:
+        return {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {i: _compat.ParameterSource.of(node) for i, node in enumerate(placeholders)}
 
 
 def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions,
@@ -174,9 +206,10 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
                                                    if n.op == "placeholder"])
     key = _reuse_key(gm, example_inputs, options, signature)
     first = _COMPILED_BY_STRUCTURE.get(key) if key is not None else None
+    sources = parameter_sources(gm, signature)
     if first is not None:
-        return first.qcompile_rebind(example_inputs), first.qcompile_result
-    run, result = _compile_quantized(gm, example_inputs, options, signature)
+        return first.qcompile_rebind(example_inputs, sources), first.qcompile_result
+    run, result = _compile_quantized(gm, example_inputs, options, signature, sources)
     if key is not None:
         _COMPILED_BY_STRUCTURE[key] = run
     return run, result
@@ -193,7 +226,7 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
     return None if structure is None else (options.cache_key(), structure)
 
 
-def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature):
+def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature, sources):
     result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
     if os.environ.get("QCOMPILE_DEBUG") and signature is not None:
         warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
@@ -216,9 +249,9 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
                                                    for i in kept] + [True] * len(constants))
     compiled = _compat.compile_fx(result.gm, inputs, cudagraphs=cudagraphs)
     if not options.keep_float_weights:
-        _release_float_weights(weights, kept)
+        _release_float_weights(weights, kept, options, sources)
 
-    return _bound_run(compiled, result, weights, kept, WeightBinding(result, weights, constants, options),
+    return _bound_run(compiled, result, weights, kept, WeightBinding(result, weights, constants, options, sources),
                       signature), result
 
 
@@ -235,11 +268,11 @@ def _bound_run(compiled, result: PassResult, weights: dict[int, WeightRef], kept
             local = signature.flatten(args)
             return signature.wrap_outputs(compiled(*[local[i] for i in kept], *constants_for(local)))
 
-    def rebind(example_inputs):
+    def rebind(example_inputs, sources):
         own = {i: WeightRef(name=ref.name, tensor=example_inputs[i]) for i, ref in weights.items()}
-        binding = constants_for.bound_to(example_inputs)
+        binding = constants_for.bound_to(example_inputs, sources)
         if not constants_for.options.keep_float_weights:
-            _release_float_weights(own, kept)
+            _release_float_weights(own, kept, constants_for.options, sources)
         return _bound_run(compiled, result, own, kept, binding, signature)
 
     run.qcompile_result = result  # for debugging tools and tests
@@ -254,18 +287,22 @@ class WeightBinding:
     can bring weights other than those the graph was compiled with; those get their own quantized tensors
     (quantized on first use, from the same cache), never the first instance's."""
 
-    def __init__(self, result: PassResult, weights: dict[int, WeightRef], constants: list, options: QuantOptions):
+    def __init__(self, result: PassResult, weights: dict[int, WeightRef], constants: list, options: QuantOptions,
+                 sources: dict[int, _compat.ParameterSource | None]):
         position = {id(ref): i for i, ref in weights.items()}
         self.groups = [(position[id(g.weight)], g) for g in result.constant_groups]
         self.compiled_with = [g.weight.tensor for _, g in self.groups]
         self.constants = constants
         self.options = options
+        self.sources = sources
 
-    def bound_to(self, args) -> "WeightBinding":
-        """This binding with `args`' weights as the ones its fast path serves (quantized now)."""
+    def bound_to(self, args, sources: dict[int, _compat.ParameterSource | None]) -> "WeightBinding":
+        """This binding with `args`' weights (another graph's, whose parameters `sources` locates) as the ones its
+        fast path serves (quantized now)."""
         bound = copy.copy(self)
         bound.constants = self(args)
         bound.compiled_with = [args[i] for i, _ in self.groups]
+        bound.sources = sources
         return bound
 
     def __call__(self, args) -> list:
@@ -285,8 +322,11 @@ class WeightBinding:
             if len(tensors) != group.count:
                 raise AssertionError(f"{ref.name}: {len(tensors)} quantized tensors, the graph takes {group.count}")
             constants.extend(tensors.values())
-            if not self.options.keep_float_weights and args[i] not in _READ_IN_FLOAT:
-                release_float_weight(args[i])
+            if (not self.options.keep_float_weights and args[i] not in _READ_IN_FLOAT
+                    and release_float_weight(args[i], ref.name, self.options) and self.sources.get(i) is not None):
+                owner = self.sources[i].owner_in_callers(args[i])  # this instance's module, in the calling frame
+                if owner is not None:
+                    released.attach(owner, released_weight)
         return constants
 
 

@@ -198,9 +198,27 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+# weight files only pickle reads: loading one runs whatever code its author put in it
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a model folder without safetensors weights: qcompile reads weights from a user's path through the
+    safetensors and GGUF parsers only (a pickle-based pytorch_model.bin can run code as it loads)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_WEIGHT_SUFFIXES)
+    found = f"its weights are pickle files ({', '.join(pickled)}), which can run code when loaded" if pickled \
+        else "it has no *.safetensors weights"
+    raise SystemExit(f"qcompile: refusing to load {folder}: {found}. qcompile loads safetensors or GGUF only; "
+                     f"convert a checkpoint you trust with transformers (from_pretrained, then "
+                     f"save_pretrained(..., safe_serialization=True))")
+
+
 def load_transformers_folder(folder: Path, name: str | None = None) -> LoadedModel:
     transformers = _require("transformers", "transformers", "loading a transformers model folder")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    require_safetensors(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model.config.use_cache = False  # one forward over the whole prompt: no KV cache to thread through
     return LoadedModel(name=name or str(folder), module=model.eval(), tokenizer=tokenizer,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .backend import _RELEASED, quantized_weight, release_float_weight
+from . import released
+from .backend import _RELEASED, quantized_weight, release_float_weight, released_weight
 from .options import QuantOptions
 from .passes.quantize_linears import WeightRef
 from .progress import Progress
@@ -23,7 +24,8 @@ def prepare(model: nn.Module, options, device: str | torch.device | None = None,
     """Quantize every selected nn.Linear weight of `model` onto `device` (default: where it is) and move the
     rest of the model there. Returns the model. Weights shared with other modules (tied embeddings) and layers
     the scheme cannot take are moved in float; torch.compile with the same options then reuses the quantized
-    tensors. After this the model runs only compiled (the float linear weights are gone)."""
+    tensors. After this the float linear weights are gone: the linears run on their quantized weights, compiled
+    or eagerly (qcompile/released.py)."""
     opts = QuantOptions.from_dict(options)
     owners: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
@@ -43,7 +45,8 @@ def prepare(model: nn.Module, options, device: str | torch.device | None = None,
             weight = nn.Parameter(module.weight.detach().to(device), requires_grad=module.weight.requires_grad)
             module.weight = weight  # the host copy is freed once nothing else holds it
             quantized_weight(WeightRef(f"{name}.weight", weight), opts, None, True)
-            release_float_weight(weight)
+            if release_float_weight(weight, f"{name}.weight", opts):
+                released.attach(module, released_weight)  # it still runs eagerly, on the quantized weight
             if bar is not None:
                 bar.advance(f"qcompile: quantized {name}")
         model.to(device)

@@ -48,6 +48,17 @@ class MLP(torch.nn.Module):
         return self.down(self.activation(self.up(x)))
 
 
+class Projection(torch.nn.Module):
+    """One linear and a ReLU: a module class whose instances Dynamo serves from one graph."""
+
+    def __init__(self, features=128):
+        super().__init__()
+        self.proj = torch.nn.Linear(features, features)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x))
+
+
 def run_pass(model, args, options, kwargs=None):
     """Compile `model` with a backend that runs qcompile's pass (no Inductor) and executes the rewritten aten
     graph eagerly. Returns (outputs, [PassResult per Dynamo graph])."""

@@ -14,6 +14,8 @@ from qcompile.backend import compile_quantized, qcompile_backend
 from qcompile.options import QuantOptions
 from qcompile.quant.metrics import sqnr_db
 
+from conftest import Projection
+
 # output SQNR (dB) of one Gaussian 512 -> 256 linear: the scheme's own noise, measured once and kept as a window
 GAUSSIAN_SQNR_DB = {
     "int8_weight_only": 42.5, "int8_dynamic": 39.5, "float8_weight_only": 31.6, "float8_dynamic": 28.6,
@@ -206,15 +208,6 @@ def test_weights_mapped_from_a_file_are_left_alone(tmp_path):
         ref = model(x)
         out = compile_with(model, {"scheme": "int8_weight_only"})(x)
     assert sqnr_db(ref, out) > 35 and model.weight.untyped_storage().nbytes() > 0
-
-
-class Projection(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(128, 128)
-
-    def forward(self, x):
-        return torch.relu(self.proj(x))
 
 
 @pytest.mark.parametrize("keep_float_weights", [True, False])

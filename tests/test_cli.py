@@ -1,6 +1,7 @@
 """`python -m qcompile` on a tiny model: the table, --json with the same figures, the diff subcommand, and
 errors that say what to fix."""
 import json
+import pickle
 import subprocess
 import sys
 
@@ -82,6 +83,34 @@ def test_missing_gguf_dependency_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "GGUF_PACKAGES", {"transformers": "transformers", "no_such_mod_xyz": "gguf"})
     with pytest.raises(SystemExit, match="needs: pip install gguf"):
         models.load_model(gguf)
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_checkpoint_is_refused_before_anything_unpickles_it(tmp_path):
+    """A model folder whose weights are a pickle (pytorch_model.bin) is refused, by name; qcompile reads weights
+    from a user's path through safetensors / GGUF only, and torch.load(weights_only=True) elsewhere."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 256}))
+    marker = tmp_path / "code_ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    pickle.loads(pickle.dumps(Payload(tmp_path / "sanity")))  # the payload is live: a plain unpickle runs it
+    assert (tmp_path / "sanity").exists()
+    with pytest.raises(SystemExit, match=r"refusing to load .*model: its weights are pickle files "
+                                         r"\(pytorch_model.bin\), which can run code when loaded"):
+        cli.main(["diff", "--model", str(folder), "--scheme", "int8_weight_only"])
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(folder / "pytorch_model.bin", weights_only=True)  # the benchmarks' inputs load this way
+    assert not marker.exists()
 
 
 def test_module_entry_point_help():

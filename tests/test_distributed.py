@@ -176,7 +176,7 @@ def tp_results():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.pt")
         mp.spawn(_tp_worker, args=(os.path.join(tmp, "store"), path), nprocs=WORLD)
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
 
 
 @pytest.mark.parametrize("options,exact", SCHEMES, ids=[o["scheme"] for o, _ in SCHEMES])

@@ -34,13 +34,13 @@ def test_int8_dynamic_intx_4bit_package_loads_without_qcompile(tmp_path):
     torch.save((x, x2), tmp_path / "inputs.pt")
     runner = ("import sys, torch\n"
               "f = torch._inductor.aoti_load_package(sys.argv[1])\n"
-              "x, x2 = torch.load(sys.argv[2])\n"
+              "x, x2 = torch.load(sys.argv[2], weights_only=True)\n"
               "torch.save((f(x), f(x2)), sys.argv[3])\n"
               "assert 'qcompile' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", runner, path, tmp_path / "inputs.pt", tmp_path / "out.pt"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    out, out2 = torch.load(tmp_path / "out.pt")
+    out, out2 = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out2.shape == (6, 5, 1024)  # dynamic batch
     assert sqnr_db(compiled_out, out) > 60  # the same numerics as the compiled model
     assert 15 < sqnr_db(float_out, out) < 40  # and a 4-bit model, not the float one

@@ -27,10 +27,16 @@ def test_every_block_of_a_transformers_llama_is_quantized(monkeypatch):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (1, 8))
+    h = torch.randn(3, 128)
     with torch.no_grad():
         expected = model(ids).logits  # use_cache: the layers index their cache slots
+        down_expected = [layer.mlp.down_proj(h) for layer in model.model.layers]
         qcompile.compile_blocks(model, {"scheme": "int8_weight_only"}, dynamic=False)
         out = model(ids).logits
+        # each layer's linears still run eagerly, on their own quantized weights (qcompile/released.py), the
+        # layers bound to the first one's compile included
+        for want, layer in zip(down_expected, model.model.layers):
+            assert 35 < sqnr_db(want, layer.mlp.down_proj(h)) < 80
     for i, layer in enumerate(model.model.layers):  # compiled and quantized: the float weights were released
         assert layer.mlp.down_proj.weight.untyped_storage().nbytes() == 0, f"layer {i} ran in float"
     assert isinstance(model.lm_head, torch._dynamo.eval_frame.OptimizedModule)

@@ -35,7 +35,7 @@ LOAD = r"""
 import sys, os, zipfile, glob, torch
 case, step = sys.argv[1], sys.argv[2]
 path = f"/tmp/{case}.pt2"
-io = torch.load(f"/tmp/{case}.io")
+io = torch.load(f"/tmp/{case}.io", weights_only=True)
 x = io["x"].cuda()
 torch.cuda.init(); torch.empty(1, device="cuda")
 if step == "metadata":

@@ -20,7 +20,7 @@ LOADER = r"""
 import sys, torch
 f = torch._inductor.aoti_load_package(sys.argv[1])
 print("loaded", flush=True)
-x = torch.load(sys.argv[2]).cuda()
+x = torch.load(sys.argv[2], weights_only=True).cuda()
 out = f(x)
 torch.cuda.synchronize()
 print("ran", out.shape, float(out.float().abs().mean()), flush=True)

@@ -16,8 +16,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .. import _compat
-from ..backend import find_weight_inputs, quantize_graph
+from .. import _compat, released
+from ..backend import find_weight_inputs, quantize_graph, released_names
 from ..options import QuantOptions
 from ..passes.match_linear import LinearMatch, match_linear
 from ..passes.quantize_linears import LinearRecord, PassResult, WeightRef
@@ -70,6 +70,7 @@ class GraphCapture:
                                if n.op == "placeholder" and "qcompile" in n.meta}
         placeholders = [n for n in float_gm.graph.nodes if n.op == "placeholder"]
         weight_nodes = {placeholders[i]: ref for i, ref in weights.items()}
+        self.released = released_names(weights.values())  # float weights an earlier compile freed: no float run
         matches = [m for n in float_gm.graph.nodes if (m := match_linear(n, lambda w: w in weight_nodes))]
         if len(matches) != len(result.linears):
             raise RuntimeError(f"qcompile.debug: graph {index}: the float trace has {len(matches)} linears, the "
@@ -140,6 +141,9 @@ class GraphCapture:
     def run(self, args, quantized: Callable[[LinearSite], bool], record: bool = False):
         """Run the float graph, replacing the linears `quantized(site)` picks by their quantized form on the
         current (not float) input. record=True keeps each linear's input and output on its site."""
+        if self.released:
+            raise released.float_weights_released("running the float graph (qcompile.diff, QCOMPILE_DEBUG)",
+                                                  self.released)
         return _MixedInterpreter(self, quantized, record).run(*args)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .. import released
 from ..options import QuantOptions
 from ..passes.quantize_linears import PassResult
 from .capture import capture_graph
@@ -55,6 +56,10 @@ def write_compile_report(root, gm: torch.fx.GraphModule, example_inputs, options
     (folder / "pass.diff").write_text(capture.diff + "\n")
     if any(isinstance(t, FakeTensor) for t in inputs):
         (folder / "report.txt").write_text("no figures: this compile saw fake inputs only, nothing to run\n")
+        return folder
+    if capture.released:  # a recompile of a model whose float weights an earlier compile freed
+        (folder / "report.txt").write_text(f"no figures: the float weights of {capture.released} were released by "
+                                           f"an earlier compile; {released.KEEP_FLOAT_WEIGHTS}\n")
         return folder
     with torch.no_grad():
         reference = capture.run(inputs, lambda site: False, record=True)

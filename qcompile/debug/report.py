@@ -9,7 +9,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import released
+from ..backend import released_names
 from ..options import QuantOptions
+from ..passes.quantize_linears import WeightRef
 from ..quant.metrics import sqnr_db
 from .capture import CapturingBackend, GraphCapture, LinearSite
 
@@ -223,6 +226,10 @@ def diff(model, args, options: Mapping[str, Any] | QuantOptions, kwargs: Mapping
         args = (args,)
     kwargs = dict(kwargs or {})
     opts = QuantOptions.from_dict(options).replace(keep_float_weights=True)
+    if isinstance(model, torch.nn.Module):  # else its eager (float) reference would run the quantized weights
+        gone = released_names(WeightRef(name, p) for name, p in model.named_parameters())
+        if gone:
+            raise released.float_weights_released("qcompile.diff (it compares the model with its float self)", gone)
     backend = CapturingBackend(opts)
     compiled = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad():
