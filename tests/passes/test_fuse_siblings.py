@@ -146,3 +146,32 @@ def test_the_option_is_validated():
     assert QuantOptions.from_dict({"scheme": "int8_dynamic"}).fuse_siblings
     with pytest.raises(ValueError, match="'fuse_siblings' must be True or False"):
         QuantOptions.from_dict({"scheme": "int8_dynamic", "fuse_siblings": "no"})
+
+
+def test_the_cache_holds_one_copy_of_fused_tensors(siblings):
+    """Each member's cache entry becomes its rows of the fused tensors (views), so a later unfused graph finds
+    them quantized and memory holds the fused copy only."""
+    from qcompile import backend
+
+    model, graph = siblings
+    options = {"scheme": "int4_weight_only", "group_size": 64}
+    _, result, _, _ = run(graph, options)
+    fused = constants_by_weight(result)[fused_name([f"{m}.weight" for m in ("q", "k", "v")])]
+    key = backend._cache_key(model.k.weight, QuantOptions.from_dict(options), None, True)
+    member = backend._QUANTIZED[model.k.weight][key]
+    for role, tensor in member.items():
+        assert tensor.untyped_storage().data_ptr() == fused[role].untyped_storage().data_ptr(), role
+        assert torch.equal(tensor, fused[role][64:96])  # k's rows, after q's 64
+
+
+def test_exported_programs_fuse_the_same_way():
+    from qcompile.export import quantize_exported_program
+
+    model, x = Siblings(), torch.randn(3, 5, 64)
+    outputs = []
+    for fuse in (True, False):
+        options = QuantOptions.from_dict({"scheme": "int8_dynamic", "fuse_siblings": fuse, "keep_float_weights": True})
+        program, result = quantize_exported_program(torch.export.export(model, (x,)), options)
+        assert result.fused == (EXPECTED_GROUPS if fuse else {})
+        outputs.append(program.module()(x))
+    assert torch.equal(*outputs)
