@@ -226,7 +226,9 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
         return None  # (CUDA-graph trees would re-record one graph per weight set: no gain)
     names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
     structure = structure_key(gm, example_inputs, names)
-    return None if structure is None else (options.cache_key(), structure)
+    # every option, not only those deciding the weights: fuse_siblings, include/exclude, activation_quantization
+    # change the compiled graph (the options hash without the calibration data)
+    return None if structure is None else (options, structure)
 
 
 def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature):
@@ -302,7 +304,7 @@ class WeightBinding:
         """This binding with `args`' weights as the ones its fast path serves (quantized now)."""
         bound = copy.copy(self)
         bound.constants = self(args)
-        bound.compiled_with = [args[i] for i, _ in self.groups]
+        bound.compiled_with = [(i, args[i]) for i, _ in self.compiled_with]
         return bound
 
     def __call__(self, args) -> list:
