@@ -45,3 +45,25 @@ def test_siblings_fuse_in_a_tiny_transformers_model_as_accurate_as_unfused(name)
             fused = (fuse_siblings.COUNTS["fused groups"], fuse_siblings.COUNTS["fused linears"])
             assert fused == ((groups, linears) if fuse else (0, 0)), f"fuse_siblings={fuse}: {fused}"
     assert 20 < db[True] < 200 and abs(db[True] - db[False]) < 0.5, db
+
+
+def test_a_compile_with_fusion_is_not_reused_for_a_graph_without_it(monkeypatch):
+    """The backend reuses a compile for graphs of the same structure only under the same options: a graph
+    compiled with fuse_siblings=False after a fused one of the same structure gets its own, unfused compile."""
+    from conftest import Siblings
+    from qcompile import _compat
+    from qcompile.backend import compile_quantized
+    from qcompile.options import QuantOptions
+
+    monkeypatch.setattr(_compat, "compile_fx", lambda gm, inputs, cudagraphs=False: gm)  # the pass is the point
+    results = []
+
+    def backend(gm, example_inputs, **_):
+        runs = [compile_quantized(gm, example_inputs, QuantOptions.from_dict(
+            {"scheme": "int8_dynamic", "fuse_siblings": fuse, "keep_float_weights": True})) for fuse in (True, False)]
+        results.extend(result for _, result in runs)
+        return runs[0][0]
+
+    with torch.no_grad():
+        torch.compile(Siblings(), backend=backend)(torch.randn(4, 64))
+    assert [len(r.fused) for r in results] == [2, 0]
