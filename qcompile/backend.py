@@ -22,9 +22,10 @@ from .distributed import LocalSignature
 from .graph_key import structure_key
 from .options import QuantOptions
 from .passes.lower import lower_for_device
-from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
+from .passes.quantize_linears import PassResult, WeightRef, WeightUse, quantize_linears
 
-# tensor -> {(options key, cast dtype, layout, version): quantized tensors}
+# tensor -> {(options key, cast dtype, layout, version): quantized tensors}; the first weight of fused siblings
+# -> also {("siblings", options key, members' keys): (weak references to the other members, fused tensors)}
 _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # float weights whose storage qcompile released -> (name, options that released it), and weights some compiled
 # graph still reads in float (tensor-identity maps: a WeakSet would compare tensors with ==)
@@ -52,7 +53,7 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
     """The scheme's quantized tensors for one weight, computed once per (tensor, options). `hessian`: the
     calibration statistics of the weight's inputs, for algorithm "gptq"."""
     tensor = ref.tensor
-    key = (options.cache_key(), cast_dtype, weight_is_nk, tensor._version)
+    key = _cache_key(tensor, options, cast_dtype, weight_is_nk)
     per_tensor = _QUANTIZED.setdefault(tensor, {})
     if key not in per_tensor:
         # released, or sharing the storage of a tensor that was: no values to quantize (reading them would crash)
@@ -71,6 +72,43 @@ def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_i
                 quantized = layout.for_kernels(quantized)
             per_tensor[key] = quantized
     return per_tensor[key]
+
+
+def _cache_key(tensor: torch.Tensor, options: QuantOptions, cast_dtype, weight_is_nk: bool) -> tuple:
+    return options.cache_key(), cast_dtype, weight_is_nk, tensor._version
+
+
+def quantized_weights(uses: tuple[WeightUse, ...], options: QuantOptions, hessians: dict | None = None) -> dict:
+    """The quantized tensors one linear reads: one weight's (`quantized_weight`), or for sibling linears fused
+    into one, the members' tensors concatenated along N — quantized one by one, so bit-exact the separate
+    linears. Cached for the group; each member's own cache entry then becomes its rows of the fused tensors
+    (views: one copy in memory, and a later unfused graph still finds its weight quantized). `hessians`: by
+    id of the weight tensor, for algorithm "gptq"."""
+    def member(use: WeightUse) -> dict:
+        hessian = (hessians or {}).get(id(use.weight.tensor))
+        return quantized_weight(use.weight, options, use.cast_dtype, use.weight_is_nk, hessian)
+
+    if len(uses) == 1:
+        return member(uses[0])
+    first, others = uses[0].weight.tensor, [u.weight.tensor for u in uses[1:]]
+    key = ("siblings", *(_cache_key(u.weight.tensor, options, u.cast_dtype, u.weight_is_nk) + (id(u.weight.tensor),)
+                         for u in uses))
+    per_tensor = _QUANTIZED.setdefault(first, {})
+    cached = per_tensor.get(key)
+    if cached is not None and all(ref() is t for ref, t in zip(cached[0], others)):
+        return cached[1]
+    parts = [member(u) for u in uses]
+    fused = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    if first.is_cuda:  # torch.cat writes row-major: the Triton template's layout again (kernels/triton/layout.py)
+        from .kernels.triton import layout
+        fused = layout.for_kernels(fused)
+    offsets = dict.fromkeys(fused, 0)
+    for use, part in zip(uses, parts):  # the member's entry: views of its rows, releasing its own copy
+        views = {name: fused[name].narrow(0, offsets[name], t.shape[0]) for name, t in part.items()}
+        _QUANTIZED[use.weight.tensor][_cache_key(use.weight.tensor, options, use.cast_dtype, use.weight_is_nk)] = views
+        offsets = {name: offsets[name] + t.shape[0] for name, t in part.items()}
+    per_tensor[key] = ([weakref.ref(t) for t in others], fused)  # weak: the others are keys of this cache too
+    return fused
 
 
 # elements per block of rows when a large weight is quantized: float32 temporaries stay ~0.25 GB each, where the
@@ -192,9 +230,7 @@ def quantize_graph(gm: torch.fx.GraphModule, example_inputs, options: QuantOptio
     hessians = {}
     if options.algorithm == "gptq":  # run the calibration inputs through the float graph first
         hessians = calibration.weight_hessians(gm, aten_gm, example_inputs, weights, options.calibration)
-    result = quantize_linears(
-        aten_gm, weight_nodes, options,
-        lambda ref, cast, nk: quantized_weight(ref, options, cast, nk, hessians.get(id(ref.tensor))))
+    result = quantize_linears(aten_gm, weight_nodes, options, lambda uses: quantized_weights(uses, options, hessians))
     kept = _drop_unused_weight_inputs(result, weights)
     return result, weights, kept
 
@@ -223,7 +259,9 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
         return None  # (CUDA-graph trees would re-record one graph per weight set: no gain)
     names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
     structure = structure_key(gm, example_inputs, names)
-    return None if structure is None else (options.cache_key(), structure)
+    # every option, not only those deciding the weights: fuse_siblings, include/exclude, activation_quantization
+    # change the compiled graph (the options hash without the calibration data)
+    return None if structure is None else (options, structure)
 
 
 def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature, sources):
@@ -290,8 +328,9 @@ class WeightBinding:
     def __init__(self, result: PassResult, weights: dict[int, WeightRef], constants: list, options: QuantOptions,
                  sources: dict[int, _compat.ParameterSource | None]):
         position = {id(ref): i for i, ref in weights.items()}
-        self.groups = [(position[id(g.weight)], g) for g in result.constant_groups]
-        self.compiled_with = [g.weight.tensor for _, g in self.groups]
+        # per constant group (one linear's tensors): the input position of each weight it was quantized from
+        self.groups = [(tuple(position[id(u.weight)] for u in g.uses), g) for g in result.constant_groups]
+        self.compiled_with = [(i, u.weight.tensor) for positions, g in self.groups for i, u in zip(positions, g.uses)]
         self.constants = constants
         self.options = options
         self.sources = sources
@@ -301,13 +340,13 @@ class WeightBinding:
         fast path serves (quantized now)."""
         bound = copy.copy(self)
         bound.constants = self(args)
-        bound.compiled_with = [args[i] for i, _ in self.groups]
+        bound.compiled_with = [(i, args[i]) for i, _ in self.compiled_with]
         bound.sources = sources
         return bound
 
     def __call__(self, args) -> list:
         # the fast path: the weights the graph was compiled with (identity checks only)
-        if all(args[i] is t for (i, _), t in zip(self.groups, self.compiled_with)):
+        if all(args[i] is t for i, t in self.compiled_with):
             return self.constants
         if self.options.algorithm == "gptq":
             raise RuntimeError(
@@ -316,17 +355,21 @@ class WeightBinding:
                 "statistics were never collected; compile the whole model in one torch.compile call, or use "
                 "algorithm 'rtn' / 'hqq'")
         constants = []
-        for i, group in self.groups:
-            ref = WeightRef(name=group.weight.name, tensor=args[i])
-            tensors = quantized_weight(ref, self.options, group.cast_dtype, group.weight_is_nk)
+        for positions, group in self.groups:
+            uses = tuple(WeightUse(WeightRef(u.weight.name, args[i]), u.cast_dtype, u.weight_is_nk)
+                         for i, u in zip(positions, group.uses))
+            tensors = quantized_weights(uses, self.options)
             if len(tensors) != group.count:
-                raise AssertionError(f"{ref.name}: {len(tensors)} quantized tensors, the graph takes {group.count}")
+                raise AssertionError(f"{'+'.join(u.weight.name for u in uses)}: {len(tensors)} quantized tensors, "
+                                     f"the graph takes {group.count}")
             constants.extend(tensors.values())
-            if (not self.options.keep_float_weights and args[i] not in _READ_IN_FLOAT
-                    and release_float_weight(args[i], ref.name, self.options) and self.sources.get(i) is not None):
-                owner = self.sources[i].owner_in_callers(args[i])  # this instance's module, in the calling frame
-                if owner is not None:
-                    released.attach(owner, released_weight)
+            for i, use in zip(positions, uses):
+                if (not self.options.keep_float_weights and args[i] not in _READ_IN_FLOAT
+                        and release_float_weight(args[i], use.weight.name, self.options)
+                        and self.sources.get(i) is not None):
+                    owner = self.sources[i].owner_in_callers(args[i])  # this instance's module, in the caller
+                    if owner is not None:
+                        released.attach(owner, released_weight)
         return constants
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .backend import device_of, quantized_weight
+from .backend import device_of, quantized_weights
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
@@ -37,8 +37,7 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
         if spec.kind in weight_kinds:
             tensor = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
             weights[node] = WeightRef(name=spec.target, tensor=tensor)
-    result = quantize_linears(gm, weights, options,
-                              lambda ref, cast, nk: quantized_weight(ref, options, cast, nk))
+    result = quantize_linears(gm, weights, options, lambda uses: quantized_weights(uses, options))
 
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     constant_values = dict(result.constants)

@@ -30,6 +30,8 @@ _KEYS_DOC = {
     "calibration": "for algorithm 'gptq': an iterable of example inputs to the compiled callable, each a tuple "
                    "of positional args or a dict of keyword args",
     "act_order": "for algorithm 'gptq': quantize columns in order of decreasing Hessian diagonal (default True)",
+    "fuse_siblings": "fuse linears that read the same input (q/k/v, gate/up) into one quantized linear over their "
+                     "concatenated weights, its output sliced back (default True; exact)",
     "activation_quantization": "dynamic schemes on CUDA: 'kernel' (default: the fused linear quantizes its input "
                                "in its own small kernel, or in the GEMV) or 'graph' (the quantization stays in the "
                                "graph as plain ops that Inductor fuses into the op producing the input)",
@@ -46,6 +48,7 @@ class QuantOptions:
     exclude: tuple[str, ...] = ()
     keep_float_weights: bool = False
     cudagraphs: bool = False
+    fuse_siblings: bool = True
     activation_quantization: str = "kernel"
     algorithm: str = "rtn"
     act_order: bool = True
@@ -95,6 +98,7 @@ class QuantOptions:
             exclude=_patterns(options, "exclude"),
             keep_float_weights=_bool(options, "keep_float_weights"),
             cudagraphs=_bool(options, "cudagraphs"),
+            fuse_siblings=_bool(options, "fuse_siblings", default=True),
             activation_quantization=_activation_quantization(options, scheme),
             **_algorithm(options, scheme),
         )

@@ -59,6 +59,23 @@ class Projection(torch.nn.Module):
         return torch.relu(self.proj(x))
 
 
+class Siblings(torch.nn.Module):
+    """Sibling linears: q (with bias) / k / v read x, gate / up read h, down reads their product."""
+
+    def __init__(self, dim=64, kv=32, hidden=128):
+        super().__init__()
+        self.q = torch.nn.Linear(dim, dim)
+        self.k = torch.nn.Linear(dim, kv, bias=False)
+        self.v = torch.nn.Linear(dim, kv, bias=False)
+        self.gate = torch.nn.Linear(dim, hidden, bias=False)
+        self.up = torch.nn.Linear(dim, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.q(x) * torch.cat([self.k(x), self.v(x)], -1))
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
 def run_pass(model, args, options, kwargs=None):
     """Compile `model` with a backend that runs qcompile's pass (no Inductor) and executes the rewritten aten
     graph eagerly. Returns (outputs, [PassResult per Dynamo graph])."""

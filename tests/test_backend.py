@@ -74,6 +74,8 @@ def test_every_scheme_on_a_tiny_transformers_llama(scheme, dtype):
         ref = model(ids).logits.float()
         out = torch.compile(model, backend=backend)(ids).logits.float()
     assert sum(len(r.quantized) for r in results) == 8  # 7 linears in the layer + the tied lm_head
+    # q/k/v and gate/up fuse, except where a per-tensor scale or codebook keeps the weights apart
+    assert sum(len(r.fused) for r in results) == (0 if scheme in ("codebook", "nvfp4") else 2)
     db = sqnr_db(ref, out)
     floor = LLAMA_FLOOR_DB[scheme] - (3 if dtype == torch.bfloat16 else 0)
     assert floor < db < 200, f"{scheme} {dtype}: {db:.1f} dB"

@@ -19,6 +19,7 @@ from torch.fx.node import map_arg
 from .. import _compat, released
 from ..backend import find_weight_inputs, quantize_graph, released_names
 from ..options import QuantOptions
+from ..passes.fuse_siblings import activation_key
 from ..passes.match_linear import LinearMatch, match_linear
 from ..passes.quantize_linears import LinearRecord, PassResult, WeightRef
 
@@ -32,6 +33,7 @@ class LinearSite:
     weight: WeightRef
     inserted: list[Node] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # kept nodes the inserted ones read (x, bias)
+    x: str = ""  # the input among them that is x (for fused siblings: the first sibling's view of x)
     # float values seen by the recording run, one entry per execution of the graph: {input name: value}
     float_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
     float_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -65,9 +67,9 @@ class GraphCapture:
         self._constants = dict(result.constants)
         # inserted nodes that read only constants (dequantized weights): computed once, then reused
         self._folded: dict[Node, Any] = {}
-        # constant placeholder -> the float weight it quantizes
-        self.constant_owner = {n.name: n.meta["qcompile"]["weight"] for n in result.gm.graph.nodes
-                               if n.op == "placeholder" and "qcompile" in n.meta}
+        # constant placeholder -> {float weight it quantizes: its share of the rows} (several for fused siblings)
+        self.constant_owners = {n.name: _row_shares(n.meta["qcompile"]) for n in result.gm.graph.nodes
+                                if n.op == "placeholder" and "qcompile" in n.meta}
         placeholders = [n for n in float_gm.graph.nodes if n.op == "placeholder"]
         weight_nodes = {placeholders[i]: ref for i, ref in weights.items()}
         self.released = released_names(weights.values())  # float weights an earlier compile freed: no float run
@@ -76,6 +78,7 @@ class GraphCapture:
             raise RuntimeError(f"qcompile.debug: graph {index}: the float trace has {len(matches)} linears, the "
                                f"pass recorded {len(result.linears)}; the two traces differ")
         after_nodes = {n.name: n for n in result.gm.graph.nodes}
+        same_value: dict = {}  # activation_key's memo
         self.sites = []
         for match, record in zip(matches, result.linears):
             ref = weight_nodes[match.weight]
@@ -83,13 +86,21 @@ class GraphCapture:
                 raise RuntimeError(f"qcompile.debug: graph {index}: linear {record.module!r} reads {record.weight!r} "
                                    f"in the pass but {ref.name!r} in the float trace")
             site = LinearSite(record, match, ref)
-            site.inputs = [match.x.name]
+            site.inputs, site.x = [match.x.name], match.x.name
             if site.quantized:
                 site.inserted = self._inserted_nodes(after_nodes[record.output_node])
                 site.inputs = list(dict.fromkeys(i.name for n in site.inserted for i in n.all_input_nodes
                                                  if i.name in self.float_nodes))
+            if site.quantized and record.fused_into is not None:
+                key = activation_key(match.x, same_value)
+                site.x = next(name for name in site.inputs
+                              if activation_key(self.float_nodes[name], same_value) == key)
             self.sites.append(site)
         self.site_of_node = {s.match.node: s for s in self.sites}
+
+    def constant_share(self, constant: str, weight: str) -> float:
+        """The part of a constant that holds `weight`: 1 for its own, N_i / N for a fused sibling's rows."""
+        return self.constant_owners.get(constant, {}).get(weight, 0.0)
 
     def _inserted_nodes(self, output: Node) -> list[Node]:
         """The nodes the pass added that `output` depends on; their other inputs exist in the float graph."""
@@ -127,9 +138,13 @@ class GraphCapture:
         """The [N, K] weight the quantized linear applies: its output for the identity as input and no bias.
         Exact for every activation format here: a one-hot row quantizes without error. Needs a recorded call."""
         values = dict(site.float_inputs[0])
-        x = values[site.match.x.name]
-        values[site.match.x.name] = torch.eye(site.record.in_features, dtype=x.dtype, device=x.device)
-        if site.match.bias is not None:
+        x = values[site.x]
+        values[site.x] = torch.eye(site.record.in_features, dtype=x.dtype, device=x.device)
+        if site.record.fused_into is not None:  # the fused siblings' biases, concatenated: all zero
+            for name in site.inputs:
+                if name != site.x and isinstance(values[name], torch.Tensor):
+                    values[name] = torch.zeros_like(values[name])
+        elif site.match.bias is not None:
             values[site.match.bias.name] = None
         return self.quantized_linear(site, values.__getitem__).t()
 
@@ -163,6 +178,14 @@ class _MixedInterpreter(torch.fx.Interpreter):
             site.float_inputs.append({name: self.env[nodes[name]] for name in site.inputs})
             site.float_outputs.append(value)
         return value
+
+
+def _row_shares(meta: dict) -> dict[str, float]:
+    members = meta.get("members")
+    if not members:
+        return {meta["weight"]: 1.0}
+    total = sum(members.values())
+    return {weight: rows / total for weight, rows in members.items()}
 
 
 def capture_graph(index: int, gm: GraphModule, example_inputs: list, options: QuantOptions,

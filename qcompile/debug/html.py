@@ -80,9 +80,15 @@ def _diff_block(diff: str) -> str:
     return '<pre class="diff">' + "".join(lines) + "</pre>"
 
 
+def _fusion_note(layer: "LayerReport") -> str:
+    if layer.fused_into is not None:
+        return f"fused into {layer.fused_into}"
+    return f"not fused: {layer.not_fused}" if layer.not_fused is not None else ""
+
+
 def _layer_table(layers: list["LayerReport"]) -> str:
     head = ("graph", "module", "N x K", "scheme", "weight SQNR dB", "output SQNR dB", "max abs err", "bytes",
-            "share", "why in float")
+            "share", "why in float / fused")
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for layer in layers:
         cells = [(layer.graph, True), (escape(layer.module), False),
@@ -91,7 +97,7 @@ def _layer_table(layers: list["LayerReport"]) -> str:
                  (f'<span class="{_grade(layer.output_sqnr_db)}">{format_db(layer.output_sqnr_db)}</span>', True),
                  ("-" if layer.max_abs_error is None else f"{layer.max_abs_error:.3g}", True),
                  (format_bytes(layer.weight_bytes), True), (f"{100 * layer.weight_share:.1f}%", True),
-                 (escape(layer.reason or ""), False)]
+                 (escape(layer.reason or _fusion_note(layer)), False)]
         rows.append("<tr>" + "".join(f'<td class="num">{c}</td>' if num else f"<td>{c}</td>"
                                      for c, num in cells) + "</tr>")
     return "<table>" + "".join(rows) + "</table>"

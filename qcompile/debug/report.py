@@ -34,6 +34,8 @@ class LayerReport:
     weight_sqnr_db: float | None = None
     output_sqnr_db: float | None = None  # its quantized output vs its float output, same float input
     max_abs_error: float | None = None
+    fused_into: str | None = None  # the one linear its siblings and it became (sibling fusion)
+    not_fused: str | None = None  # why it stays a linear of its own although a sibling reads the same input
 
 
 @dataclass
@@ -111,11 +113,12 @@ def _layer_report(capture: GraphCapture, site: LinearSite) -> LayerReport:
     float_bytes = _nbytes(site.weight.tensor)
     layer = LayerReport(graph=capture.index, module=rec.module, weight=rec.weight, out_features=rec.out_features,
                         in_features=rec.in_features, scheme=rec.scheme, reason=rec.reason,
-                        weight_bytes=float_bytes, float_weight_bytes=float_bytes)
+                        weight_bytes=float_bytes, float_weight_bytes=float_bytes, fused_into=rec.fused_into,
+                        not_fused=rec.not_fused)
     if not site.quantized:
         return layer
-    layer.weight_bytes = sum(_nbytes(t) for name, t in capture.result.constants
-                             if capture.constant_owner.get(name) == rec.weight)
+    layer.weight_bytes = round(sum(_nbytes(t) * capture.constant_share(name, rec.weight)
+                                   for name, t in capture.result.constants))
     with torch.no_grad():
         w = capture.float_weight(site)
         layer.weight_sqnr_db = sqnr_db(w, capture.effective_weight(site))

@@ -34,6 +34,15 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def fused_groups(layers) -> dict[str, list]:
+    """Sibling linears fused into one, in column order: {fused linear's name: its members' layer reports}."""
+    groups: dict[str, list] = {}
+    for layer in layers:
+        if layer.fused_into is not None:
+            groups.setdefault(layer.fused_into, []).append(layer)
+    return groups
+
+
 SHOWN_EXCLUDES = 12  # a longer exclude list is in the HTML page and report.suggestion
 
 
@@ -65,6 +74,13 @@ def format_report(report: "Report") -> str:
         for layer in g.layers:
             if layer.scheme is None:
                 out.append(f"  graph {g.index} {layer.module}: stays in float: {layer.reason}")
+        for fused, members in fused_groups(g.layers).items():
+            widths = "+".join(str(m.out_features) for m in members)
+            out.append(f"  graph {g.index} {fused}: {len(members)} linears fused into one ({widths} x "
+                       f"{members[0].in_features})")
+        for layer in g.layers:
+            if layer.not_fused is not None:
+                out.append(f"  graph {g.index} {layer.module}: not fused with its siblings: {layer.not_fused}")
     n_quant = sum(layer.scheme is not None for layer in report.layers)
     out.append(f"{len(report.graphs)} graph(s), {len(report.layers)} linears, {n_quant} quantized, "
                f"{len(report.layers) - n_quant} in float")

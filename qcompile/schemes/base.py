@@ -51,7 +51,8 @@ class Scheme:
     algorithms: tuple[str, ...] = ("rtn",)  # rounding algorithms its quantize_weight implements
     extra_skip: Callable[[int, int, "QuantOptions"], str | None] | None = field(default=None)
     # whether quantize_weight treats each output row on its own (no per-tensor scale or codebook), so that the
-    # backend may quantize a large weight in blocks of rows and bound its float32 temporaries
+    # backend may quantize a large weight in blocks of rows and bound its float32 temporaries, and sibling linears'
+    # tensors concatenate along N into one fused linear (passes/fuse_siblings.py)
     rows_independent: Callable[["QuantOptions"], bool] = field(default=lambda options: False)
 
     def skip_reason(self, out_features: int, in_features: int, options: "QuantOptions") -> str | None:

@@ -173,3 +173,24 @@ def test_bad_options_name_the_problem():
 
 def test_exported_from_package():
     assert qcompile.diff is diff
+
+
+def test_fused_siblings_are_reported_per_linear_as_if_separate():
+    """Sibling fusion changes the graph, not the figures: each fused linear keeps its own row in the report, with
+    the same errors and bytes as unfused, and the text names the group."""
+    from conftest import Siblings
+
+    net, x = Siblings(), torch.randn(3, 5, 64)
+    fused = diff(net, (x,), {"scheme": "int8_dynamic"}, target_sqnr_db=None)
+    separate = diff(net, (x,), {"scheme": "int8_dynamic", "fuse_siblings": False}, target_sqnr_db=None)
+    assert {la.module: la.fused_into for la in fused.layers} == {
+        "q": "{q,k,v}", "k": "{q,k,v}", "v": "{q,k,v}", "gate": "{gate,up}", "up": "{gate,up}", "down": None}
+    for a, b in zip(fused.layers, separate.layers):
+        assert (a.module, a.weight_bytes, a.max_abs_error) == (b.module, b.weight_bytes, b.max_abs_error)
+        assert a.weight_sqnr_db == pytest.approx(b.weight_sqnr_db, abs=1e-6)
+        assert a.output_sqnr_db == pytest.approx(b.output_sqnr_db, abs=1e-6)
+    assert fused.output_sqnr_db == pytest.approx(separate.output_sqnr_db, abs=1e-6)
+    text = str(fused)
+    assert "graph 0 {q,k,v}: 3 linears fused into one (64+32+32 x 64)" in text
+    assert "graph 0 {gate,up}: 2 linears fused into one (128+128 x 64)" in text
+    assert "q_k_v_scale_output: \"f32[15, 128]\"" in fused.graphs[0].diff  # one [M, 64+32+32] linear

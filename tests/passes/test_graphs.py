@@ -3,7 +3,7 @@ import expecttest
 import torch
 from torch.fx.node import map_arg
 
-from conftest import MLP, run_pass
+from conftest import MLP, Siblings, run_pass
 
 
 def format_graph(gm) -> str:
@@ -22,8 +22,8 @@ def format_graph(gm) -> str:
     return "\n".join(lines)
 
 
-def rewritten(options) -> str:
-    _, (result,) = run_pass(MLP(), (torch.randn(4, 64),), options)
+def rewritten(options, model=None) -> str:
+    _, (result,) = run_pass(model or MLP(), (torch.randn(4, 64),), options)
     return format_graph(result.gm)
 
 
@@ -163,4 +163,78 @@ up_linear = linear(arg2_1, up_dequantize_codebook, arg1_1)
 relu = relu(up_linear)
 down_dequantize_codebook = qcompile::dequantize_codebook(down_weight__qweight, down_weight__codebook, down_weight__scale, torch.float32)
 down_linear = linear(relu, down_dequantize_codebook, None)
+return ('down_linear',)""")
+
+    def test_siblings_fused_dynamic_int8(self):
+        self.assertExpectedInline(rewritten({"scheme": "int8_dynamic"}, Siblings()), """\
+input arg1_1
+input arg2_1
+input q_k_v_weight__qweight
+input q_k_v_weight__scale
+input gate_up_weight__qweight
+input gate_up_weight__scale
+input down_weight__qweight
+input down_weight__scale
+q_k_v_new_zeros = new_zeros(arg1_1, [32])
+q_k_v_new_zeros_1 = new_zeros(arg1_1, [32])
+q_k_v_cat = cat(['arg1_1', 'q_k_v_new_zeros', 'q_k_v_new_zeros_1'])
+q_k_v_quantize_int8_per_token = qcompile::quantize_int8_per_token(arg2_1)
+q_k_v_q = getitem(q_k_v_quantize_int8_per_token, 0)
+q_k_v_scale = getitem(q_k_v_quantize_int8_per_token, 1)
+q_k_v_matmul_int8 = qcompile::matmul_int8(q_k_v_q, q_k_v_weight__qweight)
+q_k_v_scale_output = qcompile::scale_output(q_k_v_matmul_int8, q_k_v_scale, q_k_v_weight__scale, q_k_v_cat, torch.float32)
+q_slice = slice.Tensor(q_k_v_scale_output, -1, 0, 64)
+k_slice = slice.Tensor(q_k_v_scale_output, -1, 64, 96)
+v_slice = slice.Tensor(q_k_v_scale_output, -1, 96, 128)
+cat = cat(['k_slice', 'v_slice'], -1)
+mul = mul.Tensor(q_slice, cat)
+relu = relu(mul)
+gate_up_quantize_int8_per_token = qcompile::quantize_int8_per_token(relu)
+gate_up_q = getitem(gate_up_quantize_int8_per_token, 0)
+gate_up_scale = getitem(gate_up_quantize_int8_per_token, 1)
+gate_up_matmul_int8 = qcompile::matmul_int8(gate_up_q, gate_up_weight__qweight)
+gate_up_scale_output = qcompile::scale_output(gate_up_matmul_int8, gate_up_scale, gate_up_weight__scale, None, torch.float32)
+gate_slice = slice.Tensor(gate_up_scale_output, -1, 0, 128)
+up_slice = slice.Tensor(gate_up_scale_output, -1, 128, 256)
+silu = silu(gate_slice)
+mul_1 = mul.Tensor(silu, up_slice)
+down_quantize_int8_per_token = qcompile::quantize_int8_per_token(mul_1)
+down_q = getitem(down_quantize_int8_per_token, 0)
+down_scale = getitem(down_quantize_int8_per_token, 1)
+down_matmul_int8 = qcompile::matmul_int8(down_q, down_weight__qweight)
+down_scale_output = qcompile::scale_output(down_matmul_int8, down_scale, down_weight__scale, None, torch.float32)
+return ('down_scale_output',)""")
+
+    def test_siblings_fused_int4_weight_only(self):
+        self.assertExpectedInline(rewritten({"scheme": "int4_weight_only", "group_size": 64}, Siblings()), """\
+input arg1_1
+input arg2_1
+input q_k_v_weight__qweight
+input q_k_v_weight__scale
+input q_k_v_weight__zero
+input gate_up_weight__qweight
+input gate_up_weight__scale
+input gate_up_weight__zero
+input down_weight__qweight
+input down_weight__scale
+input down_weight__zero
+q_k_v_new_zeros = new_zeros(arg1_1, [32])
+q_k_v_new_zeros_1 = new_zeros(arg1_1, [32])
+q_k_v_cat = cat(['arg1_1', 'q_k_v_new_zeros', 'q_k_v_new_zeros_1'])
+q_k_v_dequantize_int4_tinygemm = qcompile::dequantize_int4_tinygemm(q_k_v_weight__qweight, q_k_v_weight__scale, q_k_v_weight__zero, 64, torch.float32)
+q_k_v_linear = linear(arg2_1, q_k_v_dequantize_int4_tinygemm, q_k_v_cat)
+q_slice = slice.Tensor(q_k_v_linear, -1, 0, 64)
+k_slice = slice.Tensor(q_k_v_linear, -1, 64, 96)
+v_slice = slice.Tensor(q_k_v_linear, -1, 96, 128)
+cat = cat(['k_slice', 'v_slice'], -1)
+mul = mul.Tensor(q_slice, cat)
+relu = relu(mul)
+gate_up_dequantize_int4_tinygemm = qcompile::dequantize_int4_tinygemm(gate_up_weight__qweight, gate_up_weight__scale, gate_up_weight__zero, 64, torch.float32)
+gate_up_linear = linear(relu, gate_up_dequantize_int4_tinygemm, None)
+gate_slice = slice.Tensor(gate_up_linear, -1, 0, 128)
+up_slice = slice.Tensor(gate_up_linear, -1, 128, 256)
+silu = silu(gate_slice)
+mul_1 = mul.Tensor(silu, up_slice)
+down_dequantize_int4_tinygemm = qcompile::dequantize_int4_tinygemm(down_weight__qweight, down_weight__scale, down_weight__zero, 64, torch.float32)
+down_linear = linear(mul_1, down_dequantize_int4_tinygemm, None)
 return ('down_linear',)""")

@@ -11,13 +11,13 @@ from qcompile.passes import lower_cuda
 from qcompile.quant.metrics import sqnr_db
 from qcompile.schemes import SCHEMES
 
-from conftest import MLP
+from conftest import MLP, Siblings
 from triton_cases import DEVICE
 
 
-def lower_and_run(options: dict, dtype=torch.bfloat16):
-    """(reference output, lowered output, lowered GraphModule) for MLP on a [2, 3, 64] input."""
-    model = MLP((64, 96, 64)).to(DEVICE, dtype)
+def lower_and_run(options: dict, dtype=torch.bfloat16, model=None):
+    """(reference output, lowered output, lowered GraphModule) for `model` (MLP) on a [2, 3, 64] input."""
+    model = (model or MLP((64, 96, 64))).to(DEVICE, dtype)
     x = torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
     opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
     graphs = []
@@ -61,6 +61,16 @@ def test_every_scheme_lowers_to_fused_linear_and_matches_reference(scheme):
     assert targets.count("qcompile.fused_linear.default") == 2
     assert not [t for t in targets if t.startswith("qcompile.") and t != "qcompile.fused_linear.default"]
     assert sum(v for k, v in lower_cuda.COUNTS.items() if k.startswith("lowered/")) == 2
+    assert sqnr_db(reference.float(), lowered.float()) > 30
+
+
+@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_dynamic"])
+def test_fused_siblings_lower_like_any_linear(scheme):
+    """q/k/v and gate/up fused by the pass (N = 128 and 256, q's bias next to zeros) are one fused_linear each."""
+    lower_cuda.COUNTS.clear()
+    reference, lowered, gm = lower_and_run(_options(scheme), model=Siblings())
+    assert _targets(gm).count("qcompile.fused_linear.default") == 3  # {q,k,v}, {gate,up}, down
+    assert sum(v for k, v in lower_cuda.COUNTS.items() if k.startswith("lowered/")) == 3
     assert sqnr_db(reference.float(), lowered.float()) > 30
 
 
