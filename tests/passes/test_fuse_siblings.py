@@ -129,7 +129,7 @@ def test_instances_sharing_one_graph_get_their_own_fused_tensors(siblings):
         inputs[i] = other.get_parameter(ref.name)
     x = next(t for i, t in enumerate(inputs) if i not in weights)
     options = QuantOptions.from_dict({**FUSING[1], "keep_float_weights": True})
-    binding = WeightBinding(result, weights, [t for _, t in result.constants], options)
+    binding = WeightBinding(result, weights, [t for _, t in result.constants], options, sources={})
     with torch.no_grad():
         (out,) = result.gm(*[inputs[i] for i in kept], *binding(inputs))
     expected, _ = run_pass(other, (x,), {**FUSING[1], "fuse_siblings": False})
