@@ -529,6 +529,9 @@ def transformers_phase(model, row: Row, args, device, batch: int) -> dict:
                                  "eager": steps.eager_calls - counts[2], "graphs_held": len(steps.graphs)}
         result["cuda_graph_scope"] = "step"
     phase_checks(result, before, device, uses_cuda_graphs(row, device))
+    if steps is not None:  # graphs asked for; replayed only where a capture succeeded
+        result["cuda_graphs"] = result["step_graphs"]["replayed"] > 0
+        result["capture_failures"] = sorted(set(steps.uncapturable.values()))
     return result
 
 
