@@ -307,6 +307,11 @@ BOUND_DTYPE_ROUNDINGS = {
 }
 FLOAT_LINEAR_ROUNDINGS = 1  # a layer left in float: output rounding (eps/2) and the bias cast
 EPS32 = torch.finfo(torch.float32).eps
+# ... and over each case as a whole (Frobenius norm over its finite rows), where rounding errors of random sign
+# add up like a random walk: c * eps * (|y| + R) with R[m, n] = sqrt(sum_k x'^2 w'^2), the errors' expected
+# size being about eps/2 of that, and sqrt(K) * eps(float32) * R for the accumulation. NORMWISE_MARGIN covers
+# the walk's spread; this one is about sqrt(K) tighter than the elementwise worst case.
+NORMWISE_MARGIN = 2
 
 
 def per_tensor_activation(scheme: str, options: QuantOptions) -> bool:
@@ -321,6 +326,7 @@ class Expected:
     nonfinite_rows: torch.Tensor  # bool [M]: rows whose outputs all read a NaN / inf
     exact: torch.Tensor  # bool [M, N]: every product zero, so the output is exactly the bias (or 0)
     bias: torch.Tensor  # float64 [N] (zeros without bias), cast to the dtype as the output is
+    normwise_bound: float  # allowed Frobenius norm of out - value over the finite rows
 
 
 def expected_output(scheme: str | None, options: QuantOptions | None, q: dict | None, x: torch.Tensor,
@@ -345,7 +351,11 @@ def expected_output(scheme: str | None, options: QuantOptions | None, q: dict | 
     eps = torch.finfo(dtype).eps
     bound = (roundings * eps + K * EPS32) * (magnitude + b.abs())
     bound += torch.finfo(dtype).tiny * K  # values in the subnormal range flush (fp16's starts at 6e-5)
-    return Expected(xf @ wd.t() + b, bound, nonfinite_rows, (magnitude == 0) & ~nonfinite_rows[:, None], b)
+    value = xf @ wd.t() + b
+    walk = (xf.square() @ wd.square().t()).sqrt().norm().item()
+    normwise = NORMWISE_MARGIN * (roundings * eps * (value.norm().item() + walk) + math.sqrt(K) * EPS32 * walk)
+    normwise += torch.finfo(dtype).tiny * K * math.sqrt(value.numel())
+    return Expected(value, bound, nonfinite_rows, (magnitude == 0) & ~nonfinite_rows[:, None], b, normwise)
 
 
 def check(out: torch.Tensor, expected: Expected, shape, dtype) -> list[str]:
@@ -369,6 +379,10 @@ def check(out: torch.Tensor, expected: Expected, shape, dtype) -> list[str]:
         problems.append(f"{int((excess > 0).sum())} outputs beyond the bound; worst at ({m}, {n}): got "
                         f"{out[m, n].item():.6g}, float64 reference {expected.value[m, n].item():.6g}, error "
                         f"{error[m, n].item():.3g} > bound {expected.bound[m, n].item():.3g}")
+    normwise_error = torch.where(rows[:, None], 0.0, error).norm().item()
+    if normwise_error > expected.normwise_bound:
+        problems.append(f"normwise error {normwise_error:.3g} > {expected.normwise_bound:.3g} (relative to the "
+                        f"float64 reference's norm {expected.value.norm().item():.3g})")
     exact = expected.exact
     want = expected.bias.to(dtype).expand_as(out)
     if exact.any() and not torch.equal(out[exact], want[exact]):
