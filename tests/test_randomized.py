@@ -3,7 +3,8 @@ seeded random shapes, M values, dtypes and data (outliers, all-zero rows / group
 the float64 reference within each scheme's bound; unfit layers stay in float with the warning naming them.
 The generator, reference and bounds are in randomized_cases.py; QCOMPILE_FUZZ_SEED=<n> draws another run, and
 every failure names its case and seed. Each test is one group (one compile) and reports every failed case.
-CPU time: ~100 s on 2 shared cores (cold Inductor cache); the session's summary line counts cases and failures.
+812 cases at the default seed, ~100 s on 2 cores with a cold Inductor cache (~70% of it Inductor and g++ for the
+compiled groups); the session's summary line counts cases and failures.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ GPU_GROUPS = rc.draw_groups(rc.SEED, "cuda")
 
 
 class Linears(nn.Module):
-    """The group's linears side by side, each on its own input: linear0(x0), linear1(x1), ..."""
+    """The group's linears side by side: linear i reads input inputs[i] (siblings share one)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, inputs):
         super().__init__()
-        self.count = len(layers)
+        self.inputs = inputs
         for i, (w, b) in enumerate(layers):
             linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
             with torch.no_grad():  # copies: the backend releases the float weights it quantized
@@ -42,7 +43,7 @@ class Linears(nn.Module):
             setattr(self, f"linear{i}", linear)
 
     def forward(self, *xs):
-        return tuple(getattr(self, f"linear{i}")(x) for i, x in enumerate(xs))
+        return tuple(getattr(self, f"linear{i}")(xs[j]) for i, j in enumerate(self.inputs))
 
 
 def _stay_float_warnings(caught, group: rc.Group) -> dict[int, list[str]]:
@@ -58,28 +59,30 @@ def _stay_float_warnings(caught, group: rc.Group) -> dict[int, list[str]]:
     return problems
 
 
-def _run_graph_groups(group: rc.Group, backend, options: dict) -> list[str]:
+def _run_graph_group(group: rc.Group, compile_model) -> list[str]:
     """compiled / pass layers: one compile (M dynamic; M = 1 recompiles), every call through it."""
     qoptions = group.quant_options()
     weights = [rc.make_weight(linear, qoptions.group_size, group.device) for linear in group.linears]
     quantized = [SCHEMES[group.scheme].quantize_weight(w, qoptions) if linear.fits else None
                  for linear, (w, _) in zip(group.linears, weights)]
-    model = Linears(weights)
-    compiled = torch.compile(model, backend=backend, options=options) if options else torch.compile(
-        model, backend=backend)
+    owners = [i for i, linear in enumerate(group.linears) if linear.input_of is None]
+    model = Linears(weights, [owners.index(i if linear.input_of is None else linear.input_of)
+                              for i, linear in enumerate(group.linears)])
+    compiled = compile_model(model)
     failures = []
     for c, call in enumerate(group.calls):
-        xs = [rc.make_activation(call, linear, group.device) for linear in group.linears]
+        inputs = [rc.make_activation(call, group.linears[i], group.device) for i in owners]
         if call.M > 1:
-            for x in xs:
+            for x in inputs:
                 torch._dynamo.mark_dynamic(x, 0)
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                outs, crash = compiled(*xs), None
+                outs, crash = compiled(*inputs), None
             except Exception as e:  # a crash is a failure of every case in the call
                 outs, crash = None, f"crashed: {type(e).__name__}: {str(e)[:400]}"
         warning_problems = _stay_float_warnings(caught, group) if c == 0 else {}
+        xs = [inputs[j] for j in model.inputs]
         for i, (linear, x, (w, b), q) in enumerate(zip(group.linears, xs, weights, quantized)):
             name = group.case_name(linear, call)
             if crash:
@@ -87,7 +90,7 @@ def _run_graph_groups(group: rc.Group, backend, options: dict) -> list[str]:
             else:
                 expected = rc.expected_output(group.scheme if linear.fits else None, qoptions, q, x, w, b)
                 problems = rc.check(outs[i], expected, (call.M, linear.N), x.dtype) + warning_problems.get(i, [])
-            rc.record(group.layer, name, problems)
+            rc.record(group.layer, problems)
             failures += [f"{name} {p}" for p in problems]
     return failures
 
@@ -120,17 +123,19 @@ def _run_triton_group(group: rc.Group) -> list[str]:
                                 x.dtype)
         except Exception as e:
             problems = [f"crashed: {type(e).__name__}: {str(e)[:400]}"]
-        rc.record(group.layer, name, problems)
+        rc.record(group.layer, problems)
         failures += [f"{name} {p}" for p in problems]
     return failures
 
 
 def run_group(group: rc.Group) -> list[str]:
+    """Every case of the group, run and checked; the failed ones, each named with its parameters and seed."""
+    options = {"scheme": group.scheme, **dict(group.options)}
     if group.layer == "triton":
         return _run_triton_group(group)
     if group.layer == "pass":
-        return _run_graph_groups(group, pass_backend({"scheme": group.scheme, **dict(group.options)}), {})
-    return _run_graph_groups(group, "qcompile", {"scheme": group.scheme, **dict(group.options)})
+        return _run_graph_group(group, lambda model: torch.compile(model, backend=pass_backend(options)))
+    return _run_graph_group(group, lambda model: torch.compile(model, backend="qcompile", options=options))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes from the Triton interpreter
