@@ -13,6 +13,8 @@ dynamic schemes, the activation quantized by the reference ops and dequantized i
 Layers (what runs a group; each case says which):
   compiled  torch.compile(backend="qcompile") on CPU through Inductor, M dynamic: the generated C++ kernels for
             intx_weight_only / int8_dynamic_intx, Inductor-decomposed reference ops for every other scheme
+  eager-after-compile  the compiled group's module called eagerly after its first compile (released linears run
+            the scheme's reference ops on the quantized tensors, unfit ones in float): the first call's cases
   pass      the pass's rewritten graph run eagerly on the reference ops (Dynamo + pass, no Inductor): cheap, so
             every dtype in each group
   triton    the CUDA lowering's fused-linear body (`linear.run_linear`: activation kernel + GEMM template) on CPU

@@ -82,16 +82,25 @@ def _run_graph_group(group: rc.Group, compile_model) -> list[str]:
             except Exception as e:  # a crash is a failure of every case in the call
                 outs, crash = None, f"crashed: {type(e).__name__}: {str(e)[:400]}"
         warning_problems = _stay_float_warnings(caught, group) if c == 0 else {}
+        # after the first compile the module itself is a user path too: its released linears run eagerly on the
+        # quantized tensors (qcompile/released.py), the unfit ones in float
+        runs = [(group.layer, outs, crash)]
+        if group.layer == "compiled" and c == 0:
+            try:
+                with torch.no_grad():
+                    runs.append(("eager-after-compile", model(*inputs), None))
+            except Exception as e:
+                runs.append(("eager-after-compile", None, f"crashed: {type(e).__name__}: {str(e)[:400]}"))
         xs = [inputs[j] for j in model.inputs]
         for i, (linear, x, (w, b), q) in enumerate(zip(group.linears, xs, weights, quantized)):
-            name = group.case_name(linear, call)
-            if crash:
-                problems = [crash]
-            else:
-                expected = rc.expected_output(group.scheme if linear.fits else None, qoptions, q, x, w, b)
-                problems = rc.check(outs[i], expected, (call.M, linear.N), x.dtype) + warning_problems.get(i, [])
-            rc.record(group.layer, problems)
-            failures += [f"{name} {p}" for p in problems]
+            expected = rc.expected_output(group.scheme if linear.fits else None, qoptions, q, x, w, b)
+            for layer, results, error in runs:
+                name = group.case_name(linear, call).replace(f"[{group.layer}-", f"[{layer}-")
+                problems = [error] if error else rc.check(results[i], expected, (call.M, linear.N), x.dtype)
+                if layer == group.layer:  # the compile's warnings
+                    problems += warning_problems.get(i, [])
+                rc.record(layer, problems)
+                failures += [f"{name} {p}" for p in problems]
     return failures
 
 
