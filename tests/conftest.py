@@ -76,26 +76,40 @@ class Siblings(torch.nn.Module):
         return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
-def run_pass(model, args, options, kwargs=None):
-    """Compile `model` with a backend that runs qcompile's pass (no Inductor) and executes the rewritten aten
-    graph eagerly. Returns (outputs, [PassResult per Dynamo graph])."""
+def pass_backend(options, results=None):
+    """A torch.compile backend that runs qcompile's pass (no Inductor) and executes the rewritten aten graph
+    eagerly, on the reference ops; appends each Dynamo graph's PassResult to `results`."""
     from qcompile.backend import quantize_graph
     from qcompile.options import QuantOptions
 
     opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
-    results = []
 
     def backend(gm, example_inputs, **_):
         result, _, kept = quantize_graph(gm, example_inputs, opts)
-        results.append(result)
+        if results is not None:
+            results.append(result)
         constants = [t for _, t in result.constants]
         return lambda *a: result.gm(*[a[i] for i in kept], *constants)
+    return backend
 
+
+def run_pass(model, args, options, kwargs=None):
+    """Compile `model` with pass_backend and call it once. Returns (outputs, [PassResult per Dynamo graph])."""
+    results = []
     with torch.no_grad():
-        out = torch.compile(model, backend=backend)(*args, **(kwargs or {}))
+        out = torch.compile(model, backend=pass_backend(options, results))(*args, **(kwargs or {}))
     return out, results
 
 
 @pytest.fixture
 def pass_runner():
     return run_pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The randomized differential suite's count of cases and failures (tests/test_randomized.py)."""
+    import sys
+
+    randomized = sys.modules.get("randomized_cases")
+    if randomized is not None and randomized.STATS:
+        terminalreporter.write_line(randomized.summary())

@@ -40,7 +40,9 @@ def pack_along_k(u: torch.Tensor, bits: int) -> torch.Tensor:
         per_byte = 8 // w
         v = ((u >> lo) & ((1 << w) - 1)).reshape(*u.shape[:-1], K // per_byte, per_byte)
         shifts = torch.arange(per_byte, device=u.device, dtype=torch.int32) * w
-        out.append((v << shifts).sum(-1).to(torch.uint8))
+        # bitwise_*_shift, not the << / >> operators: the operators' meta fails on a symbolic size (an activation
+        # packed under dynamic shapes: nvfp4)
+        out.append(torch.bitwise_left_shift(v, shifts).sum(-1).to(torch.uint8))
     return torch.cat(out, dim=-1)
 
 
@@ -53,6 +55,6 @@ def unpack_along_k(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
         nbytes = K // per_byte
         plane = p[..., col * K // 8: col * K // 8 + nbytes]
         shifts = torch.arange(per_byte, device=p.device, dtype=torch.int32) * w
-        v = (plane.unsqueeze(-1) >> shifts) & ((1 << w) - 1)
+        v = torch.bitwise_right_shift(plane.unsqueeze(-1), shifts) & ((1 << w) - 1)
         u = u | (v.reshape(*packed.shape[:-1], K) << lo)
     return u

@@ -43,3 +43,29 @@ def test_nan_propagates():
     scale = float8.choose_scale_float8(x, "row")
     dq = float8.dequantize_float8(float8.quantize_float8(x, scale), scale, torch.float32)
     assert dq[0].isnan().any() and torch.isfinite(dq[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_to_dtype_is_the_cast_on_every_float32(dtype):
+    """round_to_dtype (the scale's rounding in integer ops) equals `.to(dtype)` on random bit patterns (every
+    binade, subnormals, inf, NaN) and on the edges of float16's range."""
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (1 << 16,), dtype=torch.int64).to(torch.int32)
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.0, 65520.0, -65520.0, 2 ** -24,
+                          2 ** -25, 3 * 2 ** -26, 1e-45, 3.3e38])
+    v = torch.cat([bits.view(torch.float32), edges])
+    expected, got = v.to(dtype).float(), float8.round_to_dtype(v, dtype)
+    assert torch.equal(expected.isnan(), got.isnan())
+    assert torch.equal(expected.nan_to_num(), got.nan_to_num())
+
+
+def test_compiled_activation_scale_keeps_the_dtype_rounding():
+    """Found by tests/test_randomized.py: Inductor computes `amax / 448` of a bf16 / fp16 input in float32 and
+    dropped its rounding to the input's dtype, so the compiled float8 activation (CPU, and the CUDA
+    activation_quantization='graph' path) sat on another e4m3 grid than the reference's — whole e4m3 steps apart."""
+    xs = [(torch.randn(16, 224) * 3).to(dtype) for dtype in (torch.bfloat16, torch.float16)]
+
+    def scales(*xs):
+        return [float8.choose_scale_float8(x, granularity) for x in xs for granularity in ("row", "tensor")]
+
+    for compiled, eager in zip(torch.compile(scales)(*xs), scales(*xs)):
+        assert torch.equal(compiled, eager)

@@ -32,3 +32,19 @@ def test_bad_input_is_named():
         pack_along_k(torch.zeros(2, 12, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="bits must be in 1..8"):
         planes(9)
+
+
+
+def test_packs_under_symbolic_shapes():
+    """Found by tests/test_randomized.py: nvfp4 packs its activation, whose M is symbolic once Dynamo marks it
+    dynamic; the `<<` / `>>` tensor operators' fake-tensor meta failed on a symbolic size (now bitwise_*_shift)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    u = mode.from_tensor(torch.randint(0, 16, (5, 32), dtype=torch.int32), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+    with mode:
+        for bits in (1, 3, 4):
+            packed = pack_along_k(u, bits)
+            assert isinstance(packed.shape[0], torch.SymInt) and unpack_along_k(packed, bits, 32).shape == u.shape

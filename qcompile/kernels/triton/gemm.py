@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .activation import fp8_scale, quantize_e4m3
+from .activation import amax_of, fp8_scale, quantize_e4m3
 from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_plane, decode_planes_ptx,
                       load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
@@ -448,8 +448,8 @@ def quantized_linear_kernel(
         if A_FUSED:  # the row's e4m3 scale from its largest magnitude over all of K (every split reads the row)
             amax = 0.0
             for k0 in range(0, K, BLOCK_K):
-                amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_ptr + row * stride_xm + k0 + offs_k)
-                                                      .to(tl.float32)), axis=0))
+                amax = tl.maximum(amax, amax_of(tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32), 0),
+                                  propagate_nan=tl.PropagateNan.ALL)
             a_scale = fp8_scale(amax, x_ptr.dtype.element_ty, BF16_BY_BITS)
         # REDUCE_EACH: per-row sums after every K block (shuffles each step) instead of a [BLOCK_N, BLOCK_K] fp32
         # tile reduced once — sm_90: 56 registers instead of ~119 at 16 x 512, so twice the programs per SM to keep
