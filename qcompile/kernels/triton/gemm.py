@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .activation import fp8_scale, quantize_e4m3
-from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_plane, decode_planes_ptx,
-                      load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
+from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_int4_words, decode_plane,
+                      decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params,
+                      to_float)
 
 
 @triton.jit
@@ -164,6 +165,50 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
                                  _plane(planes, words, scale, shift, j, WIDTH, BF16_PTX), "float", False, DOT_FP32,
                                  SWAP_AB)
     return acc
+
+
+@triton.jit
+def _in_fragment_order(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The decoded words (a tuple: entry j = K offset j of word 4 s + t of the K block, [BLOCK_N, spans s, 4]) as
+    one [BLOCK_N, BLOCK_K] tile in the order of wgmma's register A fragment, so that no value moves between
+    threads or through shared memory: there, a thread holds for each 32 columns the 8 at (in the tile's order)
+    2 t + {0, 1, 8, 9, 16, 17, 24, 25} (t = lane % 4), which we give the 8 values of word 4 s + t (K = 32 s + 8 t
+    + 0..7). The tile's column 32 s + 16 j2 + 8 j1 + 2 t + j0 is K = 32 s + 8 t + 4 j2 + 2 j1 + j0 (_fragment_k
+    gives x the same order)."""
+    joined = tl.join(tl.join(tl.join(values[0], values[1]), tl.join(values[2], values[3])),
+                     tl.join(tl.join(values[4], values[5]), tl.join(values[6], values[7])))
+    # [BLOCK_N, s, t, j0, j1, j2] -> [BLOCK_N, s, j2, j1, t, j0]
+    return tl.reshape(tl.permute(joined, (0, 1, 5, 4, 2, 3)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _fragment_k(BLOCK_K: tl.constexpr):
+    """K offset of each column of _in_fragment_order's tile: pairs of consecutive K (for 4-byte loads of x)."""
+    col = tl.arange(0, BLOCK_K)
+    k = (col & ~31) + 8 * ((col >> 1) & 3) + 4 * ((col >> 4) & 1) + 2 * ((col >> 3) & 1) + (col & 1)
+    return tl.max_contiguous(tl.multiple_of(k, 2), 2)
+
+
+@triton.jit
+def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k0, stride_wn, stride_pn,
+                     stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr,
+                     DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the K block's W x^T for int4 tinygemm weights (group_size a multiple of 32): the
+    packed words load as they are stored, decode by byte pairs (dequant.decode_int4_words: the zero folded in,
+    the scale applied once per pair of weights) straight into the register operand of the dot, and x comes in
+    the same K order (_in_fragment_order)."""
+    BLOCK_N: tl.constexpr = cols_in.shape[0]
+    SPANS: tl.constexpr = BLOCK_K // 32
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    word = k0 // 8 + 4 * tl.arange(0, SPANS)[:, None] + tl.arange(0, 4)[None, :]  # [spans, 4]
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None, None] * (stride_wn // 4) + word[None, :, :])
+    span_group = (k0 + 32 * tl.arange(0, SPANS)) // GROUP_SIZE  # a word lies in one group (group_size % 32 == 0)
+    group = cols_in[:, None, None] * stride_pn + (span_group * stride_pg)[None, :, None] + tl.zeros((1, 1, 4), tl.int32)
+    scale = tl.load(s_ptr + group).to(dtype)  # at the words' shape: one chain of elementwise ops to the dot
+    zero = tl.load(z_ptr + group).to(dtype)
+    w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N, BLOCK_K)
+    a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + _fragment_k(BLOCK_K))[None, :])
+    return acc + _tile_dot(a, w, "float", False, DOT_FP32, True)
 
 
 @triton.jit
@@ -371,8 +416,9 @@ def quantized_linear_kernel(
         USE_PTX: tl.constexpr,
         DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
         A_FUSED: tl.constexpr,  # the elementwise GEMV quantizes x (in its own dtype) to e4m3 per row itself
-        REDUCE_EACH: tl.constexpr = False):  # the elementwise GEMV sums each K block's products per row
-    USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
+        REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
+        PAIR_DECODE: tl.constexpr = False):  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
+    USE_DOT: tl.constexpr = BLOCK_M >= 8  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
     INT_DOT: tl.constexpr = USE_DOT and A_FORMAT == "int8"
@@ -418,6 +464,10 @@ def quantized_linear_kernel(
                                       cols_in, k0, K, stride_wn, stride_pn, stride_pg, A_FORMAT, A_HAS_ZERO,
                                       W_FORMAT, BITS, 4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB,
                                       JOIN_PLANES, USE_PTX, DOT_FP32)
+            elif PAIR_DECODE:  # int4 words decoded by byte pairs into the dot's register operand
+                acc = _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0,
+                                       stride_wn, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K, USE_PTX, DOT_FP32,
+                                       BF16_BY_BITS)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,
