@@ -102,6 +102,12 @@ def _current_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
+def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
+    """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, else 64 / 128)."""
+    return [KernelConfig(*c, swap_ab=True, pair_decode=True)
+            for c in (_PAIR_DECODE if bucket <= 16 else _PAIR_DECODE_MEDIUM) if c[0] <= max(bucket, 16)]
+
+
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
     bucket = m_bucket(M)
     swapped = []
@@ -129,8 +135,7 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
             configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=bucket <= 16,
                                      planes=True, join_planes=join) for c in plane_tiles[:None if not join else 3]]
     if bucket <= 256 and spec.takes_pair_decode and pair_decode_verified(_current_device()):
-        configs += [KernelConfig(*c, swap_ab=True, pair_decode=True)
-                    for c in (_PAIR_DECODE if bucket <= 16 else _PAIR_DECODE_MEDIUM) if c[0] <= max(bucket, 16)]
+        configs += pair_decode_tiles(bucket)
 
     def fits(c: KernelConfig) -> bool:
         return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
