@@ -386,9 +386,26 @@ def _int4_pairs_ptx(dtype: str) -> str:
     return " ".join(lines + ["}"])  # one line: see _planes_ptx
 
 
+def _int4_raw_pairs_ptx(magic: str) -> str:
+    """As _int4_pairs_ptx without the two FMAs: each pair of values as MAGIC + q (exact, bf16 128 + q or fp16
+    1024 + q), for a dot whose partial product the group scale and zero then correct ((1 SHF + 4 PRMT + 4 LOP3) /
+    8 = 1.1 instructions per weight). Operands: outputs $0..$7 (16-bit), the word $8."""
+    lines = ["{", ".reg .b32 high, pair;", "shr.u32 high, $8, 4;"]
+    for byte in range(4):
+        selector = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+        lines += [f"prmt.b32 pair, $8, high, {selector:#x};", f"lop3.b32 pair, pair, 0x000f000f, {magic}, 0xea;",
+                  f"mov.b32 {{${2 * byte}, ${2 * byte + 1}}}, pair;"]
+    return " ".join(lines + ["}"])  # one line: see _planes_ptx
+
+
 INT4_PAIRS_PTX_BF16 = tl.constexpr(_int4_pairs_ptx("bf16"))
 INT4_PAIRS_PTX_F16 = tl.constexpr(_int4_pairs_ptx("f16"))
 INT4_PAIRS_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r", "h", "h"]))
+INT4_RAW_PAIRS_PTX_BF16 = tl.constexpr(_int4_raw_pairs_ptx("0x43004300"))
+INT4_RAW_PAIRS_PTX_F16 = tl.constexpr(_int4_raw_pairs_ptx("0x64006400"))
+INT4_RAW_PAIRS_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"]))
+INT4_MAGIC_BF16 = tl.constexpr(128.0)  # the magic numbers' values: 0x4300 in bf16, 0x6400 in fp16
+INT4_MAGIC_F16 = tl.constexpr(1024.0)
 
 
 @triton.jit
@@ -414,3 +431,26 @@ def decode_int4_words(words, scale, zero, dtype: tl.constexpr, USE_PTX: tl.const
                 cast_to((((words >> 20) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
                 cast_to((((words >> 24) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
                 cast_to((((words >> 28) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS))
+
+
+@triton.jit
+def decode_int4_words_raw(words, dtype: tl.constexpr, USE_PTX: tl.constexpr):
+    """The 8 int4 values of each 32-bit word as MAGIC + q in `dtype` (exact: 128 + q in bf16, 1024 + q in fp16),
+    a tuple as decode_int4_words; the caller applies (q - 8) * scale + zero to the dot's partial product."""
+    if USE_PTX:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(INT4_RAW_PAIRS_PTX_BF16, INT4_RAW_PAIRS_CONSTRAINTS, [words],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(INT4_RAW_PAIRS_PTX_F16, INT4_RAW_PAIRS_CONSTRAINTS, [words],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        magic = INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16
+        return ((((words >> 0) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 4) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 8) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 12) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 16) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 20) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 24) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 28) & 15).to(tl.float32) + magic).to(dtype))

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .activation import fp8_scale, quantize_e4m3
-from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_int4_words, decode_plane,
+from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
+                      decode_int4_words, decode_int4_words_raw, decode_plane,
                       decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params,
                       to_float)
 
@@ -191,24 +192,39 @@ def _fragment_k(BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k0, stride_wn, stride_pn,
-                     stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr,
-                     DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                     stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+                     USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the K block's W x^T for int4 tinygemm weights (group_size a multiple of 32): the
-    packed words load as they are stored, decode by byte pairs (dequant.decode_int4_words: the zero folded in,
-    the scale applied once per pair of weights) straight into the register operand of the dot, and x comes in
-    the same K order (_in_fragment_order)."""
+    packed words load as they are stored, decode by byte pairs straight into the register operand of the dot, and
+    x comes in the same K order (_in_fragment_order). The decode gives (q - 8) * scale + zero (the zero folded in,
+    the scale applied once per pair of weights: dequant.decode_int4_words), or with SCALE_AFTER_DOT (the K block
+    in one group) just MAGIC + q, exact, and the group's parameters correct the partial product instead: W x^T =
+    scale * (MAGIC + q) x^T + (zero - (MAGIC + 8) * scale) * sum x, one instruction per weight fewer, for a wait
+    on the dot every K block."""
     BLOCK_N: tl.constexpr = cols_in.shape[0]
     SPANS: tl.constexpr = BLOCK_K // 32
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     word = k0 // 8 + 4 * tl.arange(0, SPANS)[:, None] + tl.arange(0, 4)[None, :]  # [spans, 4]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None, None] * (stride_wn // 4) + word[None, :, :])
-    span_group = (k0 + 32 * tl.arange(0, SPANS)) // GROUP_SIZE  # a word lies in one group (group_size % 32 == 0)
-    group = cols_in[:, None, None] * stride_pn + (span_group * stride_pg)[None, :, None] + tl.zeros((1, 1, 4), tl.int32)
-    scale = tl.load(s_ptr + group).to(dtype)  # at the words' shape: one chain of elementwise ops to the dot
-    zero = tl.load(z_ptr + group).to(dtype)
-    w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N, BLOCK_K)
     a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + _fragment_k(BLOCK_K))[None, :])
-    return acc + _tile_dot(a, w, "float", False, DOT_FP32, True)
+    if SCALE_AFTER_DOT:
+        w = _in_fragment_order(decode_int4_words_raw(words, dtype, USE_PTX), BLOCK_N, BLOCK_K)
+        part = _tile_dot(a, w, "float", False, DOT_FP32, True)
+        group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+        scale = tl.load(s_ptr + group).to(tl.float32)
+        shift = tl.load(z_ptr + group).to(tl.float32) - ((INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16)
+                                                        + 8.0) * scale
+        x_sum = tl.sum(a.to(tl.float32), axis=1)
+        return acc + part * scale[:, None] + shift[:, None] * x_sum[None, :]
+    else:
+        span_group = (k0 + 32 * tl.arange(0, SPANS)) // GROUP_SIZE  # a word lies in one group
+        group = (cols_in[:, None, None] * stride_pn + (span_group * stride_pg)[None, :, None]
+                 + tl.zeros((1, 1, 4), tl.int32))
+        scale = tl.load(s_ptr + group).to(dtype)  # at the words' shape: one chain of elementwise ops to the dot
+        zero = tl.load(z_ptr + group).to(dtype)
+        w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N,
+                               BLOCK_K)
+        return acc + _tile_dot(a, w, "float", False, DOT_FP32, True)
 
 
 @triton.jit
@@ -417,7 +433,8 @@ def quantized_linear_kernel(
         DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
         A_FUSED: tl.constexpr,  # the elementwise GEMV quantizes x (in its own dtype) to e4m3 per row itself
         REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
-        PAIR_DECODE: tl.constexpr = False):  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
+        PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
+        SCALE_AFTER_DOT: tl.constexpr = False):  # ... the group scale and zero applied to each K block's product
     USE_DOT: tl.constexpr = BLOCK_M >= 8  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -466,8 +483,8 @@ def quantized_linear_kernel(
                                       JOIN_PLANES, USE_PTX, DOT_FP32)
             elif PAIR_DECODE:  # int4 words decoded by byte pairs into the dot's register operand
                 acc = _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0,
-                                       stride_wn, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K, USE_PTX, DOT_FP32,
-                                       BF16_BY_BITS)
+                                       stride_wn, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K, SCALE_AFTER_DOT,
+                                       USE_PTX, DOT_FP32, BF16_BY_BITS)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

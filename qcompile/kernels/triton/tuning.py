@@ -40,6 +40,7 @@ class KernelConfig:
     fuse_activation: bool = False  # GEMV only: x quantized (e4m3 per row) by the GEMV, not by its own kernel
     reduce_each: bool = False  # elementwise GEMV only: per-row sums every K block (fewer registers, more programs)
     pair_decode: bool = False  # swapped int4 tile: words decoded by byte pairs into wgmma's register operand
+    scale_after_dot: bool = False  # ... as 128 + q, the group scale and zero applied to each K block's product
 
 
 def m_bucket(M: int) -> int:
@@ -92,6 +93,10 @@ _PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 12
 # candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
 _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3),
                 (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3)]
+# and with the group parameters applied to each K block's product (scale_after_dot: 1.1 instructions per weight
+# for the decode, 2.9 for the whole loop at 16 tokens; at 128 tokens the per-block correction of the [BLOCK_N, 128]
+# accumulator costs more than it saves: 10.1)
+_PAIR_DECODE_AFTER_DOT = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3)]
 _PAIR_DECODE_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3),
                        (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
@@ -104,8 +109,10 @@ def _current_device() -> str:
 
 def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
     """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, else 64 / 128)."""
-    return [KernelConfig(*c, swap_ab=True, pair_decode=True)
-            for c in (_PAIR_DECODE if bucket <= 16 else _PAIR_DECODE_MEDIUM) if c[0] <= max(bucket, 16)]
+    if bucket <= 16:
+        return ([KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE]
+                + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True) for c in _PAIR_DECODE_AFTER_DOT])
+    return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM if c[0] <= bucket]
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
