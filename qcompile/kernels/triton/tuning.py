@@ -111,7 +111,8 @@ def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
     """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, else 64 / 128)."""
     if bucket <= 16:
         return ([KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE]
-                + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True) for c in _PAIR_DECODE_AFTER_DOT])
+                + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True)
+                   for c in _PAIR_DECODE_AFTER_DOT])
     return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM if c[0] <= bucket]
 
 
