@@ -71,7 +71,10 @@ def bench(fn) -> float:
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+    except Exception:  # not capturable: timed from the host (includes launch overhead)
+        return triton.testing.do_bench(fn, warmup=25, rep=60, return_mode="median") * 1e3
 
 
 def _compile_one(task) -> str | None:

@@ -92,13 +92,15 @@ _PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 12
 # memory), 64 / 128 tokens for M <= 256; split-K fills the machine on the small linears. Unmeasured on the GPU:
 # candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
 _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3),
-                (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3)]
+                (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 1, 4, 3),
+                (16, 64, 256, 1, 4, 3)]
 # and with the group parameters applied to each K block's product (scale_after_dot: 1.1 instructions per weight
 # for the decode, 2.9 for the whole loop at 16 tokens; at 128 tokens the per-block correction of the [BLOCK_N, 128]
 # accumulator costs more than it saves: 10.1)
 _PAIR_DECODE_AFTER_DOT = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3)]
 _PAIR_DECODE_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3),
-                       (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3)]
+                       (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
+                       (128, 256, 128, 1, 8, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
 

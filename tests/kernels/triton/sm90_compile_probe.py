@@ -24,6 +24,8 @@ VARIANTS = {
                                swap_ab=True, planes=True, join_planes=True),
     "int4_pair_decode_tile": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
                                   swap_ab=True, pair_decode=True),
+    "int4_pair_decode_scale_after_dot": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128,
+                                             block_k=128, swap_ab=True, pair_decode=True, scale_after_dot=True),
     "fp8_dynamic_fused_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=2, block_k=4096, activation="fp8",
                                    num_warps=8, fused=True),
     "fp8_weight_only_reduce_each_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512,
