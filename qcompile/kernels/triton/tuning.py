@@ -148,7 +148,8 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         configs += pair_decode_tiles(bucket)
 
     def fits(c: KernelConfig) -> bool:
-        return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
+        return (not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
+                and not (c.scale_after_dot and spec.group_size % c.block_k))
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)

@@ -379,6 +379,8 @@ def test_pair_decode_is_verified_before_autotuning_offers_it():
         assert any(c.pair_decode and c.swap_ab and c.block_m == block_m for c in candidates(spec, M, 4096, 4096))
     assert candidates(spec, 16, 4096, 4096)[0] == KernelConfig(16, 64, 128, 1, 4, 4)  # never the default
     assert not any(c.pair_decode for c in candidates(spec, 300, 4096, 4096))
+    group64 = LinearSpec("float", "int4_tinygemm", bits=4, group_size=64, has_w_zero=True)
+    assert not any(c.scale_after_dot for c in candidates(group64, 16, 4096, 4096))  # a K block of 128: two groups
     int8 = LinearSpec("int8_asym", "intx", bits=4, group_size=128, has_w_zero=True)
     assert not any(c.pair_decode for c in candidates(int8, 16, 4096, 4096))
 
