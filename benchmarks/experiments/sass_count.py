@@ -147,8 +147,6 @@ VARIANTS = {
                                     swap_ab=True, pair_decode=True, scale_after_dot=True),
     "int4_pairs128_n128_after": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=128, block_k=128,
                                      swap_ab=True, pair_decode=True, num_warps=8, scale_after_dot=True),
-    "int4_pairs8": dict(weight_format="int4_tinygemm", bits=4, block_m=8, block_n=64, block_k=128, swap_ab=True,
-                        pair_decode=True),
     "int4_pairs128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=64, block_k=128, swap_ab=True,
                           pair_decode=True),
     "int4_pairs16_k256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=256,

@@ -5,7 +5,8 @@ int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multip
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: sub-byte
-weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx),
+weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx;
+PAIR_DECODE: int4 words decoded byte pair by byte pair straight into wgmma's register operand, _pair_decode_dot),
 and split-K (SPLIT_K > 1: each split stores its fp32 partial [M, N] in its slice of out [SPLIT_K, M, N]; the
 caller sums them: no zero-filled buffer, no atomics, the same answer every run). A_FUSED (float8_dynamic per row
 at M=1): the elementwise GEMV takes x in its own dtype and quantizes it to e4m3 itself, the row's scale from a
@@ -19,9 +20,8 @@ import triton.language as tl
 
 from .activation import fp8_scale, quantize_e4m3
 from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
-                      decode_int4_words, decode_int4_words_raw, decode_plane,
-                      decode_planes_ptx, load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params,
-                      to_float)
+                      decode_int4_words, decode_int4_words_raw, decode_plane, decode_planes_ptx, load_plane_words,
+                      load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
 
 @triton.jit
@@ -205,15 +205,16 @@ def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_i
     SPANS: tl.constexpr = BLOCK_K // 32
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     word = k0 // 8 + 4 * tl.arange(0, SPANS)[:, None] + tl.arange(0, 4)[None, :]  # [spans, 4]
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None, None] * (stride_wn // 4) + word[None, :, :])
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None, None] * (stride_wn // 4)
+                    + word[None, :, :])
     a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + _fragment_k(BLOCK_K))[None, :])
     if SCALE_AFTER_DOT:
         w = _in_fragment_order(decode_int4_words_raw(words, dtype, USE_PTX), BLOCK_N, BLOCK_K)
         part = _tile_dot(a, w, "float", False, DOT_FP32, True)
         group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
         scale = tl.load(s_ptr + group).to(tl.float32)
-        shift = tl.load(z_ptr + group).to(tl.float32) - ((INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16)
-                                                        + 8.0) * scale
+        magic = INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16
+        shift = tl.load(z_ptr + group).to(tl.float32) - (magic + 8.0) * scale
         x_sum = tl.sum(a.to(tl.float32), axis=1)
         return acc + part * scale[:, None] + shift[:, None] * x_sum[None, :]
     else:
@@ -435,7 +436,7 @@ def quantized_linear_kernel(
         REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
         PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
         SCALE_AFTER_DOT: tl.constexpr = False):  # ... the group scale and zero applied to each K block's product
-    USE_DOT: tl.constexpr = BLOCK_M >= 8  # else BLOCK_M == 1: the GEMV variant
+    USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
     INT_DOT: tl.constexpr = USE_DOT and A_FORMAT == "int8"
