@@ -89,8 +89,8 @@ _PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 12
 # swapped int4 tiles whose words decode by byte pairs straight into wgmma's register operand (pair_decode: ~2.1
 # sm_90 SASS instructions per weight for the decode, 3.3-4.7 for the whole loop against 7.0 in the value-by-value
 # swapped tile; sass_count.py); BLOCK_M 16 for decode (M <= 16: Triton runs 8-row tiles on mma.sync through shared
-# memory), 64 / 128 tokens for M <= 256; split-K fills the machine on the small linears. Unmeasured on the GPU:
-# candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
+# memory), 32 / 64 / 128 tokens for M <= 256 (those over the bucket are left out); split-K fills the machine on the
+# small linears. Unmeasured on the GPU: candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
 _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3),
                 (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 1, 4, 3),
                 (16, 64, 256, 1, 4, 3)]
@@ -100,7 +100,7 @@ _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128,
 _PAIR_DECODE_AFTER_DOT = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3)]
 _PAIR_DECODE_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3),
                        (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
-                       (128, 256, 128, 1, 8, 3)]
+                       (128, 256, 128, 1, 8, 3), (32, 128, 128, 2, 4, 3), (32, 256, 128, 1, 8, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
 
@@ -110,12 +110,13 @@ def _current_device() -> str:
 
 
 def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
-    """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, else 64 / 128)."""
+    """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, 32 / 64 up to 64, 64 / 128 above)."""
     if bucket <= 16:
         return ([KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE]
                 + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True)
                    for c in _PAIR_DECODE_AFTER_DOT])
-    return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM if c[0] <= bucket]
+    return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM
+            if bucket // 4 <= c[0] <= bucket]  # each token tile decodes the weights once more
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
