@@ -89,7 +89,7 @@ _PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 12
 # swapped int4 tiles whose words decode by byte pairs straight into wgmma's register operand (pair_decode: ~2.1
 # sm_90 SASS instructions per weight for the decode, 3.3-4.7 for the whole loop against 7.0 in the value-by-value
 # swapped tile; sass_count.py); BLOCK_M 16 for decode (M <= 16: Triton runs 8-row tiles on mma.sync through shared
-# memory), 32 / 64 / 128 tokens for M <= 256 (those over the bucket are left out); split-K fills the machine on the
+# memory), 32 / 64 / 128 tokens for M <= 256 (a bucket takes 1/4 to 1x its tokens); split-K fills the machine on the
 # small linears. Unmeasured on the GPU: candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
 _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3),
                 (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 1, 4, 3),
