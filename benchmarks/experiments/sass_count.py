@@ -31,7 +31,7 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_pg", "stride_om"]
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
                      activation="float", num_warps=4, planes=False, join_planes=False, fused=False,
-                     reduce_each=False):
+                     reduce_each=False, pair_decode=False, scale_after_dot=False):
     types = {"x_ptr": {"float": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[activation], "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
              "w_ptr": {"int8": "*i8", "fp8": "*fp8e4nv"}.get(weight_format, "*u8"), "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
              "w_zero_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*u8", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -42,7 +42,8 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      W_SCALE="row" if weight_format in ("int8", "fp8") else "none", HAS_BIAS=False, BLOCK_M=block_m,
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes, JOIN_PLANES=join_planes,
                      USE_PTX=True, DOT_FP32=False,
-                     BF16_BY_BITS=False, A_FUSED=fused, REDUCE_EACH=reduce_each)
+                     BF16_BY_BITS=False, A_FUSED=fused, REDUCE_EACH=reduce_each, PAIR_DECODE=pair_decode,
+                     SCALE_AFTER_DOT=scale_after_dot)
     if fused:  # x arrives in bf16 and the GEMV applies the scale it computes
         types["x_ptr"], constants["A_SCALE"] = "*bf16", "none"
     constants["stride_pn"] = 1  # group parameters column-major (layout.py): Triton specializes the 1
@@ -60,6 +61,7 @@ def compile_sass(fn, signature, constants, attrs, num_warps) -> str:
     backend = triton.compiler.make_backend(TARGET)
     options = backend.parse_options({"num_warps": num_warps, "num_stages": 3})
     compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    compile_sass.last_ttgir = compiled.asm["ttgir"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -87,13 +89,27 @@ def loop_body(sass: str) -> list[tuple[int, str]]:
     return best
 
 
+WGMMA_A = re.compile(r"ttng\.warp_group_dot [^{]*\{[^}]*\} : (tensor<[^*]*#ttg\.dot_op<\{opIdx = 0|!ttg\.memdesc)")
+
+
+def wgmma_a_operands(ttgir: str) -> dict:
+    """Where the first operand of each wgmma (ttng.warp_group_dot) comes from in Triton's TTGIR: "registers" (a
+    tensor in the dot_op layout: the decoded weight never goes through shared memory) or "shared" (a memdesc:
+    stored to shared memory first); mma_sync counts tt.dot left for mma.sync (tiles under 64 rows per warpgroup)."""
+    sources = [m.group(1) for m in WGMMA_A.finditer(ttgir)]
+    return {"registers": sum(s.startswith("tensor") for s in sources),
+            "shared": sum(s.startswith("!ttg.memdesc") for s in sources),
+            "mma_sync": len(re.findall(r"= tt\.dot ", ttgir))}
+
+
 def summarize(name, sass, weights_per_iteration, threads) -> dict:
     body = loop_body(sass)
     counts = collections.Counter(op.split(".")[0] for _, op in body)
     per_weight = len(body) / (weights_per_iteration / threads) if body else float("nan")
     registers, local_bytes = getattr(compile_sass, "last_registers", (None, None))
     return {"variant": name, "registers": registers, "local_bytes": local_bytes, "loop_instructions": len(body), "weights_per_thread": weights_per_iteration / threads,
-            "instructions_per_weight": round(per_weight, 2), "top": counts.most_common(12)}
+            "instructions_per_weight": round(per_weight, 2), "loop_shared_stores": counts["STS"],
+            "wgmma_a": wgmma_a_operands(getattr(compile_sass, "last_ttgir", "")), "top": counts.most_common(12)}
 
 
 VARIANTS = {
@@ -123,6 +139,29 @@ VARIANTS = {
     "int3_planes16": dict(weight_format="intx", bits=3, block_m=16, block_n=64, block_k=512, swap_ab=True,
                           planes=True),
     "int3_swap16": dict(weight_format="intx", bits=3, block_m=16, block_n=64, block_k=128, swap_ab=True),
+    "int4_pairs16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128, swap_ab=True,
+                         pair_decode=True),
+    "int4_pairs16_n128": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
+                              swap_ab=True, pair_decode=True),
+    "int4_pairs16_n128_after": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
+                                    swap_ab=True, pair_decode=True, scale_after_dot=True),
+    "int4_pairs128_n128_after": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=128, block_k=128,
+                                     swap_ab=True, pair_decode=True, num_warps=8, scale_after_dot=True),
+    "int4_pairs128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=64, block_k=128, swap_ab=True,
+                          pair_decode=True),
+    "int4_pairs16_k256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=256,
+                              swap_ab=True, pair_decode=True),
+    "int4_pairs16_n128_k256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=256,
+                                   swap_ab=True, pair_decode=True),
+    "int4_pairs128_n128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=128, block_k=128,
+                               swap_ab=True, pair_decode=True, num_warps=8),
+    "int4_gemv_n128": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=128, block_k=128),
+    "int4_gemv_n64_w1": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=64, block_k=128, num_warps=1),
+    "int4_gemv_n64_k512": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=64, block_k=512),
+    "int4_joined64": dict(weight_format="int4_tinygemm", bits=4, block_m=64, block_n=64, block_k=128, planes=True,
+                          join_planes=True),
+    "int4_swap128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=64, block_k=128, swap_ab=True),
+    "int4_tile128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=128, block_k=64, num_warps=8),
     "int4_tile16": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=128),
     "int8_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=32, block_k=256),
     "fp8_wo_rows16": dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512),

@@ -361,3 +361,96 @@ def decode_planes_ptx(w, scale, shift, WIDTH: tl.constexpr):
         return tl.inline_asm_elementwise(PLANES_PTX_1, PLANES_CONSTRAINTS_1,
                                          [w, scale.to(tl.bfloat16), shift.to(tl.bfloat16)],
                                          dtype=(tl.bfloat16,) * 32, is_pure=True, pack=2)
+
+
+def _int4_pairs_ptx(dtype: str) -> str:
+    """Inline PTX decoding one 32-bit word of int4 tinygemm values (nibble j = K offset j, quant/packing.py) into
+    its 8 weights (q - 8) * scale + zero in bf16 / fp16, by pairs: byte i holds K offsets 2i, 2i + 1, which the
+    wgmma A fragment holds in one 32-bit register. Per byte: PRMT puts it in the low half and the word shifted by
+    4 in the high half (the two nibbles at bits 0 and 16), LOP3 places them in the mantissas of a magic number
+    (bf16 0x4300 = 128, fp16 0x6400 = 1024: 128 + q exact), one packed FMA takes 128 + 8 off (exact) and one gives
+    (q - 8) * scale + zero, rounded once: (1 SHF + 4 PRMT + 4 LOP3 + 8 FMA) / 8 = 2.1 instructions per weight.
+    Operands: outputs $0..$7 (16-bit), the word $8, the scale $9 and the zero $10 (16-bit)."""
+    magic, offset, one, fma = {"bf16": ("0x43004300", "0xc308c308", "0x3f803f80", "fma.rn.bf16x2"),
+                               "f16": ("0x64006400", "0xe408e408", "0x3c003c00", "fma.rn.f16x2")}[dtype]
+    lines = ["{", ".reg .b32 high, pair, one, offset, scale2, zero2;", f"mov.b32 one, {one};",
+             f"mov.b32 offset, {offset};", "mov.b32 scale2, {$9, $9};", "mov.b32 zero2, {$10, $10};",
+             "shr.u32 high, $8, 4;"]
+    for byte in range(4):
+        selector = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+        lines += [f"prmt.b32 pair, $8, high, {selector:#x};",
+                  f"lop3.b32 pair, pair, 0x000f000f, {magic}, 0xea;",
+                  f"{fma} pair, pair, one, offset;",
+                  f"{fma} pair, pair, scale2, zero2;",
+                  f"mov.b32 {{${2 * byte}, ${2 * byte + 1}}}, pair;"]
+    return " ".join(lines + ["}"])  # one line: see _planes_ptx
+
+
+def _int4_raw_pairs_ptx(magic: str) -> str:
+    """As _int4_pairs_ptx without the two FMAs: each pair of values as MAGIC + q (exact, bf16 128 + q or fp16
+    1024 + q), for a dot whose partial product the group scale and zero then correct ((1 SHF + 4 PRMT + 4 LOP3) /
+    8 = 1.1 instructions per weight). Operands: outputs $0..$7 (16-bit), the word $8."""
+    lines = ["{", ".reg .b32 high, pair;", "shr.u32 high, $8, 4;"]
+    for byte in range(4):
+        selector = byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+        lines += [f"prmt.b32 pair, $8, high, {selector:#x};", f"lop3.b32 pair, pair, 0x000f000f, {magic}, 0xea;",
+                  f"mov.b32 {{${2 * byte}, ${2 * byte + 1}}}, pair;"]
+    return " ".join(lines + ["}"])  # one line: see _planes_ptx
+
+
+INT4_PAIRS_PTX_BF16 = tl.constexpr(_int4_pairs_ptx("bf16"))
+INT4_PAIRS_PTX_F16 = tl.constexpr(_int4_pairs_ptx("f16"))
+INT4_PAIRS_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r", "h", "h"]))
+INT4_RAW_PAIRS_PTX_BF16 = tl.constexpr(_int4_raw_pairs_ptx("0x43004300"))
+INT4_RAW_PAIRS_PTX_F16 = tl.constexpr(_int4_raw_pairs_ptx("0x64006400"))
+INT4_RAW_PAIRS_CONSTRAINTS = tl.constexpr(",".join(["=h"] * 8 + ["r"]))
+INT4_MAGIC_BF16 = tl.constexpr(128.0)  # the magic numbers' values: 0x4300 in bf16, 0x6400 in fp16
+INT4_MAGIC_F16 = tl.constexpr(1024.0)
+
+
+@triton.jit
+def decode_int4_words(words, scale, zero, dtype: tl.constexpr, USE_PTX: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The 8 int4 tinygemm weights of each 32-bit word, (q - 8) * scale + zero in `dtype` (bf16 / fp16), as a
+    tuple: entry j holds K offset j of every word. `scale` and `zero` come at the words' shape, in `dtype`. On the
+    GPU by byte pairs in inline PTX (_int4_pairs_ptx); in the interpreter in float32, rounded once."""
+    if USE_PTX:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(INT4_PAIRS_PTX_BF16, INT4_PAIRS_CONSTRAINTS, [words, scale, zero],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(INT4_PAIRS_PTX_F16, INT4_PAIRS_CONSTRAINTS, [words, scale, zero],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        s = scale.to(tl.float32)
+        z = zero.to(tl.float32)
+        return (cast_to((((words >> 0) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 4) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 8) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 12) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 16) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 20) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 24) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS),
+                cast_to((((words >> 28) & 15) - 8).to(tl.float32) * s + z, dtype, BF16_BY_BITS))
+
+
+@triton.jit
+def decode_int4_words_raw(words, dtype: tl.constexpr, USE_PTX: tl.constexpr):
+    """The 8 int4 values of each 32-bit word as MAGIC + q in `dtype` (exact: 128 + q in bf16, 1024 + q in fp16),
+    a tuple as decode_int4_words; the caller applies (q - 8) * scale + zero to the dot's partial product."""
+    if USE_PTX:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(INT4_RAW_PAIRS_PTX_BF16, INT4_RAW_PAIRS_CONSTRAINTS, [words],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(INT4_RAW_PAIRS_PTX_F16, INT4_RAW_PAIRS_CONSTRAINTS, [words],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        magic = INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16
+        return ((((words >> 0) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 4) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 8) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 12) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 16) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 20) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 24) & 15).to(tl.float32) + magic).to(dtype),
+                (((words >> 28) & 15).to(tl.float32) + magic).to(dtype))

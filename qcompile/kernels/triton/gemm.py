@@ -5,7 +5,8 @@ int8 / e4m3 from activation.py, multiplied natively), GEMV (BLOCK_M == 1: multip
 one reduction at the end) or tiled `tl.dot` (BLOCK_M >= 16, wgmma on Hopper), optionally swapped (SWAP_AB:
 out^T = W x^T, so the weight tile, decoded in registers, is the dot's wide first operand and the few rows of a
 decode batch its narrow second one; the accumulator is [BLOCK_N, BLOCK_M] until the epilogue; PLANES: sub-byte
-weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx),
+weights decoded bit plane by bit plane into K-planes by packed bf16x2 instructions, dequant.decode_planes_ptx;
+PAIR_DECODE: int4 words decoded byte pair by byte pair straight into wgmma's register operand, _pair_decode_dot),
 and split-K (SPLIT_K > 1: each split stores its fp32 partial [M, N] in its slice of out [SPLIT_K, M, N]; the
 caller sums them: no zero-filled buffer, no atomics, the same answer every run). A_FUSED (float8_dynamic per row
 at M=1): the elementwise GEMV takes x in its own dtype and quantizes it to e4m3 itself, the row's scale from a
@@ -18,8 +19,9 @@ import triton
 import triton.language as tl
 
 from .activation import amax_of, fp8_scale, quantize_e4m3
-from .dequant import (MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to, decode_plane, decode_planes_ptx,
-                      load_plane_words, load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
+from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
+                      decode_int4_words, decode_int4_words_raw, decode_plane, decode_planes_ptx, load_plane_words,
+                      load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
 
 @triton.jit
@@ -164,6 +166,66 @@ def _plane_dots(acc, x_ptr, rows_in, stride_xm, a_zero, w_ptr, w_scale_ptr, w_ze
                                  _plane(planes, words, scale, shift, j, WIDTH, BF16_PTX), "float", False, DOT_FP32,
                                  SWAP_AB)
     return acc
+
+
+@triton.jit
+def _in_fragment_order(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The decoded words (a tuple: entry j = K offset j of word 4 s + t of the K block, [BLOCK_N, spans s, 4]) as
+    one [BLOCK_N, BLOCK_K] tile in the order of wgmma's register A fragment, so that no value moves between
+    threads or through shared memory: there, a thread holds for each 32 columns the 8 at (in the tile's order)
+    2 t + {0, 1, 8, 9, 16, 17, 24, 25} (t = lane % 4), which we give the 8 values of word 4 s + t (K = 32 s + 8 t
+    + 0..7). The tile's column 32 s + 16 j2 + 8 j1 + 2 t + j0 is K = 32 s + 8 t + 4 j2 + 2 j1 + j0 (_fragment_k
+    gives x the same order)."""
+    joined = tl.join(tl.join(tl.join(values[0], values[1]), tl.join(values[2], values[3])),
+                     tl.join(tl.join(values[4], values[5]), tl.join(values[6], values[7])))
+    # [BLOCK_N, s, t, j0, j1, j2] -> [BLOCK_N, s, j2, j1, t, j0]
+    return tl.reshape(tl.permute(joined, (0, 1, 5, 4, 2, 3)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _fragment_k(BLOCK_K: tl.constexpr):
+    """K offset of each column of _in_fragment_order's tile: pairs of consecutive K (for 4-byte loads of x)."""
+    col = tl.arange(0, BLOCK_K)
+    k = (col & ~31) + 8 * ((col >> 1) & 3) + 4 * ((col >> 4) & 1) + 2 * ((col >> 3) & 1) + (col & 1)
+    return tl.max_contiguous(tl.multiple_of(k, 2), 2)
+
+
+@triton.jit
+def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k0, stride_wn, stride_pn,
+                     stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+                     USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] + the K block's W x^T for int4 tinygemm weights (group_size a multiple of 32): the
+    packed words load as they are stored, decode by byte pairs straight into the register operand of the dot, and
+    x comes in the same K order (_in_fragment_order). The decode gives (q - 8) * scale + zero (the zero folded in,
+    the scale applied once per pair of weights: dequant.decode_int4_words), or with SCALE_AFTER_DOT (the K block
+    in one group) just MAGIC + q, exact, and the group's parameters correct the partial product instead: W x^T =
+    scale * (MAGIC + q) x^T + (zero - (MAGIC + 8) * scale) * sum x, one instruction per weight fewer, for a wait
+    on the dot every K block."""
+    BLOCK_N: tl.constexpr = cols_in.shape[0]
+    SPANS: tl.constexpr = BLOCK_K // 32
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    word = k0 // 8 + 4 * tl.arange(0, SPANS)[:, None] + tl.arange(0, 4)[None, :]  # [spans, 4]
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None, None] * (stride_wn // 4)
+                    + word[None, :, :])
+    a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + _fragment_k(BLOCK_K))[None, :])
+    if SCALE_AFTER_DOT:
+        w = _in_fragment_order(decode_int4_words_raw(words, dtype, USE_PTX), BLOCK_N, BLOCK_K)
+        part = _tile_dot(a, w, "float", False, DOT_FP32, True)
+        group = cols_in * stride_pn + (k0 // GROUP_SIZE) * stride_pg
+        scale = tl.load(s_ptr + group).to(tl.float32)
+        magic = INT4_MAGIC_BF16 if dtype == tl.bfloat16 else INT4_MAGIC_F16
+        shift = tl.load(z_ptr + group).to(tl.float32) - (magic + 8.0) * scale
+        x_sum = tl.sum(a.to(tl.float32), axis=1)
+        return acc + part * scale[:, None] + shift[:, None] * x_sum[None, :]
+    else:
+        span_group = (k0 + 32 * tl.arange(0, SPANS)) // GROUP_SIZE  # a word lies in one group
+        group = (cols_in[:, None, None] * stride_pn + (span_group * stride_pg)[None, :, None]
+                 + tl.zeros((1, 1, 4), tl.int32))
+        scale = tl.load(s_ptr + group).to(dtype)  # at the words' shape: one chain of elementwise ops to the dot
+        zero = tl.load(z_ptr + group).to(dtype)
+        w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N,
+                               BLOCK_K)
+        return acc + _tile_dot(a, w, "float", False, DOT_FP32, True)
 
 
 @triton.jit
@@ -371,7 +433,9 @@ def quantized_linear_kernel(
         USE_PTX: tl.constexpr,
         DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr,
         A_FUSED: tl.constexpr,  # the elementwise GEMV quantizes x (in its own dtype) to e4m3 per row itself
-        REDUCE_EACH: tl.constexpr = False):  # the elementwise GEMV sums each K block's products per row
+        REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
+        PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
+        SCALE_AFTER_DOT: tl.constexpr = False):  # ... the group scale and zero applied to each K block's product
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -418,6 +482,10 @@ def quantized_linear_kernel(
                                       cols_in, k0, K, stride_wn, stride_pn, stride_pg, A_FORMAT, A_HAS_ZERO,
                                       W_FORMAT, BITS, 4 >> plane_bit, W_HAS_ZERO, GROUP_SIZE, BLOCK_K, SWAP_AB,
                                       JOIN_PLANES, USE_PTX, DOT_FP32)
+            elif PAIR_DECODE:  # int4 words decoded by byte pairs into the dot's register operand
+                acc = _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0,
+                                       stride_wn, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K, SCALE_AFTER_DOT,
+                                       USE_PTX, DOT_FP32, BF16_BY_BITS)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

@@ -57,6 +57,13 @@ class LinearSpec:
             self.weight_format == "int4_tinygemm" or (self.weight_format == "intx" and self.bits < 8))
 
     @property
+    def takes_pair_decode(self) -> bool:
+        """Weights the pair decode handles (KernelConfig.pair_decode): int4 tinygemm with float activations, a
+        32-bit word of 8 values in one group."""
+        return (self.weight_format == "int4_tinygemm" and self.gemm_activation == "float" and self.has_w_zero
+                and self.group_size % 32 == 0)
+
+    @property
     def planes_min_block_k(self) -> int:
         """One dot per K-plane of the narrowest bit plane (32 / its width of them) needs 16 columns each."""
         return PLANES_MIN_DOT_K * 32 // (self.bits & -self.bits)
@@ -169,6 +176,15 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
     if config.reduce_each and not (config.block_m == 1 and spec.elementwise_gemv):
         raise ValueError(f"Triton linear: reduce_each is the elementwise GEMV's (BLOCK_M=1; fp8, microscaling, "
                          f"codebook weights); got {spec.key()} with {config}")
+    if config.pair_decode and not (spec.takes_pair_decode and config.swap_ab and not config.planes
+                                   and config.block_k % 32 == 0):
+        raise ValueError(f"Triton linear: pair_decode is the swapped tile's (swap_ab) decode of int4 tinygemm words "
+                         f"with float activations, group_size and BLOCK_K multiples of 32; got {spec.key()} with "
+                         f"{config}")
+    if config.scale_after_dot and not (config.pair_decode and spec.group_size % config.block_k == 0):
+        raise ValueError(f"Triton linear: scale_after_dot applies a group's scale to the pair decode's K block "
+                         f"product; it needs pair_decode=True and BLOCK_K dividing group_size={spec.group_size} "
+                         f"({config})")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
@@ -195,7 +211,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
         USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation, REDUCE_EACH=config.reduce_each,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PAIR_DECODE=config.pair_decode, SCALE_AFTER_DOT=config.scale_after_dot, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 
 
@@ -273,14 +290,35 @@ def run_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, b
 @functools.lru_cache(None)
 def planes_verified(device: str, bits: int) -> bool:
     """Whether the plane decode of `bits`-bit weights (inline PTX on CUDA) gives the template's value-by-value
-    answer on this device: checked once per process on random weights, so a PTX or Triton change that broke it
-    drops the plane candidates with a warning instead of computing wrong outputs."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
+    answer on this device (_decode_matches)."""
     from .tuning import KernelConfig
 
     spec = LinearSpec("float", "int4_tinygemm" if bits == 4 else "intx", bits=bits, group_size=256,
                       has_w_zero=bits == 4)
+    return _decode_matches(device, spec, KernelConfig(16, 64, spec.planes_min_block_k, swap_ab=True, planes=True),
+                           f"the {bits}-bit plane decode")
+
+
+@functools.lru_cache(None)
+def pair_decode_verified(device: str) -> bool:
+    """Whether the pair decode of int4 words (inline PTX on CUDA) gives the template's value-by-value answer on
+    this device (_decode_matches)."""
+    from .tuning import KernelConfig
+
+    spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=256, has_w_zero=True)
+    return _decode_matches(device, spec, KernelConfig(16, 64, 128, swap_ab=True, pair_decode=True),
+                           "the int4 pair decode")
+
+
+def _decode_matches(device: str, spec: LinearSpec, config, name: str) -> bool:
+    """Whether `config` gives the value-by-value decode's answer (a plain 16-row tile) on random weights: checked
+    once per process, so a PTX or Triton change that broke it drops the decode's candidates with a warning instead
+    of computing wrong outputs."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .tuning import KernelConfig
+
+    bits = spec.bits
     with unset_fake_temporarily(), torch.no_grad():
         generator = torch.Generator(device=device).manual_seed(0)
         N, K = 64, 1024
@@ -289,13 +327,12 @@ def planes_verified(device: str, bits: int) -> bool:
         scale = (torch.rand(N, K // 256, device=device, generator=generator) * 0.1 + 0.01).to(torch.bfloat16)
         zero = torch.randn(N, K // 256, device=device, generator=generator).to(torch.bfloat16) if bits == 4 else None
         args = (x, None, None, qweight, scale, zero, None, None, spec, torch.bfloat16)
-        block_k = spec.planes_min_block_k
-        planes = run_gemm(*args, KernelConfig(16, 64, block_k, swap_ab=True, planes=True)).float()
-        expected = run_gemm(*args, KernelConfig(16, 64, block_k)).float()
+        decoded = run_gemm(*args, config).float()
+        expected = run_gemm(*args, KernelConfig(16, 64, config.block_k)).float()
         # inside: this runs while Inductor lowers a graph, under its fake mode
-        error = ((planes - expected).norm() / expected.norm()).item()
+        error = ((decoded - expected).norm() / expected.norm()).item()
     if not error < 1e-2:  # NaN fails too
-        warnings.warn(f"qcompile: the {bits}-bit plane decode is off by {error:.3g} (relative) on {device}; its "
-                      f"Triton configs are left out of autotuning", stacklevel=2)
+        warnings.warn(f"qcompile: {name} is off by {error:.3g} (relative) on {device}; its Triton configs are left "
+                      f"out of autotuning", stacklevel=2)
         return False
     return True

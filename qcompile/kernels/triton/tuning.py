@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import triton
 
-from .linear import LinearSpec, planes_verified
+from .linear import LinearSpec, pair_decode_verified, planes_verified
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class KernelConfig:
     library: str = ""  # "dequant_mm" / "scaled_mm" / "int_mm": a library GEMM instead of the template
     fuse_activation: bool = False  # GEMV only: x quantized (e4m3 per row) by the GEMV, not by its own kernel
     reduce_each: bool = False  # elementwise GEMV only: per-row sums every K block (fewer registers, more programs)
+    pair_decode: bool = False  # swapped int4 tile: words decoded by byte pairs into wgmma's register operand
+    scale_after_dot: bool = False  # ... as 128 + q, the group scale and zero applied to each K block's product
 
 
 def m_bucket(M: int) -> int:
@@ -84,12 +86,37 @@ _PLANES = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4
 # and plain (unswapped) plane-decoded tiles for mid-size M, where the decode is shared by BLOCK_M rows
 _PLANES_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 64, 128, 2, 4, 3), (128, 128, 128, 2, 8, 3),
                   (128, 64, 128, 4, 4, 3)]
+# swapped int4 tiles whose words decode by byte pairs straight into wgmma's register operand (pair_decode: ~2.1
+# sm_90 SASS instructions per weight for the decode, 3.3-4.7 for the whole loop against 7.0 in the value-by-value
+# swapped tile; sass_count.py); BLOCK_M 16 for decode (M <= 16: Triton runs 8-row tiles on mma.sync through shared
+# memory), 32 / 64 / 128 tokens for M <= 256 (a bucket takes 1/4 to 1x its tokens); split-K fills the machine on the
+# small linears. Unmeasured on the GPU: candidates, not defaults (benchmarks/experiments/int4_mma_lab.py times them)
+_PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 4, 4, 3),
+                (16, 128, 256, 2, 4, 3), (16, 256, 128, 2, 8, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 1, 4, 3),
+                (16, 64, 256, 1, 4, 3)]
+# and with the group parameters applied to each K block's product (scale_after_dot: 1.1 instructions per weight
+# for the decode, 2.9 for the whole loop at 16 tokens; at 128 tokens the per-block correction of the [BLOCK_N, 128]
+# accumulator costs more than it saves: 10.1)
+_PAIR_DECODE_AFTER_DOT = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3)]
+_PAIR_DECODE_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3),
+                       (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
+                       (128, 256, 128, 1, 8, 3), (32, 128, 128, 2, 4, 3), (32, 256, 128, 1, 8, 3)]
 _LARGE = [(128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (256, 128, 64, 1, 8, 3),
           (64, 256, 64, 1, 4, 4), (128, 64, 128, 1, 4, 4)]
 
 
 def _current_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
+    """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, 32 / 64 up to 64, 64 / 128 above)."""
+    if bucket <= 16:
+        return ([KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE]
+                + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True)
+                   for c in _PAIR_DECODE_AFTER_DOT])
+    return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM
+            if bucket // 4 <= c[0] <= bucket]  # each token tile decodes the weights once more
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
@@ -118,9 +145,12 @@ def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:
         for join in (False, True):  # joined: the 4- and 2-bit planes' K-planes in K order, one dot each
             configs += [KernelConfig(*c[:2], max(c[2], spec.planes_min_block_k), *c[3:], swap_ab=bucket <= 16,
                                      planes=True, join_planes=join) for c in plane_tiles[:None if not join else 3]]
+    if bucket <= 256 and spec.takes_pair_decode and pair_decode_verified(_current_device()):
+        configs += pair_decode_tiles(bucket)
 
     def fits(c: KernelConfig) -> bool:
-        return not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
+        return (not (K % c.block_k or K < c.block_k * c.split_k) and spec.groups_fit(c.block_k, c.planes, c.block_m == 1)
+                and not (c.scale_after_dot and spec.group_size % c.block_k))
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # the smallest K block always fits (K % 32 == 0 is required upstream)

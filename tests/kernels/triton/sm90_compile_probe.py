@@ -1,7 +1,9 @@
 """Run as a script, without TRITON_INTERPRET: compile variants of the linear template and of the activation
 kernel for sm_90 through Triton's whole pipeline, ptxas included, on a machine without a GPU. The interpreter
 runs the kernels' Python, not Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that
-ptxas rejects, only shows here. Prints one line per variant: its name and the size of its cubin."""
+ptxas rejects, only shows here. Prints one line per variant: its name and the size of its cubin; then, for the
+variants in REGISTER_A, "wgmma_a <name> <dots with A from registers> <from shared memory> <shared stores in the
+K loop's SASS>"."""
 import sys
 from pathlib import Path
 
@@ -20,6 +22,10 @@ VARIANTS = {
                                    activation="int8"),
     "int4_joined_planes": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
                                swap_ab=True, planes=True, join_planes=True),
+    "int4_pair_decode_tile": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
+                                  swap_ab=True, pair_decode=True),
+    "int4_pair_decode_scale_after_dot": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128,
+                                             block_k=128, swap_ab=True, pair_decode=True, scale_after_dot=True),
     "fp8_dynamic_fused_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=2, block_k=4096, activation="fp8",
                                    num_warps=8, fused=True),
     "fp8_weight_only_reduce_each_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512,
@@ -27,6 +33,9 @@ VARIANTS = {
     "fp8_dynamic_tile": dict(weight_format="fp8", bits=8, block_m=16, block_n=64, block_k=128, swap_ab=True,
                              activation="fp8"),
 }
+
+# variants whose decoded weight must reach wgmma as its register operand, never through shared memory
+REGISTER_A = ("int4_pair_decode_tile",)
 
 # the activation kernel's formats with the GPU's e4m3 conversion (HW_FP8) and the integer ones
 ACTIVATION_VARIANTS = {"activation_fp8_row": ("fp8_row", "*fp8e4nv"), "activation_fp8_tensor": ("fp8_tensor", "*fp8e4nv"),
@@ -51,6 +60,12 @@ def main():
                                                                                  "num_stages": 3})
         compiled = triton.compile(src, target=sass_count.TARGET, options=options.__dict__)
         print(name, len(compiled.asm["cubin"]), flush=True)
+    for name in REGISTER_A:
+        fn, signature, constants, attrs, warps, _ = sass_count.template_variant(**VARIANTS[name])
+        sass = sass_count.compile_sass(fn, signature, constants, attrs, warps)
+        operands = sass_count.wgmma_a_operands(sass_count.compile_sass.last_ttgir)
+        loop_stores = sum(op.startswith("STS") for _, op in sass_count.loop_body(sass))
+        print("wgmma_a", name, operands["registers"], operands["shared"], loop_stores, flush=True)
 
 
 if __name__ == "__main__":

@@ -267,6 +267,45 @@ def test_plane_decode_matches_reference_ops(case):
                 f"group {group} M={M} {config}"
 
 
+INT4_WO = next(c for c in CASES if c.scheme == "int4_weight_only")
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_pair_decode_matches_reference_ops(group):
+    """The swapped int4 tile whose words decode by byte pairs into the dot's register operand (inline PTX on the
+    GPU, its float32 twin here), x read in the fragment's K order: at group 128 every M from 1 to 17 (one 16-token
+    tile, then two); N = 40 (not a multiple of the tiles: the masked edge); a K block over several groups,
+    split-K, 32 tokens, and the group parameters applied after the dot; a group of equal weights (its range zero)
+    and outliers in another; column-major group parameters as on CUDA. ~5-10 s each."""
+    from qcompile.kernels.triton import layout
+
+    n, k = 40, 256
+    x_all = torch.randn(17, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.05
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    w[3, :group] = 0.25  # one group of equal weights
+    w[7, group:group + 5] = torch.tensor([4.0, -3.0, 2.5, -6.0, 5.0], dtype=w.dtype)  # outliers in another
+    case = dataclasses.replace(INT4_WO, options=(("group_size", group),))
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(layout.for_kernels(q))
+    spec = _spec(case, options, weight_args, bias)
+    assert spec.takes_pair_decode
+    configs = [KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True),
+               KernelConfig(16, 32, 256, 1, swap_ab=True, pair_decode=True),
+               KernelConfig(16, 32, 64, 4, swap_ab=True, pair_decode=True),
+               KernelConfig(32, 64, 32, 1, swap_ab=True, pair_decode=True),
+               KernelConfig(16, 64, 32, 2, swap_ab=True, pair_decode=True, scale_after_dot=True)]
+    exact_all = x_all.double() @ w.double().t() + bias.double()
+    for M in range(1, 18) if group == 128 else (1, 17):
+        x = x_all[:M]
+        reference = case.reference(x, q, bias, options)
+        for config in configs if M in (1, 16, 17) else configs[:1]:
+            out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
+            assert out.shape == (M, n) and torch.isfinite(out).all()
+            assert sqnr_db(reference.float(), out.float()) > 40, f"M={M} {config}"
+            assert _as_accurate(out, reference, exact_all[:M]), f"M={M} {config}"
+
+
 GROUP_WISE = [c for c in CASES if c.scheme in ("int4_weight_only", "int8_dynamic_int4", "float8_dynamic_int4",
                                                 "intx_weight_only", "int8_dynamic_intx", "mxfp8", "nvfp4")]
 
@@ -307,6 +346,11 @@ def test_kernel_variants_refuse_what_they_cannot_take():
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, join_planes=True),
              "join_planes joins the plane decode's K-planes"),
             ("int4_weight_only", KernelConfig(1, 32, 128, 1, reduce_each=True), "reduce_each is the elementwise"),
+            ("int4_weight_only", KernelConfig(16, 64, 128, 1, pair_decode=True), "pair_decode is the swapped tile"),
+            ("int8_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True),
+             "pair_decode is the swapped tile"),
+            ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, scale_after_dot=True),
+             "scale_after_dot applies"),
             ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)
@@ -324,6 +368,21 @@ def test_plane_decode_is_verified_before_autotuning_offers_it():
     assert any(c.planes and c.swap_ab for c in candidates(spec, 1, 4096, 4096))
     assert any(c.planes and not c.swap_ab for c in candidates(spec, 128, 4096, 4096))
     assert not any(c.planes for c in candidates(spec, 300, 4096, 4096))  # prefill: library GEMMs and tiles
+
+
+def test_pair_decode_is_verified_before_autotuning_offers_it():
+    from qcompile.kernels.triton.linear import pair_decode_verified
+
+    assert pair_decode_verified(DEVICE if DEVICE == "cpu" else "cuda:0")
+    spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=128, has_w_zero=True)
+    for M, block_m in ((1, 16), (16, 16), (128, 128)):
+        assert any(c.pair_decode and c.swap_ab and c.block_m == block_m for c in candidates(spec, M, 4096, 4096))
+    assert candidates(spec, 16, 4096, 4096)[0] == KernelConfig(16, 64, 128, 1, 4, 4)  # never the default
+    assert not any(c.pair_decode for c in candidates(spec, 300, 4096, 4096))
+    group64 = LinearSpec("float", "int4_tinygemm", bits=4, group_size=64, has_w_zero=True)
+    assert not any(c.scale_after_dot for c in candidates(group64, 16, 4096, 4096))  # a K block of 128: two groups
+    int8 = LinearSpec("int8_asym", "intx", bits=4, group_size=128, has_w_zero=True)
+    assert not any(c.pair_decode for c in candidates(int8, 16, 4096, 4096))
 
 
 @pytest.mark.gpu
