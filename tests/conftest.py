@@ -1,4 +1,5 @@
 """Shared test setup: deterministic seeds, Inductor's caches on, Dynamo reset between tests."""
+import collections
 import os
 
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
@@ -106,10 +107,18 @@ def pass_runner():
     return run_pass
 
 
+_RANDOMIZED_STATS = collections.Counter()  # case and failure counts of the randomized suite, from each report
+
+
+def pytest_runtest_logreport(report):
+    for name, value in getattr(report, "user_properties", ()):
+        if name == "randomized_stats" and report.when == "call":
+            _RANDOMIZED_STATS.update(value)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The randomized differential suite's count of cases and failures (tests/test_randomized.py)."""
-    import sys
+    if _RANDOMIZED_STATS:
+        import randomized_cases
 
-    randomized = sys.modules.get("randomized_cases")
-    if randomized is not None and randomized.STATS:
-        terminalreporter.write_line(randomized.summary())
+        terminalreporter.write_line(randomized_cases.summary(_RANDOMIZED_STATS))

@@ -406,8 +406,8 @@ def record(layer: str, problems: list[str]) -> None:
     STATS[f"{layer} failures"] += bool(problems)
 
 
-def summary() -> str:
-    layers = sorted({k.split()[0] for k in STATS})
-    parts = [f"{layer} {STATS[layer + ' cases']} ({STATS[layer + ' failures']} failed)" for layer in layers]
-    total, failed = sum(STATS[f"{x} cases"] for x in layers), sum(STATS[f"{x} failures"] for x in layers)
+def summary(stats: collections.Counter = STATS) -> str:
+    layers = sorted({k.split()[0] for k in stats})
+    parts = [f"{layer} {stats[layer + ' cases']} ({stats[layer + ' failures']} failed)" for layer in layers]
+    total, failed = sum(stats[f"{x} cases"] for x in layers), sum(stats[f"{x} failures"] for x in layers)
     return f"randomized differential suite (seed {SEED}): {total} cases, {failed} failures — " + ", ".join(parts)

@@ -8,6 +8,7 @@ compiled groups); the session's summary line counts cases and failures.
 """
 from __future__ import annotations
 
+import collections
 import random
 import sys
 import warnings
@@ -149,8 +150,11 @@ def run_group(group: rc.Group) -> list[str]:
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes from the Triton interpreter
 @pytest.mark.parametrize("group", CPU_GROUPS, ids=lambda g: g.id)
-def test_randomized(group):
+def test_randomized(group, request):
+    before = collections.Counter(rc.STATS)
     failures = run_group(group)
+    # the counts travel with the test's report, so the summary adds up under pytest-xdist's workers too
+    request.node.user_properties.append(("randomized_stats", dict(rc.STATS - before)))
     assert not failures, f"{len(failures)} failed cases (seed {rc.SEED}):\n" + "\n".join(failures)
 
 
