@@ -234,6 +234,12 @@ def mark_static_inputs(gm: torch.fx.GraphModule, dynamo_gm: torch.fx.GraphModule
             tensor_dict.pop("_dynamo_static_input_type", None)
 
 
+def dynamo_compile_count() -> int:
+    """Graphs Dynamo has compiled in this process (grows by one per compile or recompile of a frame)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"].get("unique_graphs", 0)
+
+
 def is_static_address(t) -> bool:
     """Whether Dynamo marked the tensor as keeping its address (module parameters/buffers, mark_static_address)."""
     return getattr(t, "_dynamo_static_input_type", None) is not None

@@ -11,25 +11,35 @@ here it runs under any caller's loop, transformers' generate() included.
 
 Contract (as mode="reduce-overhead"): a call's outputs live in the graphs' memory pool and are overwritten by the
 next replayed call — keep what you need (generate() reads the logits before the next step). Per signature:
-  - the first call runs eagerly (it compiles the regions and warms them up) on the capture stream;
-  - the second is captured — recorded, then replayed once, so its side effects (a static KV cache's write and
-    position counter) happen exactly once — and later calls replay it.
+  - calls run eagerly on the capture stream until one of them compiles nothing (the first compiles the regions
+    and warms them up; Dynamo may recompile on the second — a guard on state the first call changed — and a
+    compile inside a capture would record its own work, e.g. tuning, into the graph or void it);
+  - a call that synchronizes with the host (sync debug mode sees `.item()`, `bool(tensor)`, a blocking copy:
+    transformers' mask code does this for some calls) would void a capture: its signature stays eager;
+  - the call after a clean eager one is captured — recorded, then replayed once, so its side effects (a static KV
+    cache's write and position counter) happen exactly once — and later calls replay it.
 A signature is the call's structure: the shape, dtype, stride and device of each tensor argument (copied into the
 graph's own input buffers at every replay), the value of every plain argument (ints, strings, None), and for any
 other object argument (a KV-cache object) its identity and the addresses of the tensors it holds: the graph reads
 and writes those in place, so a new cache object or re-allocated cache tensors get a new graph. A call that
-cannot be captured (it synchronizes with the host, say) stays eager for that signature, with one warning that
-says why. Grad-enabled calls and CPU calls always run eagerly.
+cannot be captured (it synchronizes with the host, say) stays eager for that signature; the reasons are in
+`uncapturable`, and one warning per StepGraphs names the first (a prompt's call that stays eager costs little; a
+decode step that does is the slow path users must hear about). Grad-enabled calls and CPU calls always run eagerly.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils import _pytree as pytree
+
+from . import _compat
+
+log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8  # signatures kept captured (least recently used dropped): decode b1, b128, a few prompt lengths
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
@@ -99,7 +109,7 @@ class StepGraphs:
         self.fn = fn
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.seen: dict[tuple, int] = {}
+        self.ready: set[tuple] = set()  # signatures whose last eager call compiled nothing: the next is captured
         self.uncapturable: dict[tuple, str] = {}
         self.pool = None
         self.stream: torch.cuda.Stream | None = None
@@ -118,9 +128,10 @@ class StepGraphs:
             self.graphs.move_to_end(key)
             self.replays += 1
             return captured.replay(pytree.tree_leaves((args, kwargs)))
-        self.seen[key] = self.seen.get(key, 0) + 1
-        if self.seen[key] == 1 or key in self.uncapturable:
+        if key in self.uncapturable:
             return self._eager(device, args, kwargs)
+        if key not in self.ready:
+            return self._first_eager(device, key, args, kwargs)
         return self._capture(device, key, tensor_positions, args, kwargs)
 
     def _on_stream(self, device):
@@ -140,6 +151,28 @@ class StepGraphs:
         torch.cuda.current_stream(device).wait_stream(stream)
         return out
 
+    def _first_eager(self, device, key, args, kwargs):
+        """An eager call that also learns whether the signature can be captured: it is ready once a call compiled
+        nothing, and uncapturable if the call synchronized with the host."""
+        compiles = _compat.dynamo_compile_count()
+        with _host_syncs_recorded() as syncs:
+            out = self._eager(device, args, kwargs)
+        if syncs:
+            self._give_up(key, f"it synchronizes with the host at {syncs[0]}")
+        elif _compat.dynamo_compile_count() == compiles:
+            self.ready.add(key)
+        return out
+
+    def _give_up(self, key, reason: str) -> None:
+        self.uncapturable[key] = reason
+        message = (f"qcompile: a call of {getattr(self.fn, '__qualname__', self.fn)} could not be captured as a CUDA "
+                   f"graph ({reason}); calls of this signature run without CUDA graphs")
+        if len(self.uncapturable) == 1:
+            warnings.warn(message + " (further signatures that cannot be captured are logged, not warned)",
+                          stacklevel=4)
+        else:
+            log.info(message)
+
     def _capture(self, device, key, tensor_positions, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         static_leaves = [leaves[i].clone() for i in tensor_positions]
@@ -153,6 +186,7 @@ class StepGraphs:
         torch.cuda.synchronize(device)
         gc.collect()  # a dead cycle's CUDA tensors freed mid-capture would be freed into the graph's pool
         graph = torch.cuda.CUDAGraph()
+        compiles = _compat.dynamo_compile_count()
         try:
             with torch.cuda.stream(stream):
                 # thread-local: CUDA calls of other threads (Inductor's compile workers) must not void the capture
@@ -164,10 +198,16 @@ class StepGraphs:
         except Exception as e:  # noqa: BLE001 (a host sync, an unsupported op: this signature stays eager)
             _recover_from_failed_capture(device, self.pool)
             self.pool = torch.cuda.graph_pool_handle()  # the failed capture's pool may still be marked as recording
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self.uncapturable[key] = reason
-            warnings.warn(f"qcompile: a call of {getattr(self.fn, '__qualname__', self.fn)} could not be captured as "
-                          f"a CUDA graph ({reason}); calls of this signature run without CUDA graphs", stacklevel=3)
+            if _compat.dynamo_compile_count() != compiles:  # a recompile voided it: not the call's fault, try again
+                self.ready.discard(key)
+            else:
+                self._give_up(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return self._eager(device, args, kwargs)
+        if _compat.dynamo_compile_count() != compiles:
+            # Dynamo recompiled inside the capture: the graph holds that compile's own GPU work (random tuning
+            # inputs, weight packing) and was never run; drop it and run the call eagerly, capture a later one
+            del graph
+            self.ready.discard(key)
             return self._eager(device, args, kwargs)
         self.captures += 1
         captured = _Captured(graph, static_leaves, tensor_positions, output,
@@ -179,8 +219,31 @@ class StepGraphs:
     def reset(self) -> None:
         """Drop every captured graph (their memory pool goes with them)."""
         self.graphs.clear()
-        self.seen.clear()
+        self.ready.clear()
         self.uncapturable.clear()
+
+
+class _host_syncs_recorded:
+    """Context: the places (file:line) where the calls inside synchronized with the host, from torch's sync debug
+    mode (a warning per sync, which is recorded here and not shown; other warnings pass through)."""
+
+    def __enter__(self) -> list[str]:
+        self.syncs: list[str] = []
+        self.previous_mode = torch.cuda.get_sync_debug_mode()
+        self.catcher = warnings.catch_warnings(record=True)
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self.syncs
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.set_sync_debug_mode(self.previous_mode)
+        self.catcher.__exit__(*exc)
+        for w in self.caught:
+            if "called a synchronizing CUDA operation" in str(w.message):
+                self.syncs.append(f"{w.filename}:{w.lineno}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _recover_from_failed_capture(device: torch.device, pool) -> None:

@@ -60,19 +60,60 @@ def test_a_step_with_side_effects_replays_once_per_call():
 
 
 @pytest.mark.gpu
-def test_a_call_that_syncs_with_the_host_stays_eager_with_a_warning():
+def test_a_call_that_syncs_with_the_host_stays_eager_with_a_warning_naming_where():
     steps = StepGraphs(lambda x: x * float(x.sum()))
+    x = torch.ones(3, device="cuda")
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"could not be captured as a CUDA graph \(it synchronizes "
+                                                           r"with the host at .*test_step_graphs.py"):
+        for _ in range(3):
+            torch.testing.assert_close(steps(x), x * 3)
+    assert steps.captures == 0 and steps.eager_calls == 3
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_nothing_behind():
+    """A call that only fails inside the capture (an explicit device sync): its signature stays eager, and random
+    ops, the allocator and another capture still work."""
+    def step(x):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return x * 2
+
+    steps = StepGraphs(step)
     x = torch.ones(3, device="cuda")
     with torch.no_grad():
         steps(x)
         with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
-            torch.testing.assert_close(steps(x), x * 3)
-        torch.testing.assert_close(steps(x), x * 3)
+            torch.testing.assert_close(steps(x), x * 2)
+        torch.testing.assert_close(steps(x), x * 2)
     assert steps.captures == 0 and steps.eager_calls == 3
-    # the failed capture left nothing behind: random ops and another capture work
     assert torch.randn(4, device="cuda").isfinite().all()
     again = StepGraphs(lambda x: x * 2)
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(again(x), x * 2)
     assert again.captures == 1
+
+
+_STATE = {"shifted": False}  # Python state a compiled function guards on (as on a cache's flags)
+
+
+@pytest.mark.gpu
+def test_a_call_that_compiled_is_not_the_one_captured():
+    """Captured is only the call after an eager call that compiled nothing: a recompile inside a capture (a guard
+    on state the previous call changed) would record the compile's own GPU work, or void the capture."""
+    compiled = torch.compile(lambda x: x * 2 + (3 if _STATE["shifted"] else 1), backend="inductor", dynamic=False)
+
+    def step(x):
+        out = compiled(x)
+        _STATE["shifted"] = True  # the first call's guard fails on the second: it recompiles
+        return out
+
+    steps = StepGraphs(step)
+    x = torch.randn(4, device="cuda")
+    with torch.no_grad():
+        outs = [steps(x).clone() for _ in range(5)]
+    torch.testing.assert_close(outs[0], x * 2 + 1)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, x * 2 + 3)
+    assert (steps.eager_calls, steps.captures, steps.replays) == (3, 1, 2)

@@ -10,8 +10,9 @@ forward makes (torch.cuda.set_sync_debug_mode): a sync inside the forward is wha
     python benchmarks/experiments/step_capture_probe.py --where int4_weight_only 4
 
 --where SCHEME LAYERS: an 8B-shaped model of LAYERS layers built as llama_e2e builds it, compiled block by block,
-and a capture of its prompt's forward traced function by function: prints the first Python call or return after
-which the stream is no longer capturing (what voided the capture).
+four generate() calls of two tokens on one static cache, StepGraphs' state after each (compiles, captures, why a
+signature stays eager), and every capture traced function by function: prints the first Python call or return
+after which the stream is no longer capturing (what voided a capture).
 """
 import inspect
 import warnings
@@ -20,6 +21,7 @@ import torch
 import transformers
 
 import qcompile
+from qcompile import _compat
 from qcompile.step_graphs import StepGraphs, capture_steps
 
 
@@ -64,7 +66,7 @@ def where_capture_breaks(scheme: str, layers: int) -> None:
     import llama_model
 
     config = llama_model.LlamaConfig(**{**llama_model.LLAMA_3_1_8B.__dict__, "n_layers": layers})
-    options = {"scheme": scheme, "group_size": 128} if "int4" in scheme else {"scheme": scheme}
+    options = {"scheme": scheme, "cudagraphs": True, **({"group_size": 128} if "int4" in scheme else {})}
     model = llama_model.build_transformers(config, torch.device("cuda"), torch.bfloat16, seed=0,
                                            quantize=lambda m: qcompile.prepare(m, options, "cuda", progress=False))
     model.generation_config.eos_token_id = None
@@ -87,24 +89,28 @@ def where_capture_breaks(scheme: str, layers: int) -> None:
             events.append(name)
             del events[:-12]
 
-    with torch.no_grad():
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
-                       pad_token_id=0, **{kwarg: cache})  # the prompt's forward compiles
-        real = steps.fn
-        def traced(*args, **kwargs):
-            if torch.cuda.is_current_stream_capturing():
-                sys.setprofile(profile)
-                try:
-                    return real(*args, **kwargs)
-                finally:
-                    sys.setprofile(None)
-            return real(*args, **kwargs)
-        steps.fn = traced
-        cache.reset()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+    real = steps.fn
+
+    def traced(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            sys.setprofile(profile)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                sys.setprofile(None)
+        return real(*args, **kwargs)
+
+    steps.fn = traced
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for attempt in range(4):  # the prompt's forward: eager until clean, then captured, then replayed
+            compiles = _compat.dynamo_compile_count()
+            cache.reset()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
                            pad_token_id=0, **{kwarg: cache})
+            print(f"generate {attempt}: graphs compiled {_compat.dynamo_compile_count() - compiles}, captures "
+                  f"{steps.captures}, replays {steps.replays}, eager {steps.eager_calls}, ready {len(steps.ready)}, "
+                  f"uncapturable {list(steps.uncapturable.values())}")
     print(f"{scheme} x {layers} layers: captures {steps.captures}, uncapturable {steps.uncapturable}")
     for w in caught:
         print("   warning:", str(w.message)[:300])
