@@ -575,10 +575,10 @@ inline void nibble_lane_offsets(const uint8_t* a, int64_t K, int64_t chunks, int
 template <typename ST>
 inline float scale_at(const ST* s, int64_t i) { return static_cast<float>(s[i]); }
 
-// The scale of each lane's group for the chunk at k0 (0 for groups past the row's end).
-template <int BITS, int GROUP, typename ST>
+// The scale of each lane's group for the chunk of CHUNK values at k0, lane l holding values k0 + l * CHUNK/16 up to
+// the next lane's (0 for groups past the row's end).
+template <int CHUNK, int GROUP, typename ST>
 inline __m512 chunk_scales(const ST* srow, int64_t k0, int64_t groups) {
-  constexpr int CHUNK = vnni_chunk<BITS>;
   const int64_t base = k0 / GROUP;
   if constexpr (GROUP >= CHUNK) {
     return _mm512_set1_ps(scale_at(srow, base));
@@ -646,7 +646,7 @@ inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, con
       for (int r = 0; r < R; ++r) {
         _mm_prefetch((const char*)(row[r] + k0 / 2 + pf_w), _MM_HINT_T0);
         _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
-        const __m512 s = chunk_scales<BITS, GROUP, ST>(srow[r], k0, groups);
+        const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
         const __m512i p = load_bytes(row[r] + k0 / 2, count / 2);
         const __m512i lo = _mm512_and_si512(p, m4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
         const __m512i both = _mm512_add_epi8(lo, hi);
@@ -662,7 +662,7 @@ inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, con
       for (int r = 0; r < R; ++r) {
         _mm_prefetch((const char*)(row[r] + k0 * BITS / 8 + pf_w), _MM_HINT_T0);
         _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
-        const __m512 s = chunk_scales<BITS, GROUP, ST>(srow[r], k0, groups);
+        const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
         const __m512i w = load_w64<BITS>(row[r], K, k0, count);
         for (int t = 0; t < MT; ++t) {
           __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), a[t], w);
@@ -1026,6 +1026,169 @@ inline void gemv_row_float_x86(const uint8_t* row, const ST* srow, const float* 
 #endif
 
 #if defined(QC_X86_VNNI)
+// Float GEMV (AVX-512F/BW; built where the header's AVX-512 kernels are): the weights never leave registers and
+// are converted by one table lookup per 16 values (AVX2's GEMV: ~0.7 instructions per weight to convert). A chunk of
+// 128 values is read as 16 lanes: lane l holds the bit fields of values k0 + 8l .. k0 + 8l + 7, W bits each for a
+// plane of width W (a 32-bit word of 4-bit nibbles, 16 bits of 2-bit fields, a byte of bits), so shifting every
+// lane by W gives the next of its values: vector j holds values k0 + 8l + j. The token is stored in that order
+// once per call (`float_chunk_order`). Each chunk's products are summed per lane and multiplied by the lane's group
+// scale: y = sum_g scale_g * sum_k w_k x_k, as the AVX2 GEMV sums. 8-bit weights keep the AVX2 GEMV (a byte per
+// lane needs more instructions than it converts; measured slower).
+constexpr int QC_FLOAT_GEMV_CHUNK = 128;
+template <int BITS, int GROUP>
+constexpr bool float_gemv_fits = BITS < 8 && (QC_FLOAT_GEMV_CHUNK % GROUP == 0 || GROUP % QC_FLOAT_GEMV_CHUNK == 0);
+
+// One token in chunk order: xc[k0 + 16 j + l] = x[k0 + V l + j], zero past K (K_pad: K rounded up to the chunk).
+template <int V, typename XT>
+inline void float_chunk_order(const XT* x, int64_t K, int64_t K_pad, float* xc) {
+  int64_t k0 = 0;
+  if constexpr (std::is_same_v<XT, float>) {
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(V));
+    for (; k0 + 16 * V <= K; k0 += 16 * V)
+      for (int j = 0; j < V; ++j)
+        _mm512_storeu_ps(xc + k0 + 16 * j, _mm512_i32gather_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(j)), x + k0, 4));
+  }
+  for (; k0 < K_pad; k0 += 16 * V)
+    for (int j = 0; j < V; ++j)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t k = k0 + V * l + j;
+        xc[k0 + 16 * j + l] = k < K ? static_cast<float>(x[k]) : 0.f;
+      }
+}
+
+// The 16 lanes of the W-bit plane's chunk starting at p (`values` <= 128 of them, a multiple of 32; 0 past them).
+template <int W>
+inline __m512i plane_lanes(const uint8_t* p, int values) {
+  const int bytes = values * W / 8;
+  if constexpr (W == 4) {  // 4-byte lanes: 64 bytes, a partial chunk a multiple of 16 bytes
+    return load_bytes(p, bytes);
+  } else if constexpr (W == 2) {  // 2-byte lanes
+    const __m256i v = bytes >= 32 ? _mm256_loadu_si256((const __m256i*)p)
+                                  : _mm256_maskz_loadu_epi8((__mmask32)((1u << bytes) - 1), p);
+    return _mm512_cvtepu16_epi32(v);
+  } else {  // 1-byte lanes
+    static_assert(W == 1, "planes of 4, 2, 1 bits");
+    const __m128i v = bytes >= 16 ? _mm_loadu_si128((const __m128i*)p)
+                                  : _mm_maskz_loadu_epi8((__mmask16)((1u << bytes) - 1), p);
+    return _mm512_cvtepu8_epi32(v);
+  }
+}
+
+// The lanes of row's W-bit plane (if BITS has one) for the chunk at k0, prefetching `ahead` bytes further on.
+template <int BITS, int W>
+inline void load_plane_lanes(const uint8_t* row, int64_t K, int64_t k0, int count, int64_t ahead, __m512i& lanes) {
+  if constexpr ((BITS & W) != 0) {
+    const uint8_t* p = row + (int64_t)(BITS & ~(2 * W - 1)) * K / 8 + k0 * W / 8;
+    _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+    lanes = plane_lanes<W>(p, count);
+  }
+}
+
+// The float weights w = u - 2^(BITS-1) of vector j from the planes' lanes, which each call shifts on to vector j+1.
+// One plane of <= 4 bits: a 16-entry table lookup (vpermps reads an index's low 4 bits; the table ignores the bits
+// above the field); 3, 5-7 bits: fields joined in int (lanes[p]: the plane of width 8 >> p).
+template <int BITS>
+inline __m512 next_weights(__m512i (&lanes)[4], __m512 table) {
+  if constexpr (BITS == 4 || BITS == 2 || BITS == 1) {
+    constexpr int p = BITS == 4 ? 1 : BITS == 2 ? 2 : 3;
+    const __m512 w = _mm512_permutexvar_ps(lanes[p], table);
+    lanes[p] = _mm512_srli_epi32(lanes[p], BITS);
+    return w;
+  } else {
+    __m512i u = _mm512_setzero_si512();
+    for (int p = 1; p < 4; ++p) {
+      const int W = 8 >> p;
+      if ((BITS & W) == 0) continue;
+      u = _mm512_or_si512(u, _mm512_slli_epi32(_mm512_and_si512(lanes[p], _mm512_set1_epi32((1 << W) - 1)), BITS & (W - 1)));
+      lanes[p] = _mm512_srli_epi32(lanes[p], W);
+    }
+    if constexpr (BITS < 4) return _mm512_permutexvar_ps(u, table);
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(u, _mm512_set1_epi32(1 << (BITS - 1))));
+  }
+}
+
+// out[r * MT + t] for QC_VNNI_ROWS rows and MT tokens (xc: the tokens in chunk order, K_pad apart).
+template <int BITS, int GROUP, int MT, typename ST>
+inline void float_gemv_rows(const uint8_t* const* row, const ST* const* srow, const float* xc, int64_t K,
+                            int64_t K_pad, int64_t prefetch_rows, float* out) {
+  constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, V = CHUNK / 16, R = QC_VNNI_ROWS;
+  constexpr int NP = MT == 1 ? 2 : 1;  // partial sums per (row, token): two FMA chains at one token
+  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
+  alignas(64) float table_values[16];  // value of each 4-bit index (its bits above BITS ignored); unused above 4 bits
+  for (int i = 0; i < 16; ++i) table_values[i] = (float)((i & ((1 << std::min(BITS, 4)) - 1)) - (1 << (BITS - 1)));
+  const __m512 table = _mm512_load_ps(table_values);
+  __m512 facc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) facc[r][t] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K_pad; k0 += CHUNK) {
+    const int count = (int)std::min<int64_t>(CHUNK, K - k0);
+    __m512i lanes[R][4];  // [r][p]: row r's plane of width 8 >> p (p = 0, 8-bit, never here)
+    __m512 part[R][MT][NP];
+    for (int r = 0; r < R; ++r) {
+      load_plane_lanes<BITS, 4>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][1]);
+      load_plane_lanes<BITS, 2>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][2]);
+      load_plane_lanes<BITS, 1>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][3]);
+      _mm_prefetch((const char*)(srow[r] + k0 / GROUP + prefetch_rows * groups), _MM_HINT_T0);
+      for (int t = 0; t < MT; ++t)
+        for (int i = 0; i < NP; ++i) part[r][t][i] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < V; ++j) {
+      __m512 x[MT];
+      for (int t = 0; t < MT; ++t) x[t] = _mm512_loadu_ps(xc + t * K_pad + k0 + 16 * j);
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = next_weights<BITS>(lanes[r], table);
+        for (int t = 0; t < MT; ++t) part[r][t][j % NP] = _mm512_fmadd_ps(w, x[t], part[r][t][j % NP]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
+      for (int t = 0; t < MT; ++t) {
+        __m512 sum = part[r][t][0];
+        if constexpr (NP == 2) sum = _mm512_add_ps(sum, part[r][t][1]);
+        facc[r][t] = _mm512_fmadd_ps(sum, s, facc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(facc[r][t]);
+}
+
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
+                                   int64_t M, int64_t N, int64_t K, int num_threads) {
+  constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, V = CHUNK / 16;
+  const int64_t row_bytes = K * BITS / 8, groups = K / GROUP, K_pad = (K + CHUNK - 1) / CHUNK * CHUNK;
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)num_threads; (void)parallel;
+  // every thread orders the few tokens itself (no barrier between that and the dot products)
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+    static thread_local std::vector<float> xc_storage;
+    float* xc = thread_scratch(xc_storage, (size_t)(M * K_pad));
+    for (int64_t m = 0; m < M; ++m) float_chunk_order<V, XT>(x + m * K, K, K_pad, xc + m * K_pad);
+#pragma omp for schedule(static) nowait
+    for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
+      const uint8_t* rows[QC_VNNI_ROWS];
+      const ST* srows[QC_VNNI_ROWS];
+      for (int r = 0; r < QC_VNNI_ROWS; ++r) {  // a tail of rows repeats the last one (results not stored)
+        const int64_t n = std::min(n0 + r, N - 1);
+        rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
+      }
+      float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
+      const int64_t ahead = 4096 / row_bytes + 1;  // as the int8 GEMV: prefetches past the last row never fault
+      if (M == 1) float_gemv_rows<BITS, GROUP, 1, ST>(rows, srows, xc, K, K_pad, ahead, out);
+      else if (M == 2) float_gemv_rows<BITS, GROUP, 2, ST>(rows, srows, xc, K, K_pad, ahead, out);
+      else float_gemv_rows<BITS, GROUP, 3, ST>(rows, srows, xc, K, K_pad, ahead, out);
+      for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
+        for (int64_t m = 0; m < M; ++m)
+          y[m * N + n0 + r] = static_cast<OT>(out[r * M + m] + (bias ? static_cast<float>(bias[n0 + r]) : 0.f));
+    }
+  }
+}
+#endif
+
+#if defined(QC_X86_VNNI)
 // Float GEMM (AVX-512): 16 rows dequantized (w * scale, the reference's float weights) into a panel [K][16], so one
 // FMA multiplies a broadcast activation with the same k of 16 rows; QC_VNNI_MR tokens x QC_VNNI_NR panels per tile.
 template <int BITS, int GROUP, typename ST>
@@ -1105,6 +1268,14 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
                        int64_t N, int64_t K, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
   static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+#if defined(QC_X86_VNNI)
+  if constexpr (float_gemv_fits<BITS, GROUP>) {
+    if (M < QC_GEMM_MIN_M) {
+      intx_linear_float_gemv_avx512<BITS, GROUP, XT, ST, BT, OT>(x, packed, scale, bias, y, M, N, K, num_threads);
+      return;
+    }
+  }
+#endif
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
   const float* xf;
   static thread_local std::vector<float> xf_storage;
