@@ -1025,6 +1025,38 @@ inline void gemv_row_float_x86(const uint8_t* row, const ST* srow, const float* 
 }
 #endif
 
+#if defined(QC_ARM_NEON)
+// GEMV for float activations on NEON: weights unpacked to int8 and converted in registers, no float copy of the row.
+template <int BITS, int GROUP, typename ST>
+inline void gemv_row_float_arm(const uint8_t* row, const ST* srow, const float* x, int64_t M, int64_t K, float* out) {
+  float32x4_t facc[QC_GEMM_MIN_M];
+  for (int t = 0; t < QC_GEMM_MIN_M; ++t) facc[t] = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    float32x4_t gacc[QC_GEMM_MIN_M][2];  // two FMA chains per token
+    for (int t = 0; t < QC_GEMM_MIN_M; ++t) gacc[t][0] = gacc[t][1] = vdupq_n_f32(0.f);
+    for (int c = 0; c < GROUP; c += 32) {
+      const int64_t k0 = g * GROUP + c;
+      int8x16_t wl, wh;
+      unpack32_arm<BITS>(row, K, k0, wl, wh);
+      const int16x8_t h[4] = {vmovl_s8(vget_low_s8(wl)), vmovl_high_s8(wl), vmovl_s8(vget_low_s8(wh)), vmovl_high_s8(wh)};
+      float32x4_t w[8];
+      for (int q = 0; q < 4; ++q) {
+        w[2 * q] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[q])));
+        w[2 * q + 1] = vcvtq_f32_s32(vmovl_high_s16(h[q]));
+      }
+      for (int t = 0; t < QC_GEMM_MIN_M; ++t) {
+        if (t >= M) break;
+        for (int q = 0; q < 8; ++q) gacc[t][q % 2] = vfmaq_f32(gacc[t][q % 2], w[q], vld1q_f32(x + t * K + k0 + 4 * q));
+      }
+    }
+    const float s = static_cast<float>(srow[g]);
+    for (int t = 0; t < QC_GEMM_MIN_M; ++t)
+      if (t < M) facc[t] = vfmaq_n_f32(facc[t], vaddq_f32(gacc[t][0], gacc[t][1]), s);
+  }
+  for (int t = 0; t < M; ++t) out[t] = vaddvq_f32(facc[t]);
+}
+#endif
+
 #if defined(QC_X86_VNNI)
 // Float GEMV (AVX-512F/BW; built where the header's AVX-512 kernels are): the weights never leave registers and
 // are converted by one table lookup per 16 values (AVX2's GEMV: ~0.7 instructions per weight to convert). A chunk of
@@ -1306,10 +1338,14 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       const float b = bias ? static_cast<float>(bias[n]) : 0.f;
-#if defined(QC_X86_AVX2)
+#if defined(QC_X86_AVX2) || defined(QC_ARM_NEON)
       if (M < QC_GEMM_MIN_M) {
         float out[QC_GEMM_MIN_M];
+#if defined(QC_X86_AVX2)
         gemv_row_float_x86<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, xf, M, K, out);
+#else
+        gemv_row_float_arm<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, xf, M, K, out);
+#endif
         for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(out[m] + b);
         continue;
       }
