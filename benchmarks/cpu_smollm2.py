@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 # Before torch (and llama.cpp) start their OpenMP pools: threads that spin at barriers (the default) stall for a
 # whole time slice per parallel region when the 2 cores are shared with other work; measured here: a 64-token
@@ -75,9 +76,11 @@ def requantized_gguf(kind: str) -> Path:
 class TorchEngine:
     """transformers Llama with static KV caches (one per phase, so decode attends 160 slots, not 512)."""
 
-    def __init__(self, name: str, compile_options: dict | None, backend: str | None, decode_tokens: int):
+    def __init__(self, name: str, compile_options: dict | None, backend: str | None, decode_tokens: int,
+                 decode_threads_policy: bool = True):
         from transformers import AutoModelForCausalLM, StaticCache
         self.name = name
+        self.decode_threads_policy = decode_threads_policy
         self.model = AutoModelForCausalLM.from_pretrained(float_model_dir(), dtype=torch.float32,
                                                           use_safetensors=True).eval()
         self.weight_bytes = decode_weight_bytes(self.model, compile_options)
@@ -89,6 +92,7 @@ class TorchEngine:
             return self.model(input_ids=input_ids, cache_position=cache_position, past_key_values=cache,
                               use_cache=True, logits_to_keep=1).logits[:, -1]
 
+        self.compiled = backend is not None
         if backend is None:
             self.step = step
         else:
@@ -96,8 +100,16 @@ class TorchEngine:
 
     def warm_up(self, prompt: list[int]) -> float:
         start = time.perf_counter()
-        self.prefill(prompt)
-        self.decode(prompt[:PROMPT_DECODE], 2)
+        if self.decode_threads_policy:
+            self.prefill(prompt)
+            self.decode(prompt[:PROMPT_DECODE], 2)
+        else:  # the "before" row: the decode graph compiled without qcompile's one-thread policy (backend.py)
+            import qcompile.backend
+            qcompile.backend._COMPILED_BY_STRUCTURE.clear()  # else another engine's compile of this graph is reused
+            with mock.patch.object(qcompile.backend, "is_decode_graph", lambda gm: False):
+                self.prefill(prompt)
+                self.decode(prompt[:PROMPT_DECODE], 2)
+            qcompile.backend._COMPILED_BY_STRUCTURE.clear()
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -155,6 +167,27 @@ class LlamaCppEngine:
         return time.perf_counter() - start
 
 
+def decode_split_ms(engine: "TorchEngine", prompt: list[int], n: int) -> dict[str, float]:
+    """Where one compiled decode step's time goes, per step: the quantized linears' kernels (GEMVs), every other
+    kernel and aten op the compiled graph runs (norms, RoPE, cache copies, SDPA), and the rest of the wall time
+    (Python wrapper of the compiled graph, Dynamo's guards, transformers' eager Python). Needs the graph
+    compiled under Inductor's cpp.enable_kernel_profile (--split does it), so every kernel records an event."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.decode(prompt, n)
+        wall = time.perf_counter() - start
+    steps = len(prompt) + n  # the prompt runs through the decode graph too
+    gemv = other = 0.0
+    for event in prof.key_averages():
+        if "intx_linear" in event.key:
+            gemv += event.self_cpu_time_total
+        elif event.key.startswith("graph_") or event.key.startswith("aten::"):
+            other += event.self_cpu_time_total
+    gemv, other = gemv / 1e3 / steps, other / 1e3 / steps
+    return {"step": wall * 1e3 / steps, "gemv": gemv, "other": other, "rest": wall * 1e3 / steps - gemv - other}
+
+
 def decode_weight_bytes(model, options: dict | None) -> int:
     """Weight bytes one decode step reads: every linear (lm_head included) at its stored size, one embedding row."""
     total = model.get_input_embeddings().weight[0].numel() * 4
@@ -203,6 +236,9 @@ def engines(decode_tokens: int, threads: int, only: set[str] | None):
         ("qcompile int8_dynamic_intx 4-bit g32",
          lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32", intx("int8_dynamic_intx", 4), "qcompile",
                              decode_tokens)),
+        ("qcompile int8_dynamic_intx 4-bit g32, decode on all threads",
+         lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32, decode on all threads", intx("int8_dynamic_intx", 4),
+                             "qcompile", decode_tokens, decode_threads_policy=False)),
         ("qcompile int8_dynamic_intx 8-bit g32",
          lambda: TorchEngine("qcompile int8_dynamic_intx 8-bit g32", intx("int8_dynamic_intx", 8), "qcompile",
                              decode_tokens)),
@@ -222,7 +258,12 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="substrings of engine names to run")
+    parser.add_argument("--split", action="store_true",
+                        help="compile with Inductor's kernel profiling and print each compiled engine's decode step "
+                             "split into GEMVs / other kernels and aten ops / the rest (wrapper, guards, eager)")
     args = parser.parse_args()
+    if args.split:  # a profiler event per kernel call (a few ns each while no profiler runs)
+        torch._inductor.config.cpp.enable_kernel_profile = True
     torch.set_num_threads(args.threads)
     # every engine compiles the same `step` code object (2-3 graphs each): past Dynamo's default limit of 8 the
     # later engines would silently run eager
@@ -259,6 +300,15 @@ def main():
         gbs = engine.weight_bytes * d / 1e9
         print(f"| {engine.name} | {engine.weight_bytes / 1e6:.0f} MB | {p:.0f} ({p / p0:.2f}x) | {d:.1f} "
               f"({d / d0:.2f}x) | {gbs:.1f} ({100 * gbs / bw:.0f}%) | {compile_s[engine.name]:.0f} s |")
+
+    if args.split:
+        print("\nDecode step split (ms per step, one profiled decode per engine; the profiler adds to each part)\n")
+        print("| engine | step | GEMVs | other kernels + aten ops | rest: wrapper, guards, eager |")
+        print("|---|---|---|---|---|")
+        for engine in runs:
+            if isinstance(engine, TorchEngine) and engine.compiled:
+                t = decode_split_ms(engine, prompt[:PROMPT_DECODE], args.decode_tokens)
+                print(f"| {engine.name} | {t['step']:.2f} | {t['gemv']:.2f} | {t['other']:.2f} | {t['rest']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .distributed import LocalSignature
 from .graph_key import structure_key
 from .options import QuantOptions
 from .passes.lower import lower_for_device
+from .passes.lower_cpu import is_decode_graph
 from .passes.quantize_linears import PassResult, WeightRef, WeightUse, quantize_linears
 
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}; the first weight of fused siblings
@@ -286,11 +287,30 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
         _compat.mark_static_inputs(result.gm, gm, [i in weights or _compat.is_static_address(example_inputs[i])
                                                    for i in kept] + [True] * len(constants))
     compiled = _compat.compile_fx(result.gm, inputs, cudagraphs=cudagraphs)
+    if device.type == "cpu" and is_decode_graph(result.gm):
+        compiled = _on_one_intra_op_thread(compiled)
     if not options.keep_float_weights:
         _release_float_weights(weights, kept, options, sources)
 
     return _bound_run(compiled, result, weights, kept, WeightBinding(result, weights, constants, options, sources),
                       signature), result
+
+
+def _on_one_intra_op_thread(compiled):
+    """`compiled` run with torch's intra-op threads set to 1. A CPU decode step is ~400 kernels of a few
+    microseconds each (norms, RoPE, cache writes, SDPA) whose OpenMP teams cost more to wake than they save;
+    SmolLM2-135M decode on 2 shared cores: 1.17x tokens/s. The GEMVs choose their own threads (intx_linear.h:
+    an explicit team only for the largest, the LM head)."""
+    def run(*args):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return compiled(*args)
+        torch.set_num_threads(1)
+        try:
+            return compiled(*args)
+        finally:
+            torch.set_num_threads(threads)
+    return run
 
 
 def _bound_run(compiled, result: PassResult, weights: dict[int, WeightRef], kept: list[int],

@@ -82,6 +82,31 @@ def _unsupported(args) -> str | None:
     return None
 
 
+# intx_linear.h runs a call with fewer tokens than QC_GEMM_MIN_M (4) as a GEMV
+GEMV_MAX_TOKENS = 3
+
+
+def is_decode_graph(gm: GraphModule) -> bool:
+    """Whether every lowered CPU linear in `gm` (at least one) is a GEMV: a fixed token count below the GEMM's.
+    Such a graph (a decode step) is all small kernels, which a thread team slows down (backend.py)."""
+    lowered = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target in (cpu_ops.intx_linear_dynamic_int8_cpu, cpu_ops.intx_linear_float_cpu)]
+
+    def tokens(node) -> int | None:
+        val = node.args[0].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        count = 1
+        for size in val.shape[:-1]:
+            if not isinstance(size, int):
+                return None  # symbolic: prefill shapes share this graph
+            count *= size
+        return count
+
+    counts = [tokens(n) for n in lowered]
+    return bool(counts) and all(c is not None and c <= GEMV_MAX_TOKENS for c in counts)
+
+
 @register_lowering("cpu")
 def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False

@@ -62,6 +62,9 @@ class IntxLinearTemplate(CppTemplate):
         code.writeline(signature)
         code.writeline("{")
         with code.indent():
+            # a profiler event per call under Inductor's cpp.enable_kernel_profile, as its own kernels have
+            # (benchmarks/cpu_smollm2.py --split); absent from Inductor versions without the helper
+            code.writeline(getattr(kernel, "maybe_codegen_profile", lambda: "")())
             code.writeline(
                 f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, {kernel.dtype(scale)}, "
                 f"{bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {N}, {K}, "

@@ -124,6 +124,36 @@ def test_backend_lowers_intx_linears_to_generated_kernel(scheme, op_name):
     assert sqnr_db(expected, out) > 15
 
 
+def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
+    """A graph whose lowered linears are all GEMVs (<= 3 tokens) runs with one torch thread, then restores it;
+    a graph with GEMMs keeps the caller's threads. Inductor is replaced by the lowered graph itself (cheap)."""
+    from qcompile import _compat
+    threads_seen = []
+
+    def lowered_graph_as_compiled(gm, inputs, cudagraphs=False):
+        def run(*args):
+            threads_seen.append(torch.get_num_threads())
+            return gm(*args)
+        return run
+
+    monkeypatch.setattr(_compat, "compile_fx", lowered_graph_as_compiled)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for tokens, expected_threads in ((1, 1), (3, 1), (5, 2)):
+            model = _MLP()
+            x = torch.randn(tokens, 64)
+            with torch.no_grad():
+                out = torch.compile(model, backend="qcompile", dynamic=False,
+                                    options={"scheme": "intx_weight_only", "bits": 4, "group_size": 32,
+                                             "keep_float_weights": True})(x)
+                assert sqnr_db(model(x), out) > 15
+            assert threads_seen[-1] == expected_threads, tokens
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 class TestLoweredGraphs(expecttest.TestCase):
     """What the CPU lowering leaves for Inductor (EXPECTTEST_ACCEPT=1 to update)."""
 
