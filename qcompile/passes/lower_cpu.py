@@ -7,6 +7,11 @@ Patterns (as the schemes emit them; `Q` is the activation-quantize node, `Q[i]` 
                                                               ->  intx_linear_float_cpu(x, packed, scale, ...)
 Weights with zero points (int8_dynamic_int4) keep their reference nodes. COUNTS records what was lowered and why
 the rest was not (QCOMPILE_DEBUG_LOWERING=1 logs each reason).
+
+Grouped-query attention: keys/values repeated per query head (transformers' repeat_kv under torch.compile:
+unsqueeze(2) -> expand -> clone -> view) feed CPU flash attention their own heads instead, which it maps to query
+heads itself (head h reads kv head h // rep, as repeat_kv lays them out): the same numbers without a copy of the
+whole KV cache per layer and step.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import os
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
 from ..kernels.cpu import ops as cpu_ops
@@ -134,5 +140,59 @@ def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) 
             COUNTS[f"{name}: lowered"] += 1
             changed = True
             break
+    if changed:
+        gm.graph.eliminate_dead_code()
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return a is b or statically_known_true(a == b)  # never a guard: symbolic sizes compare by what is known
+
+
+def _repeated_heads(node) -> tuple[Node, object] | None:
+    """(kv, rep) when `node` is kv [b, h, L, d] repeated rep times per head as transformers' repeat_kv does it:
+    full slices and unsqueeze(2), expand to [b, h, rep, L, d], clone, view [b, h*rep, L, d]; else None."""
+    if not (_call(node, aten._unsafe_view.default) or _call(node, aten.view.default)):
+        return None
+    clone = node.args[0]
+    expand = clone.args[0] if _call(clone, aten.clone.default) else clone
+    if not _call(expand, aten.expand.default):
+        return None
+    src, unsqueezed = expand.args[0], False
+    while True:  # walk back through shape-keeping slices and the one unsqueeze at dim 2
+        if _call(src, aten.slice.Tensor) and _shape(src) is not None and _shape(src) == _shape(src.args[0]):
+            src = src.args[0]
+        elif _call(src, aten.unsqueeze.default) and src.args[1] == 2 and not unsqueezed:
+            src, unsqueezed = src.args[0], True
+        else:
+            break
+    kv, expanded, out = _shape(src), _shape(expand), _shape(node)
+    if not unsqueezed or kv is None or expanded is None or out is None or len(kv) != 4 or len(expanded) != 5:
+        return None
+    b, h, length, d = kv
+    rep = expanded[2]
+    matches = [(expanded[0], b), (expanded[1], h), (expanded[3], length), (expanded[4], d), (out[0], b),
+               (out[1], h * rep), (out[2], length), (out[3], d)]
+    return (src, rep) if all(_same(x, y) for x, y in matches) else None
+
+
+@register_lowering("cpu")
+def attend_grouped_kv_heads_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not _call(node, aten._scaled_dot_product_flash_attention_for_cpu.default):
+            continue
+        key, value = (_repeated_heads(n) for n in node.args[1:3])
+        query = _shape(node.args[0])
+        if key is None or value is None or query is None or not _same(key[1], value[1]) \
+                or not _same(query[1], _shape(key[0])[1] * key[1]):
+            continue
+        node.args = (node.args[0], key[0], value[0], *node.args[3:])
+        COUNTS["attention: repeated key/value heads dropped (grouped-query flash attention)"] += 1
+        changed = True
     if changed:
         gm.graph.eliminate_dead_code()

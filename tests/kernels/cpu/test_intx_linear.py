@@ -154,6 +154,35 @@ def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
         torch.set_num_threads(before)
 
 
+def _repeat_kv(x, rep):  # transformers' repeat_kv, which it runs under torch.compile for grouped-query attention
+    b, h, length, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, rep, length, d).reshape(b, h * rep, length, d)
+
+
+@pytest.mark.parametrize("query_length, rep", [(1, 3), (5, 2)])
+def test_flash_attention_reads_grouped_kv_heads(query_length, rep):
+    """The CPU lowering feeds flash attention the key/value heads themselves (no per-step copy of the cache):
+    the repeat's clone leaves the graph and the outputs are bit-identical."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from qcompile.passes.lower_cpu import attend_grouped_kv_heads_cpu
+
+    def attention(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, rep), _repeat_kv(v, rep),
+                                                                attn_mask=mask, scale=0.125)
+
+    q = torch.randn(1, 3 * rep, query_length, 16)
+    k, v = torch.randn(2, 1, 3, 40, 16).unbind(0)
+    mask = torch.rand(1, 1, query_length, 40) > 0.3
+    with torch.no_grad():
+        gm = make_fx(attention, tracing_mode="symbolic")(q, k, v, mask)  # symbolic sizes, as the backend traces
+    COUNTS.clear()
+    attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
+    gm.recompile()
+    assert COUNTS == {"attention: repeated key/value heads dropped (grouped-query flash attention)": 1}
+    assert not any(n.target in (torch.ops.aten.clone.default, torch.ops.aten.expand.default) for n in gm.graph.nodes)
+    assert torch.equal(gm(q, k, v, mask), attention(q, k, v, mask))
+
+
 class TestLoweredGraphs(expecttest.TestCase):
     """What the CPU lowering leaves for Inductor (EXPECTTEST_ACCEPT=1 to update)."""
 
