@@ -90,13 +90,35 @@ def _unsupported(args) -> str | None:
 
 # intx_linear.h runs a call with fewer tokens than QC_GEMM_MIN_M (4) as a GEMV
 GEMV_MAX_TOKENS = 3
+# the largest tensor a decode graph computes outside its linears (SmolLM2-135M: 49152 logits; past ~64K elements
+# a second thread starts to pay for its wake-up)
+DECODE_MAX_ELEMENTS = 1 << 16
+
+
+def _computed_elements(node) -> int | None:
+    """Elements of the new tensor `node` computes (0 for views, in-place ops and non-aten nodes); None if symbolic."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return 0
+    schema = node.target._schema
+    if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+        return 0
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    total = 0
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            if not isinstance(v.numel(), int):
+                return None
+            total += v.numel()
+    return total
 
 
 def is_decode_graph(gm: GraphModule) -> bool:
-    """Whether every lowered CPU linear in `gm` (at least one) is a GEMV: a fixed token count below the GEMM's.
-    Such a graph (a decode step) is all small kernels, which a thread team slows down (backend.py)."""
-    lowered = [n for n in gm.graph.nodes if n.op == "call_function"
-               and n.target in (cpu_ops.intx_linear_dynamic_int8_cpu, cpu_ops.intx_linear_float_cpu)]
+    """Whether every lowered CPU linear in `gm` (at least one) is a GEMV (a fixed token count below the GEMM's) and
+    nothing else computes more than DECODE_MAX_ELEMENTS: a graph of small kernels (a decode step), which a thread
+    team slows down (backend.py)."""
+    lowered_ops = (cpu_ops.intx_linear_dynamic_int8_cpu, cpu_ops.intx_linear_float_cpu)
+    lowered = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in lowered_ops]
 
     def tokens(node) -> int | None:
         val = node.args[0].meta.get("val")
@@ -110,7 +132,10 @@ def is_decode_graph(gm: GraphModule) -> bool:
         return count
 
     counts = [tokens(n) for n in lowered]
-    return bool(counts) and all(c is not None and c <= GEMV_MAX_TOKENS for c in counts)
+    if not counts or not all(c is not None and c <= GEMV_MAX_TOKENS for c in counts):
+        return False
+    others = [_computed_elements(n) for n in gm.graph.nodes if n.target not in lowered_ops]
+    return all(e is not None and e <= DECODE_MAX_ELEMENTS for e in others)
 
 
 @register_lowering("cpu")

@@ -104,8 +104,13 @@ class _MLP(nn.Module):
         self.up = nn.Linear(64, 96)
         self.down = nn.Linear(96, 32, bias=False)
 
+    side = 0  # a side computation of side x side elements (test_decode_graphs_run_on_one_intra_op_thread)
+
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.up(x))) + x[..., :32]
+        out = self.down(torch.nn.functional.silu(self.up(x))) + x[..., :32]
+        if self.side:
+            out = out + torch.outer(x[..., 0].sum().expand(self.side), x[..., 1].sum().expand(self.side)).mean()
+        return out
 
 
 @pytest.mark.parametrize("scheme, op_name", [("int8_dynamic_intx", "intx_linear_dynamic_int8"),
@@ -140,8 +145,10 @@ def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for tokens, expected_threads in ((1, 1), (3, 1), (5, 2)):
+        # 5 tokens: a GEMM; 1 token beside a 300x300 product: more than small kernels
+        for tokens, side, expected_threads in ((1, 0, 1), (3, 0, 1), (5, 0, 2), (1, 300, 2)):
             model = _MLP()
+            model.side = side
             x = torch.randn(tokens, 64)
             with torch.no_grad():
                 out = torch.compile(model, backend="qcompile", dynamic=False,
