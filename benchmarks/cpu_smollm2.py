@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -185,7 +186,9 @@ def decode_split_ms(engine: "TorchEngine", prompt: list[int], n: int) -> dict[st
     steps = len(prompt) + n  # the prompt runs through the decode graph too
     gemv = other = 0.0
     for event in prof.key_averages():
-        if "intx_linear" in event.key:
+        # qcompile's CPU template kernels record "graph_<id>_kernel" (their name when the event is written; the
+        # graph's other CppTemplates would too, and no torch row here has one: max-autotune is off)
+        if re.fullmatch(r"graph_\d+_kernel", event.key):
             gemv += event.self_cpu_time_total
         elif event.key.startswith("graph_") or event.key.startswith("aten::"):
             other += event.self_cpu_time_total
