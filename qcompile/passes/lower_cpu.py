@@ -178,6 +178,10 @@ def _same(a, b) -> bool:
     return a is b or statically_known_true(a == b)  # never a guard: symbolic sizes compare by what is known
 
 
+def _same_shape(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
 def _repeated_heads(node) -> tuple[Node, object] | None:
     """(kv, rep) when `node` is kv [b, h, L, d] repeated rep times per head as transformers' repeat_kv does it:
     full slices and unsqueeze(2), expand to [b, h, rep, L, d], clone, view [b, h*rep, L, d]; else None."""
@@ -189,7 +193,7 @@ def _repeated_heads(node) -> tuple[Node, object] | None:
         return None
     src, unsqueezed = expand.args[0], False
     while True:  # walk back through shape-keeping slices and the one unsqueeze at dim 2
-        if _call(src, aten.slice.Tensor) and _shape(src) is not None and _shape(src) == _shape(src.args[0]):
+        if _call(src, aten.slice.Tensor) and _same_shape(_shape(src), _shape(src.args[0])):
             src = src.args[0]
         elif _call(src, aten.unsqueeze.default) and src.args[1] == 2 and not unsqueezed:
             src, unsqueezed = src.args[0], True

@@ -183,8 +183,10 @@ def test_flash_attention_reads_grouped_kv_heads(query_length, rep):
     with torch.no_grad():
         gm = make_fx(attention, tracing_mode="symbolic")(q, k, v, mask)  # symbolic sizes, as the backend traces
     COUNTS.clear()
+    guards = len(gm.shape_env.guards)
     attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
     gm.recompile()
+    assert len(gm.shape_env.guards) == guards  # symbolic sizes compared without guarding on them
     assert COUNTS == {"attention: repeated key/value heads dropped (grouped-query flash attention)": 1}
     assert not any(n.target in (torch.ops.aten.clone.default, torch.ops.aten.expand.default) for n in gm.graph.nodes)
     assert torch.equal(gm(q, k, v, mask), attention(q, k, v, mask))
