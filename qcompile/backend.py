@@ -111,6 +111,15 @@ def quantized_weights(uses: tuple[WeightUse, ...], options: QuantOptions, hessia
     return fused
 
 
+def quantized_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The quantized tensors qcompile holds for `weight` (under any options; for fused siblings, the fused
+    tensors its rows are views of): what the CLI counts as a quantized linear's bytes."""
+    found = []
+    for entry in _QUANTIZED.get(weight, {}).values():
+        found.extend((entry[1] if isinstance(entry, tuple) else entry).values())  # ([weakrefs], fused) for siblings
+    return found
+
+
 # elements per block of rows when a large weight is quantized: float32 temporaries stay ~0.25 GB each, where the
 # whole LM head of an 8B model (525 M weights) took ~10 GB of them at once
 ROW_BLOCK_ELEMENTS = 1 << 26
