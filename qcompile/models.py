@@ -294,15 +294,19 @@ def load_llama(folder: Path, config: LlamaConfig) -> Llama:
     return model.eval()
 
 
-def load_transformers_folder(folder: Path, name: str | None = None) -> LoadedModel:
-    """A Llama-architecture checkpoint runs as qcompile's Llama (with a KV cache: the table's decode), any other
-    through transformers' AutoModelForCausalLM (one forward: the diff report)."""
+def load_transformers_folder(folder: Path, name: str | None = None, own_llama: bool = False) -> LoadedModel:
+    """transformers' AutoModelForCausalLM, or with `own_llama` qcompile's Llama (the table's prefill and decode,
+    over a static KV cache): a checkpoint of another architecture is then refused, saying why."""
     transformers = _require("transformers", "transformers", "loading a transformers model folder")
     require_safetensors(folder)
     quiet_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    config, _ = llama_config(json.loads((folder / "config.json").read_text()))
-    if config is not None:
+    if own_llama:
+        config, unsupported = llama_config(json.loads((folder / "config.json").read_text()))
+        if config is None:
+            raise SystemExit(f"qcompile: the table runs Llama-architecture models (qcompile's own Llama, with a "
+                             f"KV cache for decode); {name or folder} has {unsupported}. 'python -m qcompile diff "
+                             f"--model ...' reports on any transformers model")
         return LoadedModel(name=name or str(folder), module=load_llama(folder, config), tokenizer=tokenizer,
                            vocab_size=config.vocab_size)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
@@ -325,7 +329,7 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_gguf(gguf: Path, progress=print) -> LoadedModel:
+def load_gguf(gguf: Path, progress=print, own_llama: bool = False) -> LoadedModel:
     """transformers dequantizes a GGUF to float in numpy (~20 s for SmolLM2-135M); the result is saved once as
     safetensors under ~/.cache/qcompile (QCOMPILE_CACHE) and loaded from there afterwards."""
     folder = gguf_cache_folder(gguf)
@@ -348,16 +352,16 @@ def load_gguf(gguf: Path, progress=print) -> LoadedModel:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(folder)
-    return load_transformers_folder(folder, name=gguf.name)
+    return load_transformers_folder(folder, name=gguf.name, own_llama=own_llama)
 
 
-def load_model(path: str | os.PathLike, progress=print) -> LoadedModel:
-    """A transformers model folder (config.json + weights) or a .gguf file."""
+def load_model(path: str | os.PathLike, progress=print, own_llama: bool = False) -> LoadedModel:
+    """A transformers model folder (config.json + weights) or a .gguf file; `own_llama`: as qcompile's Llama."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return load_gguf(p, progress)
+        return load_gguf(p, progress, own_llama)
     if p.is_dir() and (p / "config.json").is_file():
-        return load_transformers_folder(p)
+        return load_transformers_folder(p, own_llama=own_llama)
     if not p.exists():
         raise SystemExit(f"qcompile: --model {path}: no such file or folder")
     raise SystemExit(f"qcompile: --model {path}: expected a transformers model folder (with config.json) or a "

@@ -111,13 +111,23 @@ def test_default_model_is_smollm2(tmp_path, capsys):
     assert 5 < float_row["perplexity"] < 100  # trained weights on English text (random weights: ~49152)
     assert abs(q["ppl_increase_pct"]) < 15 and q["linears_quantized"] == q["linears_total"] == 211
     assert "recommended" in capsys.readouterr().out
-    import transformers
-    model = models.load_model(models.smollm2_gguf_path())
-    ids = model.example_input_ids(32)
-    folder = models.gguf_cache_folder(models.smollm2_gguf_path())
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    path = models.smollm2_gguf_path()
+    ours, reference = models.load_model(path, own_llama=True), models.load_model(path)  # transformers' model
+    assert isinstance(ours.module, models.Llama) and not isinstance(reference.module, models.Llama)
+    ids = ours.example_input_ids(32)
     with torch.no_grad():
-        torch.testing.assert_close(model.module(ids), reference(ids).logits, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(ours.module(ids), models.logits_of(reference.module(ids)), rtol=1e-4, atol=1e-3)
+
+
+def test_llama_config_takes_plain_llamas_and_names_what_it_cannot():
+    hf = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+          "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    config, _ = models.llama_config(hf)
+    assert config == models.LlamaConfig(vocab_size=300, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                                         rope_theta=100000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    assert models.llama_config({**hf, "rope_parameters": {"rope_type": "llama3"}}) == (None, "RoPE scaling 'llama3'")
+    assert models.llama_config({**hf, "model_type": "gpt2"}) == (None, "model_type 'gpt2' is not 'llama'")
 
 
 def test_diff_subcommand(small_tiny, tmp_path, capsys):
