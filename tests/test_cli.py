@@ -49,6 +49,22 @@ def test_table_and_json(small_tiny, tmp_path, capsys):
     assert "recommended" in captured.out.splitlines()[-1]
 
 
+@pytest.mark.gpu
+def test_table_on_cuda_with_its_default_schemes(small_tiny, tmp_path):
+    out_json = tmp_path / "out.json"
+    assert cli.main(["--model", "tiny", "--seq-len", "16", "--decode-tokens", "3", "--repeats", "1",
+                     "--json", str(out_json)]) == 0  # --device auto: CUDA
+    data = json.loads(out_json.read_text())
+    assert data["device"].startswith("cuda")
+    float_row, *rows = data["rows"]
+    assert float_row["options"] == {"dtype": "bfloat16"}
+    assert [r["scheme"] for r in rows] == [s for s in cli.DEFAULT_SCHEMES["cuda"]
+                                           if s in cli.supported_schemes(torch.device("cuda"))]
+    for r in rows:
+        assert r["error"] is None and r["output_sqnr_db"] > 10 and r["weight_bytes"] < float_row["weight_bytes"]
+        assert r["peak_bytes"] > r["weight_bytes"] and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+
+
 def _row(scheme, ppl, decode, sqnr=40.0):
     return cli.Row(scheme, {}, perplexity=ppl, ppl_increase_pct=100 * (ppl / 10 - 1), output_sqnr_db=sqnr,
                    decode_tok_s=decode, prefill_tok_s=decode * 10, weight_bytes=100)
