@@ -152,7 +152,7 @@ class Generation:
     """Prefill and greedy decode on a Llama with a static KV cache: the two calls an LM's user times."""
 
     def __init__(self, module: models.Llama, prompt: torch.Tensor, decode_tokens: int, sync):
-        self.module, self.prompt, self.decode_tokens, self.sync = module, prompt, decode_tokens, sync
+        self.module, self.prompt, self.sync = module, prompt, sync
         self.positions = torch.arange(prompt.shape[1], device=prompt.device)
         self.cache_bytes = module.allocate_kv_cache(prompt.shape[1] + decode_tokens)
 
