@@ -21,21 +21,21 @@ def small_tiny(monkeypatch):
 
 
 def test_table_and_json(small_tiny, tmp_path, capsys):
+    """int8_weight_only: the cheapest compile on CPU (the intx schemes' C++ kernels have tests of their own)."""
     out_json = tmp_path / "out.json"
-    rc = cli.main(["--model", "tiny", "--schemes", "int8_dynamic_intx:bits=4", "--seq-len", "16",
+    rc = cli.main(["--model", "tiny", "--schemes", "int8_weight_only", "--seq-len", "16",
                    "--decode-tokens", "3", "--repeats", "1", "--json", str(out_json)])
     assert rc == 0
     captured = capsys.readouterr()
     assert "1/2" in captured.err and "2/2" in captured.err  # progress on stderr, not in the table
     data = json.loads(out_json.read_text())
     rows = {r["scheme"]: r for r in data["rows"]}
-    assert list(rows) == ["float", "int8_dynamic_intx"]
+    assert list(rows) == ["float", "int8_weight_only"]
     assert data["is_language_model"] is False and rows["float"]["perplexity"] is None
-    float_row, q = rows["float"], rows["int8_dynamic_intx"]
+    float_row, q = rows["float"], rows["int8_weight_only"]
     assert float_row["weight_bytes"] == sum(p.numel() * 4 for p in models.Llama(SMALL).parameters())
     cache_bytes = 2 * SMALL.layers * SMALL.kv_heads * (16 + 3) * (SMALL.hidden // SMALL.heads) * 4
-    assert q["options"] == {"bits": 4}
-    assert q["error"] is None and q["output_sqnr_db"] > 12
+    assert q["error"] is None and q["output_sqnr_db"] > 30
     assert q["linears_quantized"] == q["linears_total"] == 8  # 7 per block + lm_head
     assert q["weight_bytes"] < float_row["weight_bytes"] / 2  # the embedding stays float
     for r in (float_row, q):
