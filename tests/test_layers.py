@@ -1,6 +1,6 @@
 """qcompile's floors (docs/DESIGN.md, "Layers"): each module imports only its own room and the floors below it, and
 no files import each other in a circle. Imports are read from the source with `ast`, wherever they stand: one
-inside a function or under `if TYPE_CHECKING:` is a dependency too. (Under 1 s.)"""
+inside a function or under `if TYPE_CHECKING:` is a dependency too. (About 1 s.)"""
 from __future__ import annotations
 
 import ast
