@@ -15,7 +15,8 @@ import torch
 
 from . import models
 from .backend import compile_quantized, find_weight_inputs
-from .debug.report import DEFAULT_TARGET_SQNR_DB, diff, json_safe
+from .debug.records import json_safe
+from .debug.report import DEFAULT_TARGET_SQNR_DB, diff
 from .debug.table import format_bytes, format_db, format_table
 from .options import QuantOptions
 from .progress import Progress
