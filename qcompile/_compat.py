@@ -234,6 +234,15 @@ def mark_static_inputs(gm: torch.fx.GraphModule, dynamo_gm: torch.fx.GraphModule
             tensor_dict.pop("_dynamo_static_input_type", None)
 
 
+def compiled_call(module: torch.nn.Module):
+    """What Module.compile() installed: the compiled call that Module.__call__ runs instead of its own (or None)."""
+    return getattr(module, "_compiled_call_impl", None)
+
+
+def set_compiled_call(module: torch.nn.Module, call) -> None:
+    module._compiled_call_impl = call
+
+
 def dynamo_compile_count() -> int:
     """Graphs Dynamo has compiled in this process (grows by one per compile or recompile of a frame)."""
     from torch._dynamo.utils import counters

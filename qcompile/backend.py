@@ -10,9 +10,10 @@ compiled function receives the quantized tensors as extra inputs, never the floa
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -22,7 +23,8 @@ from .distributed import LocalSignature
 from .graph_key import structure_key
 from .options import QuantOptions
 from .passes.lower import lower_for_device
-from .passes.quantize_linears import PassResult, WeightRef, WeightUse, quantize_linears
+from .passes.quantize_linears import quantize_linears
+from .passes.records import PassResult, WeightRef, WeightUse
 
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}; the first weight of fused siblings
 # -> also {("siblings", options key, members' keys): (weak references to the other members, fused tensors)}
@@ -34,6 +36,27 @@ _READ_IN_FLOAT = WeakIdKeyDictionary()
 # (graph structure, options) -> the first compiled run of that structure (qcompile/graph_key.py); weak: an entry
 # lives as long as Dynamo keeps that run
 _COMPILED_BY_STRUCTURE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class PassObserver:
+    """Looks at each graph right after the pass, while its float weights are still there (QCOMPILE_DEBUG's report
+    folder, debug/folder.py: the debug tools build on this module, so they are handed in, never imported)."""
+    active: Callable[[], bool]  # asked at each compile; a graph it observes compiles on its own (no reuse)
+    # observe(Dynamo graph, example inputs, options, PassResult, LocalSignature or None)
+    observe: Callable[..., None]
+
+
+_PASS_OBSERVERS: list[PassObserver] = []
+
+
+def add_pass_observer(observer: PassObserver) -> None:
+    if observer not in _PASS_OBSERVERS:
+        _PASS_OBSERVERS.append(observer)
+
+
+def _active_observers() -> list[PassObserver]:
+    return [o for o in _PASS_OBSERVERS if o.active()]
 
 
 def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
@@ -262,9 +285,9 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
 
 def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | None:
     """The structure key of a graph whose compile may be reused (graph_key.py), or None: tensor-parallel graphs,
-    GPTQ (its statistics are per weight, collected in the graph's own calibration run), QCOMPILE_DEBUG (a report
-    per compile) and CUDA-graph trees always compile."""
-    if signature is not None or options.algorithm == "gptq" or os.environ.get("QCOMPILE_DEBUG") or options.cudagraphs:
+    GPTQ (its statistics are per weight, collected in the graph's own calibration run), a pass observer
+    (QCOMPILE_DEBUG: a report per compile) and CUDA-graph trees always compile."""
+    if signature is not None or options.algorithm == "gptq" or _active_observers() or options.cudagraphs:
         return None  # (CUDA-graph trees would re-record one graph per weight set: no gain)
     names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
     structure = structure_key(gm, example_inputs, names)
@@ -275,12 +298,8 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
 
 def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature, sources):
     result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
-    if os.environ.get("QCOMPILE_DEBUG") and signature is not None:
-        warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
-                      "replay runs one process", stacklevel=2)
-    elif os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
-        from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
-        write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
+    for observer in _active_observers():
+        observer.observe(gm, example_inputs, options, result, signature)
     if signature is not None:  # tensor parallel: the compiled graph takes the local shards
         example_inputs = signature.flatten(example_inputs)
     device = device_of(example_inputs)

@@ -20,7 +20,8 @@ import torch
 
 from . import models
 from .backend import quantized_tensors
-from .debug.report import DEFAULT_TARGET_SQNR_DB, diff, json_safe
+from .debug.records import json_safe
+from .debug.report import DEFAULT_TARGET_SQNR_DB, diff
 from .debug.table import format_bytes, format_db, format_table
 from .options import QuantOptions
 from .per_layer import compile_blocks

@@ -5,10 +5,11 @@ compile instead of the whole model's — and each linear outside the blocks (the
 
 One graph serves every block where the blocks differ only in their weights (they are graph inputs; qcompile feeds
 each block its own quantized weights). Blocks whose code reads an int attribute that differs between them —
-transformers' `layer_idx`, which picks the block's KV-cache slot — get a graph per block: Dynamo specializes on
-the int. The first compiles, the rest hit Inductor's cache, but Dynamo keeps at most `recompile_limit` (8) graphs
-per code object and runs the frame eagerly past it: the blocks after the 8th would stay in float, with only
-Dynamo's warning to say so. compile_blocks raises the limit to hold a graph per block and input shape.
+transformers' `layer_idx`, which picks the block's KV-cache slot — would get a graph per block (Dynamo specializes
+on the int): block_views makes `layer_idx` read 0 inside a compiled block and hands the block a one-layer view of
+the cache, so one trace serves all again. Where that does not apply (no per-layer cache in the call), Dynamo keeps
+at most `recompile_limit` (8) graphs per code object and runs the frame eagerly past it — the blocks after the 8th
+would stay in float — so compile_blocks raises the limit to hold a graph per block and input shape.
 
 With options {"cudagraphs": True} (or mode="reduce-overhead" for a float baseline) the blocks compile without
 CUDA graphs of their own and each call of the model is captured whole as one CUDA graph per call signature
@@ -24,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from .block_views import share_block_traces
 from .options import QuantOptions
 from .step_graphs import capture_steps
 
@@ -96,6 +98,7 @@ def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block:
     linears = linears_outside(model, blocks)
     for block in blocks:
         block.compile(**compile_kwargs)
+    share_block_traces(blocks)  # transformers' blocks differ by layer_idx alone: one Dynamo trace for all
     for parent, name, linear in linears:
         setattr(parent, name, torch.compile(linear, **compile_kwargs))
     return model

@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import released
 from .backend import _RELEASED, quantized_weight, release_float_weight, released_weight
 from .options import QuantOptions
-from .passes.quantize_linears import WeightRef
+from .passes.records import WeightRef
 from .progress import Progress
 
 

@@ -137,10 +137,11 @@ def test_transformers_generate_replays_one_cuda_graph_per_step():
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])
 def test_transformers_generate_gives_the_float_models_greedy_tokens(scheme):
-    """generate() over a tiny transformers Llama compiled block by block: the greedy tokens of the float model, with
-    no recompile across the decode steps. A small vocabulary and weights drawn at initializer_range 0.05 make each
-    step's best token lead the next by more than twice int8's error on any logit — checked, so a failure is the
-    compile's, not a near-tie's."""
+    """generate() with a static cache over a tiny transformers Llama compiled block by block: the greedy tokens of
+    the float model, no recompile across the decode steps, and one Dynamo trace for all blocks (block_views: they
+    differ only by `layer_idx`, which reads as the module's own outside a compiled call). A small vocabulary and
+    weights drawn at initializer_range 0.05 make each step's best token lead the next by more than twice int8's
+    error on any logit — checked, so a failure is the compile's, not a near-tie's."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
@@ -148,16 +149,27 @@ def test_transformers_generate_gives_the_float_models_greedy_tokens(scheme):
     model = transformers.LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, 32, (1, 6))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0,
-                  output_logits=True, return_dict_in_generate=True)
+    cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def generate():
+        cache = transformers.StaticCache(config=config, max_cache_len=16)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                              **{cache_kwarg: cache})
+
+    counters = torch._dynamo.utils.counters["stats"]
     with torch.no_grad():
-        expected = model.generate(prompt, **kwargs)
+        expected = generate()
+        torch._dynamo.reset()
         qcompile.compile_blocks(model, {"scheme": scheme}, dynamic=False)
-        got = model.generate(prompt, **kwargs)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        again = model.generate(prompt, **kwargs)
+        before = counters["unique_graphs"]
+        got = generate()
+        compiled = counters["unique_graphs"] - before
+        again = generate()
     float_logits, quantized_logits = torch.cat(expected.logits), torch.cat(got.logits)
     top2 = float_logits.topk(2, dim=-1).values
     assert (top2[:, 0] - top2[:, 1]).min() > 2 * (quantized_logits - float_logits).abs().max()  # no near-ties
     assert got.sequences.tolist() == expected.sequences.tolist() == again.sequences.tolist()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # 8 more steps, no recompile
+    assert counters["unique_graphs"] == before + compiled  # 8 more steps, no recompile
+    assert compiled <= 4, compiled  # a block and the LM head, for the prompt and a decode step (was 2 x 2 + 2)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]

@@ -20,7 +20,6 @@ from torch.fx import GraphModule, Node
 
 from .. import ops
 from ..kernels.cpu import ops as cpu_ops
-from .lower import register_lowering
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -82,7 +81,6 @@ def _unsupported(args) -> str | None:
     return None
 
 
-@register_lowering("cpu")
 def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False
     for node in list(gm.graph.nodes):
