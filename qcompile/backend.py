@@ -193,6 +193,20 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int], optio
                 released.attach(owner, released_weight)
 
 
+def shared_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters more than one module holds (a tied embedding and LM head)."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(p)
+    return [held[0] for held in owners.values() if len(held) > 1]
+
+
+def keep_float_weight(t: torch.Tensor) -> None:
+    """Never release t's float storage: code no compile sees reads it (the embedding tied to a compiled head)."""
+    _READ_IN_FLOAT[t] = True
+
+
 def release_float_weight(t: torch.Tensor, name: str, options: QuantOptions) -> bool:
     """Free a quantized weight's float storage; whether it was freed now. Shape, dtype and strides stay, so
     Dynamo's guards hold and a recompile finds the cached quantized tensors; a tensor sharing its storage with
