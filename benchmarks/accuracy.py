@@ -37,7 +37,7 @@ from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.per_layer import compile_units  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from markdown_section import write_section  # noqa: E402
+from harness import table, write_section  # noqa: E402
 
 CACHE = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
 PLAYS = ("alls_well_that_ends_well", "as_you_like_it", "coriolanus", "hamlet", "henry_iv_part_2", "henry_vi_part_1",
@@ -393,29 +393,25 @@ def lm_table(results: list[Result], tokens: int) -> str:
     base = {r.row.label: r.value for r in results if r.error is None}
     ref_label = "bf16" if "bf16" in base else "fp32"
     ref = base.get(ref_label)
-    lines = [f"| SmolLM2-135M-Instruct row | perplexity | increase over {ref_label} | checkpoint MB | torchao, same "
-             f"numerics: increase | seconds (prepare) | notes |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for r in results:
         if r.error is not None:
-            lines.append(f"| {r.row.label} | fails | | | | {_seconds(r)} | {r.error} |")
+            rows.append([r.row.label, "fails", "", "", "", _seconds(r), r.error])
             continue
         peer = base.get(r.row.numerics)
         peer_text = f"{peer - ref:+.3f}" if peer is not None and ref is not None else ""
         increase = f"{r.value - ref:+.3f}" if ref is not None else ""  # --rows may leave out bf16 and fp32
-        lines.append(f"| {r.row.label} | {r.value:.3f} | {increase} | {r.size / 1e6:.1f} | {peer_text} | "
-                     f"{_seconds(r)} | {r.notes} |")
-    return "\n".join(lines)
+        rows.append([r.row.label, f"{r.value:.3f}", increase, f"{r.size / 1e6:.1f}", peer_text, _seconds(r),
+                     r.notes])
+    return table(["SmolLM2-135M-Instruct row", "perplexity", f"increase over {ref_label}", "checkpoint MB",
+                  "torchao, same numerics: increase", "seconds (prepare)", "notes"], rows)
 
 
 def embedding_table(results: list[Result]) -> str:
-    lines = ["| all-MiniLM-L6-v2 row | 1 - mean cosine vs fp32 | checkpoint MB | seconds (prepare) | notes |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        if r.error is not None:
-            lines.append(f"| {r.row.label} | fails | | {_seconds(r)} | {r.error} |")
-        else:
-            lines.append(f"| {r.row.label} | {r.value:.2e} | {r.size / 1e6:.1f} | {_seconds(r)} | {r.notes} |")
-    return "\n".join(lines)
+    rows = [[r.row.label, "fails", "", _seconds(r), r.error] if r.error is not None else
+            [r.row.label, f"{r.value:.2e}", f"{r.size / 1e6:.1f}", _seconds(r), r.notes] for r in results]
+    return table(["all-MiniLM-L6-v2 row", "1 - mean cosine vs fp32", "checkpoint MB", "seconds (prepare)", "notes"],
+                 rows)
 
 
 def _seconds(r: Result) -> str:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import re
 import statistics
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -28,6 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", os.environ.get("QCOMPILE_BENCH_OMP_WAIT
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from harness import seconds, table, versions  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "qcompile"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +74,14 @@ def requantized_gguf(kind: str) -> Path:
 
 # --- engines --------------------------------------------------------------------------------------------------
 
-class TorchEngine:
+class Engine:
+    """prefill(prompt) and decode(prompt, n) return the seconds of the timed part."""
+
+    def warm_up(self, prompt: list[int]) -> float:
+        return seconds(lambda: (self.prefill(prompt), self.decode(prompt[:PROMPT_DECODE], 2)))
+
+
+class TorchEngine(Engine):
     """transformers Llama with static KV caches (one per phase, so decode attends 160 slots, not 512)."""
 
     def __init__(self, name: str, compile_options: dict | None, backend: str | None, decode_tokens: int,
@@ -100,32 +107,27 @@ class TorchEngine:
             self.step = torch.compile(step, backend=backend, options=compile_options, dynamic=False)
 
     def warm_up(self, prompt: list[int]) -> float:
-        start = time.perf_counter()
         if self.decode_threads_policy:
-            self.prefill(prompt)
-            self.decode(prompt[:PROMPT_DECODE], 2)
-        else:  # the "before" row: compiled without the decode-step changes of issue 24 (one intra-op thread for
-            # decode graphs, backend.py; flash attention on the grouped KV heads, lower_cpu.py)
-            import qcompile.backend
-            from qcompile.passes import lower_cpu
-            from qcompile.passes.lower import LOWERINGS
-            qcompile.backend._COMPILED_BY_STRUCTURE.clear()  # else another engine's compile of this graph is reused
-            before = [f for f in LOWERINGS["cpu"] if f is not lower_cpu.attend_grouped_kv_heads_cpu]
-            with mock.patch.object(qcompile.backend, "is_decode_graph", lambda gm: False), \
-                    mock.patch.dict(LOWERINGS, {"cpu": before}):
-                self.prefill(prompt)
-                self.decode(prompt[:PROMPT_DECODE], 2)
-            qcompile.backend._COMPILED_BY_STRUCTURE.clear()
-        return time.perf_counter() - start
+            return super().warm_up(prompt)
+        # the "before" row: compiled without the decode-step changes of issue 24 (one intra-op thread for decode
+        # graphs, backend.py; flash attention on the grouped KV heads, lower_cpu.py)
+        import qcompile.backend
+        from qcompile.passes import lower_cpu
+        from qcompile.passes.lower import LOWERINGS
+        qcompile.backend._COMPILED_BY_STRUCTURE.clear()  # else another engine's compile of this graph is reused
+        before = [f for f in LOWERINGS["cpu"] if f is not lower_cpu.attend_grouped_kv_heads_cpu]
+        with mock.patch.object(qcompile.backend, "is_decode_graph", lambda gm: False), \
+                mock.patch.dict(LOWERINGS, {"cpu": before}):
+            elapsed = super().warm_up(prompt)
+        qcompile.backend._COMPILED_BY_STRUCTURE.clear()
+        return elapsed
 
     @torch.no_grad()
     def prefill(self, prompt: list[int]) -> float:
         cache = self.caches["prefill"]
         cache.reset()
         ids = torch.tensor([prompt])
-        start = time.perf_counter()
-        self.step(ids, torch.arange(len(prompt)), cache)
-        return time.perf_counter() - start
+        return seconds(lambda: self.step(ids, torch.arange(len(prompt)), cache))
 
     @torch.no_grad()
     def decode(self, prompt: list[int], n: int) -> float:
@@ -133,14 +135,14 @@ class TorchEngine:
         cache.reset()
         for i, token in enumerate(prompt):  # the prompt through the decode graph too: no extra graph to compile
             logits = self.step(torch.tensor([[token]]), torch.tensor([i]), cache)
-        start = time.perf_counter()
-        for i in range(len(prompt), len(prompt) + n):
-            token = logits.argmax(-1, keepdim=True)
-            logits = self.step(token, torch.tensor([i]), cache)
-        return time.perf_counter() - start
+
+        def greedy(logits):
+            for i in range(len(prompt), len(prompt) + n):
+                logits = self.step(logits.argmax(-1, keepdim=True), torch.tensor([i]), cache)
+        return seconds(lambda: greedy(logits))
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     def __init__(self, name: str, path: Path, threads: int):
         from llama_cpp import Llama
         self.name = name
@@ -148,17 +150,9 @@ class LlamaCppEngine:
                          n_threads_batch=threads, logits_all=False, verbose=False)
         self.weight_bytes = path.stat().st_size  # ~all of the file is tensor data
 
-    def warm_up(self, prompt):
-        start = time.perf_counter()
-        self.prefill(prompt)
-        self.decode(prompt[:PROMPT_DECODE], 2)
-        return time.perf_counter() - start
-
     def prefill(self, prompt) -> float:
         self.llm.reset()
-        start = time.perf_counter()
-        self.llm.eval(prompt)
-        return time.perf_counter() - start
+        return seconds(lambda: self.llm.eval(prompt))
 
     def _last_logits(self):
         # with logits_all=False, Llama.eval leaves llm.scores empty: read the context's last row directly
@@ -167,22 +161,21 @@ class LlamaCppEngine:
     def decode(self, prompt, n) -> float:
         self.llm.reset()
         self.llm.eval(prompt)
-        start = time.perf_counter()
-        for _ in range(n):
-            self.llm.eval([int(self._last_logits().argmax())])
-        return time.perf_counter() - start
+
+        def greedy():
+            for _ in range(n):
+                self.llm.eval([int(self._last_logits().argmax())])
+        return seconds(greedy)
 
 
-def decode_split_ms(engine: "TorchEngine", prompt: list[int], n: int) -> dict[str, float]:
+def decode_split_ms(engine: TorchEngine, prompt: list[int], n: int) -> dict[str, float]:
     """Where one compiled decode step's time goes, per step: the quantized linears' kernels (GEMVs), every other
     kernel and aten op the compiled graph runs (norms, RoPE, cache copies, SDPA), and the rest of the wall time
     (Python wrapper of the compiled graph, Dynamo's guards, transformers' eager Python). Needs the graph
     compiled under Inductor's cpp.enable_kernel_profile (--split does it), so every kernel records an event."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        engine.decode(prompt, n)
-        wall = time.perf_counter() - start
+        wall = seconds(lambda: engine.decode(prompt, n))
     steps = len(prompt) + n  # the prompt runs through the decode graph too
     gemv = other = 0.0
     for event in prof.key_averages():
@@ -212,20 +205,15 @@ def decode_weight_bytes(model, options: dict | None) -> int:
 def measured_bandwidth_gbs(threads: int) -> float:
     """Read bandwidth: best of 5 sums over 1 GiB of fp32."""
     x = torch.ones(256 * 1024 * 1024)
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / min(seconds(x.sum) for _ in range(5)) / 1e9
 
 
-def versions() -> str:
+def versions_line() -> str:
     """Library versions, and the ISA Inductor compiles its C++ (and so the qcompile CPU kernels) for."""
-    import transformers
     from torch._inductor import cpu_vec_isa
     isa = cpu_vec_isa.pick_vec_isa()
-    line = f"torch {torch.__version__}, transformers {transformers.__version__}, Inductor ISA {type(isa).__name__}"
+    v = versions()
+    line = f"torch {v['torch']}, transformers {v['transformers']}, Inductor ISA {type(isa).__name__}"
     if importlib.util.find_spec("llama_cpp") is not None:
         import llama_cpp
         line += f", llama-cpp-python {llama_cpp.__version__}"
@@ -298,28 +286,28 @@ def main():
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     bw = statistics.median(bandwidth)
-    print(f"\n{versions()}")
+    print(f"\n{versions_line()}")
     base = "fp32 Inductor" if "fp32 Inductor" in prefill else runs[0].name
     print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; threads {args.threads}; read bandwidth (median of {len(bandwidth)}): {bw:.1f} GB/s; medians of "
           f"{args.rounds} alternating rounds; ratios vs {base}\n")
-    print("| engine | weights read / token | prefill tok/s | decode tok/s | decode GB/s of weights (% of measured) "
-          "| warm-up incl. compile |")
-    print("|---|---|---|---|---|---|")
     p0, d0 = statistics.median(prefill[base]), statistics.median(decode[base])
+    rows = []
     for engine in runs:
         p, d = statistics.median(prefill[engine.name]), statistics.median(decode[engine.name])
         gbs = engine.weight_bytes * d / 1e9
-        print(f"| {engine.name} | {engine.weight_bytes / 1e6:.0f} MB | {p:.0f} ({p / p0:.2f}x) | {d:.1f} "
-              f"({d / d0:.2f}x) | {gbs:.1f} ({100 * gbs / bw:.0f}%) | {compile_s[engine.name]:.0f} s |")
-
+        rows.append([engine.name, f"{engine.weight_bytes / 1e6:.0f} MB", f"{p:.0f} ({p / p0:.2f}x)",
+                     f"{d:.1f} ({d / d0:.2f}x)", f"{gbs:.1f} ({100 * gbs / bw:.0f}%)",
+                     f"{compile_s[engine.name]:.0f} s"])
+    print(table(["engine", "weights read / token", "prefill tok/s", "decode tok/s",
+                 "decode GB/s of weights (% of measured)", "warm-up incl. compile"], rows))
     if args.split:
         print("\nDecode step split (ms per step, one profiled decode per engine; the profiler adds to each part)\n")
-        print("| engine | step | GEMVs | other kernels + aten ops | rest: wrapper, guards, eager |")
-        print("|---|---|---|---|---|")
+        rows = []
         for engine in runs:
             if isinstance(engine, TorchEngine) and engine.compiled:
                 t = decode_split_ms(engine, prompt[:PROMPT_DECODE], args.decode_tokens)
-                print(f"| {engine.name} | {t['step']:.2f} | {t['gemv']:.2f} | {t['other']:.2f} | {t['rest']:.2f} |")
+                rows.append([engine.name] + [f"{t[k]:.2f}" for k in ("step", "gemv", "other", "rest")])
+        print(table(["engine", "step", "GEMVs", "other kernels + aten ops", "rest: wrapper, guards, eager"], rows))
 
 
 if __name__ == "__main__":

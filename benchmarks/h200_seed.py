@@ -1,7 +1,9 @@
 """Take the tuning caches a device call brought back ($OUT/tuning from h200_session.sh's save_tuning) into this
-checkout: .cache/qcompile (carried to the next call) and benchmarks/h200_cache (the committed seed). Our configs
-keep only the keys of the current kernels (`tuning.template_version()`: entries of older kernel code are never
-read again); gemlite's are merged by kernel kind.
+checkout: .cache/qcompile (carried to the next call) and the committed seed of the GPU that tuned them —
+benchmarks/h200_cache or benchmarks/h100_cache (the device lends both; a choice is keyed by the GPU's name, and
+one GPU's seed must not grow with the other's entries). Our configs keep only the keys of the current kernels
+(`tuning.template_version()`: entries of older kernel code are never read again); gemlite's (keyed by shape only)
+are merged by kernel kind into the H200's folder.
 
     python benchmarks/h200_seed.py /work/.device/N/tuning
     python benchmarks/h200_seed.py --rekey-from OLDHASH   # after a kernel edit that left the SASS as it was
@@ -15,7 +17,15 @@ from pathlib import Path
 
 from qcompile.kernels.triton.tuning import template_version
 
-DESTINATIONS = [Path(".cache/qcompile"), Path("benchmarks/h200_cache")]
+CACHE = Path(".cache/qcompile")
+SEEDS = {"H100": Path("benchmarks/h100_cache"), "H200": Path("benchmarks/h200_cache")}
+DESTINATIONS = [CACHE, *SEEDS.values()]
+
+
+def seed_of(key: str) -> Path:
+    """The committed seed folder for an entry of triton_linear_configs.json (its key starts with the GPU's name)."""
+    device = key.split("|", 1)[0]
+    return next((folder for gpu, folder in SEEDS.items() if gpu in device), SEEDS["H200"])
 
 
 def current_kernels_only(entries: dict) -> dict:
@@ -63,15 +73,17 @@ def main(argv=None) -> None:
         if not nested:
             new = current_kernels_only(new)
         for folder in DESTINATIONS:
+            mine = new if nested or folder == CACHE else {k: v for k, v in new.items() if seed_of(k) == folder}
+            if folder != CACHE and (not mine or nested and folder != SEEDS["H200"]):
+                continue
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / name
             old = json.loads(target.read_text()) if target.exists() else {}
             if not nested:
                 old = current_kernels_only(old)
-            result = merged(old, new, nested)
+            result = merged(old, mine, nested)
             target.write_text(json.dumps(result, indent=1, sort_keys=True))
-            print(f"{target}: {len(result)} entries ({len(new)} from {source})")
-
+            print(f"{target}: {len(result)} entries ({len(mine)} from {source})")
 
 if __name__ == "__main__":
     main()

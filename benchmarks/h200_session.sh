@@ -11,7 +11,8 @@
 # ../shared/bench/peers_h200.py, the torchao wheel and gemlite's source under .whl/src. .cache/qcompile holds the
 # tuned Triton configs (triton_linear_configs.json) and gemlite's (gemlite_configs.json): save_tuning copies them
 # to $OUT/tuning/; `python benchmarks/h200_seed.py <files_at>/tuning` here takes them into .cache/qcompile (the
-# next call does not tune again) and benchmarks/h200_cache (committed: a fresh checkout starts from them).
+# next call does not tune again) and the tuning GPU's committed seed, benchmarks/h200_cache or h100_cache (a fresh
+# checkout starts from them).
 
 if [ ! -d .whl ]; then
     echo "h200_session: no .whl folder on this machine: pass carry [\".whl\", ...] to the device tool" >&2
@@ -25,9 +26,10 @@ export QCOMPILE_CACHE_DIR=$PWD/.cache/qcompile
 # fresh machine compiles nothing it compiled before (save_inductor_cache brings them back, within the carry limit)
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 mkdir -p "$QCOMPILE_CACHE_DIR" "$OUT"
-# seed the caches with the H200 choices committed in benchmarks/h200_cache (entries already here win): ours are
+# seed the caches with the choices committed in benchmarks/h200_cache and h100_cache (the device lends both GPUs;
+# our keys name the GPU; entries already here win): ours are
 # keyed by a hash of the kernels' sources, so a kernel edit makes them unused; gemlite's are keyed by shape only
-python - "$QCOMPILE_CACHE_DIR" benchmarks/h200_cache/*.json <<'PY'
+python - "$QCOMPILE_CACHE_DIR" benchmarks/h200_cache/*.json benchmarks/h100_cache/*.json <<'PY'
 import json, pathlib, sys
 for seed in map(pathlib.Path, sys.argv[2:]):
     here = pathlib.Path(sys.argv[1]) / seed.name

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -22,6 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import kernel_us, log, table, write_json  # noqa: E402
 
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 # --shapes may also name linears outside the layer's table, tuned here beforehand so that llama_e2e's compiles find
@@ -205,15 +207,6 @@ def warm_peers(peers_path: str, kinds: list[str]):
     return pool, pool.map_async(_warm_peer, [(peers_path, k, list(MS)) for k in kinds])
 
 
-def bench(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
-    except Exception:
-        return triton.testing.do_bench(fn, warmup=25, rep=80, return_mode="median") * 1e3
-
-
 def time_ours(names, rows, deadline):
     from qcompile.kernels.triton.ops import fused_linear
     from qcompile.kernels.triton.tuning import CACHE, cache_key
@@ -235,25 +228,17 @@ def time_ours(names, rows, deadline):
                 fn = lambda: fused_linear(x, *args[:4], None, *args[4:], torch.bfloat16)  # noqa: E731
                 try:
                     with torch.no_grad():
-                        us = bench(fn)
+                        us = kernel_us(fn)
                     spec = spec_for(*args[4:8], args[1], args[2], None)
                     config = CACHE.get(cache_key(spec, M, N, K, device_name))
                     rows.append(dict(kind=f"qcompile_{name}", shape=shape, N=N, K=K, M=M, us=us,
                                      config=None if config is None else config.__dict__))
-                    print(f"{_clock()} qcompile_{name:24s} {shape:8s} M={M:5d} {us:9.1f} us  {config}", flush=True)
+                    log(f"qcompile_{name:24s} {shape:8s} M={M:5d} {us:9.1f} us  {config}")
                 except Exception as e:
                     rows.append(dict(kind=f"qcompile_{name}", shape=shape, M=M, err=f"{type(e).__name__}: {e}"[:300]))
                     print(f"qcompile_{name} {shape} M={M}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             del args
             torch.cuda.empty_cache()
-
-
-_START = time.time()
-
-
-def _clock() -> str:
-    """Seconds since the script started, on every timing line: where a run's time went (peers' builds, tuning)."""
-    return f"[{time.time() - _START:6.0f} s]"
 
 
 def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
@@ -274,9 +259,9 @@ def time_peers(peers_mod, kinds, rows, deadline, save=lambda: None):
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 try:
                     with torch.no_grad():
-                        us = bench(lambda: fn(x))
+                        us = kernel_us(lambda: fn(x))
                     rows.append(dict(kind=kind, shape=shape, N=N, K=K, M=M, us=us))
-                    print(f"{_clock()} {kind:28s} {shape:8s} M={M:5d} {us:9.1f} us", flush=True)
+                    log(f"{kind:28s} {shape:8s} M={M:5d} {us:9.1f} us")
                 except Exception as e:
                     rows.append(dict(kind=kind, shape=shape, M=M, err=f"{type(e).__name__}: {str(e)[:200]}"))
                     print(f"{kind} {shape} M={M}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -305,14 +290,12 @@ def markdown(result: dict) -> str:
             return "—"
         return f"{t:.0f} us ({base[M] / t:.2f}x)" if M in base else f"{t:.0f} us"
 
-    lines = ["| scheme | M=1 | M=16 | M=128 | M=8192 |", "|---|---|---|---|---|",
-             "| bf16 cuBLAS (`F.linear`) | " + " | ".join(cell("bf16_cublas", M) for M in MS) + " |"]
+    rows = [["bf16 cuBLAS (`F.linear`)", *(cell("bf16_cublas", M) for M in MS)]]
     for name in SCHEMES:
-        lines.append(f"| **qcompile {name}** | " + " | ".join(cell(f"qcompile_{name}", M) for M in MS) + " |")
-        for peer in PEERS.get(name, []):
-            if peer in totals:
-                lines.append(f"| &nbsp;&nbsp;peer {peer} | " + " | ".join(cell(peer, M) for M in MS) + " |")
-    return "\n".join(lines)
+        rows.append([f"**qcompile {name}**", *(cell(f"qcompile_{name}", M) for M in MS)])
+        rows += [[f"&nbsp;&nbsp;peer {peer}", *(cell(peer, M) for M in MS)] for peer in PEERS.get(name, [])
+                 if peer in totals]
+    return table(["scheme", *(f"M={M}" for M in MS)], rows)
 
 
 def main():
@@ -383,11 +366,12 @@ def main():
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
             for M in MS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                rows.append(dict(kind="bf16_cublas", shape=shape, N=N, K=K, M=M, us=bench(lambda: F.linear(x, w))))
+                us = kernel_us(lambda: F.linear(x, w))
+                rows.append(dict(kind="bf16_cublas", shape=shape, N=N, K=K, M=M, us=us))
     time_ours(names, rows, deadline)
     print(f"qcompile timed at {time.time() - start:.0f} s", flush=True)
     def save():  # the JSON and the table so far: a run stopped by its time limit keeps what it measured
-        (out / "linear_h200.json").write_text(json.dumps(result, indent=1))
+        write_json(out / "linear_h200.json", result)
         (out / "linear_h200.md").write_text(markdown(result) + "\n")
         save_gemlite_configs()
 

@@ -54,7 +54,6 @@ import inspect
 import io
 import json
 import os
-import platform
 import pstats
 import signal
 import subprocess
@@ -68,7 +67,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_model  # noqa: E402
-from markdown_section import write_section  # noqa: E402
+from harness import (INVOCATION, REPO, START, allocated, captured_step, device_name, gb, git_commit,  # noqa: E402
+                     load_records, log, peak, reset_peak, saver, sync, versions, write_section)
 from llama_model import KVCache, LLAMA_3_1_8B, TINY, decode_step, prefill  # noqa: E402
 
 import qcompile  # noqa: E402
@@ -76,19 +76,11 @@ from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.per_layer import compile_regions  # noqa: E402
 from qcompile.step_graphs import StepGraphs  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_e2e_results.json"
 DEFAULT_ROWS = "bf16,float8_dynamic,int8_dynamic,int8_weight_only,int4_weight_only,transformers"
 PHASES = ("decode_b1", "decode_b128", "prefill")  # smallest cache first
 # options the installed qcompile accepts; without "cudagraphs" the decode step runs without CUDA graphs (noted)
 HAS_CUDAGRAPHS_OPTION = "cudagraphs" in QuantOptions.__dataclass_fields__
-START = time.monotonic()
-INVOCATION = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # groups one run's rows
-
-
-def log(message: str) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
-    print(f"[{now} +{time.monotonic() - START:6.1f}s] {message}", flush=True)
 
 
 # --- rows -------------------------------------------------------------------------------------------------------
@@ -195,54 +187,11 @@ def compile_per_layer(model, row: Row, device: torch.device) -> None:
     compile_regions(model, list(layers), **compile_kwargs(row, device, cuda_graphs=transformers_model))
 
 
-def captured_step(step, device: torch.device):
-    """`step` (a decode step whose compiled pieces have already compiled) captured as one CUDA graph; returns a
-    call that replays it and gives the graph's static output. The step reads its inputs (ids, position, KV cache)
-    from fixed addresses, as the CUDA-graph trees of whole-model rows do. Warm-up on a side stream, as
-    torch.cuda.graph's documentation asks (it writes the cache at the current position: generate refills it)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
 def uses_cuda_graphs(row: Row, device: torch.device) -> bool:
     return device.type == "cuda" and (row.options is None or HAS_CUDAGRAPHS_OPTION)
 
 
 # --- measuring ------------------------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def gb(nbytes: float | None) -> float | None:
-    return None if nbytes is None else round(nbytes / 1e9, 3)
-
-
-def allocated(device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def peak(device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def reset_peak(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
 
 # Dynamo's own cumulative timers (torch._dynamo.utils.compilation_time_metrics); missing names give None
 TIMERS = {"dynamo": "_compile.compile_inner", "backend": "OutputGraph.call_user_compiler",
@@ -535,25 +484,9 @@ def transformers_phase(model, row: Row, args, device, batch: int) -> dict:
     return result
 
 
-def _version_of(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def _installed(package: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(package) is not None
-
-
-def transformers_version() -> str | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.__version__
 
 
 # --- one row ----------------------------------------------------------------------------------------------------
@@ -661,7 +594,7 @@ def cleanup(device) -> None:
         torch.cuda.empty_cache()
 
 
-# --- the run's setup and versions -----------------------------------------------------------------------------
+# --- the run's setup ---------------------------------------------------------------------------------------------
 
 def setup(args, device, config) -> dict:
     return {"command": "python benchmarks/llama_e2e.py " + " ".join(args.argv),
@@ -672,63 +605,6 @@ def setup(args, device, config) -> dict:
             "protocol": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
                          "prefill_prompts": args.prefill_prompts, "prefill_len": args.prefill_len,
                          "prefill_chunk": args.prefill_chunk}}
-
-
-def device_name(device) -> str:
-    if device.type != "cuda":
-        return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-    name = torch.cuda.get_device_name(device)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.split()[0]
-        return f"{name} (driver {driver})"
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return name
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers_version(),
-           "torchao": _version_of("torchao"),
-           "python": platform.python_version()}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-# --- results file -------------------------------------------------------------------------------------------
-
-def load_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    if not isinstance(data, list):
-        raise SystemExit(f"{path} is not a list of row records (written by this script?)")
-    return data
-
-
-def saver(path: Path):
-    """save(record): replace this invocation's record of the row in `path` (or append it), atomically."""
-    def save(record: dict) -> None:
-        records = [r for r in load_records(path)
-                   if not (r["row"] == record["row"] and r["started"] == record["started"])]
-        records.append(record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        os.replace(tmp, path)
-    return save
 
 
 # --- rendering ----------------------------------------------------------------------------------------------

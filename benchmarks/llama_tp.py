@@ -40,19 +40,16 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_model  # noqa: E402
-from llama_e2e import (cleanup, decode_phase, device_name, gb, allocated, git_commit, log, row_named,  # noqa: E402
-                       saver, sync, versions)
+from harness import (INVOCATION, REPO, START, allocated, device_name, gb, git_commit, log, saver, sync,  # noqa: E402
+                     table, versions, write_section)
+from llama_e2e import cleanup, decode_phase, row_named  # noqa: E402
 from llama_model import LLAMA_3_1_8B, TINY  # noqa: E402
-from markdown_section import write_section  # noqa: E402
 
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "llama_tp_results.json"
 DEFAULT_ROWS = "bf16,int4_weight_only,float8_dynamic,int8_weight_only"
 PHASES = ("decode_b1", "decode_b128")
-INVOCATION = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-START = time.monotonic()
 
 
 def megatron_layout(block: llama_model.Block, tp: int) -> None:
@@ -262,9 +259,9 @@ def main(argv=None) -> None:
 
 def summary(records: list[dict]) -> str:
     base = {p: r.get("tok_s") for p, r in next((rec["phases"] for rec in records if rec["row"] == "bf16"), {}).items()}
-    lines = [f"| row (tp {records[0]['setup']['tp']}) | " + " | ".join(f"{p} tok/s" for p in PHASES) +
-             " | logits SQNR dB: tp / 1 device vs bf16, tp vs 1 device | greedy tokens tp = 1 device |",
-             "|---|" + "---|" * (len(PHASES) + 2)]
+    header = [f"row (tp {records[0]['setup']['tp']})", *(f"{p} tok/s" for p in PHASES),
+              "logits SQNR dB: tp / 1 device vs bf16, tp vs 1 device", "greedy tokens tp = 1 device"]
+    body = []
     for rec in records:
         cells = []
         for phase in PHASES:
@@ -277,8 +274,8 @@ def summary(records: list[dict]) -> str:
         cells.append(" / ".join(str(check.get(k, "-")) for k in ("sqnr_db_tp_vs_bf16", "sqnr_db_single_vs_bf16"))
                      + f", {check.get('sqnr_db_tp_vs_single', '-')}")
         cells.append(str(check.get("greedy_tokens_agree", "-")))
-        lines.append(f"| {rec['row']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([rec["row"], *cells])
+    return table(header, body)
 
 def render(records: list[dict]) -> str:
     """The latest record of each row (in the order rows first appear) as a table, with the run's setup."""

@@ -3,15 +3,18 @@
     torch.compile(model, backend="qcompile", options={"scheme": "int4_weight_only", "group_size": 128})
 """
 from . import ops  # noqa: F401  (registers the qcompile:: operators)
-from .backend import qcompile_backend  # noqa: F401
+from .backend import add_pass_observer, qcompile_backend
 from .export import export  # noqa: F401
 from .prepare import prepare  # noqa: F401
 from .per_layer import compile_blocks  # noqa: F401
-from .debug import diff  # noqa: F401
+from .debug import diff, folder as _debug_folder  # noqa: F401
 from .options import QuantOptions  # noqa: F401
 from .schemes import SCHEMES, get_scheme  # noqa: F401
 
 __version__ = "0.1.0"
+
+# the floors wired where they meet: the backend hands each graph to QCOMPILE_DEBUG's folder (debug builds on it)
+add_pass_observer(_debug_folder.PASS_OBSERVER)
 
 
 def _register_backend_name() -> None:

@@ -10,9 +10,10 @@ compiled function receives the quantized tensors as extra inputs, never the floa
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -23,7 +24,8 @@ from .graph_key import structure_key
 from .options import QuantOptions
 from .passes.lower import lower_for_device
 from .passes.lower_cpu import is_decode_graph
-from .passes.quantize_linears import PassResult, WeightRef, WeightUse, quantize_linears
+from .passes.quantize_linears import quantize_linears
+from .passes.records import PassResult, WeightRef, WeightUse
 
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}; the first weight of fused siblings
 # -> also {("siblings", options key, members' keys): (weak references to the other members, fused tensors)}
@@ -35,6 +37,27 @@ _READ_IN_FLOAT = WeakIdKeyDictionary()
 # (graph structure, options) -> the first compiled run of that structure (qcompile/graph_key.py); weak: an entry
 # lives as long as Dynamo keeps that run
 _COMPILED_BY_STRUCTURE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class PassObserver:
+    """Looks at each graph right after the pass, while its float weights are still there (QCOMPILE_DEBUG's report
+    folder, debug/folder.py: the debug tools build on this module, so they are handed in, never imported)."""
+    active: Callable[[], bool]  # asked at each compile; a graph it observes compiles on its own (no reuse)
+    # observe(Dynamo graph, example inputs, options, PassResult, LocalSignature or None)
+    observe: Callable[..., None]
+
+
+_PASS_OBSERVERS: list[PassObserver] = []
+
+
+def add_pass_observer(observer: PassObserver) -> None:
+    if observer not in _PASS_OBSERVERS:
+        _PASS_OBSERVERS.append(observer)
+
+
+def _active_observers() -> list[PassObserver]:
+    return [o for o in _PASS_OBSERVERS if o.active()]
 
 
 def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, WeightRef]:
@@ -112,6 +135,15 @@ def quantized_weights(uses: tuple[WeightUse, ...], options: QuantOptions, hessia
     return fused
 
 
+def quantized_tensors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The quantized tensors qcompile holds for `weight` (under any options; for fused siblings, the fused
+    tensors its rows are views of): what the CLI counts as a quantized linear's bytes."""
+    found = []
+    for entry in _QUANTIZED.get(weight, {}).values():
+        found.extend((entry[1] if isinstance(entry, tuple) else entry).values())  # ([weakrefs], fused) for siblings
+    return found
+
+
 # elements per block of rows when a large weight is quantized: float32 temporaries stay ~0.25 GB each, where the
 # whole LM head of an 8B model (525 M weights) took ~10 GB of them at once
 ROW_BLOCK_ELEMENTS = 1 << 26
@@ -160,6 +192,20 @@ def _release_float_weights(weights: dict[int, WeightRef], kept: list[int], optio
             owner = sources[i].owner_while_compiling(t)
             if owner is not None:
                 released.attach(owner, released_weight)
+
+
+def shared_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters more than one module holds (a tied embedding and LM head)."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(p)
+    return [held[0] for held in owners.values() if len(held) > 1]
+
+
+def keep_float_weight(t: torch.Tensor) -> None:
+    """Never release t's float storage: code no compile sees reads it (the embedding tied to a compiled head)."""
+    _READ_IN_FLOAT[t] = True
 
 
 def release_float_weight(t: torch.Tensor, name: str, options: QuantOptions) -> bool:
@@ -254,9 +300,9 @@ def compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOp
 
 def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | None:
     """The structure key of a graph whose compile may be reused (graph_key.py), or None: tensor-parallel graphs,
-    GPTQ (its statistics are per weight, collected in the graph's own calibration run), QCOMPILE_DEBUG (a report
-    per compile) and CUDA-graph trees always compile."""
-    if signature is not None or options.algorithm == "gptq" or os.environ.get("QCOMPILE_DEBUG") or options.cudagraphs:
+    GPTQ (its statistics are per weight, collected in the graph's own calibration run), a pass observer
+    (QCOMPILE_DEBUG: a report per compile) and CUDA-graph trees always compile."""
+    if signature is not None or options.algorithm == "gptq" or _active_observers() or options.cudagraphs:
         return None  # (CUDA-graph trees would re-record one graph per weight set: no gain)
     names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
     structure = structure_key(gm, example_inputs, names)
@@ -267,12 +313,8 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
 
 def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, signature, sources):
     result, weights, kept = quantize_graph(gm, example_inputs, options, signature)
-    if os.environ.get("QCOMPILE_DEBUG") and signature is not None:
-        warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
-                      "replay runs one process", stacklevel=2)
-    elif os.environ.get("QCOMPILE_DEBUG"):  # per-compile report and graphs into that folder (qcompile/debug)
-        from .debug.folder import write_compile_report  # lazy: the debug tools build on this module
-        write_compile_report(os.environ["QCOMPILE_DEBUG"], gm, example_inputs, options, result)
+    for observer in _active_observers():
+        observer.observe(gm, example_inputs, options, result, signature)
     if signature is not None:  # tensor parallel: the compiled graph takes the local shards
         example_inputs = signature.flatten(example_inputs)
     device = device_of(example_inputs)

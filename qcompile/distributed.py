@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from . import _compat
 from .options import QuantOptions
 from .passes.match_linear import match_linear
-from .passes.quantize_linears import WeightRef
+from .passes.records import WeightRef
 
 
 @dataclass(frozen=True)

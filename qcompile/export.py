@@ -20,7 +20,8 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from .backend import device_of, quantized_weights
 from .options import QuantOptions
 from .passes.lower import lower_for_device
-from .passes.quantize_linears import PassResult, WeightRef, quantize_linears
+from .passes.quantize_linears import quantize_linears
+from .passes.records import PassResult, WeightRef
 
 CONSTANT_PREFIX = "qcompile"
 

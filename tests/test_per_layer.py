@@ -173,3 +173,22 @@ def test_transformers_generate_gives_the_float_models_greedy_tokens(scheme):
     assert counters["unique_graphs"] == before + compiled  # 8 more steps, no recompile
     assert compiled <= 4, compiled  # a block and the LM head, for the prompt and a decode step (was 2 x 2 + 2)
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+
+
+def test_a_head_tied_to_the_embedding_keeps_the_embeddings_float_weight():
+    """The LM head shares its weight with the embedding (SmolLM2, Llama 3.2): compile_blocks quantizes the head but
+    keeps the float storage the eager embedding reads (releasing it crashed the next lookup)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding
+    original = embedding.detach().clone()
+    prompt = torch.randint(0, 64, (1, 6))
+    qcompile.compile_blocks(model, {"scheme": "int8_weight_only"}, dynamic=False)
+    with torch.no_grad():
+        first = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0).tolist() == first.tolist()
+    assert torch.equal(model.model.embed_tokens.weight, original)

@@ -4,7 +4,7 @@ Llama-3.1-8B layer (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14
 Rows per (linear, M), each a median of CUDA-graph replays (as linear_h200.py times), with its SQNR against the
 float64 product of the dequantized weight:
   bf16          F.linear on the bf16 weight (cuBLAS)
-  today         the template's choice tuned on the H200 in session 7 (benchmarks/h200_cache; the same kernel
+  today         the template's choice in this GPU's committed seed (benchmarks/h200_cache, h100_cache; the same kernel
                 code for those configs), or the bucket's first candidate where none is cached
   pairs/<cfg>   the pair-decode tiles (KernelConfig.pair_decode: int4 words decoded by byte pairs straight into
                 wgmma's register operand), every candidate the autotuner has for the bucket
@@ -43,20 +43,22 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 MS = (1, 16, 128)
 GROUP = 128
 TARGETS = {1: 2.5, 16: 2.2, 128: 1.2}
-CACHE_FILE = Path(__file__).resolve().parents[1] / "h200_cache" / "triton_linear_configs.json"
+SEED_FILES = [Path(__file__).resolve().parents[1] / f"{gpu}_cache" / "triton_linear_configs.json"
+              for gpu in ("h200", "h100")]
 
 
 def cached_choices(spec) -> dict[tuple[int, int, int], KernelConfig]:
-    """(M bucket, N, K) -> the config the H200 run chose for this spec (any kernel version: the configs of the
-    existing paths compute with the same code)."""
-    try:
-        entries = json.loads(CACHE_FILE.read_text())
-    except FileNotFoundError:
-        return {}
+    """(M bucket, N, K) -> the config this GPU's committed seed chose for this spec (any kernel version: the configs
+    of the existing paths compute with the same code)."""
+    entries = {}
+    for seed in SEED_FILES:
+        if seed.exists():
+            entries.update(json.loads(seed.read_text()))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     found = {}
     for key, entry in entries.items():
         parts = key.split("|")
-        if len(parts) == 7 and parts[3] == spec.key() and "config" in entry:
+        if len(parts) == 7 and parts[0] == device and parts[3] == spec.key() and "config" in entry:
             bucket, n, k = (int(re.sub(r"\D", "", p)) for p in parts[4:])
             found[(bucket, n, k)] = KernelConfig(**entry["config"])
     return found

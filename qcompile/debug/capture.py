@@ -21,7 +21,7 @@ from ..backend import find_weight_inputs, quantize_graph, released_names
 from ..options import QuantOptions
 from ..passes.fuse_siblings import activation_key
 from ..passes.match_linear import LinearMatch, match_linear
-from ..passes.quantize_linears import LinearRecord, PassResult, WeightRef
+from ..passes.records import LinearRecord, PassResult, WeightRef
 
 
 @dataclass

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import released
+from ..backend import PassObserver
 from ..options import QuantOptions
-from ..passes.quantize_linears import PassResult
+from ..passes.records import PassResult
 from .capture import capture_graph
 from .report import DEFAULT_TARGET_SQNR_DB, ModelUnderTest, build_report, describe_inputs
 
@@ -71,3 +73,16 @@ def write_compile_report(root, gm: torch.fx.GraphModule, example_inputs, options
     report.to_html(folder / "report.html")
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return folder
+
+
+def _observe_compile(gm: torch.fx.GraphModule, example_inputs, options: QuantOptions, result: PassResult,
+                     signature) -> None:
+    if signature is not None:
+        warnings.warn("qcompile: QCOMPILE_DEBUG writes no report for tensor-parallel (DTensor) graphs: its float "
+                      "replay runs one process", stacklevel=3)
+        return
+    write_compile_report(os.environ[ENV_FOLDER], gm, example_inputs, options, result)
+
+
+# every compile while QCOMPILE_DEBUG is set (qcompile/__init__.py hands it to the backend)
+PASS_OBSERVER = PassObserver(active=lambda: bool(os.environ.get(ENV_FOLDER)), observe=_observe_compile)

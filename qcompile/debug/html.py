@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .records import LayerReport, ReportData
 from .table import SHOWN_EXCLUDES, format_bytes, format_db, suggestion_text
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .report import LayerReport, Report
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d1d1f; background: #fff; }
@@ -35,7 +32,7 @@ def _grade(db: float | None) -> str:
 _COLORS = {"bad": "#d93025", "warn": "#f29900", "good": "#34a853", "float": "#9aa0a6"}
 
 
-def bar_chart(layers: list["LayerReport"]) -> str:
+def bar_chart(layers: list[LayerReport]) -> str:
     """Horizontal bars: output SQNR per linear (colour by grade), a black tick at its weight SQNR."""
     finite = [v for layer in layers for v in (layer.output_sqnr_db, layer.weight_sqnr_db)
               if v is not None and math.isfinite(v)]
@@ -80,13 +77,13 @@ def _diff_block(diff: str) -> str:
     return '<pre class="diff">' + "".join(lines) + "</pre>"
 
 
-def _fusion_note(layer: "LayerReport") -> str:
+def _fusion_note(layer: LayerReport) -> str:
     if layer.fused_into is not None:
         return f"fused into {layer.fused_into}"
     return f"not fused: {layer.not_fused}" if layer.not_fused is not None else ""
 
 
-def _layer_table(layers: list["LayerReport"]) -> str:
+def _layer_table(layers: list[LayerReport]) -> str:
     head = ("graph", "module", "N x K", "scheme", "weight SQNR dB", "output SQNR dB", "max abs err", "bytes",
             "share", "why in float / fused")
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
@@ -103,7 +100,7 @@ def _layer_table(layers: list["LayerReport"]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def render_html(report: "Report") -> str:
+def render_html(report: ReportData) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if k != "keep_float_weights")
     summary = [f"Output SQNR with every selected linear quantized: <b>{format_db(report.output_sqnr_db)} dB</b>"]
     s = report.suggestion
@@ -126,5 +123,5 @@ def render_html(report: "Report") -> str:
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
-def write_html(report: "Report", path) -> None:
+def write_html(report: ReportData, path) -> None:
     Path(path).write_text(render_html(report), encoding="utf-8")

@@ -3,7 +3,6 @@ with the smallest exclude list (greedy) that reaches a target output SQNR."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -12,83 +11,24 @@ from torch.utils import _pytree as pytree
 from .. import released
 from ..backend import released_names
 from ..options import QuantOptions
-from ..passes.quantize_linears import WeightRef
+from ..passes.records import WeightRef
 from ..quant.metrics import sqnr_db
 from .capture import CapturingBackend, GraphCapture, LinearSite
+from .html import write_html
+from .records import GraphReport, LayerReport, ReportData, Suggestion
+from .table import format_report
 
 DEFAULT_TARGET_SQNR_DB = 30.0
 
 
-@dataclass
-class LayerReport:
-    graph: int
-    module: str
-    weight: str
-    out_features: int
-    in_features: int
-    scheme: str | None  # None: stays in float
-    reason: str | None  # why it stays in float
-    weight_bytes: int  # as compiled: the quantized tensors, or the float weight when skipped
-    float_weight_bytes: int
-    weight_share: float = 0.0  # of all linears' weight bytes as compiled
-    weight_sqnr_db: float | None = None
-    output_sqnr_db: float | None = None  # its quantized output vs its float output, same float input
-    max_abs_error: float | None = None
-    fused_into: str | None = None  # the one linear its siblings and it became (sibling fusion)
-    not_fused: str | None = None  # why it stays a linear of its own although a sibling reads the same input
-
-
-@dataclass
-class GraphReport:
-    index: int
-    before: str  # the aten graph before the pass, as readable Python
-    after: str
-    diff: str  # unified diff before -> after
-    layers: list[LayerReport]
-    output_sqnr_db: float | None = None  # this graph's outputs, all linears quantized
-
-
-@dataclass
-class Suggestion:
-    target_sqnr_db: float
-    exclude: list[str]  # module names, ready for options={"exclude": ...}
-    reached_sqnr_db: float
-    met: bool
-
-
-@dataclass
-class Report:
-    options: dict
-    graphs: list[GraphReport]
-    output_sqnr_db: float  # the model's (or, from the backend hook, the graph's) output, all quantized
-    suggestion: Suggestion | None = None
-    inputs: str = ""  # what the figures were measured on
-
-    @property
-    def layers(self) -> list[LayerReport]:
-        return [layer for g in self.graphs for layer in g.layers]
+class Report(ReportData):
+    """The report: its data (records.py), printed as the terminal table (`str`) or written as one HTML page."""
 
     def __str__(self) -> str:
-        from .table import format_report
         return format_report(self)
 
     def to_html(self, path) -> None:
-        from .html import write_html
         write_html(self, path)
-
-    def to_dict(self) -> dict:
-        return json_safe(asdict(self))
-
-
-def json_safe(obj):
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 # --- measuring ----------------------------------------------------------------------------------------------

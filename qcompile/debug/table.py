@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .report import Report, Suggestion
+from .records import ReportData, Suggestion
 
 
 def format_db(value: float | None) -> str:
@@ -46,7 +45,7 @@ def fused_groups(layers) -> dict[str, list]:
 SHOWN_EXCLUDES = 12  # a longer exclude list is in the HTML page and report.suggestion
 
 
-def suggestion_text(s: "Suggestion", n_quantized: int) -> str:
+def suggestion_text(s: Suggestion, n_quantized: int) -> str:
     if not s.exclude:
         return f"target {s.target_sqnr_db:g} dB: reached with every linear quantized"
     if not s.met:
@@ -56,7 +55,7 @@ def suggestion_text(s: "Suggestion", n_quantized: int) -> str:
             f"(then {format_db(s.reached_sqnr_db)} dB)")
 
 
-def format_report(report: "Report") -> str:
+def format_report(report: ReportData) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in report.options.items() if k != "keep_float_weights")
     out = [f"qcompile diff: {opts}", f"inputs: {report.inputs}" if report.inputs else ""]
     header = ("graph", "module", "N x K", "scheme", "weight SQNR dB", "output SQNR dB", "max abs err", "bytes",

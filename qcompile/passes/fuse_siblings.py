@@ -20,7 +20,6 @@ import collections
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import Node
@@ -28,9 +27,7 @@ from torch.fx.node import map_arg
 
 from ..options import QuantOptions
 from .match_linear import LinearMatch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .quantize_linears import LinearRecord
+from .records import LinearRecord
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -50,7 +47,7 @@ class Sibling:
     weight_dtype: torch.dtype  # the dtype the weight is quantized from (after the graph's cast)
     out_features: int
     in_features: int
-    record: "LinearRecord"  # `not_fused` is set on it when it has siblings but stays separate
+    record: LinearRecord  # `not_fused` is set on it when it has siblings but stays separate
 
 
 def activation_key(node, memo: dict) -> object:

@@ -26,7 +26,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
 from ..kernels.cpu import ops as cpu_ops
-from .lower import register_lowering
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -138,7 +137,6 @@ def is_decode_graph(gm: GraphModule) -> bool:
     return all(e is not None and e <= DECODE_MAX_ELEMENTS for e in others)
 
 
-@register_lowering("cpu")
 def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False
     for node in list(gm.graph.nodes):
@@ -209,7 +207,6 @@ def _repeated_heads(node) -> tuple[Node, object] | None:
     return (src, rep) if all(_same(x, y) for x, y in matches) else None
 
 
-@register_lowering("cpu")
 def attend_grouped_kv_heads_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False
     for node in list(gm.graph.nodes):

@@ -24,8 +24,7 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from .. import ops
-from .lower import register_lowering
+from .. import _compat, ops
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -159,13 +158,13 @@ def _replace(gm: GraphModule, anchor: Node, args: FusedLinearArgs, bias: Node | 
     return fused
 
 
-@register_lowering("cuda")
 def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device, options=None) -> None:
     """Replace every matched quantized linear with qcompile::fused_linear (see the module docstring)."""
     if importlib.util.find_spec("triton") is None:
         COUNTS["kept/triton is not installed"] += 1
         return
     import qcompile.kernels.triton  # noqa: F401  (registers qcompile::fused_linear)
+    _compat.install_ttir_memo()  # Inductor analyses the template at every call site: once per variant suffices
 
     debug = os.environ.get("QCOMPILE_DEBUG_LOWERING") == "1"
     graph_quantized = getattr(options, "activation_quantization", "kernel") == "graph"

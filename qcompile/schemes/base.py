@@ -13,7 +13,15 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from torch.fx import Node
 
-    from ..options import QuantOptions
+
+class SchemeOptions(Protocol):
+    """What a scheme reads of the validated options (`options.QuantOptions`, which validates through this
+    package's registry: the schemes never import it back)."""
+    group_size: int | None
+    bits: int | None
+    granularity: str | None
+    algorithm: str
+    act_order: bool
 
 
 class Emitter(Protocol):
@@ -34,7 +42,7 @@ class Scheme:
     aliases: tuple[str, ...]
     # quantize_weight(weight [N, K], options[, hessian [K, K]]) -> named tensors (each becomes a graph constant);
     # the Hessian of the layer's inputs is passed only for algorithm "gptq"
-    quantize_weight: Callable[[torch.Tensor, "QuantOptions"], QuantizedWeight]
+    quantize_weight: Callable[[torch.Tensor, SchemeOptions], QuantizedWeight]
     # emit(emitter, x, weight nodes by name, bias node or None, options, output dtype) -> output node
     emit: Callable[..., "Node"]
     activation: str | None = None  # None = weight-only; else how activations are quantized per call
@@ -49,13 +57,13 @@ class Scheme:
     # K must be a multiple of this (block formats); group-wise schemes use the group size instead
     k_multiple: int = 1
     algorithms: tuple[str, ...] = ("rtn",)  # rounding algorithms its quantize_weight implements
-    extra_skip: Callable[[int, int, "QuantOptions"], str | None] | None = field(default=None)
+    extra_skip: Callable[[int, int, SchemeOptions], str | None] | None = field(default=None)
     # whether quantize_weight treats each output row on its own (no per-tensor scale or codebook), so that the
     # backend may quantize a large weight in blocks of rows and bound its float32 temporaries, and sibling linears'
     # tensors concatenate along N into one fused linear (passes/fuse_siblings.py)
-    rows_independent: Callable[["QuantOptions"], bool] = field(default=lambda options: False)
+    rows_independent: Callable[[SchemeOptions], bool] = field(default=lambda options: False)
 
-    def skip_reason(self, out_features: int, in_features: int, options: "QuantOptions") -> str | None:
+    def skip_reason(self, out_features: int, in_features: int, options: SchemeOptions) -> str | None:
         """Why a [N, K] weight cannot take this scheme (the layer then stays in float), or None."""
         K = in_features
         if self.group_sizes:

@@ -6,6 +6,7 @@ replace, so a graph holding them runs anywhere, and numerics are defined by the 
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 
@@ -14,6 +15,15 @@ from ... import ops as reference
 _lib = torch.library.Library(reference.NAMESPACE, "FRAGMENT")
 
 _ARGS = "(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int bits, int group_size, ScalarType dtype) -> Tensor"
+# what registers the ops' Inductor lowerings (the package's __init__ sets it: inductor_template.py builds on this
+# module, so this module cannot import it)
+_inductor_lowerings: Callable[[], None] | None = None
+
+
+def on_inductor_trace(register: Callable[[], None]) -> None:
+    """Have `register` (idempotent) called whenever a graph holding one of the ops is traced with Inductor loaded."""
+    global _inductor_lowerings
+    _inductor_lowerings = register
 
 
 def _define(name: str, doc: str):
@@ -26,9 +36,8 @@ def _define(name: str, doc: str):
         def fake(x, packed, scale, bias, bits, group_size, dtype):
             # every Inductor / AOTInductor compile traces the graph with fake tensors before it lowers: register the
             # lowering here, once Inductor is loaded (importing it with qcompile would cost 2.4 s)
-            if "torch._inductor.lowering" in sys.modules:
-                from .inductor_template import register_inductor_lowerings
-                register_inductor_lowerings()
+            if "torch._inductor.lowering" in sys.modules and _inductor_lowerings is not None:
+                _inductor_lowerings()
             return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=dtype)
 
         torch.library.register_fake(f"{reference.NAMESPACE}::{name}", fake, lib=_lib)

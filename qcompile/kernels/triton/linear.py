@@ -13,6 +13,7 @@ import triton
 from torch.library import wrap_triton
 
 from .activation import quantize_activation_kernel
+from .config import KernelConfig
 from .gemm import dequantize_weight_kernel, quantized_linear_kernel
 
 ACTIVATIONS = ("float", "int8_sym", "int8_asym", "fp8_row", "fp8_tensor", "mxfp8", "nvfp4")
@@ -291,8 +292,6 @@ def run_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, b
 def planes_verified(device: str, bits: int) -> bool:
     """Whether the plane decode of `bits`-bit weights (inline PTX on CUDA) gives the template's value-by-value
     answer on this device (_decode_matches)."""
-    from .tuning import KernelConfig
-
     spec = LinearSpec("float", "int4_tinygemm" if bits == 4 else "intx", bits=bits, group_size=256,
                       has_w_zero=bits == 4)
     return _decode_matches(device, spec, KernelConfig(16, 64, spec.planes_min_block_k, swap_ab=True, planes=True),
@@ -303,8 +302,6 @@ def planes_verified(device: str, bits: int) -> bool:
 def pair_decode_verified(device: str) -> bool:
     """Whether the pair decode of int4 words (inline PTX on CUDA) gives the template's value-by-value answer on
     this device (_decode_matches)."""
-    from .tuning import KernelConfig
-
     spec = LinearSpec("float", "int4_tinygemm", bits=4, group_size=256, has_w_zero=True)
     return _decode_matches(device, spec, KernelConfig(16, 64, 128, swap_ab=True, pair_decode=True),
                            "the int4 pair decode")
@@ -315,8 +312,6 @@ def _decode_matches(device: str, spec: LinearSpec, config, name: str) -> bool:
     once per process, so a PTX or Triton change that broke it drops the decode's candidates with a warning instead
     of computing wrong outputs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from .tuning import KernelConfig
 
     bits = spec.bits
     with unset_fake_temporarily(), torch.no_grad():

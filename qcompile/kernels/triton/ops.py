@@ -15,12 +15,9 @@ import triton
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ... import _compat
 from . import linear
 from .linear import LinearSpec
 from .tuning import KernelConfig, select_config
-
-_compat.install_ttir_memo()  # Inductor analyses the template at every call site: once per variant suffices
 
 
 def _hint(size) -> int:
