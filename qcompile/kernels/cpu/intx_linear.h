@@ -618,6 +618,30 @@ inline __m512i load_w64(const uint8_t* row, int64_t K, int64_t k0, int count) {
 // the rows share each activation load and the loop overhead.
 constexpr int QC_VNNI_ROWS = 4;
 
+// For each block of QC_VNNI_ROWS rows this thread owns (an orphaned omp for: call it inside a parallel region):
+// gemv(std::integral_constant<int, M>, rows, srows, prefetch_rows, out) fills out[r * M + m], then store(m, n,
+// value) takes each result. A tail of rows repeats the last one (its results are not stored).
+template <typename ST, typename Gemv, typename Store>
+inline void vnni_row_blocks(const uint8_t* packed, const ST* scale, int64_t M, int64_t N, int64_t row_bytes,
+                            int64_t groups, Gemv&& gemv, Store&& store) {
+#pragma omp for schedule(static) nowait
+  for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
+    const uint8_t* rows[QC_VNNI_ROWS];
+    const ST* srows[QC_VNNI_ROWS];
+    for (int r = 0; r < QC_VNNI_ROWS; ++r) {
+      const int64_t n = std::min(n0 + r, N - 1);
+      rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
+    }
+    float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
+    const int64_t ahead = 4096 / row_bytes + 1;  // prefetches past the last row are harmless (never fault)
+    if (M == 1) gemv(std::integral_constant<int, 1>{}, rows, srows, ahead, out);
+    else if (M == 2) gemv(std::integral_constant<int, 2>{}, rows, srows, ahead, out);
+    else gemv(std::integral_constant<int, 3>{}, rows, srows, ahead, out);
+    for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
+      for (int64_t m = 0; m < M; ++m) store(m, n0 + r, out[r * M + m]);
+  }
+}
+
 template <int BITS, int GROUP, int MT, typename ST>
 inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, const uint8_t* act,
                            const int32_t* lane_offsets, const int32_t* c, int64_t K, int64_t K_pad,
@@ -794,22 +818,13 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
         quantize_token_u8<XT, BITS == 4>(x + m * K, K, K_pad, act + m * K_pad, a_scale + m, c + m);
         if constexpr (BITS == 4) nibble_lane_offsets(act + m * K_pad, K, chunks, c[m], lane_offsets + m * chunks * 16);
       }
-#pragma omp for schedule(static) nowait
-      for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
-        const uint8_t* rows[QC_VNNI_ROWS];
-        const ST* srows[QC_VNNI_ROWS];
-        for (int r = 0; r < QC_VNNI_ROWS; ++r) {  // a tail of rows repeats the last one (results not stored)
-          const int64_t n = std::min(n0 + r, N - 1);
-          rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
-        }
-        float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
-        const int64_t ahead = 4096 / row_bytes + 1;  // prefetches past the last row are harmless (never fault)
-        if (M == 1) vnni_gemv_rows<BITS, GROUP, 1, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
-        else if (M == 2) vnni_gemv_rows<BITS, GROUP, 2, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
-        else vnni_gemv_rows<BITS, GROUP, 3, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead, out);
-        for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
-          for (int64_t m = 0; m < M; ++m) store(m, n0 + r, out[r * M + m], a_scale[m]);
-      }
+      vnni_row_blocks(
+          packed, scale, M, N, row_bytes, groups,
+          [&](auto mt, const uint8_t* const* rows, const ST* const* srows, int64_t ahead, float* out) {
+            vnni_gemv_rows<BITS, GROUP, decltype(mt)::value, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead,
+                                                                 out);
+          },
+          [&](int64_t m, int64_t n, float value) { store(m, n, value, a_scale[m]); });
     }
     return;
   }
@@ -1199,23 +1214,14 @@ void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST*
     static thread_local std::vector<float> xc_storage;
     float* xc = thread_scratch(xc_storage, (size_t)(M * K_pad));
     for (int64_t m = 0; m < M; ++m) float_chunk_order<V, XT>(x + m * K, K, K_pad, xc + m * K_pad);
-#pragma omp for schedule(static) nowait
-    for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
-      const uint8_t* rows[QC_VNNI_ROWS];
-      const ST* srows[QC_VNNI_ROWS];
-      for (int r = 0; r < QC_VNNI_ROWS; ++r) {  // a tail of rows repeats the last one (results not stored)
-        const int64_t n = std::min(n0 + r, N - 1);
-        rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
-      }
-      float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
-      const int64_t ahead = 4096 / row_bytes + 1;  // as the int8 GEMV: prefetches past the last row never fault
-      if (M == 1) float_gemv_rows<BITS, GROUP, 1, ST>(rows, srows, xc, K, K_pad, ahead, out);
-      else if (M == 2) float_gemv_rows<BITS, GROUP, 2, ST>(rows, srows, xc, K, K_pad, ahead, out);
-      else float_gemv_rows<BITS, GROUP, 3, ST>(rows, srows, xc, K, K_pad, ahead, out);
-      for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
-        for (int64_t m = 0; m < M; ++m)
-          y[m * N + n0 + r] = static_cast<OT>(out[r * M + m] + (bias ? static_cast<float>(bias[n0 + r]) : 0.f));
-    }
+    vnni_row_blocks(
+        packed, scale, M, N, row_bytes, groups,
+        [&](auto mt, const uint8_t* const* rows, const ST* const* srows, int64_t ahead, float* out) {
+          float_gemv_rows<BITS, GROUP, decltype(mt)::value, ST>(rows, srows, xc, K, K_pad, ahead, out);
+        },
+        [&](int64_t m, int64_t n, float value) {
+          y[m * N + n] = static_cast<OT>(value + (bias ? static_cast<float>(bias[n]) : 0.f));
+        });
   }
 }
 #endif

@@ -308,9 +308,12 @@ def test_pair_decode_matches_reference_ops(group):
 
 GROUP_WISE = [c for c in CASES if c.scheme in ("int4_weight_only", "int8_dynamic_int4", "float8_dynamic_int4",
                                                 "intx_weight_only", "int8_dynamic_intx", "mxfp8", "nvfp4")]
+# the group parameters' reads do not depend on the bit width beyond the decode path it takes: of intx weight-only,
+# 7 bits (planes of 4, 2 and 1 bits) and 8 (bytes) cover every path (the other widths cost ~100 s of CI here)
+LAYOUT_CASES = [c for c in GROUP_WISE if c.scheme != "intx_weight_only" or dict(c.options).get("bits") in (7, 8)]
 
 
-@pytest.mark.parametrize("case", GROUP_WISE, ids=case_id)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=case_id)
 def test_column_major_group_parameters_give_the_same_output(case):
     """On CUDA the backend stores group parameters column-major (layout.for_kernels); every kernel path reads
     them through their strides: GEMV, tiles (swapped, split-K), the plane decode and the library dequantize."""
