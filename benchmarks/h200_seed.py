@@ -28,6 +28,19 @@ def seed_of(key: str) -> Path:
     return next((folder for gpu, folder in SEEDS.items() if gpu in device), SEEDS["H200"])
 
 
+def destinations(new: dict, nested: bool):
+    """(folder, the entries of `new` it takes): the carried cache all; each GPU's seed its own; gemlite's file
+    (keyed by shape only) the H200's seed."""
+    yield CACHE, new
+    if nested:
+        yield SEEDS["H200"], new
+        return
+    for folder in SEEDS.values():
+        mine = {key: value for key, value in new.items() if seed_of(key) == folder}
+        if mine:
+            yield folder, mine
+
+
 def current_kernels_only(entries: dict) -> dict:
     marker = f"|kernels {template_version()}|"
     return {key: value for key, value in entries.items() if marker in key}
@@ -72,18 +85,15 @@ def main(argv=None) -> None:
         new = json.loads(source.read_text())
         if not nested:
             new = current_kernels_only(new)
-        for folder in DESTINATIONS:
-            mine = new if nested or folder == CACHE else {k: v for k, v in new.items() if seed_of(k) == folder}
-            if folder != CACHE and (not mine or nested and folder != SEEDS["H200"]):
-                continue
+        for folder, entries in destinations(new, nested):
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / name
             old = json.loads(target.read_text()) if target.exists() else {}
             if not nested:
                 old = current_kernels_only(old)
-            result = merged(old, mine, nested)
+            result = merged(old, entries, nested)
             target.write_text(json.dumps(result, indent=1, sort_keys=True))
-            print(f"{target}: {len(result)} entries ({len(mine)} from {source})")
+            print(f"{target}: {len(result)} entries ({len(entries)} from {source})")
 
 if __name__ == "__main__":
     main()

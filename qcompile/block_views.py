@@ -26,6 +26,7 @@ from . import _compat
 _SHARED = {"active": False}  # read by the layer_idx property under Dynamo: a guard on the value, two traces at most
 _LOCK = threading.Lock()
 _PROPERTY_CLASSES: dict[type, type] = {}
+_MISSING = object()
 
 
 def _layer_idx_class(cls: type) -> type:
@@ -74,9 +75,6 @@ def _call_with_view(compiled, position: int, blocks: int):
                     setattr(cache, name, value)
     call.__wrapped__ = compiled
     return call
-
-
-_MISSING = object()
 
 
 def share_block_traces(blocks: list[nn.Module]) -> bool:

@@ -28,6 +28,7 @@ decode step that does is the slow path users must hear about). Grad-enabled call
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import warnings
@@ -131,7 +132,7 @@ class StepGraphs:
         if key in self.uncapturable:
             return self._eager(device, args, kwargs)
         if key not in self.ready:
-            return self._first_eager(device, key, args, kwargs)
+            return self._eager_until_ready(device, key, args, kwargs)
         return self._capture(device, key, tensor_positions, args, kwargs)
 
     def _on_stream(self, device):
@@ -151,7 +152,7 @@ class StepGraphs:
         torch.cuda.current_stream(device).wait_stream(stream)
         return out
 
-    def _first_eager(self, device, key, args, kwargs):
+    def _eager_until_ready(self, device, key, args, kwargs):
         """An eager call that also learns whether the signature can be captured: it is ready once a call compiled
         nothing, and uncapturable if the call synchronized with the host."""
         compiles = _compat.dynamo_compile_count()
@@ -223,25 +224,25 @@ class StepGraphs:
         self.uncapturable.clear()
 
 
-class _host_syncs_recorded:
-    """Context: the places (file:line) where the calls inside synchronized with the host, from torch's sync debug
-    mode (a warning per sync, which is recorded here and not shown; other warnings pass through)."""
-
-    def __enter__(self) -> list[str]:
-        self.syncs: list[str] = []
-        self.previous_mode = torch.cuda.get_sync_debug_mode()
-        self.catcher = warnings.catch_warnings(record=True)
-        self.caught = self.catcher.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self.syncs
-
-    def __exit__(self, *exc) -> None:
-        torch.cuda.set_sync_debug_mode(self.previous_mode)
-        self.catcher.__exit__(*exc)
-        for w in self.caught:
+@contextlib.contextmanager
+def _host_syncs_recorded():
+    """Yields a list that gets the places (file:line) where the calls inside synchronized with the host, from
+    torch's sync debug mode (a warning per sync, recorded here and not shown; other warnings pass through)."""
+    syncs: list[str] = []
+    previous_mode = torch.cuda.get_sync_debug_mode()
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield syncs
+            finally:
+                torch.cuda.set_sync_debug_mode(previous_mode)
+    finally:  # the call's own warnings are shown, even when it raised
+        for w in caught:
             if "called a synchronizing CUDA operation" in str(w.message):
-                self.syncs.append(f"{w.filename}:{w.lineno}")
+                syncs.append(f"{w.filename}:{w.lineno}")
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
