@@ -1,11 +1,12 @@
-"""Take the tuning caches a device call brought back ($OUT/tuning from h200_session.sh's save_tuning) into this
-checkout: .cache/qcompile (carried to the next call) and the committed seed of the GPU that tuned them —
-benchmarks/h200_cache or benchmarks/h100_cache (the device lends both; a choice is keyed by the GPU's name, and
-one GPU's seed must not grow with the other's entries). Our configs keep only the keys of the current kernels
-(`tuning.template_version()`: entries of older kernel code are never read again); gemlite's (keyed by shape only)
-are merged by kernel kind into the H200's folder.
+"""Take the tuning caches a device call brought back (h200_session.sh's save_tuning: $OUT/tuning.tgz, unpacked)
+into this checkout: .cache/qcompile (carried to the next call) and the seed the package ships for the GPU that
+tuned them — qcompile/kernels/triton/tuned/h200.json or h100.json (the device lends both; a choice is keyed by the
+GPU's name, and one GPU's seed must not grow with the other's entries). Our configs keep only the keys of the
+current kernels (`tuning.template_version()`: entries of older kernel code are never read again); gemlite's (keyed
+by shape only) are merged by kernel kind into benchmarks/h200_cache/ (the benchmarks' peer, not shipped).
 
-    python benchmarks/h200_seed.py /work/.device/N/tuning
+    mkdir -p /tmp/tuning && tar -xzf /work/.device/N/tuning.tgz -C /tmp/tuning
+    python benchmarks/h200_seed.py /tmp/tuning
     python benchmarks/h200_seed.py --rekey-from OLDHASH   # after a kernel edit that left the SASS as it was
                                                           # (benchmarks/experiments/sass_fingerprint.py)
 """
@@ -18,27 +19,28 @@ from pathlib import Path
 from qcompile.kernels.triton.tuning import template_version
 
 CACHE = Path(".cache/qcompile")
-SEEDS = {"H100": Path("benchmarks/h100_cache"), "H200": Path("benchmarks/h200_cache")}
-DESTINATIONS = [CACHE, *SEEDS.values()]
+TUNED = Path("qcompile/kernels/triton/tuned")
+SEEDS = {"H100": TUNED / "h100.json", "H200": TUNED / "h200.json"}  # ours, shipped in the package
+GEMLITE_SEED = Path("benchmarks/h200_cache/gemlite_configs.json")
 
 
 def seed_of(key: str) -> Path:
-    """The committed seed folder for an entry of triton_linear_configs.json (its key starts with the GPU's name)."""
+    """The shipped seed file for an entry of triton_linear_configs.json (its key starts with the GPU's name)."""
     device = key.split("|", 1)[0]
-    return next((folder for gpu, folder in SEEDS.items() if gpu in device), SEEDS["H200"])
+    return next((path for gpu, path in SEEDS.items() if gpu in device), SEEDS["H200"])
 
 
-def destinations(new: dict, nested: bool):
-    """(folder, the entries of `new` it takes): the carried cache all; each GPU's seed its own; gemlite's file
-    (keyed by shape only) the H200's seed."""
-    yield CACHE, new
+def destinations(name: str, new: dict, nested: bool):
+    """(file, the entries of `new` it takes): the carried cache all; each GPU's shipped seed its own; gemlite's file
+    (keyed by shape only) the benchmarks' seed."""
+    yield CACHE / name, new
     if nested:
-        yield SEEDS["H200"], new
+        yield GEMLITE_SEED, new
         return
-    for folder in SEEDS.values():
-        mine = {key: value for key, value in new.items() if seed_of(key) == folder}
+    for path in SEEDS.values():
+        mine = {key: value for key, value in new.items() if seed_of(key) == path}
         if mine:
-            yield folder, mine
+            yield path, mine
 
 
 def current_kernels_only(entries: dict) -> dict:
@@ -54,8 +56,7 @@ def merged(old: dict, new: dict, nested: bool) -> dict:
 
 def rekey(old: str) -> None:
     new = template_version()
-    for folder in DESTINATIONS:
-        target = folder / "triton_linear_configs.json"
+    for target in (CACHE / "triton_linear_configs.json", *SEEDS.values()):
         if not target.exists():
             continue
         entries = json.loads(target.read_text())
@@ -85,9 +86,8 @@ def main(argv=None) -> None:
         new = json.loads(source.read_text())
         if not nested:
             new = current_kernels_only(new)
-        for folder, entries in destinations(new, nested):
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / name
+        for target, entries in destinations(name, new, nested):
+            target.parent.mkdir(parents=True, exist_ok=True)
             old = json.loads(target.read_text()) if target.exists() else {}
             if not nested:
                 old = current_kernels_only(old)

@@ -9,10 +9,10 @@
 #
 # .whl (ignored) holds the test wheels (pytest, pluggy, iniconfig, pygments, expecttest, pytest-xdist, execnet) and, for the peers,
 # ../shared/bench/peers_h200.py, the torchao wheel and gemlite's source under .whl/src. .cache/qcompile holds the
-# tuned Triton configs (triton_linear_configs.json) and gemlite's (gemlite_configs.json): save_tuning copies them
-# to $OUT/tuning/; `python benchmarks/h200_seed.py <files_at>/tuning` here takes them into .cache/qcompile (the
-# next call does not tune again) and the tuning GPU's committed seed, benchmarks/h200_cache or h100_cache (a fresh
-# checkout starts from them).
+# tuned Triton configs (triton_linear_configs.json) and gemlite's (gemlite_configs.json): save_tuning packs them
+# as $OUT/tuning.tgz; unpacked here, `python benchmarks/h200_seed.py <folder>` takes them into .cache/qcompile (the
+# next call does not tune again) and the seed the package ships for the tuning GPU,
+# qcompile/kernels/triton/tuned/h200.json or h100.json (gemlite's: benchmarks/h200_cache).
 
 if [ ! -d .whl ]; then
     echo "h200_session: no .whl folder on this machine: pass carry [\".whl\", ...] to the device tool" >&2
@@ -26,10 +26,10 @@ export QCOMPILE_CACHE_DIR=$PWD/.cache/qcompile
 # fresh machine compiles nothing it compiled before (save_inductor_cache brings them back, within the carry limit)
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 mkdir -p "$QCOMPILE_CACHE_DIR" "$OUT"
-# seed the caches with the choices committed in benchmarks/h200_cache and h100_cache (the device lends both GPUs;
-# our keys name the GPU; entries already here win): ours are
-# keyed by a hash of the kernels' sources, so a kernel edit makes them unused; gemlite's are keyed by shape only
-python - "$QCOMPILE_CACHE_DIR" benchmarks/h200_cache/*.json benchmarks/h100_cache/*.json <<'PY'
+# seed gemlite's cache with the choices committed in benchmarks/h200_cache (keyed by shape only; entries already
+# here win). Ours need no seeding: the package ships them (qcompile/kernels/triton/tuned/, keyed by GPU and a hash
+# of the kernels' sources) and the tuner reads them after .cache/qcompile's
+python - "$QCOMPILE_CACHE_DIR" benchmarks/h200_cache/*.json <<'PY'
 import json, pathlib, sys
 for seed in map(pathlib.Path, sys.argv[2:]):
     here = pathlib.Path(sys.argv[1]) / seed.name
@@ -54,9 +54,11 @@ stage() {
     return 0
 }
 
+# save_tuning: the tuned configs as one file, $OUT/tuning.tgz (the device tool brings back few files a call: a
+# ninth file was left out); here, `mkdir -p /tmp/tuning && tar -xzf <files_at>/tuning.tgz -C /tmp/tuning` and
+# `python benchmarks/h200_seed.py /tmp/tuning`.
 save_tuning() {
-    mkdir -p "$OUT/tuning"
-    cp "$QCOMPILE_CACHE_DIR"/*.json "$OUT/tuning/" 2>/dev/null || true
+    tar -czf "$OUT/tuning.tgz" -C "$QCOMPILE_CACHE_DIR" $(cd "$QCOMPILE_CACHE_DIR" && ls *.json 2>/dev/null) 2>/dev/null || true
     cat "$OUT/stages.txt"
 }
 

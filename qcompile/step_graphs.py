@@ -14,8 +14,9 @@ next replayed call — keep what you need (generate() reads the logits before th
   - calls run eagerly on the capture stream until one of them compiles nothing (the first compiles the regions
     and warms them up; Dynamo may recompile on the second — a guard on state the first call changed — and a
     compile inside a capture would record its own work, e.g. tuning, into the graph or void it);
-  - a call that synchronizes with the host (sync debug mode sees `.item()`, `bool(tensor)`, a blocking copy:
-    transformers' mask code does this for some calls) would void a capture: its signature stays eager;
+  - a call that compiled nothing but synchronized with the host (sync debug mode sees `.item()`, `bool(tensor)`, a
+    blocking copy: transformers' mask code does this for some calls) would void a capture: its signature stays
+    eager (syncs of a call that compiled are the compile's own — Inductor's pattern matcher, tuning — and ignored);
   - the call after a clean eager one is captured — recorded, then replayed once, so its side effects (a static KV
     cache's write and position counter) happen exactly once — and later calls replay it.
 A signature is the call's structure: the shape, dtype, stride and device of each tensor argument (copied into the
@@ -158,9 +159,13 @@ class StepGraphs:
         compiles = _compat.dynamo_compile_count()
         with _host_syncs_recorded() as syncs:
             out = self._eager(device, args, kwargs)
+        if _compat.dynamo_compile_count() != compiles:
+            # compiling synchronizes (Inductor's pattern matcher, autotuning, a first call's lazy checks): these
+            # syncs say nothing of later calls; the next call of this signature is asked again
+            return out
         if syncs:
             self._give_up(key, f"it synchronizes with the host at {syncs[0]}")
-        elif _compat.dynamo_compile_count() == compiles:
+        else:
             self.ready.add(key)
         return out
 

@@ -4,7 +4,7 @@ Llama-3.1-8B layer (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14
 Rows per (linear, M), each a median of CUDA-graph replays (as linear_h200.py times), with its SQNR against the
 float64 product of the dequantized weight:
   bf16          F.linear on the bf16 weight (cuBLAS)
-  today         the template's choice in this GPU's committed seed (benchmarks/h200_cache, h100_cache; the same kernel
+  today         the template's choice in this GPU's shipped seed (qcompile/kernels/triton/tuned/; the same kernel
                 code for those configs), or the bucket's first candidate where none is cached
   pairs/<cfg>   the pair-decode tiles (KernelConfig.pair_decode: int4 words decoded by byte pairs straight into
                 wgmma's register operand), every candidate the autotuner has for the bucket
@@ -35,7 +35,7 @@ from qcompile import ops  # noqa: E402
 from qcompile.kernels.triton import layout  # noqa: E402
 from qcompile.kernels.triton.linear import pair_decode_verified, run_linear  # noqa: E402
 from qcompile.kernels.triton.ops import spec_for  # noqa: E402
-from qcompile.kernels.triton.tuning import KernelConfig, candidates, m_bucket, pair_decode_tiles  # noqa: E402
+from qcompile.kernels.triton.tuning import SHIPPED, KernelConfig, candidates, m_bucket, pair_decode_tiles  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
 
@@ -43,8 +43,7 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 MS = (1, 16, 128)
 GROUP = 128
 TARGETS = {1: 2.5, 16: 2.2, 128: 1.2}
-SEED_FILES = [Path(__file__).resolve().parents[1] / f"{gpu}_cache" / "triton_linear_configs.json"
-              for gpu in ("h200", "h100")]
+SEED_FILES = list(SHIPPED)
 
 
 def cached_choices(spec) -> dict[tuple[int, int, int], KernelConfig]:

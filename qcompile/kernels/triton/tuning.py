@@ -3,7 +3,9 @@
 Candidates are generated per M bucket (GEMV / split-K for decode, tiled for prefill) and filtered to those the
 shape allows; library GEMMs join at large M. The cache file (QCOMPILE_CACHE_DIR, default ~/.cache/qcompile)
 is keyed by device name, Triton version and a hash of the kernel sources, so a second process reuses the
-choice without tuning, and an edited kernel is tuned again.
+choice without tuning, and an edited kernel is tuned again. The package ships the choices tuned on the H100 and the
+H200 for Llama-3.1-8B's linears (tuned/*.json, read when the user's file lacks a key): a first compile on those
+GPUs times nothing it has there.
 QCOMPILE_AUTOTUNE=0 skips measuring and takes each bucket's first (heuristic) candidate.
 """
 from __future__ import annotations
@@ -162,11 +164,20 @@ class ConfigCache:
     """Chosen configs by key, each with the ids of the candidates it beat, mirrored to one JSON file (merged on
     write, so processes can share it)."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, shipped: tuple[Path, ...] = ()):
         root = Path(os.environ.get("QCOMPILE_CACHE_DIR", Path.home() / ".cache" / "qcompile"))
         self.path = path or root / "triton_linear_configs.json"
+        self.shipped = shipped  # read-only choices consulted after the user's file (SHIPPED)
         self._lock = threading.Lock()
         self._entries: dict[str, dict] | None = None
+        self._shipped_entries: dict[str, dict] | None = None
+
+    def _shipped(self) -> dict[str, dict]:
+        if self._shipped_entries is None:
+            self._shipped_entries = {}
+            for path in self.shipped:
+                self._shipped_entries.update(json.loads(path.read_text()))
+        return self._shipped_entries
 
     def _load(self) -> dict[str, dict]:
         try:
@@ -178,7 +189,7 @@ class ConfigCache:
         with self._lock:
             if self._entries is None:
                 self._entries = self._load()
-            entry = self._entries.get(key)
+            entry = self._entries.get(key) or self._shipped().get(key)
         if entry is None or "config" not in entry:  # not this format's: tuned again
             return None
         return KernelConfig(**entry["config"]), frozenset(entry["tried"])
@@ -199,7 +210,9 @@ class ConfigCache:
             os.replace(tmp, self.path)
 
 
-CACHE = ConfigCache()
+# the choices tuned on the device's GPUs, one file per GPU (benchmarks/h200_seed.py adds a call's new choices)
+SHIPPED = tuple(sorted((Path(__file__).parent / "tuned").glob("*.json")))
+CACHE = ConfigCache(shipped=SHIPPED)
 
 
 # sources in this folder that do not change what a config computes or how fast: the tuner itself (its candidate

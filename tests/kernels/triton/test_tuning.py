@@ -1,5 +1,7 @@
 """Autotuning: candidates per M bucket fit the shape, the fastest is chosen, and the choice is read back from
 disk by a fresh cache (a second process does not tune again)."""
+import json
+
 from qcompile.kernels.triton import tuning
 from qcompile.kernels.triton.linear import LinearSpec
 
@@ -129,3 +131,23 @@ def test_candidates_are_timed_outside_every_tracing_mode(monkeypatch):
     assert len(seen) == 3  # the compile run and the two timed ones
     assert all((x_type, w_type) == (torch.Tensor, torch.Tensor) and not modes for x_type, w_type, modes in seen), seen
     assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]
+
+
+def test_shipped_choices_answer_what_the_users_file_lacks(tmp_path):
+    """The package's seeds (tuned/*.json, one per GPU) answer keys the user's file lacks, so a first compile on the
+    H100 / H200 finds those choices; an entry in the user's file wins; the seeds are never written."""
+    shipped = {path.name: path.read_text() for path in tuning.SHIPPED}
+    assert {"h100.json", "h200.json"} <= set(shipped)
+    assert tuning.CACHE.shipped == tuning.SHIPPED
+    current = f"|kernels {tuning.template_version()}|"
+    entries = json.loads(shipped["h200.json"])
+    key = next(k for k in entries if current in k)  # keyed for today's kernels (h200_seed.py --rekey-from)
+    cache = tuning.ConfigCache(tmp_path / "configs.json", shipped=tuning.SHIPPED)
+    config, tried = cache.get_entry(key)
+    assert config == tuning.KernelConfig(**entries[key]["config"]) and tried == frozenset(entries[key]["tried"])
+    assert tuning.ConfigCache(tmp_path / "configs.json").get(key) is None  # without seeds: tuned
+
+    own = tuning.KernelConfig(**{**entries[key]["config"], "num_warps": 1 + entries[key]["config"]["num_warps"]})
+    cache.put(key, own, tried)
+    assert tuning.ConfigCache(tmp_path / "configs.json", shipped=tuning.SHIPPED).get(key) == own
+    assert {path.name: path.read_text() for path in tuning.SHIPPED} == shipped
