@@ -254,9 +254,11 @@ def is_static_address(t) -> bool:
     return getattr(t, "_dynamo_static_input_type", None) is not None
 
 
-def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool = False):
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool = False,
+               size_asserts: bool = True):
     """Inductor's compile_fx with qcompile's kernel-source stamp in its cache key; `cudagraphs` replays CUDA
-    graphs (CUDA-graph trees, as mode="reduce-overhead"; mark_static_inputs first)."""
+    graphs (CUDA-graph trees, as mode="reduce-overhead"; mark_static_inputs first); `size_asserts=False` drops
+    the output code's per-call size/stride check of each tensor it is handed (config.size_asserts)."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
@@ -264,6 +266,8 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool 
     patches = {"post_grad_custom_post_pass": stamp}
     if cudagraphs:
         patches["triton.cudagraphs"] = True
+    if not size_asserts:
+        patches["size_asserts"] = False
     return inductor_compile_fx(gm, example_inputs, config_patches=patches)
 
 

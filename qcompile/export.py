@@ -75,7 +75,10 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
     gm.recompile()
     new_ep = ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature, state_dict=state_dict,
                              range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
-                             example_inputs=ep.example_inputs, constants=constants)
+                             example_inputs=ep.example_inputs, constants=constants,
+                             # the program's own IR (torch.export's default keeps in-place ops such as a static
+                             # KV cache's copy_; the default verifier here would reject them)
+                             verifiers=ep.verifiers)
     return new_ep, result
 
 

@@ -66,3 +66,34 @@ def test_export_errors_say_what_to_change():
         qcompile.export(DataDependent(), (torch.randn(2, 32),), {"scheme": "int8_dynamic"})
     with pytest.raises(ValueError, match="unknown scheme"):
         qcompile.export(MLP(64), (torch.randn(2, 64),), {"scheme": "int2"})
+
+
+class CachedStep(nn.Module):
+    """A decode step that writes a static cache in place (as a transformers StaticCache does: index_copy_ into a
+    buffer), then reads the whole cache."""
+    def __init__(self, dim=64, length=8):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.register_buffer("cache", torch.zeros(length, dim))
+
+    def forward(self, x, position):
+        self.cache.index_copy_(0, position, self.fc(x))
+        return self.cache.sum(0)
+
+
+def test_a_program_that_writes_its_buffers_in_place_is_quantized():
+    """torch.export keeps the cache's in-place write; the rewritten program keeps the export's IR (its verifier), so
+    it runs and writes its own copy of the buffer as the model writes its own."""
+    from qcompile.export import quantize_exported_program
+    from qcompile.options import QuantOptions
+
+    model = CachedStep().eval()
+    x, position = torch.randn(1, 64), torch.tensor([3])
+    with torch.no_grad():
+        ep = torch.export.export(model, (x, position))
+        quantized, result = quantize_exported_program(ep, QuantOptions.from_dict({"scheme": "int8_dynamic"}))
+        out = quantized.module()(x, position)
+        expected = model(x, position)
+    assert len(result.quantized) == 1
+    assert sqnr_db(expected, out) > 30
+    assert int((model.cache != 0).any(-1).sum()) == 1  # the model's own cache got the one row it wrote

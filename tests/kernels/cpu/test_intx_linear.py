@@ -130,12 +130,15 @@ def test_backend_lowers_intx_linears_to_generated_kernel(scheme, op_name):
 
 
 def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
-    """A graph whose lowered linears are all GEMVs (<= 3 tokens) runs with one torch thread, then restores it;
-    a graph with GEMMs keeps the caller's threads. Inductor is replaced by the lowered graph itself (cheap)."""
+    """A graph whose lowered linears are all GEMVs (<= 3 tokens) runs with one torch thread, then restores it, and
+    is compiled without Inductor's per-call size asserts; a graph with GEMMs keeps the caller's threads and the
+    asserts. Inductor is replaced by the lowered graph itself (cheap)."""
     from qcompile import _compat
-    threads_seen = []
+    threads_seen, size_asserts_seen = [], []
 
-    def lowered_graph_as_compiled(gm, inputs, cudagraphs=False):
+    def lowered_graph_as_compiled(gm, inputs, cudagraphs=False, size_asserts=True):
+        size_asserts_seen.append(size_asserts)
+
         def run(*args):
             threads_seen.append(torch.get_num_threads())
             return gm(*args)
@@ -156,6 +159,7 @@ def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
                                              "keep_float_weights": True})(x)
                 assert sqnr_db(model(x), out) > 15
             assert threads_seen[-1] == expected_threads, tokens
+            assert size_asserts_seen[-1] == (expected_threads == 2), tokens
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
