@@ -55,7 +55,7 @@ def test_a_compile_with_fusion_is_not_reused_for_a_graph_without_it(monkeypatch)
     from qcompile.backend import compile_quantized
     from qcompile.options import QuantOptions
 
-    monkeypatch.setattr(_compat, "compile_fx", lambda gm, inputs, cudagraphs=False: gm)  # the pass is the point
+    monkeypatch.setattr(_compat, "compile_fx", lambda gm, inputs, **settings: gm)  # the pass is the point
     results = []
 
     def backend(gm, example_inputs, **_):
