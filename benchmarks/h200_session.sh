@@ -65,7 +65,8 @@ save_tuning() {
 # save_inductor_cache [MAX_MB]: Inductor's cache as $OUT/inductor_cache.tgz when it compresses under MAX_MB
 # (default 40: the device tool carries 64 MiB in all); if the whole cache is larger, without the compiled Triton
 # binaries (the FX-graph and AOTAutograd entries alone: a warm call then skips tracing and codegen and only
-# recompiles the kernels' sources). Here, `tar -xzf <files_at>/inductor_cache.tgz -C .cache`.
+# recompiles the kernels' sources). Here, `cp <files_at>/inductor_cache.tgz .whl/` (unpacked, an 8B model's cache
+# is ~360 MB, over the carry limit) and unpack it there first (`bash benchmarks/issue21_call.sh warm` does).
 save_inductor_cache() {
     local max_mb=${1:-40} excludes
     for excludes in "" "--exclude=inductor/triton"; do
