@@ -16,11 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from qcompile.kernels.triton.tuning import template_version
+from qcompile.kernels.triton.tuning import TUNED_DIR, template_version
 
 CACHE = Path(".cache/qcompile")
-TUNED = Path("qcompile/kernels/triton/tuned")
-SEEDS = {"H100": TUNED / "h100.json", "H200": TUNED / "h200.json"}  # ours, shipped in the package
+SEEDS = {"H100": TUNED_DIR / "h100.json", "H200": TUNED_DIR / "h200.json"}  # ours, shipped in the package
 GEMLITE_SEED = Path("benchmarks/h200_cache/gemlite_configs.json")
 
 
@@ -94,6 +93,7 @@ def main(argv=None) -> None:
             result = merged(old, entries, nested)
             target.write_text(json.dumps(result, indent=1, sort_keys=True))
             print(f"{target}: {len(result)} entries ({len(entries)} from {source})")
+
 
 if __name__ == "__main__":
     main()

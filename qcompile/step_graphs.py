@@ -154,8 +154,8 @@ class StepGraphs:
         return out
 
     def _eager_until_ready(self, device, key, args, kwargs):
-        """An eager call that also learns whether the signature can be captured: it is ready once a call compiled
-        nothing, and uncapturable if the call synchronized with the host."""
+        """An eager call that also learns whether the signature can be captured: ready once a call compiled nothing
+        and did not synchronize with the host, uncapturable once such a call did synchronize."""
         compiles = _compat.dynamo_compile_count()
         with _host_syncs_recorded() as syncs:
             out = self._eager(device, args, kwargs)

@@ -43,16 +43,14 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 MS = (1, 16, 128)
 GROUP = 128
 TARGETS = {1: 2.5, 16: 2.2, 128: 1.2}
-SEED_FILES = list(SHIPPED)
 
 
 def cached_choices(spec) -> dict[tuple[int, int, int], KernelConfig]:
-    """(M bucket, N, K) -> the config this GPU's committed seed chose for this spec (any kernel version: the configs
+    """(M bucket, N, K) -> the config this GPU's shipped seed chose for this spec (any kernel version: the configs
     of the existing paths compute with the same code)."""
     entries = {}
-    for seed in SEED_FILES:
-        if seed.exists():
-            entries.update(json.loads(seed.read_text()))
+    for seed in SHIPPED:
+        entries.update(json.loads(seed.read_text()))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     found = {}
     for key, entry in entries.items():

@@ -211,7 +211,8 @@ class ConfigCache:
 
 
 # the choices tuned on the device's GPUs, one file per GPU (benchmarks/h200_seed.py adds a call's new choices)
-SHIPPED = tuple(sorted((Path(__file__).parent / "tuned").glob("*.json")))
+TUNED_DIR = Path(__file__).parent / "tuned"
+SHIPPED = tuple(sorted(TUNED_DIR.glob("*.json")))
 CACHE = ConfigCache(shipped=SHIPPED)
 
 
