@@ -9,6 +9,7 @@ weights they replace leave the program, and the device lowering runs before AOTI
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -27,9 +28,10 @@ CONSTANT_PREFIX = "qcompile"
 
 
 def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tuple[ExportedProgram, PassResult]:
-    """Rewrite an ExportedProgram's linears; the quantized tensors become persistent buffers
-    `qcompile.<placeholder name>`, the consumed float weights are dropped from the program."""
-    gm = ep.graph_module
+    """A new ExportedProgram with `ep`'s linears rewritten; the quantized tensors become persistent buffers
+    `qcompile.<placeholder name>`, the consumed float weights are dropped from the program. `ep` stays usable: the
+    pass rewrites a copy of its graph (the copy holds no weights: they are the program's lifted inputs)."""
+    gm = copy.deepcopy(ep.graph_module)
     specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
     weight_kinds = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
     weights = {}

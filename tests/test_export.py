@@ -83,7 +83,8 @@ class CachedStep(nn.Module):
 
 def test_a_program_that_writes_its_buffers_in_place_is_quantized():
     """torch.export keeps the cache's in-place write; the rewritten program keeps the export's IR (its verifier), so
-    it runs and writes its own copy of the buffer as the model writes its own."""
+    it runs and writes its own copy of the buffer as the model writes its own; the exported program it came from
+    is left as it was."""
     from qcompile.export import quantize_exported_program
     from qcompile.options import QuantOptions
 
@@ -94,6 +95,7 @@ def test_a_program_that_writes_its_buffers_in_place_is_quantized():
         quantized, result = quantize_exported_program(ep, QuantOptions.from_dict({"scheme": "int8_dynamic"}))
         out = quantized.module()(x, position)
         expected = model(x, position)
+        torch.testing.assert_close(ep.module()(x, position), expected)  # the input program still runs, in float
     assert len(result.quantized) == 1
     assert sqnr_db(expected, out) > 30
     assert int((model.cache != 0).any(-1).sum()) == 1  # the model's own cache got the one row it wrote
