@@ -22,6 +22,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -31,6 +32,19 @@
 #define QC_X86_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define QC_X86_VNNI 1
+// vdpbf16ps for the 4-bit float GEMV: Inductor's AVX-512 VNNI flags lack -mavx512bf16, so those functions get the
+// target by pragma and run only where CPUID has it (bf16_dot_enabled)
+#if defined(__GNUC__) && !defined(__clang__)
+#define QC_X86_BF16_DOT 1
+#define QC_BF16_TARGET_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512bf16\")")
+#define QC_BF16_TARGET_END _Pragma("GCC pop_options")
+#elif defined(__clang__)
+#define QC_X86_BF16_DOT 1
+#define QC_BF16_TARGET_BEGIN \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512bf16\"))), apply_to = function)")
+#define QC_BF16_TARGET_END _Pragma("clang attribute pop")
+#endif
+#include <cpuid.h>
 #endif
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -1155,44 +1169,138 @@ inline __m512 next_weights(__m512i (&lanes)[4], __m512 table) {
   }
 }
 
-// out[r * MT + t] for QC_VNNI_ROWS rows and MT tokens (xc: the tokens in chunk order, K_pad apart).
-template <int BITS, int GROUP, int MT, typename ST>
-inline void float_gemv_rows(const uint8_t* const* row, const ST* const* srow, const float* xc, int64_t K,
-                            int64_t K_pad, int64_t prefetch_rows, float* out) {
-  constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, V = CHUNK / 16, R = QC_VNNI_ROWS;
-  constexpr int NP = MT == 1 ? 2 : 1;  // partial sums per (row, token): two FMA chains at one token
-  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
-  alignas(64) float table_values[16];  // value of each 4-bit index (its bits above BITS ignored); unused above 4 bits
-  for (int i = 0; i < 16; ++i) table_values[i] = (float)((i & ((1 << std::min(BITS, 4)) - 1)) - (1 << (BITS - 1)));
-  const __m512 table = _mm512_load_ps(table_values);
+// How float_gemv_rows multiplies a chunk's weights with the tokens; both give sum_k w_k x_k per lane.
+// FloatTableDot: 8 steps of 16 values, each weight looked up as a float (next_weights), one FMA per 16 products; the
+// token in float, chunk order (float_chunk_order). Any width below 8.
+template <int BITS>
+struct FloatTableDot {
+  static constexpr int STEPS = QC_FLOAT_GEMV_CHUNK / 16;
+  static constexpr int parts(int MT) { return MT == 1 ? 2 : 1; }  // FMA chains per (row, token): two at one token
+  using Word = float;
+  static constexpr int64_t token_words(int64_t K_pad) { return K_pad; }
+  struct Row { __m512i lanes[4]; };  // [p]: the plane of width 8 >> p (p = 0, 8-bit, never here)
+  __m512 table;
+  FloatTableDot() {
+    alignas(64) float values[16];  // value of each 4-bit index (its bits above BITS ignored); unused above 4 bits
+    for (int i = 0; i < 16; ++i) values[i] = (float)((i & ((1 << std::min(BITS, 4)) - 1)) - (1 << (BITS - 1)));
+    table = _mm512_load_ps(values);
+  }
+  template <typename XT>
+  static void store_token(const XT* x, int64_t K, int64_t K_pad, float* xc, float*) {
+    float_chunk_order<STEPS, XT>(x, K, K_pad, xc);
+  }
+  void load(const uint8_t* row, int64_t K, int64_t k0, int count, int64_t ahead, Row& r) const {
+    load_plane_lanes<BITS, 4>(row, K, k0, count, ahead, r.lanes[1]);
+    load_plane_lanes<BITS, 2>(row, K, k0, count, ahead, r.lanes[2]);
+    load_plane_lanes<BITS, 1>(row, K, k0, count, ahead, r.lanes[3]);
+  }
+  template <int MT, int R, int NP>
+  void step(int j, const float* xc, int64_t stride, int64_t k0, Row (&rows)[R], __m512 (&part)[R][MT][NP]) const {
+    __m512 x[MT];
+    for (int t = 0; t < MT; ++t) x[t] = _mm512_loadu_ps(xc + t * stride + k0 + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = next_weights<BITS>(rows[r].lanes, table);
+      for (int t = 0; t < MT; ++t) part[r][t][j % NP] = _mm512_fmadd_ps(w, x[t], part[r][t][j % NP]);
+    }
+  }
+};
+
+// Bf16PairDot (4-bit, CPUs with AVX512_BF16): vdpbf16ps multiplies 32 bf16 pairs into 16 float lanes, exactly (the
+// products of 8-bit significands fit a float), so one instruction does two FMAs' work and a weight is one vpermw
+// lookup per 32. A lane's 32-bit word holds 8 nibbles, values 8l..8l+7: its low half 8l..8l+3, its high half
+// 8l+4..8l+7, so step j pairs value 8l+j (low bf16) with 8l+4+j (high bf16) after one 16-bit shift. The token is
+// stored in that pair order as SPLIT bf16 terms x = x_1 + ... + x_SPLIT (each the bf16 rounding of what is left):
+// bf16 activations are one term (exact), float and half two: 16 significant bits, so each product is within
+// 2^-17 of the float one (measured on SmolLM2's decode sweep, benchmarks/cpu_intx_kernels.cpp: three terms, exact
+// for float, ran no faster than FloatTableDot; two ran 1.1-1.3x faster, at the int8 VNNI GEMV's speed).
+#if defined(QC_X86_BF16_DOT)
+QC_BF16_TARGET_BEGIN
+template <int SPLIT>
+struct Bf16PairDot {
+  static constexpr int STEPS = 4;
+  static constexpr int parts(int MT) { return SPLIT == 1 && MT == 1 ? 2 : SPLIT; }
+  using Word = uint32_t;
+  static constexpr int64_t token_words(int64_t K_pad) { return K_pad / 2 * SPLIT; }
+  struct Row { __m512i u; };
+  __m512i table;  // the bf16 of (i & 15) - 8 for each 5-bit index i (vpermw's index: bit 4 is the next nibble's)
+  Bf16PairDot() {
+    alignas(64) uint16_t values[32];
+    for (int i = 0; i < 32; ++i) {
+      const float f = (float)((i & 15) - 8);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      values[i] = (uint16_t)(bits >> 16);  // exact: small integers need no rounding
+    }
+    table = _mm512_load_si512(values);
+  }
+  // xb[(chunk * 4 + j) * 16 * SPLIT + 16 * s + l] = term s of (x[k0 + 8l + j], x[k0 + 8l + 4 + j]) as two bf16
+  template <typename XT>
+  static void store_token(const XT* x, int64_t K, int64_t K_pad, uint32_t* xb, float* xc) {
+    float_chunk_order<8, XT>(x, K, K_pad, xc);  // xc[k0 + 16 j + l] = x[k0 + 8 l + j]
+    for (int64_t k0 = 0; k0 < K_pad; k0 += QC_FLOAT_GEMV_CHUNK)
+      for (int j = 0; j < 4; ++j) {
+        __m512 lo = _mm512_loadu_ps(xc + k0 + 16 * j), hi = _mm512_loadu_ps(xc + k0 + 16 * (j + 4));
+        // a term past an inf or NaN is 0, not inf - inf: those products stay what the float ones are
+        const __mmask16 lo_finite = ~_mm512_fpclass_ps_mask(lo, 0x99), hi_finite = ~_mm512_fpclass_ps_mask(hi, 0x99);
+        for (int s = 0; s < SPLIT; ++s) {
+          const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+          const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+          _mm512_storeu_si512(xb + (k0 / QC_FLOAT_GEMV_CHUNK * 4 + j) * 16 * SPLIT + 16 * s,
+                              _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+          lo = _mm512_maskz_sub_ps(lo_finite, lo, _mm512_castsi512_ps(_mm512_slli_epi32(lo16, 16)));
+          hi = _mm512_maskz_sub_ps(hi_finite, hi, _mm512_castsi512_ps(_mm512_slli_epi32(hi16, 16)));
+        }
+      }
+  }
+  void load(const uint8_t* row, int64_t, int64_t k0, int count, int64_t ahead, Row& r) const {
+    const uint8_t* p = row + k0 / 2;
+    _mm_prefetch((const char*)(p + ahead), _MM_HINT_T0);
+    r.u = load_bytes(p, count / 2);
+  }
+  template <int MT, int R, int NP>
+  void step(int j, const uint32_t* xb, int64_t stride, int64_t k0, Row (&rows)[R], __m512 (&part)[R][MT][NP]) const {
+    __m512bh x[MT][SPLIT];
+    for (int t = 0; t < MT; ++t)
+      for (int s = 0; s < SPLIT; ++s)
+        x[t][s] = (__m512bh)_mm512_loadu_si512(xb + t * stride + (k0 / QC_FLOAT_GEMV_CHUNK * 4 + j) * 16 * SPLIT + 16 * s);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(j == 0 ? rows[r].u : _mm512_srli_epi16(rows[r].u, 4 * j), table);
+      for (int t = 0; t < MT; ++t)
+        for (int s = 0; s < SPLIT; ++s) {
+          const int p = NP > SPLIT ? j % NP : s;
+          part[r][t][p] = _mm512_dpbf16_ps(part[r][t][p], w, x[t][s]);
+        }
+    }
+  }
+};
+#endif
+
+// out[r * MT + t] for QC_VNNI_ROWS rows and MT tokens (xs: the tokens as Dot stores them, `stride` words apart).
+template <class Dot, int GROUP, int MT, typename ST>
+inline void float_gemv_rows(const Dot& dot, const uint8_t* const* row, const ST* const* srow,
+                            const typename Dot::Word* xs, int64_t stride, int64_t K, int64_t K_pad,
+                            int64_t prefetch_rows, int64_t row_bytes, float* out) {
+  constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, R = QC_VNNI_ROWS, NP = Dot::parts(MT);
+  const int64_t groups = K / GROUP;
   __m512 facc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < MT; ++t) facc[r][t] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K_pad; k0 += CHUNK) {
     const int count = (int)std::min<int64_t>(CHUNK, K - k0);
-    __m512i lanes[R][4];  // [r][p]: row r's plane of width 8 >> p (p = 0, 8-bit, never here)
+    typename Dot::Row rows[R];
     __m512 part[R][MT][NP];
     for (int r = 0; r < R; ++r) {
-      load_plane_lanes<BITS, 4>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][1]);
-      load_plane_lanes<BITS, 2>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][2]);
-      load_plane_lanes<BITS, 1>(row[r], K, k0, count, prefetch_rows * row_bytes, lanes[r][3]);
+      dot.load(row[r], K, k0, count, prefetch_rows * row_bytes, rows[r]);
       _mm_prefetch((const char*)(srow[r] + k0 / GROUP + prefetch_rows * groups), _MM_HINT_T0);
       for (int t = 0; t < MT; ++t)
         for (int i = 0; i < NP; ++i) part[r][t][i] = _mm512_setzero_ps();
     }
-    for (int j = 0; j < V; ++j) {
-      __m512 x[MT];
-      for (int t = 0; t < MT; ++t) x[t] = _mm512_loadu_ps(xc + t * K_pad + k0 + 16 * j);
-      for (int r = 0; r < R; ++r) {
-        const __m512 w = next_weights<BITS>(lanes[r], table);
-        for (int t = 0; t < MT; ++t) part[r][t][j % NP] = _mm512_fmadd_ps(w, x[t], part[r][t][j % NP]);
-      }
-    }
+    for (int j = 0; j < Dot::STEPS; ++j) dot.template step<MT>(j, xs, stride, k0, rows, part);
     for (int r = 0; r < R; ++r) {
       const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
       for (int t = 0; t < MT; ++t) {
         __m512 sum = part[r][t][0];
-        if constexpr (NP == 2) sum = _mm512_add_ps(sum, part[r][t][1]);
+        for (int i = 1; i < NP; ++i) sum = _mm512_add_ps(sum, part[r][t][i]);
         facc[r][t] = _mm512_fmadd_ps(sum, s, facc[r][t]);
       }
     }
@@ -1201,28 +1309,72 @@ inline void float_gemv_rows(const uint8_t* const* row, const ST* const* srow, co
     for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(facc[r][t]);
 }
 
-template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
-void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
-                                   int64_t M, int64_t N, int64_t K, int num_threads) {
-  constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, V = CHUNK / 16;
-  const int64_t row_bytes = K * BITS / 8, groups = K / GROUP, K_pad = (K + CHUNK - 1) / CHUNK * CHUNK;
+template <class Dot, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void float_gemv_with(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
+                     int64_t N, int64_t K, int64_t row_bytes, int num_threads) {
+  const int64_t groups = K / GROUP, K_pad = (K + QC_FLOAT_GEMV_CHUNK - 1) / QC_FLOAT_GEMV_CHUNK * QC_FLOAT_GEMV_CHUNK;
+  const int64_t stride = Dot::token_words(K_pad);
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
   (void)num_threads; (void)parallel;
-  // every thread orders the few tokens itself (no barrier between that and the dot products)
+  const Dot dot;
+  // every thread stores the few tokens itself (no barrier between that and the dot products)
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
+    static thread_local std::vector<typename Dot::Word> xs_storage;
     static thread_local std::vector<float> xc_storage;
-    float* xc = thread_scratch(xc_storage, (size_t)(M * K_pad));
-    for (int64_t m = 0; m < M; ++m) float_chunk_order<V, XT>(x + m * K, K, K_pad, xc + m * K_pad);
+    typename Dot::Word* xs = thread_scratch(xs_storage, (size_t)(M * stride));
+    float* xc = thread_scratch(xc_storage, (size_t)K_pad);
+    for (int64_t m = 0; m < M; ++m) Dot::store_token(x + m * K, K, K_pad, xs + m * stride, xc);
     vnni_row_blocks(
         packed, scale, M, N, row_bytes, groups,
         [&](auto mt, const uint8_t* const* rows, const ST* const* srows, int64_t ahead, float* out) {
-          float_gemv_rows<BITS, GROUP, decltype(mt)::value, ST>(rows, srows, xc, K, K_pad, ahead, out);
+          float_gemv_rows<Dot, GROUP, decltype(mt)::value, ST>(dot, rows, srows, xs, stride, K, K_pad, ahead,
+                                                              row_bytes, out);
         },
         [&](int64_t m, int64_t n, float value) {
           y[m * N + n] = static_cast<OT>(value + (bias ? static_cast<float>(bias[n]) : 0.f));
         });
   }
+}
+#if defined(QC_X86_BF16_DOT)
+QC_BF16_TARGET_END
+#endif
+
+// Which float GEMV runs: "bf16_pair" (4-bit where the CPU has AVX512_BF16, unless QCOMPILE_CPU_BF16_DOT=0) or
+// "fp32_table".
+inline bool bf16_dot_enabled() {
+#if defined(QC_X86_BF16_DOT)
+  static const bool enabled = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const char* env = std::getenv("QCOMPILE_CPU_BF16_DOT");
+    const bool allowed = !(env && env[0] == '0');
+    return allowed && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);  // CPUID.(7,1):EAX[5] AVX512_BF16
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
+inline const char* float_gemv_name(int bits) { return bits == 4 && bf16_dot_enabled() ? "bf16_pair" : "fp32_table"; }
+
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
+                                   int64_t M, int64_t N, int64_t K, int num_threads) {
+  const int64_t row_bytes = K * BITS / 8;
+#if defined(QC_X86_BF16_DOT)
+  if constexpr (BITS == 4) {
+    if (bf16_dot_enabled()) {
+      // bf16 activations are one bf16 term; float and half need two (this header names no torch types: a 16-bit
+      // type that rounds 1 + 2^-8 to 1 has bf16's 8-bit significand)
+      static const bool is_bf16 = sizeof(XT) == 2 && static_cast<float>(XT(1.0f + 1.0f / 256)) == 1.0f;
+      if (is_bf16) float_gemv_with<Bf16PairDot<1>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      else float_gemv_with<Bf16PairDot<2>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      return;
+    }
+  }
+#endif
+  float_gemv_with<FloatTableDot<BITS>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
 }
 #endif
 

@@ -3,6 +3,7 @@ bit width, GEMV and GEMM, against a float64 reference. aarch64 builds are cross-
 each -march picks its micro-kernels at compile time (NEON, dotprod, i8mm) and the check prints which it ran;
 x86 builds run natively (AVX2 where the CPU has it, and the portable fallback).
 CI needs the Debian packages g++-aarch64-linux-gnu and qemu-user-static."""
+import os
 import platform
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import qcompile.kernels.cpu
 KERNEL_DIR = Path(qcompile.kernels.cpu.__file__).parent
 CHECK_SOURCE = Path(__file__).parent / "intx_linear_check.cpp"
 CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
-EXPECTED_SUMMARY = "256 passed, 0 failed"  # 8 bit widths x 2 group sizes x 8 shapes x 2 entry points
+EXPECTED_SUMMARY = "257 passed, 0 failed"  # 8 bit widths x 2 group sizes x 8 shapes x 2 entry points, + inf / NaN
 
 needs_cross = pytest.mark.skipif(
     shutil.which(CROSS_CXX) is None or shutil.which(QEMU) is None,
@@ -83,3 +84,20 @@ def test_native_builds(tmp_path, flags, needs, isa):
         pytest.skip(f"native x86 builds need an x86-64 host, this is {platform.machine()}")
     binary = _build(tmp_path, "g++", [*flags, "-fopenmp"], isa)
     _assert_checked(_run([str(binary)]), isa)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found: apt-get install g++")
+def test_avx512_float_gemv_both_dot_products(tmp_path):
+    """The 4-bit float GEMV picks vdpbf16ps where CPUID has AVX512_BF16 (the check's tolerance follows the one it
+    reports) and the float-table kernel otherwise or under QCOMPILE_CPU_BF16_DOT=0: both are checked here."""
+    cpu = _x86_cpu_flags()
+    missing = {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni", "fma"} - cpu
+    if missing or platform.machine() != "x86_64":
+        pytest.skip(f"needs an x86-64 CPU with AVX-512 VNNI (lacks {sorted(missing)})")
+    binary = _build(tmp_path, "g++", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
+                                      "-mavx512vnni", "-fopenmp"], "vnni")
+    for env, expected in ((None, "bf16_pair" if "avx512_bf16" in cpu else "fp32_table"), ("0", "fp32_table")):
+        result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "QCOMPILE_CPU_BF16_DOT": env} if env else None)
+        _assert_checked(result, "x86_avx512_vnni")
+        assert result.stdout.splitlines()[1] == f"float_gemv {expected}", result.stdout
