@@ -1,8 +1,10 @@
 """Everything that touches PyTorch internals whose shape changes between torch 2.11 and 2.14, in one place."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import pathlib
 import re
 import sys
@@ -268,7 +270,41 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool 
         patches["triton.cudagraphs"] = True
     if not size_asserts:
         patches["size_asserts"] = False
-    return inductor_compile_fx(gm, example_inputs, config_patches=patches)
+    with _no_unlogged_graph_repro():
+        return inductor_compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@contextlib.contextmanager
+def _no_unlogged_graph_repro():
+    """Inductor (2.11-2.14) writes a runnable repro of every graph it compiles into a string that only structured
+    tracing (TORCH_TRACE / tlparse) reads; with user Triton kernels that repro walks the source AST of every kernel
+    the process has registered, for every graph — seconds per compiled layer of an 8B model (seen in H100 stack
+    samples of the cold compile). While no structured-trace handler listens, that call writes nothing; any other
+    call (a save_dir, a file, tracing on) goes through unchanged."""
+    try:
+        from torch._dynamo.repro import after_aot
+        from torch._logging._internal import trace_log
+    except ImportError:
+        yield
+        return
+    original = getattr(after_aot, "save_graph_repro", None)
+    if original is None:
+        yield
+        return
+
+    def listening() -> bool:  # torch's lazy handler without a TORCH_TRACE folder removes itself at its first record
+        return any(getattr(handler, "root_dir", "") is not None for handler in trace_log.handlers)
+
+    def save_graph_repro(fd, *args, **kwargs):
+        if kwargs.get("save_dir", "unset") is None and isinstance(fd, io.StringIO) and not listening():
+            return None
+        return original(fd, *args, **kwargs)
+
+    after_aot.save_graph_repro = save_graph_repro
+    try:
+        yield
+    finally:
+        after_aot.save_graph_repro = original
 
 
 # --- DTensor (tensor parallelism): torch 2.11 flattens a DTensor to its local tensor with the mesh in the

@@ -66,3 +66,44 @@ def test_the_only_non_pure_asm_is_the_l1_prefetch():
             if "is_pure=False" in call:
                 found.append((path.name, call))
     assert found and all(re.match(r'\s*"prefetch\.global\.L1 \[\$1\]; mov\.u32 \$0, 0;"', call) for _, call in found), found
+
+
+def test_graph_repro_string_skipped_unless_structured_tracing_listens(monkeypatch):
+    """Inductor builds a runnable repro of every graph for tlparse alone; qcompile's compile skips it while no
+    structured-trace handler listens, and keeps it (and every other use of save_graph_repro) otherwise."""
+    import io
+    import logging
+
+    from torch._dynamo.repro import after_aot
+    from torch._logging._internal import trace_log
+
+    calls = []
+    original = after_aot.save_graph_repro
+    monkeypatch.setattr(after_aot, "save_graph_repro", lambda fd, *a, **k: calls.append(k.get("save_dir", "unset")))
+
+    # nothing listens: only torch's lazy handler without a TORCH_TRACE folder (pytest's log capture, when on, adds
+    # its own handlers to this logger, which would receive the records)
+    monkeypatch.setattr(trace_log, "handlers", [h for h in trace_log.handlers if getattr(h, "root_dir", "") is None])
+
+    def compile_once():
+        gm = torch.fx.symbolic_trace(lambda x: torch.relu(x) + 1)
+        _compat.compile_fx(gm, [torch.randn(3, 8)])(torch.randn(3, 8))
+
+    compile_once()
+    assert calls == []  # skipped: nothing listens
+    with _compat._no_unlogged_graph_repro():
+        after_aot.save_graph_repro(io.StringIO(), None, [], "inductor", save_dir="/tmp/x")
+    assert calls == ["/tmp/x"]  # a repro with a save_dir goes through
+    handler = logging.NullHandler()
+    trace_log.handlers.append(handler)
+    try:
+        torch._dynamo.reset()
+        torch._inductor.config.force_disable_caches, saved = True, torch._inductor.config.force_disable_caches
+        try:
+            compile_once()
+        finally:
+            torch._inductor.config.force_disable_caches = saved
+    finally:
+        trace_log.handlers.remove(handler)
+    assert calls[1:] == [None]  # tracing listens: Inductor's own call goes through
+    assert after_aot.save_graph_repro is not original  # (the monkeypatched stand-in is back in place)
