@@ -48,7 +48,7 @@ import argparse
 import cProfile
 import contextlib
 import datetime
-import faulthandler
+import threading
 import gc
 import inspect
 import io
@@ -386,13 +386,21 @@ def profiling(stem: Path, every_s: float = 15.0):
     profiler = cProfile.Profile()
     stem.parent.mkdir(parents=True, exist_ok=True)
     stacks = open(stem.with_suffix(".stacks.txt"), "w")
-    faulthandler.dump_traceback_later(every_s, repeat=True, file=stacks)
+    # samples from a Python thread (it holds the GIL while it reads the frames): faulthandler's watchdog
+    # (dump_traceback_later) reads other threads' frames without it, and crashed an H100 cold compile mid-dump
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(every_s):
+            write_stacks(stacks, f"sample (every {every_s:g} s)")
+
+    sampler = threading.Thread(target=sample, daemon=True, name="compile-stack-sampler")
+    sampler.start()
 
     def on_term(signum, frame):
         profiler.disable()
         write_profile(profiler, stem.with_suffix(".txt"))
-        faulthandler.dump_traceback(file=stacks)
-        stacks.flush()
+        write_stacks(stacks, "at SIGTERM")
         os._exit(124)
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -402,9 +410,20 @@ def profiling(stem: Path, every_s: float = 15.0):
     finally:
         profiler.disable()
         signal.signal(signal.SIGTERM, previous)
-        faulthandler.cancel_dump_traceback_later()
+        done.set()
+        sampler.join()
         stacks.close()
         write_profile(profiler, stem.with_suffix(".txt"))
+
+
+def write_stacks(file, title: str) -> None:
+    """Every thread's Python stack, most recent call first (as faulthandler prints them)."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    file.write(f"--- {title}\n")
+    for ident, frame in sys._current_frames().items():
+        file.write(f"Thread {names.get(ident, ident)} (most recent call first):\n")
+        file.writelines(reversed(traceback.format_stack(frame)))
+    file.flush()
 
 
 def write_profile(profiler: cProfile.Profile, path: Path) -> None:
