@@ -12,11 +12,16 @@ Grouped-query attention: keys/values repeated per query head (transformers' repe
 unsqueeze(2) -> expand -> clone -> view) feed CPU flash attention their own heads instead, which it maps to query
 heads itself (head h reads kv head h // rep, as repeat_kv lays them out): the same numbers without a copy of the
 whole KV cache per layer and step.
+
+Decode attention: CPU flash attention with at most QC_FEW_QUERY_ROWS query rows (a decode step, also in its
+grouped form) becomes decode_attention_cpu, a generated C++ kernel (~9 us where ATen's op costs ~30 us a call, most
+of it setup and dispatch); float32 only, its logsumexp output unused.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import operator
 import os
 
@@ -219,6 +224,58 @@ def attend_grouped_kv_heads_cpu(gm: GraphModule, device: torch.device, options=N
             continue
         node.args = (node.args[0], key[0], value[0], *node.args[3:])
         COUNTS["attention: repeated key/value heads dropped (grouped-query flash attention)"] += 1
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+
+
+FEW_QUERY_ROWS = 16  # query rows per (batch, head) up to which attention takes the decode kernel
+
+
+def _decode_attention_args(node: Node) -> tuple | None:
+    """decode_attention_cpu's args for a CPU flash attention node it can replace, else None."""
+    q, k, v = node.args[:3]
+    dropout, causal = (list(node.args[3:5]) + [0.0, False][len(node.args[3:5]):])
+    mask, scale = node.kwargs.get("attn_mask"), node.kwargs.get("scale")
+    shapes = [_shape(t) for t in (q, k, v)]
+    if dropout != 0.0 or causal or any(s is None or len(s) != 4 for s in shapes):
+        return None
+    if any(_dtype(t) != torch.float32 for t in (q, k, v) + ((mask,) if mask is not None else ())):
+        return None
+    (b, hq, lq, d), (kb, hkv, lk, kd), vshape = shapes
+    if not (isinstance(lq, int) and lq <= FEW_QUERY_ROWS and isinstance(hq, int) and isinstance(hkv, int)
+            and hq % hkv == 0 and _same_shape((kb, hkv, lk, kd), vshape) and _same(kb, b) and _same(kd, d)):
+        return None
+    if mask is not None:
+        m = _shape(mask)
+        if m is None or len(m) != 4 or not (m[0] == 1 or _same(m[0], b)) or not (m[1] == 1 or _same(m[1], hq)) \
+                or not (_same(m[2], lq) and _same(m[3], lk)):
+            return None
+    users = list(node.users)
+    if not all(_call(u, operator.getitem) and u.args[1] == 0 for u in users):
+        return None  # the logsumexp is read
+    return q, k, v, mask, float(scale) if scale is not None else 1.0 / math.sqrt(d)
+
+
+def attend_few_rows_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not _call(node, aten._scaled_dot_product_flash_attention_for_cpu.default):
+            continue
+        args = _decode_attention_args(node)
+        if args is None:
+            COUNTS["attention: kept CPU flash attention"] += 1
+            continue
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.create_node("call_function", cpu_ops.decode_attention_cpu, args,
+                                         name=f"{node.name}_decode")
+        fused.meta["val"] = cpu_ops._attention_output(*(a.meta["val"] if isinstance(a, Node) else a for a in args))
+        fused.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for user in list(node.users):
+            user.replace_all_uses_with(fused)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        COUNTS["attention: decode kernel (few query rows)"] += 1
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()

@@ -1,5 +1,5 @@
-"""Inductor lowering of the fused CPU intx ops: a CppTemplate that pastes intx_linear.h into Inductor's output code
-and calls it, so the kernel is compiled with the graph (and embedded in AOTInductor packages).
+"""Inductor lowering of the fused CPU ops: CppTemplates that paste intx_linear.h / decode_attention.h into Inductor's
+output code and call them, so the kernels are compiled with the graph (and embedded in AOTInductor packages).
 
 Every Inductor internal this package touches is in this file (CppTemplate, CppTemplateKernel.def_kernel,
 register_lowering, the template buffer's epilogue-fusion switch); it is written against torch 2.11-2.14.
@@ -23,6 +23,7 @@ from . import ops
 
 log = logging.getLogger(__name__)
 KERNEL_SOURCE = (Path(__file__).parent / "intx_linear.h").read_text()
+ATTENTION_SOURCE = (Path(__file__).parent / "decode_attention.h").read_text()
 
 # op -> (C++ entry point in intx_linear.h, activation dtypes it accepts)
 ENTRY_POINTS = {
@@ -108,8 +109,57 @@ def _lower(op, x, packed, scale, bias, bits, group_size, dtype):
     return node
 
 
+class DecodeAttentionTemplate(CppTemplate):
+    """out = decode_attention(q, k, v, mask) (decode_attention.h): a few query rows against a KV cache."""
+
+    def __init__(self, input_nodes, layout: ir.Layout, scale: float, has_mask: bool):
+        super().__init__("qcompile_decode_attention", input_nodes, layout, 1)
+        self.scale, self.has_mask = scale, has_mask
+
+    def render(self, kernel, template_buffer_node=None, flag_template_buffer_has_other_users=None,
+               epilogue_nodes=None, **kwargs) -> str:
+        if epilogue_nodes:
+            raise NotImplementedError("qcompile attention template: epilogue fusion is switched off for this buffer")
+        q, k, v = self.input_nodes[:3]
+        mask = self.input_nodes[3] if self.has_mask else None
+        out = template_buffer_node if template_buffer_node is not None else self.output_node
+        inputs = {"Q": q, "K": k, "V": v, **({"MASK": mask} if mask is not None else {})}
+        signature = kernel.def_kernel(inputs=inputs, outputs={"OUT": out})
+        B, Hq, Lq, D = q.get_size()
+        Hkv, Lk = k.get_size()[1], k.get_size()[2]
+        MB, MH = (mask.get_size()[0], mask.get_size()[1]) if mask is not None else (1, 1)
+        sizes = ", ".join(cexpr_index(kernel.rename_indexing(e)) for e in (B, Hq, Hkv, Lq, Lk, D, MB, MH))
+        code = IndentedBuffer()
+        code.splice(self.header())
+        code.splice(ATTENTION_SOURCE)
+        code.writeline(f'extern "C" {get_export_declaration()}')
+        code.writeline(signature)
+        code.writeline("{")
+        with code.indent():
+            code.writeline(getattr(kernel, "maybe_codegen_profile", lambda: "")())
+            code.writeline(f"qcompile_cpu::decode_attention(Q, K, V, {'MASK' if mask is not None else 'nullptr'}, "
+                           f"OUT, {sizes}, {float(self.scale)!r}f);")
+        code.writeline("}")
+        return code.getvalue()
+
+
+def _lower_attention(q, k, v, mask, scale):
+    """Inductor lowering of decode_attention_cpu: the template (float32 on the CPU), else the reference."""
+    tensors = [q, k, v] + ([mask] if mask is not None else [])
+    if any(t.get_device().type != "cpu" or t.get_dtype() != torch.float32 for t in tensors):
+        log.warning("qcompile: decode_attention_cpu runs its reference implementation: it needs float32 CPU tensors")
+        return fallback_handler(ops.decode_attention_cpu, add_to_fallback_set=False)(q, k, v, mask, scale)
+    inputs = [_realized(t) for t in tensors]
+    B, H, Lq, D = q.get_size()
+    layout = ir.FixedLayout(q.get_device(), torch.float32, [B, H, Lq, D], [Lq * H * D, D, H * D, 1])
+    node = DecodeAttentionTemplate(inputs, layout, scale, mask is not None).generate().output_node()
+    node.data.data.allow_epilogue_fusion = False
+    return node
+
+
 @functools.lru_cache(None)
 def register_inductor_lowerings() -> None:
     for op in ENTRY_POINTS:
         register_lowering(op, type_promotion_kind=None)(functools.partial(_lower, op))
+    register_lowering(ops.decode_attention_cpu, type_promotion_kind=None)(_lower_attention)
 

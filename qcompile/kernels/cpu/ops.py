@@ -26,25 +26,30 @@ def on_inductor_trace(register: Callable[[], None]) -> None:
     _inductor_lowerings = register
 
 
-def _define(name: str, doc: str):
+def _define(name: str, doc: str, args: str = _ARGS, fake_output=None):
     """Define `qcompile::<name>` with the decorated reference as its CompositeExplicitAutograd kernel (so
-    Inductor keeps the op whole and lowers it) and a shape-only fake kernel."""
+    Inductor keeps the op whole and lowers it) and a fake kernel (`fake_output`: the output's shape and layout
+    from the arguments; default, an intx linear's)."""
     def register(fn):
-        _lib.define(name + _ARGS)
+        _lib.define(name + args)
         _lib.impl(name, fn, "CompositeExplicitAutograd")
 
-        def fake(x, packed, scale, bias, bits, group_size, dtype):
+        def fake(*call_args):
             # every Inductor / AOTInductor compile traces the graph with fake tensors before it lowers: register the
             # lowering here, once Inductor is loaded (importing it with qcompile would cost 2.4 s)
             if "torch._inductor.lowering" in sys.modules and _inductor_lowerings is not None:
                 _inductor_lowerings()
-            return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=dtype)
+            return (fake_output or _linear_output)(*call_args)
 
         torch.library.register_fake(f"{reference.NAMESPACE}::{name}", fake, lib=_lib)
         op = getattr(torch.ops.qcompile, name).default
         fn.__doc__ = doc
         return op
     return register
+
+
+def _linear_output(x, packed, scale, bias, bits, group_size, dtype):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=dtype)
 
 
 @_define("intx_linear_dynamic_int8_cpu", "quantize_int8_per_token_asym -> matmul_intx -> scale_output, fused")
@@ -58,3 +63,23 @@ def intx_linear_dynamic_int8_cpu(x, packed, scale, bias, bits, group_size, dtype
 def intx_linear_float_cpu(x, packed, scale, bias, bits, group_size, dtype):
     w = reference.dequantize_intx(packed, scale, None, bits, group_size, x.dtype)
     return torch.nn.functional.linear(x, w, bias).to(dtype)
+
+
+def _attention_output(q, k, v, mask, scale):
+    """[B, Hq, Lq, D] stored as [B, Lq, Hq, D]: the layout of ATen's CPU flash attention output, which it replaces."""
+    b, h, lq, d = q.shape
+    return q.new_empty((b, lq, h, d)).transpose(1, 2)
+
+
+@_define("decode_attention_cpu", "softmax(scale * q k^T + mask) v for a few query rows (query head h reads key/value "
+         "head h // (Hq / Hkv)), in float32", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
+         _attention_output)
+def decode_attention_cpu(q, k, v, mask, scale):
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(rep, dim=1) for t in (k, v))
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    out = torch.softmax(scores, dim=-1) @ v
+    layout = _attention_output(q, k, v, mask, scale)
+    return torch.empty_strided(layout.shape, layout.stride(), dtype=q.dtype, device=q.device).copy_(out)

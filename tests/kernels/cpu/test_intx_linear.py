@@ -260,3 +260,39 @@ def test_aoti_package_contains_and_runs_the_kernel(tmp_path):
         x = torch.randn(M, K)
         expected = torch.relu(_expected_dynamic_f64(x, packed, scale, model.bias, 4, 32))
         assert _relative_error(loaded(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("query_length, rep, batch", [(1, 3, 1), (3, 2, 2)])
+def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, batch):
+    """A decode step's attention (few query rows, grouped KV heads, an additive mask with masked slots) becomes the
+    generated decode kernel: visible in Inductor's code, within float32 rounding of a float64 softmax; a fully
+    masked row is NaN, as softmax makes it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from qcompile import _compat
+    from qcompile.passes.lower_cpu import attend_few_rows_cpu, attend_grouped_kv_heads_cpu
+
+    def attention(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, rep), _repeat_kv(v, rep),
+                                                                attn_mask=mask, scale=0.125) * 2
+
+    q = torch.randn(batch, 3 * rep, query_length, 64)
+    k, v = torch.randn(2, batch, 3, 40, 64).unbind(0)
+    mask = torch.randn(1, 1, query_length, 40)
+    mask[..., 30:] = float("-inf")  # the static cache's unwritten slots
+    mask[..., -1, :] = float("-inf") if query_length > 1 else mask[..., -1, :]
+    with torch.no_grad():
+        gm = make_fx(attention)(q, k, v, mask)
+    COUNTS.clear()
+    attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
+    attend_few_rows_cpu(gm, torch.device("cpu"))
+    gm.recompile()
+    assert COUNTS["attention: decode kernel (few query rows)"] == 1
+    kk, vv = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    expected = torch.softmax(q.double() @ kk.transpose(-1, -2) * 0.125 + mask.double(), dim=-1) @ vv * 2
+    eager = gm(q, k, v, mask)  # the op's reference (eager, as the graph runs outside Inductor)
+    compiled, (code,) = run_and_get_code(lambda: _compat.compile_fx(gm, [q, k, v, mask])(q, k, v, mask))
+    assert "qcompile_cpu::decode_attention(" in code
+    for out in (eager, compiled[0] if isinstance(compiled, (list, tuple)) else compiled):
+        assert torch.equal(out.isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        assert _relative_error(out[finite], expected[finite]) < 1e-5
