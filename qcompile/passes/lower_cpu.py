@@ -15,7 +15,8 @@ whole KV cache per layer and step.
 
 Decode attention: CPU flash attention with at most QC_FEW_QUERY_ROWS query rows (a decode step, also in its
 grouped form) becomes decode_attention_cpu, a generated C++ kernel (~9 us where ATen's op costs ~30 us a call, most
-of it setup and dispatch); float32 only, its logsumexp output unused.
+of it setup and dispatch); float32 only, its logsumexp output unused, where Inductor builds with AVX-512 (elsewhere
+the kernel would be scalar).
 """
 from __future__ import annotations
 
@@ -258,6 +259,13 @@ def _decode_attention_args(node: Node) -> tuple | None:
 
 
 def attend_few_rows_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
+    from ..kernels.cpu.inductor_template import has_vector_decode_attention
+
+    if not any(_call(n, aten._scaled_dot_product_flash_attention_for_cpu.default) for n in gm.graph.nodes):
+        return
+    if not has_vector_decode_attention():
+        COUNTS["attention: kept CPU flash attention (the decode kernel is vectorized for AVX-512 only)"] += 1
+        return
     changed = False
     for node in list(gm.graph.nodes):
         if not _call(node, aten._scaled_dot_product_flash_attention_for_cpu.default):

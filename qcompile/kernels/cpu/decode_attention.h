@@ -44,29 +44,48 @@ inline __m512 exp16(__m512 x) {
 constexpr int QC_ATTN_ROWS = 4;  // query rows sharing each key / value row load (the rows of one kv head)
 
 // s[r * stride + j] = scale * q_r . k_j + m_r[j] for `rows` query rows (q_r: rows[r]) and keys j < n
+#if defined(__AVX512F__)
+// {sum(a), sum(b), sum(c), sum(d)}: four horizontal sums sharing their last shuffles (one vector sum each costs
+// about as much as the four FMAs of a 64-wide dot)
+inline __m128 fold128(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  return _mm_hadd_ps(_mm_hadd_ps(fold128(a), fold128(b)), _mm_hadd_ps(fold128(c), fold128(d)));
+}
+#endif
+
+// s[r * stride + j] = scale * q_r . k_j + m_r[j] for `rows` query rows (q_r: q[r]) and keys j < n
 template <int rows>  // a constant, so the accumulators stay in registers
 inline void attention_scores(const float* const* q, const float* k, int64_t n, int64_t D, float scale,
                              const float* const* m, float* s, int64_t stride) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = k + j * D;
+  int64_t j = 0;
 #if defined(__AVX512F__)
-    if (D % 16 == 0) {
-      __m512 acc[QC_ATTN_ROWS];
-      for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 kv = _mm512_loadu_ps(kj + d);
-        for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + d), kv, acc[r]);
+  if (D % 16 == 0) {
+    for (; j + 4 <= n; j += 4) {  // four keys at a time: their sums share shuffles
+      __m512 acc[rows][4];
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16)
+        for (int c = 0; c < 4; ++c) {
+          const __m512 kv = _mm512_loadu_ps(k + (j + c) * D + d);
+          for (int r = 0; r < rows; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + d), kv, acc[r][c]);
+        }
+      for (int r = 0; r < rows; ++r) {
+        __m128 v = _mm_mul_ps(sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), _mm_set1_ps(scale));
+        if (m[r]) v = _mm_add_ps(v, _mm_loadu_ps(m[r] + j));
+        _mm_storeu_ps(s + r * stride + j, v);
       }
-      for (int r = 0; r < rows; ++r) s[r * stride + j] = _mm512_reduce_add_ps(acc[r]) * scale + (m[r] ? m[r][j] : 0.f);
-      continue;
-    }
-#endif
-    for (int r = 0; r < rows; ++r) {
-      float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += q[r][d] * kj[d];
-      s[r * stride + j] = acc * scale + (m[r] ? m[r][j] : 0.f);
     }
   }
+#endif
+  for (; j < n; ++j)
+    for (int r = 0; r < rows; ++r) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r][d] * k[j * D + d];
+      s[r * stride + j] = acc * scale + (m[r] ? m[r][j] : 0.f);
+    }
 }
 
 // p[0, n) = e^(p - top) where top is p's maximum (NaN if p holds one: softmax is NaN throughout then); returns the sum
@@ -100,22 +119,31 @@ inline void weighted_values(const float* w, int64_t stride, const float* v, int6
                             const float* total, float* const* o) {
   int64_t d = 0;
 #if defined(__AVX512F__)
-  for (; d + 32 <= D; d += 32) {  // 32 columns of every row in registers across all value rows
-    __m512 acc[QC_ATTN_ROWS][2];
-    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  constexpr int C = 4;  // 64 columns of every row in registers across all value rows (one pass over V at D = 64)
+  for (; d + 16 * C <= D; d += 16 * C) {
+    __m512 acc[rows][C];
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m512 v0 = _mm512_loadu_ps(v + j * D + d), v1 = _mm512_loadu_ps(v + j * D + d + 16);
+      __m512 vj[C];
+      for (int c = 0; c < C; ++c) vj[c] = _mm512_loadu_ps(v + j * D + d + 16 * c);
       for (int r = 0; r < rows; ++r) {
         const __m512 wr = _mm512_set1_ps(w[r * stride + j]);
-        acc[r][0] = _mm512_fmadd_ps(wr, v0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(wr, v1, acc[r][1]);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wr, vj[c], acc[r][c]);
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      const __m512 t = _mm512_set1_ps(total[r]);
-      _mm512_storeu_ps(o[r] + d, _mm512_div_ps(acc[r][0], t));
-      _mm512_storeu_ps(o[r] + d + 16, _mm512_div_ps(acc[r][1], t));
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < C; ++c)
+        _mm512_storeu_ps(o[r] + d + 16 * c, _mm512_div_ps(acc[r][c], _mm512_set1_ps(total[r])));
+  }
+  for (; d + 16 <= D; d += 16) {
+    __m512 acc[rows];
+    for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 vj = _mm512_loadu_ps(v + j * D + d);
+      for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * stride + j]), vj, acc[r]);
     }
+    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(o[r] + d, _mm512_div_ps(acc[r], _mm512_set1_ps(total[r])));
   }
 #endif
   for (; d < D; ++d)

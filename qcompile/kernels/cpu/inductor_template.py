@@ -109,6 +109,14 @@ def _lower(op, x, packed, scale, bias, bits, group_size, dtype):
     return node
 
 
+def has_vector_decode_attention() -> bool:
+    """Whether Inductor builds CPU kernels here with AVX-512 (decode_attention.h's vector path; without it the
+    kernel is scalar, slower than ATen's flash attention)."""
+    from torch._inductor import cpu_vec_isa
+
+    return "avx512" in str(cpu_vec_isa.pick_vec_isa())
+
+
 class DecodeAttentionTemplate(CppTemplate):
     """out = decode_attention(q, k, v, mask) (decode_attention.h): a few query rows against a KV cache."""
 

@@ -263,13 +263,17 @@ def test_aoti_package_contains_and_runs_the_kernel(tmp_path):
 
 
 @pytest.mark.parametrize("query_length, rep, batch", [(1, 3, 1), (3, 2, 2)])
-def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, batch):
+def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, batch, monkeypatch):
     """A decode step's attention (few query rows, grouped KV heads, an additive mask with masked slots) becomes the
     generated decode kernel: visible in Inductor's code, within float32 rounding of a float64 softmax; a fully
-    masked row is NaN, as softmax makes it."""
+    masked row is NaN, as softmax makes it. (The pass takes it only where Inductor builds AVX-512; the kernel's
+    scalar path is checked here on any CPU.)"""
     from torch.fx.experimental.proxy_tensor import make_fx
     from qcompile import _compat
+    from qcompile.kernels.cpu import inductor_template
     from qcompile.passes.lower_cpu import attend_few_rows_cpu, attend_grouped_kv_heads_cpu
+
+    monkeypatch.setattr(inductor_template, "has_vector_decode_attention", lambda: True)
 
     def attention(q, k, v, mask):
         return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, rep), _repeat_kv(v, rep),
