@@ -180,7 +180,8 @@ def decode_split_ms(engine: TorchEngine, prompt: list[int], n: int) -> dict[str,
     gemv = other = 0.0
     for event in prof.key_averages():
         # qcompile's CPU template kernels record "graph_<id>_kernel" (their name when the event is written; the
-        # graph's other CppTemplates would too, and no torch row here has one: max-autotune is off)
+        # graph's other CppTemplates would too, and no torch row here has one: max-autotune is off): the GEMVs and,
+        # since session 12, the decode-attention kernel (30 calls a step, ~0.2 ms of it)
         if re.fullmatch(r"graph_\d+_kernel", event.key):
             gemv += event.self_cpu_time_total
         elif event.key.startswith("graph_") or event.key.startswith("aten::"):
@@ -307,7 +308,8 @@ def main():
             if isinstance(engine, TorchEngine) and engine.compiled:
                 t = decode_split_ms(engine, prompt[:PROMPT_DECODE], args.decode_tokens)
                 rows.append([engine.name] + [f"{t[k]:.2f}" for k in ("step", "gemv", "other", "rest")])
-        print(table(["engine", "step", "GEMVs", "other kernels + aten ops", "rest: wrapper, guards, eager"], rows))
+        print(table(["engine", "step", "qcompile templates (GEMVs, decode attention)", "other kernels + aten ops",
+                     "rest: wrapper, guards, eager"], rows))
 
 
 if __name__ == "__main__":
