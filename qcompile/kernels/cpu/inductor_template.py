@@ -56,22 +56,27 @@ class IntxLinearTemplate(CppTemplate):
         M, N, K = (cexpr_index(kernel.rename_indexing(e)) for e in (sympy_product(x.get_size()[:-1]), N, K))
         bias_arg = "B" if bias is not None else "static_cast<const float*>(nullptr)"
         bias_type = kernel.dtype(bias) if bias is not None else "float"
-        code = IndentedBuffer()
-        code.splice(self.header())
-        code.splice(KERNEL_SOURCE)
-        code.writeline(f'extern "C" {get_export_declaration()}')
-        code.writeline(signature)
-        code.writeline("{")
-        with code.indent():
-            # a profiler event per call under Inductor's cpp.enable_kernel_profile, as its own kernels have
-            # (benchmarks/cpu_smollm2.py --split); absent from Inductor versions without the helper
-            code.writeline(getattr(kernel, "maybe_codegen_profile", lambda: "")())
-            code.writeline(
-                f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, {kernel.dtype(scale)}, "
-                f"{bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {N}, {K}, "
-                f"{self.num_threads});")
-        code.writeline("}")
-        return code.getvalue()
+        return _kernel_code(self, kernel, signature, KERNEL_SOURCE,
+                            f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, "
+                            f"{kernel.dtype(scale)}, {bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {N}, "
+                            f"{K}, {self.num_threads});")
+
+
+def _kernel_code(template: CppTemplate, kernel, signature: str, source: str, call: str) -> str:
+    """The template's C++: Inductor's header, the kernel source, and an exported function that calls it."""
+    code = IndentedBuffer()
+    code.splice(template.header())
+    code.splice(source)
+    code.writeline(f'extern "C" {get_export_declaration()}')
+    code.writeline(signature)
+    code.writeline("{")
+    with code.indent():
+        # a profiler event per call under Inductor's cpp.enable_kernel_profile, as its own kernels have
+        # (benchmarks/cpu_smollm2.py --split); absent from Inductor versions without the helper
+        code.writeline(getattr(kernel, "maybe_codegen_profile", lambda: "")())
+        code.writeline(call)
+    code.writeline("}")
+    return code.getvalue()
 
 
 def _realized(node):
@@ -137,18 +142,9 @@ class DecodeAttentionTemplate(CppTemplate):
         Hkv, Lk = k.get_size()[1], k.get_size()[2]
         MB, MH = (mask.get_size()[0], mask.get_size()[1]) if mask is not None else (1, 1)
         sizes = ", ".join(cexpr_index(kernel.rename_indexing(e)) for e in (B, Hq, Hkv, Lq, Lk, D, MB, MH))
-        code = IndentedBuffer()
-        code.splice(self.header())
-        code.splice(ATTENTION_SOURCE)
-        code.writeline(f'extern "C" {get_export_declaration()}')
-        code.writeline(signature)
-        code.writeline("{")
-        with code.indent():
-            code.writeline(getattr(kernel, "maybe_codegen_profile", lambda: "")())
-            code.writeline(f"qcompile_cpu::decode_attention(Q, K, V, {'MASK' if mask is not None else 'nullptr'}, "
-                           f"OUT, {sizes}, {float(self.scale)!r}f);")
-        code.writeline("}")
-        return code.getvalue()
+        return _kernel_code(self, kernel, signature, ATTENTION_SOURCE,
+                            f"qcompile_cpu::decode_attention(Q, K, V, {'MASK' if mask is not None else 'nullptr'}, "
+                            f"OUT, {sizes}, {float(self.scale)!r}f);")
 
 
 def _lower_attention(q, k, v, mask, scale):
