@@ -286,10 +286,10 @@ def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, bat
     mask[..., -1, :] = float("-inf") if query_length > 1 else mask[..., -1, :]
     with torch.no_grad():
         gm = make_fx(attention)(q, k, v, mask)
-    COUNTS.clear()
-    attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
-    attend_few_rows_cpu(gm, torch.device("cpu"))
-    gm.recompile()
+        COUNTS.clear()
+        attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
+        attend_few_rows_cpu(gm, torch.device("cpu"))
+        gm.recompile()
     assert COUNTS["attention: decode kernel (few query rows)"] == 1
     kk, vv = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
     expected = torch.softmax(q.double() @ kk.transpose(-1, -2) * 0.125 + mask.double(), dim=-1) @ vv * 2
@@ -300,3 +300,40 @@ def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, bat
         assert torch.equal(out.isnan(), expected.isnan())
         finite = ~expected.isnan()
         assert _relative_error(out[finite], expected[finite]) < 1e-5
+
+
+def test_fused_cpu_ops_pass_gradients_as_their_references():
+    """Compiled with grad mode on, the generated kernels run forward and the backward is their reference's
+    gradient: the input's gradient matches eager's (float weights: close, not equal), through the decode-attention
+    kernel and the weight-only GEMV alike; a compile under no_grad is not reused for a grad-mode call."""
+    import qcompile
+    from qcompile.kernels.cpu.inductor_template import has_vector_decode_attention
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(64, 256)
+            self.register_buffer("k", torch.randn(1, 4, 16, 64))
+            self.register_buffer("v", torch.randn(1, 4, 16, 64))
+
+        def forward(self, x, mask):
+            q = self.q(x).view(1, 1, 4, 64).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask)
+
+    model, mask = Attend(), torch.zeros(1, 1, 1, 16)
+    mask[..., 12:] = float("-inf")
+    x = torch.randn(1, 1, 64, requires_grad=True)
+    expected = torch.autograd.grad(model(x, mask).sum(), x)[0]
+    options = {"scheme": "intx_weight_only", "bits": 8, "keep_float_weights": True}
+    for first_no_grad in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="qcompile", options=options)
+        if first_no_grad:
+            with torch.no_grad():
+                compiled(x, mask)
+        COUNTS.clear()
+        x_ = x.detach().clone().requires_grad_()
+        compiled(x_, mask).sum().backward()
+        assert COUNTS["attention: decode kernel (few query rows)"] == (1 if has_vector_decode_attention() else 0)
+        assert COUNTS["intx_weight_only: lowered"] == 1
+        assert x_.grad is not None and sqnr_db(expected, x_.grad) > 30, first_no_grad
