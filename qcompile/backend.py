@@ -307,8 +307,8 @@ def _reuse_key(gm, example_inputs, options: QuantOptions, signature) -> tuple | 
     names = {i: ref.name for i, ref in find_weight_inputs(gm, example_inputs).items()}
     structure = structure_key(gm, example_inputs, names)
     # every option, not only those deciding the weights: fuse_siblings, include/exclude, activation_quantization
-    # change the compiled graph (the options hash without the calibration data); and the grad mode, which decides
-    # the lowering (kernels without a backward only where no gradient is taken)
+    # change the compiled graph (the options hash without the calibration data); and the grad mode: a graph compiled
+    # for inference has no backward, so reused for a grad-mode call its outputs would carry no gradient
     return None if structure is None else (options, structure, torch.is_grad_enabled())
 
 

@@ -13,9 +13,9 @@ unsqueeze(2) -> expand -> clone -> view) feed CPU flash attention their own head
 heads itself (head h reads kv head h // rep, as repeat_kv lays them out): the same numbers without a copy of the
 whole KV cache per layer and step.
 
-Decode attention: CPU flash attention with at most QC_FEW_QUERY_ROWS query rows (a decode step, also in its
-grouped form) becomes decode_attention_cpu, a generated C++ kernel (~9 us where ATen's op costs ~30 us a call, most
-of it setup and dispatch); float32 only, its logsumexp output unused, where Inductor builds with AVX-512 (elsewhere
+Decode attention: CPU flash attention with at most FEW_QUERY_ROWS query rows (a decode step, also in its grouped
+form) becomes decode_attention_cpu, a generated C++ kernel (~7 us where ATen's op costs ~30 us a call, most of it
+setup and dispatch); float32 only, its logsumexp output unused, where Inductor builds with AVX-512 (elsewhere
 the kernel would be scalar).
 """
 from __future__ import annotations
@@ -236,7 +236,9 @@ FEW_QUERY_ROWS = 16  # query rows per (batch, head) up to which attention takes 
 def _decode_attention_args(node: Node) -> tuple | None:
     """decode_attention_cpu's args for a CPU flash attention node it can replace, else None."""
     q, k, v = node.args[:3]
-    dropout, causal = (list(node.args[3:5]) + [0.0, False][len(node.args[3:5]):])
+    # dropout_p and is_causal as the call passed them, positionally or by name (defaults 0.0, False)
+    dropout = node.args[3] if len(node.args) > 3 else node.kwargs.get("dropout_p", 0.0)
+    causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
     mask, scale = node.kwargs.get("attn_mask"), node.kwargs.get("scale")
     shapes = [_shape(t) for t in (q, k, v)]
     if dropout != 0.0 or causal or any(s is None or len(s) != 4 for s in shapes):
@@ -261,15 +263,14 @@ def _decode_attention_args(node: Node) -> tuple | None:
 def attend_few_rows_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     from ..kernels.cpu.inductor_template import has_vector_decode_attention
 
-    if not any(_call(n, aten._scaled_dot_product_flash_attention_for_cpu.default) for n in gm.graph.nodes):
+    attention = [n for n in gm.graph.nodes if _call(n, aten._scaled_dot_product_flash_attention_for_cpu.default)]
+    if not attention:
         return
     if not has_vector_decode_attention():
         COUNTS["attention: kept CPU flash attention (the decode kernel is vectorized for AVX-512 only)"] += 1
         return
     changed = False
-    for node in list(gm.graph.nodes):
-        if not _call(node, aten._scaled_dot_product_flash_attention_for_cpu.default):
-            continue
+    for node in attention:
         args = _decode_attention_args(node)
         if args is None:
             COUNTS["attention: kept CPU flash attention"] += 1

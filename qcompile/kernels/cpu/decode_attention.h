@@ -43,7 +43,6 @@ inline __m512 exp16(__m512 x) {
 
 constexpr int QC_ATTN_ROWS = 4;  // query rows sharing each key / value row load (the rows of one kv head)
 
-// s[r * stride + j] = scale * q_r . k_j + m_r[j] for `rows` query rows (q_r: rows[r]) and keys j < n
 #if defined(__AVX512F__)
 // {sum(a), sum(b), sum(c), sum(d)}: four horizontal sums sharing their last shuffles (one vector sum each costs
 // about as much as the four FMAs of a 64-wide dot)
