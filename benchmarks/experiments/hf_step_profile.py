@@ -1,0 +1,98 @@
+"""Lab: where a transformers generate() decode step's time goes on the GPU (issue 21): the Llama 8B shapes under
+qcompile int4 with per-layer compile and one CUDA graph per step, profiled over generate(); per step: wall time
+between graph launches, GPU time of the kernels in it (busy) and the kernels by total time.
+
+  python benchmarks/experiments/hf_step_profile.py [--batches 1,128] [--rows transformers] [--out FILE.json]
+"""
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import llama_e2e  # noqa: E402
+import llama_model  # noqa: E402
+
+
+def profile_generate(model, batch: int, steps: int, prompt_len: int = 32) -> dict:
+    cache = llama_model.transformers_static_cache(model, batch, prompt_len + steps + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
+
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    def generate(n):
+        cache.reset()
+        sync()
+        t = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0, cache=cache)
+        sync()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        first = time.perf_counter()
+        generate(1), generate(2), generate(steps)
+        first = time.perf_counter() - first
+        one = min(generate(1) for _ in range(3))
+        full = min(generate(steps) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            generate(steps)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sorted(e.time_range.start for e in events if e.name == "cudaGraphLaunch")
+    per_step = []
+    for a, b in zip(launches, launches[1:]):
+        inside = [k for k in kernels if a <= k.time_range.start < b]
+        busy = sum(k.time_range.elapsed_us() for k in inside)
+        span = (max(k.time_range.end for k in inside) - min(k.time_range.start for k in inside)) if inside else 0
+        per_step.append((b - a, busy, span, len(inside)))
+    per_step = per_step[2:]  # past the prompt
+    by_name = collections.Counter()
+    counts = collections.Counter()
+    for k in kernels:
+        by_name[k.name[:90]] += k.time_range.elapsed_us()
+        counts[k.name[:90]] += 1
+    n = max(len(per_step), 1)
+    mean = lambda i: round(sum(s[i] for s in per_step) / n, 1)  # noqa: E731
+    return {"batch": batch, "tok_s": round(batch * (steps - 1) / (full - one), 1), "warm_up_s": round(first, 1),
+            "graph_launches": len(launches), "step_wall_us": mean(0), "step_gpu_busy_us": mean(1),
+            "step_gpu_span_us": mean(2), "kernels_per_step": mean(3),
+            "top_kernels_us_per_step": [(name, round(t / steps, 1), round(counts[name] / steps, 1))
+                                        for name, t in by_name.most_common(30)]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="transformers")
+    ap.add_argument("--batches", default="1,128")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (a smoke test of this script)")
+    args = ap.parse_args()
+    llama_e2e.COMPILE_SCOPE = "layer"
+    e2e_args = llama_e2e.parse_args(["--compile-scope", "layer"])
+    base = llama_e2e.TINY if args.tiny else llama_e2e.LLAMA_3_1_8B
+    config = llama_model.LlamaConfig(**{**base.__dict__, "n_layers": 2 if args.tiny else args.layers})
+    device = torch.device("cpu" if args.tiny else "cuda")
+    results = []
+    for name in args.rows.split(","):
+        row = llama_e2e.row_named(name)
+        model = llama_e2e.build_row_model(row, config, e2e_args, device)
+        for batch in map(int, args.batches.split(",")):
+            result = {"row": name, **profile_generate(model, batch, args.steps)}
+            print(json.dumps(result, indent=1), flush=True)
+            results.append(result)
+        del model
+        llama_e2e.cleanup(device)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
