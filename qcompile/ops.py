@@ -148,3 +148,21 @@ def scale_output(acc, a_scale, w_scale, bias, dtype):
     if bias is not None:
         out = out + bias.float()
     return out.to(dtype)
+
+
+# --- attention ----------------------------------------------------------------------------------------------
+
+@_op("grouped_query_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale) -> Tensor")
+def grouped_query_attention(q, k, v, mask, scale):
+    """softmax(scale * q k^T + mask) v where query head h reads key/value head h // rep (q [B, Hq, Lq, D], k, v
+    [B, Hkv, Lk, D], Hq = rep * Hkv; mask broadcastable to [B, Hq, Lq, Lk]), without repeating k and v: each key/value
+    head's rep query heads become rep * Lq rows of one head (rows are independent), then are unfolded. The mask
+    folds the same way — a view where it is shared by the query rows (Lq = 1, or one row broadcast)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    rows = q.reshape(B, Hkv, rep * Lq, D)
+    if mask is not None:
+        mask = mask.expand(B, Hq, Lq, Lk).reshape(B, Hkv, rep * Lq, Lk)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, Lq, D)

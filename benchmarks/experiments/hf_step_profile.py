@@ -73,8 +73,13 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--keep-attention", action="store_true",
+                    help="without the CUDA lowering that folds grouped query heads (the A/B of that pass)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (a smoke test of this script)")
     args = ap.parse_args()
+    if args.keep_attention:
+        from qcompile.passes import attention, lower
+        lower.LOWERINGS["cuda"].remove(attention.attend_grouped_kv_heads_cuda)
     llama_e2e.COMPILE_SCOPE = "layer"
     e2e_args = llama_e2e.parse_args(["--compile-scope", "layer"])
     base = llama_e2e.TINY if args.tiny else llama_e2e.LLAMA_3_1_8B
@@ -85,7 +90,8 @@ def main():
         row = llama_e2e.row_named(name)
         model = llama_e2e.build_row_model(row, config, e2e_args, device)
         for batch in map(int, args.batches.split(",")):
-            result = {"row": name, **profile_generate(model, batch, args.steps)}
+            result = {"row": name, "fold_grouped_heads": not args.keep_attention,
+                      **profile_generate(model, batch, args.steps)}
             print(json.dumps(result, indent=1), flush=True)
             results.append(result)
         del model

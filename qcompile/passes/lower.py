@@ -12,13 +12,14 @@ from typing import Callable
 import torch
 
 from ..options import QuantOptions
+from .attention import attend_grouped_kv_heads_cuda
 from .lower_cpu import attend_few_rows_cpu, attend_grouped_kv_heads_cpu, lower_intx_linears_cpu
 from .lower_cuda import lower_quantized_linears_to_triton
 
 # device type -> lowerings applied in order; each rewrites the graph in place (options: the compile's, for
 # lowering choices they make; None where a caller has none)
 LOWERINGS: dict[str, list[Callable[[torch.fx.GraphModule, torch.device, QuantOptions | None], None]]] = {
-    "cuda": [lower_quantized_linears_to_triton],
+    "cuda": [lower_quantized_linears_to_triton, attend_grouped_kv_heads_cuda],
     "cpu": [lower_intx_linears_cpu, attend_grouped_kv_heads_cpu, attend_few_rows_cpu],
 }
 

@@ -28,10 +28,10 @@ import os
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
 from ..kernels.cpu import ops as cpu_ops
+from .attention import FEW_QUERY_ROWS, repeated_heads, same as _same, same_shape as _same_shape, shape as _shape
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -173,52 +173,12 @@ def lower_intx_linears_cpu(gm: GraphModule, device: torch.device, options=None) 
         gm.graph.eliminate_dead_code()
 
 
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _same(a, b) -> bool:
-    return a is b or statically_known_true(a == b)  # never a guard: symbolic sizes compare by what is known
-
-
-def _same_shape(a: tuple | None, b: tuple | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-
-
-def _repeated_heads(node) -> tuple[Node, object] | None:
-    """(kv, rep) when `node` is kv [b, h, L, d] repeated rep times per head as transformers' repeat_kv does it:
-    full slices and unsqueeze(2), expand to [b, h, rep, L, d], clone, view [b, h*rep, L, d]; else None."""
-    if not (_call(node, aten._unsafe_view.default) or _call(node, aten.view.default)):
-        return None
-    clone = node.args[0]
-    expand = clone.args[0] if _call(clone, aten.clone.default) else clone
-    if not _call(expand, aten.expand.default):
-        return None
-    src, unsqueezed = expand.args[0], False
-    while True:  # walk back through shape-keeping slices and the one unsqueeze at dim 2
-        if _call(src, aten.slice.Tensor) and _same_shape(_shape(src), _shape(src.args[0])):
-            src = src.args[0]
-        elif _call(src, aten.unsqueeze.default) and src.args[1] == 2 and not unsqueezed:
-            src, unsqueezed = src.args[0], True
-        else:
-            break
-    kv, expanded, out = _shape(src), _shape(expand), _shape(node)
-    if not unsqueezed or kv is None or expanded is None or out is None or len(kv) != 4 or len(expanded) != 5:
-        return None
-    b, h, length, d = kv
-    rep = expanded[2]
-    matches = [(expanded[0], b), (expanded[1], h), (expanded[3], length), (expanded[4], d), (out[0], b),
-               (out[1], h * rep), (out[2], length), (out[3], d)]
-    return (src, rep) if all(_same(x, y) for x, y in matches) else None
-
-
 def attend_grouped_kv_heads_cpu(gm: GraphModule, device: torch.device, options=None) -> None:
     changed = False
     for node in list(gm.graph.nodes):
         if not _call(node, aten._scaled_dot_product_flash_attention_for_cpu.default):
             continue
-        key, value = (_repeated_heads(n) for n in node.args[1:3])
+        key, value = (repeated_heads(n) for n in node.args[1:3])
         query = _shape(node.args[0])
         if key is None or value is None or query is None or not _same(key[1], value[1]) \
                 or not _same(query[1], _shape(key[0])[1] * key[1]):
@@ -230,7 +190,6 @@ def attend_grouped_kv_heads_cpu(gm: GraphModule, device: torch.device, options=N
         gm.graph.eliminate_dead_code()
 
 
-FEW_QUERY_ROWS = 16  # query rows per (batch, head) up to which attention takes the decode kernel
 
 
 def _decode_attention_args(node: Node) -> tuple | None:
