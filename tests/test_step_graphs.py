@@ -27,6 +27,30 @@ def test_a_signature_is_the_structure_of_a_call_not_its_values():
     assert signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
 
 
+def test_held_tensors_are_found_through_objects_lists_and_dicts_once_each_in_order():
+    """What a signature keys an object argument on: every tensor within four levels, depth first, a tensor
+    reached twice listed once, plain values and modules skipped; a lazily allocated tensor (transformers'
+    StaticLayer sets its keys on the first update) changes the signature."""
+    from qcompile.step_graphs import _held_tensors
+
+    class Layer:
+        def __init__(self):
+            self.keys = None
+            self.length = torch.zeros(())
+            self.size, self.name = 4, "layer"
+
+    shared = torch.ones(2)
+    cache = _Cache()
+    cache.extra = (shared, {"again": shared, "module": torch.nn.Linear(2, 2)}, [[[[torch.ones(1)]]]])
+    cache.lazy = Layer()
+    held = _held_tensors(cache)
+    assert [id(t) for t in held] == [id(t) for t in (cache.layers[0]["keys"], cache.position, shared,
+                                                     cache.lazy.length)]  # the 5-deep tensor and the module not
+    before = signature((), {"cache": cache})[0]
+    cache.lazy.keys = torch.zeros(3)
+    assert any(t is cache.lazy.keys for t in _held_tensors(cache)) and signature((), {"cache": cache})[0] != before
+
+
 def test_cpu_and_grad_calls_run_eagerly():
     calls = []
     steps = StepGraphs(lambda x: calls.append(1) or x * 2)
