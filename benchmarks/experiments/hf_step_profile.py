@@ -6,6 +6,7 @@ between graph launches, GPU time of the kernels in it (busy) and the kernels by 
 """
 import argparse
 import collections
+import inspect
 import json
 import sys
 import time
@@ -18,8 +19,11 @@ import llama_e2e  # noqa: E402
 import llama_model  # noqa: E402
 
 
-def profile_generate(model, batch: int, steps: int, prompt_len: int = 32) -> dict:
-    cache = llama_model.transformers_static_cache(model, batch, prompt_len + steps + 1)
+def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_len: int = 288) -> dict:
+    """cache_len: llama_e2e's decode phases attend 32 + 256 slots."""
+    cache = llama_model.transformers_static_cache(model, batch, max(cache_len, prompt_len + steps + 1))
+    # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
+    cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=model.device)
 
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
@@ -29,7 +33,7 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32) -> dic
         sync()
         t = time.perf_counter()
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0, cache=cache)
+                       do_sample=False, pad_token_id=0, **{cache_kwarg: cache})
         sync()
         return time.perf_counter() - t
 
