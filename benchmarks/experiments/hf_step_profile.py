@@ -70,6 +70,25 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
                                         for name, t in by_name.most_common(30)]}
 
 
+def _attention_as_matmuls():
+    """Replace qcompile::grouped_query_attention's decomposition (the A/B of the two forms)."""
+    import math
+    lib = torch.library.Library("qcompile", "IMPL")
+
+    def matmul_form(q, k, v, mask, scale):
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        rows = q.reshape(B, Hkv, Hq // Hkv * Lq, D)
+        scores = torch.matmul(rows, k.transpose(-1, -2)).float() * (scale if scale is not None else 1 / math.sqrt(D))
+        if mask is not None:
+            mask = mask.expand(B, Hq, Lq, Lk).reshape(B, Hkv, Hq // Hkv * Lq, Lk)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(B, Hq, Lq, D)
+
+    lib.impl("grouped_query_attention", matmul_form, "CompositeImplicitAutograd")
+    _attention_as_matmuls.lib = lib  # the registration lives as long as its Library
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="transformers")
@@ -79,11 +98,18 @@ def main():
     ap.add_argument("--out", type=Path)
     ap.add_argument("--keep-attention", action="store_true",
                     help="without the CUDA lowering that folds grouped query heads (the A/B of that pass)")
+    ap.add_argument("--attention-form", choices=("sdpa", "matmul"), default="sdpa",
+                    help="matmul: qcompile::grouped_query_attention computed as matmul, float32 softmax, matmul "
+                         "(our own Llama model's decode attention) instead of the fused SDPA kernel; run it with its "
+                         "own TORCHINDUCTOR_CACHE_DIR (the AOTAutograd cache keys on the graph before this op's "
+                         "decomposition)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (a smoke test of this script)")
     args = ap.parse_args()
     if args.keep_attention:
         from qcompile.passes import attention, lower
         lower.LOWERINGS["cuda"].remove(attention.attend_grouped_kv_heads_cuda)
+    if args.attention_form == "matmul":
+        _attention_as_matmuls()
     llama_e2e.COMPILE_SCOPE = "layer"
     e2e_args = llama_e2e.parse_args(["--compile-scope", "layer"])
     base = llama_e2e.TINY if args.tiny else llama_e2e.LLAMA_3_1_8B
@@ -95,6 +121,7 @@ def main():
         model = llama_e2e.build_row_model(row, config, e2e_args, device)
         for batch in map(int, args.batches.split(",")):
             result = {"row": name, "fold_grouped_heads": not args.keep_attention,
+                      "attention_form": args.attention_form,
                       **profile_generate(model, batch, args.steps)}
             print(json.dumps(result, indent=1), flush=True)
             results.append(result)
