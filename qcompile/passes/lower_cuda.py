@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .. import _compat, ops
+from ..quant import affine, float8
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -46,31 +47,89 @@ class FusedLinearArgs:
     quantized: tuple[Node, Node, Node | None] | None = None  # dynamic: the quantize node's (q, scale, zero)
 
 
-# dequantize op -> (weight format, its args -> fused_linear weight fields)
-WEIGHT_DEQUANTIZERS: dict[object, tuple[str, Callable[..., dict]]] = {
-    ops.dequantize_int8: ("int8", lambda q, scale, dtype: dict(qweight=q, w_scale=scale)),
-    ops.dequantize_float8: ("fp8", lambda q, scale, dtype: dict(qweight=q, w_scale=scale)),
-    ops.dequantize_int4_tinygemm: ("int4_tinygemm", lambda q, scale, zero, group_size, dtype: dict(
-        qweight=q, w_scale=scale, w_zero=zero, bits=4, group_size=group_size)),
-    ops.dequantize_intx: ("intx", lambda q, scale, zero, bits, group_size, dtype: dict(
-        qweight=q, w_scale=scale, w_zero=zero, bits=bits, group_size=group_size)),
-    ops.dequantize_codebook: ("codebook", lambda q, book, scale, dtype: dict(
-        qweight=q, w_scale=scale, w_aux=book, bits=4)),
-    ops.dequantize_mxfp8: ("mxfp8", lambda q, scale, dtype: dict(qweight=q, w_scale=scale, group_size=32)),
-    ops.dequantize_nvfp4: ("nvfp4", lambda q, block_scale, tensor_scale, dtype: dict(
-        qweight=q, w_scale=block_scale, w_aux=tensor_scale, bits=4, group_size=16)),
+# The reference ops each fused_linear argument comes from. One table per side serves both directions: the match
+# below reads fused_linear's arguments off the reference nodes, and the Triton ops' backward (kernels/triton/ops.py,
+# through the reference_* functions) calls the same reference ops on them, so a lowered graph differentiates as
+# the graph it came from.
+# dequantize op -> (weight format, the fused_linear field each argument but the last (dtype) fills, fixed fields)
+WEIGHT_DEQUANTIZERS: dict[object, tuple[str, tuple[str, ...], dict]] = {
+    ops.dequantize_int8: ("int8", ("qweight", "w_scale"), {}),
+    ops.dequantize_float8: ("fp8", ("qweight", "w_scale"), {}),
+    ops.dequantize_int4_tinygemm: ("int4_tinygemm", ("qweight", "w_scale", "w_zero", "group_size"), dict(bits=4)),
+    ops.dequantize_intx: ("intx", ("qweight", "w_scale", "w_zero", "bits", "group_size"), {}),
+    ops.dequantize_codebook: ("codebook", ("qweight", "w_aux", "w_scale"), dict(bits=4)),
+    ops.dequantize_mxfp8: ("mxfp8", ("qweight", "w_scale"), dict(group_size=32)),
+    ops.dequantize_nvfp4: ("nvfp4", ("qweight", "w_scale", "w_aux"), dict(bits=4, group_size=16)),
 }
-# block-scaled activations: the dequantize op on the activation side -> (its quantize op, activation name)
+# block-scaled activations: activation name -> (quantize op, dequantize op), as linear(dequantize(*quantize(x),
+# dtype), ...)
 ACTIVATION_ROUND_TRIPS = {
-    ops.dequantize_mxfp8: (ops.quantize_mxfp8, "mxfp8"),
-    ops.dequantize_nvfp4: (ops.quantize_nvfp4, "nvfp4"),
+    "mxfp8": (ops.quantize_mxfp8, ops.dequantize_mxfp8),
+    "nvfp4": (ops.quantize_nvfp4, ops.dequantize_nvfp4),
 }
-# dynamic activation quantizers -> activation name (float8's depends on its granularity argument)
-ACTIVATION_QUANTIZERS: dict[object, Callable[[Node], str]] = {
-    ops.quantize_int8_per_token: lambda q: "int8_sym",
-    ops.quantize_int8_per_token_asym: lambda q: "int8_asym",
-    ops.quantize_float8: lambda q: f"fp8_{q.args[1]}",
+
+
+def _grid_int8(q, scale, zero, dtype):  # one group per row: q [..., K], scale [..., 1]
+    return affine.dequantize_symmetric(q, scale, q.shape[-1], dtype)
+
+
+def _grid_int8_asym(q, scale, zero, dtype):
+    return affine.dequantize_asymmetric(q, scale, zero, q.shape[-1], dtype)
+
+
+def _grid_float8(q, scale, zero, dtype):  # scale [..., 1] per row or [] per tensor
+    return float8.dequantize_float8(q, scale, dtype)
+
+
+# dynamic activations: activation name -> (quantize op, its arguments after x, the grid of its outputs). The op
+# returns (q, scale[, zero]), which a qcompile matmul and scale_output multiply as the grid (q - zero) * scale: the
+# reference dequantize of the same format, grid(q, scale, zero or None, dtype)
+ACTIVATION_QUANTIZERS: dict[str, tuple[object, tuple, Callable]] = {
+    "int8_sym": (ops.quantize_int8_per_token, (), _grid_int8),
+    "int8_asym": (ops.quantize_int8_per_token_asym, (), _grid_int8_asym),
+    "fp8_row": (ops.quantize_float8, ("row",), _grid_float8),
+    "fp8_tensor": (ops.quantize_float8, ("tensor",), _grid_float8),
 }
+
+
+def reference_weight(qweight, w_scale, w_zero, w_aux, weight_format: str, bits: int, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype` that fused_linear's weight arguments stand for: the reference dequantize op
+    they were matched from, called on them."""
+    fields = dict(qweight=qweight, w_scale=w_scale, w_zero=w_zero, w_aux=w_aux, bits=bits, group_size=group_size)
+    for op, (name, arguments, _) in WEIGHT_DEQUANTIZERS.items():
+        if name == weight_format:
+            return op(*(fields[a] for a in arguments), dtype)
+    raise ValueError(f"no reference dequantize op for weight_format={weight_format!r}")
+
+
+def _dynamic(activation: str):
+    if activation not in ACTIVATION_QUANTIZERS:
+        raise ValueError(f"no reference quantize op for activation={activation!r}")
+    return ACTIVATION_QUANTIZERS[activation]
+
+
+def reference_quantize(x: torch.Tensor, activation: str):
+    """A dynamic activation's reference quantize op on x: (q, scale, zero or None)."""
+    op, arguments, _ = _dynamic(activation)
+    q, scale, *zero = op(x, *arguments)
+    return q, scale, zero[0] if zero else None
+
+
+def reference_grid(q, scale, zero, activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The values a dynamic activation's quantized (q, scale, zero or None) stand for, (q - zero) * scale, in
+    `dtype`: its format's reference dequantize."""
+    return _dynamic(activation)[2](q, scale, zero, dtype)
+
+
+def reference_round_trip(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """A block-scaled activation's reference quantize -> dequantize of x, in x's dtype ("float": x)."""
+    if activation == "float":
+        return x
+    if activation not in ACTIVATION_ROUND_TRIPS:
+        raise ValueError(f"no reference round trip for activation={activation!r}")
+    quantize, dequantize = ACTIVATION_ROUND_TRIPS[activation]
+    return dequantize(*quantize(x), x.dtype)
 
 
 def _call(node, target) -> bool:
@@ -88,17 +147,19 @@ def _match_weight_only(linear: Node) -> FusedLinearArgs | str:
     x, weight = linear.args[0], linear.args[1]
     if not (isinstance(weight, Node) and weight.op == "call_function" and weight.target in WEIGHT_DEQUANTIZERS):
         return "weight is not a qcompile dequantize node"
-    weight_format, fields = WEIGHT_DEQUANTIZERS[weight.target]
+    weight_format, arguments, fixed = WEIGHT_DEQUANTIZERS[weight.target]
     activation = "float"
-    if isinstance(x, Node) and x.op == "call_function" and x.target in ACTIVATION_ROUND_TRIPS:
-        quantize_op, activation = ACTIVATION_ROUND_TRIPS[x.target]
+    round_trip = next((name for name, (_, dequantize_op) in ACTIVATION_ROUND_TRIPS.items()
+                       if _call(x, dequantize_op)), None)
+    if round_trip is not None:
+        activation, (quantize_op, _) = round_trip, ACTIVATION_ROUND_TRIPS[round_trip]
         source = _output_of(x.args[0], 0)
         if source is None or not _call(source, quantize_op) or any(
                 _output_of(a, i + 1) is not source for i, a in enumerate(x.args[1:-1])):
             return f"activation of {activation} is not {quantize_op} of one tensor"
         x = source.args[0]
     return FusedLinearArgs(x=x, activation=activation, weight_format=weight_format,
-                           **fields(*weight.args))
+                           **dict(zip(arguments, weight.args[:-1])), **fixed)
 
 
 def _match_dynamic(scale_output: Node) -> FusedLinearArgs | str:
@@ -106,11 +167,13 @@ def _match_dynamic(scale_output: Node) -> FusedLinearArgs | str:
     if not isinstance(acc, Node) or acc.op != "call_function":
         return "accumulator is not a qcompile matmul"
     quantized = _output_of(acc.args[0], 0)
-    if quantized is None or quantized.target not in ACTIVATION_QUANTIZERS:
+    activation = None if quantized is None else next(
+        (name for name, (op, arguments, _) in ACTIVATION_QUANTIZERS.items()
+         if quantized.target is op and tuple(quantized.args[1:]) == arguments and not quantized.kwargs), None)
+    if activation is None:
         return "matmul activation is not a qcompile quantize node"
     if _output_of(a_scale, 1) is not quantized:
         return "activation scale does not come from the same quantize node"
-    activation = ACTIVATION_QUANTIZERS[quantized.target](quantized)
     x = quantized.args[0]
     outputs = (acc.args[0], a_scale, None)
     if acc.target is ops.matmul_int8:

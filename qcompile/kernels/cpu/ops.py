@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ... import ops as reference
+from ..autograd import register_reference_gradient
 
 _lib = torch.library.Library(reference.NAMESPACE, "FRAGMENT")
 
@@ -42,29 +43,11 @@ def _define(name: str, doc: str, args: str = _ARGS, fake_output=None):
             return (fake_output or _linear_output)(*call_args)
 
         torch.library.register_fake(f"{reference.NAMESPACE}::{name}", fake, lib=_lib)
-        torch.library.register_autograd(f"{reference.NAMESPACE}::{name}", _reference_backward(fn),
-                                        setup_context=_keep_inputs, lib=_lib)
+        register_reference_gradient(f"{reference.NAMESPACE}::{name}", fn, lib=_lib)
         op = getattr(torch.ops.qcompile, name).default
         fn.__doc__ = doc
         return op
     return register
-
-
-def _keep_inputs(ctx, inputs, output):
-    ctx.inputs = inputs
-
-
-def _reference_backward(reference_fn):
-    """The op's backward: the gradient of its reference at the saved inputs (a model compiled with grad mode on
-    trains through the fused kernels as through the ops they replaced)."""
-    def backward(ctx, grad):
-        wanted = [i for i, needs in enumerate(ctx.needs_input_grad) if needs]
-        with torch.enable_grad():
-            args = [a.detach().requires_grad_() if i in wanted else a for i, a in enumerate(ctx.inputs)]
-            grads = torch.autograd.grad(reference_fn(*args), [args[i] for i in wanted], grad, allow_unused=True)
-        found = dict(zip(wanted, grads))
-        return tuple(found.get(i) for i in range(len(ctx.inputs)))
-    return backward
 
 
 def _linear_output(x, packed, scale, bias, bits, group_size, dtype):
