@@ -258,10 +258,11 @@ def is_static_address(t) -> bool:
 
 
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool = False,
-               size_asserts: bool = True):
+               size_asserts: bool = True, exact_casts: bool = False):
     """Inductor's compile_fx with qcompile's kernel-source stamp in its cache key; `cudagraphs` replays CUDA
     graphs (CUDA-graph trees, as mode="reduce-overhead"; mark_static_inputs first); `size_asserts=False` drops
-    the output code's per-call size/stride check of each tensor it is handed (config.size_asserts)."""
+    the output code's per-call size/stride check of each tensor it is handed (config.size_asserts);
+    `exact_casts` rounds every fused intermediate to its dtype as eager does (config.emulate_precision_casts)."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
@@ -271,6 +272,8 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: list, cudagraphs: bool 
         patches["triton.cudagraphs"] = True
     if not size_asserts:
         patches["size_asserts"] = False
+    if exact_casts and hasattr(config, "emulate_precision_casts"):
+        patches["emulate_precision_casts"] = True
     with _no_unlogged_graph_repro():
         return inductor_compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -332,7 +332,13 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
     decode_on_cpu = device.type == "cpu" and is_decode_graph(result.gm)
     # a CPU decode step's wrapper re-checked the size and stride of ~400 tensors per call (0.4 ms of SmolLM2's 10 ms
     # step): its inputs, which Dynamo's guards have checked already, and its extern kernels' outputs
-    compiled = _compat.compile_fx(result.gm, inputs, cudagraphs=cudagraphs, size_asserts=not decode_on_cpu)
+    # a graph that will be differentiated rounds its fused intermediates as eager does: the backward of an
+    # activation quantization's amax finds the saved max among the saved (rounded) activation only then; Inductor's
+    # fused forward took the max of a producer's float32 values (a GELU's, before its bf16 cast), the backward
+    # matched none of them and divided by a count of zero — NaN gradients for every dynamic scheme
+    differentiated = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    compiled = _compat.compile_fx(result.gm, inputs, cudagraphs=cudagraphs, size_asserts=not decode_on_cpu,
+                                  exact_casts=differentiated)
     if decode_on_cpu:
         compiled = _on_one_intra_op_thread(compiled)
     if not options.keep_float_weights:
