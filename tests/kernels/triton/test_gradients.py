@@ -16,7 +16,7 @@ from qcompile.passes import lower_cuda
 from qcompile.quant.metrics import sqnr_db
 
 from conftest import MLP, pass_backend
-from triton_cases import DEVICE
+from triton_cases import DEVICE, lowering_backend
 
 
 def lowered_and_reference(options: dict):
@@ -27,26 +27,9 @@ def lowered_and_reference(options: dict):
     x = torch.randn(2, 3, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
     seen = {}
-
-    def backend(gm, example_inputs, **_):
-        result, _, kept = quantize_graph(gm, example_inputs, opts)
-        reference_graph = torch.fx.Graph()
-        reference_graph.output(reference_graph.graph_copy(result.gm.graph, {}))
-        reference = torch.fx.GraphModule(result.gm, reference_graph)
-        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"), opts)
-        result.gm.recompile()
-        seen["gm"] = result.gm
-        constants = [t for _, t in result.constants]
-
-        def run(*args):
-            inputs = [args[i] for i in kept] + constants
-            seen["reference"] = reference(*inputs)[0]
-            return result.gm(*inputs)
-        return run
-
     assert torch.is_grad_enabled()
-    lowered = torch.compile(model, backend=backend)(x)
-    return lowered, seen["reference"], seen["gm"], x, model.up.bias
+    lowered = torch.compile(model, backend=lowering_backend(opts, seen))(x)
+    return lowered, seen["references"][-1], seen["gm"], x, model.up.bias
 
 
 CASES = {

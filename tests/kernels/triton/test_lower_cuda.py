@@ -5,14 +5,13 @@ import expecttest
 import pytest
 import torch
 
-from qcompile.backend import quantize_graph
 from qcompile.options import QuantOptions
 from qcompile.passes import lower_cuda
 from qcompile.quant.metrics import sqnr_db
 from qcompile.schemes import SCHEMES
 
 from conftest import MLP, Siblings
-from triton_cases import DEVICE
+from triton_cases import DEVICE, lowering_backend
 
 
 def lower_and_run(options: dict, dtype=torch.bfloat16, model=None):
@@ -20,28 +19,10 @@ def lower_and_run(options: dict, dtype=torch.bfloat16, model=None):
     model = (model or MLP((64, 96, 64))).to(DEVICE, dtype)
     x = torch.randn(2, 3, 64, device=DEVICE, dtype=dtype)
     opts = QuantOptions.from_dict({**options, "keep_float_weights": True})
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        result, _, kept = quantize_graph(gm, example_inputs, opts)
-        reference_graph = torch.fx.Graph()
-        reference_graph.output(reference_graph.graph_copy(result.gm.graph, {}))
-        reference = torch.fx.GraphModule(result.gm, reference_graph)
-        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"), opts)
-        result.gm.recompile()
-        constants = [t for _, t in result.constants]
-        graphs.append(result.gm)
-
-        def run(*args):
-            inputs = [args[i] for i in kept] + constants
-            reference_outputs.append(reference(*inputs)[0])
-            return result.gm(*inputs)
-        return run
-
-    reference_outputs = []
+    seen = {}
     with torch.no_grad():
-        lowered_out = torch.compile(model, backend=backend)(x)
-    return reference_outputs[0], lowered_out, graphs[0]
+        lowered_out = torch.compile(model, backend=lowering_backend(opts, seen))(x)
+    return seen["references"][0], lowered_out, seen["gm"]
 
 
 def _options(scheme: str) -> dict:

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from qcompile import ops
+from qcompile.backend import quantize_graph
 from qcompile.options import QuantOptions
+from qcompile.passes import lower_cuda
 from qcompile.schemes import SCHEMES
 
 
@@ -99,3 +101,25 @@ def quantized(case: Case, w: torch.Tensor):
     return SCHEMES[case.scheme].quantize_weight(w, options), options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lowering_backend(opts: QuantOptions, seen: dict):
+    """A torch.compile backend that runs the pass, lowers its graph for CUDA (the kernels run in the interpreter
+    on CPU) and at every call also runs the graph as the pass left it, on the same inputs: seen["gm"] is the
+    lowered GraphModule, seen["references"] the unlowered graph's outputs, one per call."""
+    def backend(gm, example_inputs, **_):
+        result, _, kept = quantize_graph(gm, example_inputs, opts)
+        reference_graph = torch.fx.Graph()
+        reference_graph.output(reference_graph.graph_copy(result.gm.graph, {}))
+        reference = torch.fx.GraphModule(result.gm, reference_graph)
+        lower_cuda.lower_quantized_linears_to_triton(result.gm, torch.device("cuda"), opts)
+        result.gm.recompile()
+        seen["gm"] = result.gm
+        constants = [t for _, t in result.constants]
+
+        def run(*args):
+            inputs = [args[i] for i in kept] + constants
+            seen.setdefault("references", []).append(reference(*inputs)[0])
+            return result.gm(*inputs)
+        return run
+    return backend
