@@ -1,6 +1,7 @@
 """Lab: where a transformers generate() decode step's time goes on the GPU (issue 21): the Llama 8B shapes under
 qcompile int4 with per-layer compile and one CUDA graph per step, profiled over generate(); per step: wall time
-between graph launches, GPU time of the kernels in it (busy) and the kernels by total time.
+between graph launches, GPU time of the kernels in it (busy), the host's time from generate()'s per-step sync to
+the next launch (the GPU idles through it), and the kernels by total time.
 
   python benchmarks/experiments/hf_step_profile.py [--batches 1,128] [--rows transformers] [--out FILE.json]
 """
@@ -56,6 +57,14 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
         span = (max(k.time_range.end for k in inside) - min(k.time_range.start for k in inside)) if inside else 0
         per_step.append((b - a, busy, span, len(inside)))
     per_step = per_step[2:]  # past the prompt
+    # the host's share: from the end of the sync generate() does every step (its stop check reads a device flag)
+    # to the next graph launch, the GPU has nothing queued
+    syncs = sorted(e.time_range.end for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    gaps = []
+    for launch in launches[3:]:
+        before = [end for end in syncs if end <= launch]
+        if before:
+            gaps.append(launch - before[-1])
     by_name = collections.Counter()
     counts = collections.Counter()
     for k in kernels:
@@ -66,6 +75,7 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
     return {"batch": batch, "tok_s": round(batch * (steps - 1) / (full - one), 1), "warm_up_s": round(first, 1),
             "graph_launches": len(launches), "step_wall_us": mean(0), "step_gpu_busy_us": mean(1),
             "step_gpu_span_us": mean(2), "kernels_per_step": mean(3),
+            "host_gap_after_sync_us": round(sum(gaps) / max(len(gaps), 1), 1),
             "top_kernels_us_per_step": [(name, round(t / steps, 1), round(counts[name] / steps, 1))
                                         for name, t in by_name.most_common(30)]}
 
