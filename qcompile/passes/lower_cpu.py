@@ -16,7 +16,9 @@ whole KV cache per layer and step.
 Decode attention: CPU flash attention with at most FEW_QUERY_ROWS query rows (a decode step, also in its grouped
 form) becomes decode_attention_cpu, a generated C++ kernel (~7 us where ATen's op costs ~30 us a call, most of it
 setup and dispatch); float32 only, its logsumexp output unused, where Inductor builds with AVX-512 (elsewhere
-the kernel would be scalar).
+the kernel would be scalar). A prefill's (more query rows, not causal: transformers' static cache passes its causal
+mask as an additive mask) becomes the same op too: its kernel computes only the keys each block of query rows
+leaves unmasked, where ATen's computes every masked one (SmolLM2's 512-token prefill: 2.2-2.4x ATen's op).
 """
 from __future__ import annotations
 
@@ -205,7 +207,7 @@ def _decode_attention_args(node: Node) -> tuple | None:
     if any(_dtype(t) != torch.float32 for t in (q, k, v) + ((mask,) if mask is not None else ())):
         return None
     (b, hq, lq, d), (kb, hkv, lk, kd), vshape = shapes
-    if not (isinstance(lq, int) and lq <= FEW_QUERY_ROWS and isinstance(hq, int) and isinstance(hkv, int)
+    if not (isinstance(hq, int) and isinstance(hkv, int)
             and hq % hkv == 0 and _same_shape((kb, hkv, lk, kd), vshape) and _same(kb, b) and _same(kd, d)):
         return None
     if mask is not None:
@@ -243,7 +245,9 @@ def attend_few_rows_cpu(gm: GraphModule, device: torch.device, options=None) -> 
             user.replace_all_uses_with(fused)
             gm.graph.erase_node(user)
         gm.graph.erase_node(node)
-        COUNTS["attention: decode kernel (few query rows)"] += 1
+        rows = args[0].meta["val"].shape[2]
+        COUNTS["attention: decode kernel (few query rows)" if isinstance(rows, int) and rows <= FEW_QUERY_ROWS
+               else "attention: prefill kernel (masked keys skipped)"] += 1
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()

@@ -1,8 +1,11 @@
 // qcompile CPU decode attention: out = softmax(scale * q k^T + mask) v for a few query rows against a KV cache.
 // Inductor pastes this file into its output code (qcompile/kernels/cpu/inductor_template.py) in place of ATen's CPU
 // flash attention where the query has at most a handful of rows (a decode step, or its grouped-query form): there
-// ATen's op costs ~30 us a call in setup and dispatch for ~2 us of arithmetic (SmolLM2: 30 calls a step).
-// Self-contained C++17, float32, one thread (decode graphs run on one intra-op thread).
+// ATen's op costs ~30 us a call in setup and dispatch for ~2 us of arithmetic (SmolLM2: 30 calls a step), and in
+// place of a prefill's (many query rows, an additive mask: transformers' static-cache mask under torch.compile),
+// where ATen's kernel computes every masked key (half of a causal square) and this one only keys that a block of
+// query rows has unmasked. Self-contained C++17, float32; decode on one thread (decode graphs run on one intra-op
+// thread), prefill on an OpenMP team.
 // Layouts (contiguous): q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (query head h reads kv head h / (Hq / Hkv), as
 // grouped-query flash attention does); mask [MB, MH, Lq, Lk] additive (MB in {1, B}, MH in {1, Hq}) or null;
 // out [B, Lq, Hq, D] (flash attention's output layout, seen as [B, Hq, Lq, D]).
@@ -19,6 +22,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 namespace qcompile_cpu {
@@ -91,12 +97,24 @@ inline void attention_scores(const float* const* q, const float* k, int64_t n, i
 inline float exp_shifted(float* p, int64_t n) {
   float top = -INFINITY;
   bool nan = false;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 vtop = _mm512_set1_ps(-INFINITY);
+  __mmask16 unordered = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_loadu_ps(p + j);
+    vtop = _mm512_max_ps(vtop, x);
+    unordered |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  }
+  top = _mm512_reduce_max_ps(vtop);
+  nan = unordered != 0;
+#endif
+  for (; j < n; ++j) {
     top = p[j] > top ? p[j] : top;
     nan |= p[j] != p[j];
   }
   if (nan) top = NAN;
-  int64_t j = 0;
+  j = 0;
   float total = 0.f;
 #if defined(__AVX512F__)
   __m512 sum = _mm512_setzero_ps();
@@ -153,9 +171,9 @@ inline void weighted_values(const float* w, int64_t stride, const float* v, int6
     }
 }
 
-inline void decode_attention(const float* q, const float* k, const float* v, const float* mask, float* out,
-                             int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t MB,
-                             int64_t MH, float scale) {
+inline void few_rows_attention(const float* q, const float* k, const float* v, const float* mask, float* out,
+                               int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t MB,
+                               int64_t MH, float scale) {
   static thread_local std::vector<float> weights_storage;
   if ((int64_t)weights_storage.size() < QC_ATTN_ROWS * Lk) weights_storage.resize(QC_ATTN_ROWS * Lk);
   float* p = weights_storage.data();
@@ -187,6 +205,135 @@ inline void decode_attention(const float* q, const float* k, const float* v, con
         else run(std::integral_constant<int, 1>{});
       }
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Prefill (many query rows): QC_PREFILL_ROWS consecutive query rows of one head per task, over the keys below the
+// last one any of them leaves unmasked (a masked score is -inf: e^-inf adds exactly 0, so the skipped keys change
+// nothing); scores from K transposed once per call (16 keys per FMA, no horizontal sums), then the same two-pass
+// softmax and weighted sum as a decode step. Tasks are spread over the team dynamically (a causal mask makes late
+// rows longer). SmolLM2's 512-token prefill (9 query / 3 kv heads of 64, causal): 2.2-2.4x ATen's flash attention
+// with that mask, on 1 and 2 threads.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int QC_PREFILL_ROWS = 4;  // 6 measured no faster
+
+// One past the last key that any of the `rows` mask rows leaves unmasked (not -inf); Lk without a mask, or where a
+// row masks every key (its softmax is NaN, as softmax over the whole row makes it).
+inline int64_t unmasked_keys(const float* const* m, int rows, int64_t Lk) {
+  if (!m[0]) return Lk;
+  int64_t keys = 0;
+  for (int r = rows - 1; r >= 0; --r) {  // with a causal mask the last row reaches furthest
+    int64_t j = Lk;
+#if defined(__AVX512F__)
+    for (; j - 16 >= keys; j -= 16)
+      if (_mm512_cmp_ps_mask(_mm512_loadu_ps(m[r] + j - 16), _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ)) break;
+#endif
+    while (j > keys && m[r][j - 1] == -INFINITY) --j;
+    if (j == keys) {  // nothing unmasked at or above `keys`: is the row masked throughout?
+      bool any = false;
+      for (int64_t i = 0; i < keys && !any; ++i) any = m[r][i] != -INFINITY;
+      if (!any) return Lk;
+    }
+    keys = std::max(keys, j);
+  }
+  return keys;
+}
+
+// s[r * stride + j] = scale * q_r . k_j + m_r[j] for j < n, from kt: K transposed in tiles of 64 keys ([Lk / 64][D]
+// [64], zero past Lk), so a tile's 16-key rows are one contiguous stream
+template <int R>
+inline void prefill_scores(const float* const* q, const float* kt, int64_t n, int64_t D, float scale,
+                           const float* const* m, float* s, int64_t stride) {
+#if defined(__AVX512F__)
+  constexpr int C = 4;  // 64 keys a tile: R x 4 accumulators
+  for (int64_t j = 0; j < n; j += 16 * C) {
+    const float* tile = kt + j * D;
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      __m512 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(tile + d * 64 + 16 * c);
+      for (int r = 0; r < R; ++r) {
+        const __m512 qd = _mm512_set1_ps(q[r][d]);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(qd, kv[c], acc[r][c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const int64_t j0 = j + 16 * c;
+      if (j0 >= n) break;
+      const __mmask16 live = n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1);
+      for (int r = 0; r < R; ++r) {
+        __m512 v = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale));
+        if (m[r]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, m[r] + j0));
+        _mm512_mask_storeu_ps(s + r * stride + j0, live, v);
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < n; ++j)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[r][d] * kt[(j / 64 * D + d) * 64 + j % 64];
+      s[r * stride + j] = acc * scale + (m[r] ? m[r][j] : 0.f);
+    }
+#endif
+}
+
+inline void prefill_attention(const float* q, const float* k, const float* v, const float* mask, float* out,
+                              int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t MB,
+                              int64_t MH, float scale, int num_threads) {
+  const int64_t ldk = (Lk + 63) / 64 * 64, rep = Hq / Hkv, blocks = (Lq + QC_PREFILL_ROWS - 1) / QC_PREFILL_ROWS;
+  static thread_local std::vector<float> kt_storage;  // K^T of every (batch, kv head), shared by the team
+  if ((int64_t)kt_storage.size() < B * Hkv * D * ldk) kt_storage.resize(B * Hkv * D * ldk);
+  float* kt = kt_storage.data();
+  (void)num_threads;
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t bg = 0; bg < B * Hkv; ++bg)
+      for (int64_t j0 = 0; j0 < ldk; j0 += 64)
+        for (int64_t d = 0; d < D; ++d) {
+          float* row = kt + bg * D * ldk + (j0 * D + d * 64);
+          for (int64_t j = j0; j < j0 + 64; ++j) row[j - j0] = j < Lk ? k[(bg * Lk + j) * D + d] : 0.f;
+        }
+    static thread_local std::vector<float> weights_storage;
+    if ((int64_t)weights_storage.size() < QC_PREFILL_ROWS * ldk) weights_storage.resize(QC_PREFILL_ROWS * ldk);
+    float* p = weights_storage.data();
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < B * Hq * blocks; ++task) {
+      const int64_t b = task / (Hq * blocks), h = task / blocks % Hq, i0 = task % blocks * QC_PREFILL_ROWS;
+      const int rows = (int)std::min<int64_t>(QC_PREFILL_ROWS, Lq - i0);
+      const int64_t g = h / rep;
+      const float* qr[QC_PREFILL_ROWS];
+      const float* mr[QC_PREFILL_ROWS];
+      float* orow[QC_PREFILL_ROWS];
+      float total[QC_PREFILL_ROWS];
+      for (int r = 0; r < QC_PREFILL_ROWS; ++r) {  // a short tail repeats its last row (the same output, written twice)
+        const int64_t i = i0 + std::min(r, rows - 1);
+        qr[r] = q + ((b * Hq + h) * Lq + i) * D;
+        mr[r] = mask ? mask + (((MB > 1 ? b : 0) * MH + (MH > 1 ? h : 0)) * Lq + i) * Lk : nullptr;
+        orow[r] = out + ((b * Lq + i) * Hq + h) * D;
+      }
+      const int64_t n = unmasked_keys(mr, rows, Lk);
+      prefill_scores<QC_PREFILL_ROWS>(qr, kt + (b * Hkv + g) * D * ldk, n, D, scale, mr, p, ldk);
+      for (int r = 0; r < QC_PREFILL_ROWS; ++r) total[r] = exp_shifted(p + r * ldk, n);
+      weighted_values<QC_PREFILL_ROWS>(p, ldk, v + (b * Hkv + g) * Lk * D, n, D, total, orow);
+    }
+  }
+}
+
+// Prefill-sized calls (more query rows than a decode step's FEW_QUERY_ROWS, passes/attention.py) take the blocked
+// path; decode steps the one-thread path above.
+constexpr int64_t QC_PREFILL_MIN_ROWS = 17;
+
+inline void decode_attention(const float* q, const float* k, const float* v, const float* mask, float* out,
+                             int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t MB,
+                             int64_t MH, float scale, int num_threads = 1) {
+  if (Lq >= QC_PREFILL_MIN_ROWS)
+    prefill_attention(q, k, v, mask, out, B, Hq, Hkv, Lq, Lk, D, MB, MH, scale, num_threads);
+  else
+    few_rows_attention(q, k, v, mask, out, B, Hq, Hkv, Lq, Lk, D, MB, MH, scale);
 }
 
 }  // namespace qcompile_cpu

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from . import ops
 log = logging.getLogger(__name__)
 KERNEL_SOURCE = (Path(__file__).parent / "intx_linear.h").read_text()
 ATTENTION_SOURCE = (Path(__file__).parent / "decode_attention.h").read_text()
+# query rows from which decode_attention.h takes its multi-threaded prefill path (read from the header: one source)
+PREFILL_MIN_ROWS = int(re.search(r"QC_PREFILL_MIN_ROWS = (\d+);", ATTENTION_SOURCE)[1])
 
 # op -> (C++ entry point in intx_linear.h, activation dtypes it accepts)
 ENTRY_POINTS = {
@@ -123,10 +126,11 @@ def has_vector_decode_attention() -> bool:
 
 
 class DecodeAttentionTemplate(CppTemplate):
-    """out = decode_attention(q, k, v, mask) (decode_attention.h): a few query rows against a KV cache."""
+    """out = decode_attention(q, k, v, mask) (decode_attention.h): a few query rows against a KV cache (one thread),
+    or a prefill's many rows (`num_threads`: Inductor's team)."""
 
-    def __init__(self, input_nodes, layout: ir.Layout, scale: float, has_mask: bool):
-        super().__init__("qcompile_decode_attention", input_nodes, layout, 1)
+    def __init__(self, input_nodes, layout: ir.Layout, scale: float, has_mask: bool, num_threads: int):
+        super().__init__("qcompile_decode_attention", input_nodes, layout, num_threads)
         self.scale, self.has_mask = scale, has_mask
 
     def render(self, kernel, template_buffer_node=None, flag_template_buffer_has_other_users=None,
@@ -144,7 +148,7 @@ class DecodeAttentionTemplate(CppTemplate):
         sizes = ", ".join(cexpr_index(kernel.rename_indexing(e)) for e in (B, Hq, Hkv, Lq, Lk, D, MB, MH))
         return _kernel_code(self, kernel, signature, ATTENTION_SOURCE,
                             f"qcompile_cpu::decode_attention(Q, K, V, {'MASK' if mask is not None else 'nullptr'}, "
-                            f"OUT, {sizes}, {float(self.scale)!r}f);")
+                            f"OUT, {sizes}, {float(self.scale)!r}f, {self.num_threads});")
 
 
 def _lower_attention(q, k, v, mask, scale):
@@ -156,7 +160,10 @@ def _lower_attention(q, k, v, mask, scale):
     inputs = [_realized(t) for t in tensors]
     B, H, Lq, D = q.get_size()
     layout = ir.FixedLayout(q.get_device(), torch.float32, [B, H, Lq, D], [Lq * H * D, D, H * D, 1])
-    node = DecodeAttentionTemplate(inputs, layout, scale, mask is not None).generate().output_node()
+    # a decode step's few rows run on one thread (the kernel's one-thread path), a prefill's on Inductor's team
+    few = getattr(Lq, "is_number", True) and int(Lq) < PREFILL_MIN_ROWS
+    node = DecodeAttentionTemplate(inputs, layout, scale, mask is not None,
+                                   1 if few else parallel_num_threads()).generate().output_node()
     node.data.data.allow_epilogue_fusion = False
     return node
 

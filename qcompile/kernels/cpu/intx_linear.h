@@ -855,7 +855,7 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
     const size_t panel_bytes = (vnni_panel_bytes(K, groups) + 63) / 64 * 64;
     uint8_t* storage = thread_scratch(panel_storage, QC_VNNI_NR * panel_bytes + 64);
     storage += (64 - (uintptr_t)storage % 64) % 64;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
       VnniPanel panels[QC_VNNI_NR];
       for (int p = 0; p < QC_VNNI_NR; ++p)
@@ -1419,7 +1419,7 @@ void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const 
     static thread_local std::vector<float> panel_storage;
     float* panels = thread_scratch(panel_storage, (size_t)(NR * 16 * K + 16));
     panels += (64 - (uintptr_t)panels % 64) % 64 / sizeof(float);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
       for (int p = 0; p < NR; ++p)
         dequantize_float_panel<BITS, GROUP, ST>(packed, scale, n0 + 16 * p,

@@ -136,7 +136,7 @@ def test_decode_graphs_run_on_one_intra_op_thread(monkeypatch):
     from qcompile import _compat
     threads_seen, size_asserts_seen = [], []
 
-    def lowered_graph_as_compiled(gm, inputs, cudagraphs=False, size_asserts=True):
+    def lowered_graph_as_compiled(gm, inputs, cudagraphs=False, size_asserts=True, **other_options):
         size_asserts_seen.append(size_asserts)
 
         def run(*args):
@@ -262,12 +262,14 @@ def test_aoti_package_contains_and_runs_the_kernel(tmp_path):
         assert _relative_error(loaded(x), expected) < 1e-5
 
 
-@pytest.mark.parametrize("query_length, rep, batch", [(1, 3, 1), (3, 2, 2)])
+@pytest.mark.parametrize("query_length, rep, batch", [(1, 3, 1), (3, 2, 2), (37, 3, 2), (70, 1, 1)])
 def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, batch, monkeypatch):
     """A decode step's attention (few query rows, grouped KV heads, an additive mask with masked slots) becomes the
     generated decode kernel: visible in Inductor's code, within float32 rounding of a float64 softmax; a fully
-    masked row is NaN, as softmax makes it. (The pass takes it only where Inductor builds AVX-512; the kernel's
-    scalar path is checked here on any CPU.)"""
+    masked row is NaN, as softmax makes it. A prefill's (more rows than a decode step: the kernel's blocked,
+    threaded path, rows not a multiple of its block) too, under a causal mask whose masked keys it skips, with a
+    fully masked row inside a block and a whole block of them. (The pass takes it only where Inductor builds
+    AVX-512; the kernel's scalar path is checked here on any CPU.)"""
     from torch.fx.experimental.proxy_tensor import make_fx
     from qcompile import _compat
     from qcompile.kernels.cpu import inductor_template
@@ -280,17 +282,23 @@ def test_decode_attention_kernel_replaces_flash_attention(query_length, rep, bat
                                                                 attn_mask=mask, scale=0.125) * 2
 
     q = torch.randn(batch, 3 * rep, query_length, 64)
-    k, v = torch.randn(2, batch, 3, 40, 64).unbind(0)
-    mask = torch.randn(1, 1, query_length, 40)
-    mask[..., 30:] = float("-inf")  # the static cache's unwritten slots
+    prefill = query_length > 16
+    slots = query_length + 30 if prefill else 40  # prefill: 67 and 100 keys, more than one of the kernel's 64-key tiles
+    k, v = torch.randn(2, batch, 3, slots, 64).unbind(0)
+    mask = torch.randn(1, 1, query_length, slots)
+    mask[..., slots - 10:] = float("-inf")  # the static cache's unwritten slots
     mask[..., -1, :] = float("-inf") if query_length > 1 else mask[..., -1, :]
+    if prefill:  # causal past key i + 2 for row i; rows 5 and 8-11 (a whole block of the kernel's 4) masked throughout
+        mask.masked_fill_(torch.ones(query_length, slots, dtype=torch.bool).triu(3), float("-inf"))
+        mask[..., [5, 8, 9, 10, 11], :] = float("-inf")
     with torch.no_grad():
         gm = make_fx(attention)(q, k, v, mask)
         COUNTS.clear()
         attend_grouped_kv_heads_cpu(gm, torch.device("cpu"))
         attend_few_rows_cpu(gm, torch.device("cpu"))
         gm.recompile()
-    assert COUNTS["attention: decode kernel (few query rows)"] == 1
+    assert COUNTS["attention: prefill kernel (masked keys skipped)" if prefill
+                  else "attention: decode kernel (few query rows)"] == 1
     kk, vv = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
     expected = torch.softmax(q.double() @ kk.transpose(-1, -2) * 0.125 + mask.double(), dim=-1) @ vv * 2
     eager = gm(q, k, v, mask)  # the op's reference (eager, as the graph runs outside Inductor)
