@@ -14,6 +14,7 @@ COUNTS records what was lowered and why the rest was not (QCOMPILE_DEBUG_LOWERIN
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import logging
 import operator
@@ -132,6 +133,45 @@ def reference_round_trip(x: torch.Tensor, activation: str) -> torch.Tensor:
     return dequantize(*quantize(x), x.dtype)
 
 
+# The Triton ops' gradients. The ops replace the reference ops matched here, so their backward is the gradient of
+# those ops at the saved inputs: a graph compiled with grad mode on differentiates as the unlowered graph did, the
+# activation quantization's own derivative included (through the scale, and e4m3's cast; no straight-through
+# estimate). Built from this module's tables of what it matched, so match and gradient cannot disagree; registered
+# from here (the passes' floor) on the kernels' ops, which know nothing of the reference ops they stand for.
+
+def reference_fused_linear(x, qweight, w_scale, w_zero, w_aux, bias, activation, weight_format, bits, group_size,
+                           out_dtype):
+    """fused_linear in pure torch: x through its reference quantize op (a dynamic activation: then
+    reference_fused_linear_quantized) or quantize -> dequantize round trip (block-scaled; "float": x), times the
+    reference-dequantized weight, plus bias — in x's dtype, as the linear it replaced."""
+    if activation in ACTIVATION_QUANTIZERS:
+        return reference_fused_linear_quantized(*reference_quantize(x, activation), qweight, w_scale, w_zero, w_aux,
+                                                bias, activation, weight_format, bits, group_size, out_dtype)
+    w = reference_weight(qweight, w_scale, w_zero, w_aux, weight_format, bits, group_size, x.dtype)
+    return torch.nn.functional.linear(reference_round_trip(x, activation), w, bias).to(out_dtype)
+
+
+def reference_fused_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, activation,
+                                     weight_format, bits, group_size, out_dtype):
+    """fused_linear_quantized in pure torch: the activation's grid (xq - zero) * scale (its format's reference
+    dequantize) times the reference-dequantized weight, plus bias, in float32 (as the scale_output it replaced),
+    cast to out_dtype."""
+    x_grid = reference_grid(xq, x_scale, x_zero, activation, torch.float32)
+    w = reference_weight(qweight, w_scale, w_zero, w_aux, weight_format, bits, group_size, torch.float32)
+    return torch.nn.functional.linear(x_grid, w, None if bias is None else bias.float()).to(out_dtype)
+
+
+@functools.cache
+def register_gradients() -> None:
+    """Give qcompile::fused_linear and fused_linear_quantized their reference gradients (once; the Triton ops must
+    be defined, i.e. triton installed)."""
+    import qcompile.kernels.triton  # noqa: F401  (defines the ops)
+    from ..kernels.autograd import register_reference_gradient
+
+    register_reference_gradient("qcompile::fused_linear", reference_fused_linear)
+    register_reference_gradient("qcompile::fused_linear_quantized", reference_fused_linear_quantized)
+
+
 def _call(node, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target is target
 
@@ -226,7 +266,7 @@ def lower_quantized_linears_to_triton(gm: GraphModule, device: torch.device, opt
     if importlib.util.find_spec("triton") is None:
         COUNTS["kept/triton is not installed"] += 1
         return
-    import qcompile.kernels.triton  # noqa: F401  (registers qcompile::fused_linear)
+    register_gradients()  # defines qcompile::fused_linear (and its backward)
     _compat.install_ttir_memo()  # Inductor analyses the template at every call site: once per variant suffices
 
     debug = os.environ.get("QCOMPILE_DEBUG_LOWERING") == "1"

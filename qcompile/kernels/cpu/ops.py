@@ -73,8 +73,8 @@ def _attention_output(q, k, v, mask, scale):
     return q.new_empty((b, lq, h, d)).transpose(1, 2)
 
 
-@_define("decode_attention_cpu", "softmax(scale * q k^T + mask) v for a few query rows (query head h reads key/value "
-         "head h // (Hq / Hkv)), in float32", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
+@_define("decode_attention_cpu", "softmax(scale * q k^T + mask) v (query head h reads key/value head h // (Hq / Hkv)), "
+         "in float32: a decode step's few query rows, or a prefill's under an additive mask (non-causal)", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
          _attention_output)
 def decode_attention_cpu(q, k, v, mask, scale):
     rep = q.shape[1] // k.shape[1]

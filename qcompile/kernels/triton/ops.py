@@ -11,13 +11,11 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import linear
-from ..autograd import register_reference_gradient
 from .linear import LinearSpec
 from .tuning import KernelConfig, select_config
 
@@ -115,42 +113,6 @@ def fused_linear_quantized(xq: torch.Tensor, x_scale: torch.Tensor, x_zero: Opti
     run = linear.run_linear_quantized
     out = run(*tensors, spec, out_dtype, _tuned_config(spec, tensors, qweight.shape[0], out_dtype, run))
     return out.reshape(*xq.shape[:-1], qweight.shape[0])
-
-
-# Gradients. The ops replace reference ops (passes/lower_cuda.py), so their backward is the gradient of those
-# ops at the saved inputs: a graph compiled with grad mode on differentiates as the unlowered graph did, the
-# activation quantization's own derivative included (through the scale, and e4m3's cast; no straight-through
-# estimate). The references call lower_cuda's tables of the reference ops it matched, so the two cannot disagree.
-
-def reference_fused_linear(x, qweight, w_scale, w_zero, w_aux, bias, activation, weight_format, bits, group_size,
-                           out_dtype):
-    """fused_linear in pure torch: x through its reference quantize op (a dynamic activation: then
-    reference_fused_linear_quantized) or quantize -> dequantize round trip (block-scaled; "float": x), times the
-    reference-dequantized weight, plus bias — in x's dtype, as the linear it replaced."""
-    from ...passes import lower_cuda  # it imports this package
-
-    if activation in lower_cuda.ACTIVATION_QUANTIZERS:
-        return reference_fused_linear_quantized(*lower_cuda.reference_quantize(x, activation), qweight, w_scale,
-                                                w_zero, w_aux, bias, activation, weight_format, bits, group_size,
-                                                out_dtype)
-    w = lower_cuda.reference_weight(qweight, w_scale, w_zero, w_aux, weight_format, bits, group_size, x.dtype)
-    return F.linear(lower_cuda.reference_round_trip(x, activation), w, bias).to(out_dtype)
-
-
-def reference_fused_linear_quantized(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, activation,
-                                     weight_format, bits, group_size, out_dtype):
-    """fused_linear_quantized in pure torch: the activation's grid (xq - zero) * scale (its format's reference
-    dequantize) times the reference-dequantized weight, plus bias, in float32 (as the scale_output it replaced),
-    cast to out_dtype."""
-    from ...passes import lower_cuda
-
-    x_grid = lower_cuda.reference_grid(xq, x_scale, x_zero, activation, torch.float32)
-    w = lower_cuda.reference_weight(qweight, w_scale, w_zero, w_aux, weight_format, bits, group_size, torch.float32)
-    return F.linear(x_grid, w, None if bias is None else bias.float()).to(out_dtype)
-
-
-register_reference_gradient("qcompile::fused_linear", reference_fused_linear)
-register_reference_gradient("qcompile::fused_linear_quantized", reference_fused_linear_quantized)
 
 
 def _tuned_config(spec: LinearSpec, tensors, N: int, out_dtype, run) -> KernelConfig:

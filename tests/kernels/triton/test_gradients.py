@@ -10,7 +10,6 @@ import torch
 
 from qcompile.backend import quantize_graph
 from qcompile.kernels.autograd import _reference_backward
-from qcompile.kernels.triton import ops as triton_ops
 from qcompile.options import QuantOptions
 from qcompile.passes import lower_cuda
 from qcompile.quant.metrics import sqnr_db
@@ -83,7 +82,7 @@ def test_under_no_grad_the_ops_record_no_backward():
 
 
 def test_backward_names_the_op_and_argument_it_has_no_reference_for():
-    backward = _reference_backward("qcompile::fused_linear", triton_ops.reference_fused_linear)
+    backward = _reference_backward("qcompile::fused_linear", lower_cuda.reference_fused_linear)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     qweight = torch.randint(-128, 127, (8, 64), dtype=torch.int8)
     inputs = (x, qweight, torch.rand(8), None, None, None, "int3_sym", "int8", 8, 0, torch.bfloat16)
@@ -105,8 +104,9 @@ def test_compiled_model_trains_through_the_triton_kernels(scheme):
     """The whole backend on the GPU (AOTAutograd traces the ops' backward, Inductor compiles it): compiled with grad
     mode on, the input's and the bias's gradients are finite and the reference graph's (the pass's graph, run
     eagerly). Kernel-side activation quantization only: with activation_quantization='graph' the reference quantize
-    op itself is in Inductor's graph, and Inductor's backward of its amax can be NaN (compares the saved amax,
-    computed in float32, with the bf16-rounded activation; the unlowered graph does the same, CPU included)."""
+    op itself is in Inductor's graph, whose backward of its amax was NaN (the saved amax computed in float32 against
+    the bf16-rounded activation) until grad-mode compiles took emulate_precision_casts (tests/test_backend.py,
+    CPU); graph mode has not run here on the GPU since."""
     options = {"scheme": scheme, **({"group_size": 128} if scheme == "int4_weight_only" else {})}
     model = MLP((512, 1024, 256), torch.nn.functional.gelu).cuda().bfloat16()
     x = torch.randn(4, 7, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
