@@ -180,7 +180,7 @@ def trace_to_aten(gm: torch.fx.GraphModule, fake_args: list, wrap=None) -> torch
 def _kernel_sources_hash() -> bytes:
     """Hash of every source whose code ends up inside compiled graphs: the kernels, and the reference ops and
     numerics that Inductor traces through (their decompositions are not part of a cached graph's key), and
-    lower_cuda's tables of them, which the Triton ops' backward is built from (kernels/triton/ops.py)."""
+    lower_cuda's tables of them, which the Triton ops' backward is built from (registered there)."""
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
     package = pathlib.Path(__file__).parent

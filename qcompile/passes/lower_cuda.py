@@ -49,9 +49,9 @@ class FusedLinearArgs:
 
 
 # The reference ops each fused_linear argument comes from. One table per side serves both directions: the match
-# below reads fused_linear's arguments off the reference nodes, and the Triton ops' backward (kernels/triton/ops.py,
-# through the reference_* functions) calls the same reference ops on them, so a lowered graph differentiates as
-# the graph it came from.
+# below reads fused_linear's arguments off the reference nodes, and the Triton ops' backward (the reference_fused_*
+# functions below) calls the same reference ops on them, so a lowered graph differentiates as the graph it came
+# from.
 # dequantize op -> (weight format, the fused_linear field each argument but the last (dtype) fills, fixed fields)
 WEIGHT_DEQUANTIZERS: dict[object, tuple[str, tuple[str, ...], dict]] = {
     ops.dequantize_int8: ("int8", ("qweight", "w_scale"), {}),

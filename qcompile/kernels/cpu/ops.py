@@ -74,8 +74,8 @@ def _attention_output(q, k, v, mask, scale):
 
 
 @_define("decode_attention_cpu", "softmax(scale * q k^T + mask) v (query head h reads key/value head h // (Hq / Hkv)), "
-         "in float32: a decode step's few query rows, or a prefill's under an additive mask (non-causal)", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
-         _attention_output)
+         "in float32: a decode step's few query rows, or a prefill's under an additive mask (non-causal)",
+         "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", _attention_output)
 def decode_attention_cpu(q, k, v, mask, scale):
     rep = q.shape[1] // k.shape[1]
     k, v = (t.float().repeat_interleave(rep, dim=1) for t in (k, v))
