@@ -24,7 +24,29 @@ def test_a_signature_is_the_structure_of_a_call_not_its_values():
                                                   "mask": torch.ones(1, 1, 8)})[0] != key
     assert signature((torch.ones(1, 3),), {"cache": _Cache(), "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
     cache.layers[0]["keys"] = torch.zeros(4, 8)  # re-allocated in place of the old: the graph would write the old
+    key = signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0]
+    assert key != same
+    cache.layers.append({"keys": torch.zeros(2)})  # a layer added: its tensor too
     assert signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
+
+
+def test_an_objects_tensors_are_walked_again_only_when_its_containers_changed():
+    """The walk's result is remembered per object (_Holdings) while the identities of every container's items
+    stay the same; a tensor resized in place still changes the signature (its layout is read every call)."""
+    from qcompile import step_graphs
+
+    cache = _Cache()
+    signature((), {"cache": cache})
+    tensors = step_graphs._HOLDINGS[id(cache)].tensors
+    key = signature((), {"cache": cache})[0]
+    assert step_graphs._HOLDINGS[id(cache)].tensors is tensors
+    cache.position.resize_(2)
+    assert signature((), {"cache": cache})[0] != key and step_graphs._HOLDINGS[id(cache)].tensors is tensors
+    cache.position = torch.zeros((), dtype=torch.long)
+    assert step_graphs._holdings(cache)[1] is cache.position
+    address = id(cache)
+    del cache
+    assert address not in step_graphs._HOLDINGS  # forgotten with its object
 
 
 def test_held_tensors_are_found_through_objects_lists_and_dicts_once_each_in_order():
