@@ -140,7 +140,11 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 def signature(args: tuple, kwargs: dict) -> tuple[tuple, list[int]]:
     """(hashable signature of a call, positions of its tensor leaves among pytree's leaves)."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key, tensor_positions, _ = _signature_of_leaves(*pytree.tree_flatten((args, kwargs)))
+    return key, tensor_positions
+
+
+def _signature_of_leaves(leaves: list, spec) -> tuple[tuple, list[int], list]:
     parts, tensor_positions = [str(spec)], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
@@ -152,7 +156,7 @@ def signature(args: tuple, kwargs: dict) -> tuple[tuple, list[int]]:
             held = _holdings(leaf)
             # (a held tensor's dtype and device are its own: _holdings finds a re-assigned tensor anew)
             parts.append(("object", id(leaf), tuple([(t.data_ptr(), t.shape, t.stride()) for t in held])))
-    return tuple(parts), tensor_positions
+    return tuple(parts), tensor_positions, leaves
 
 
 @dataclass
@@ -186,16 +190,17 @@ class StepGraphs:
         self.eager_calls = 0
 
     def __call__(self, *args, **kwargs):
-        device = _cuda_device(args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        device = _cuda_device(leaves)
         if device is None or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             self.eager_calls += 1
             return self.fn(*args, **kwargs)
-        key, tensor_positions = signature(args, kwargs)
+        key, tensor_positions, leaves = _signature_of_leaves(leaves, spec)
         captured = self.graphs.get(key)
         if captured is not None:
             self.graphs.move_to_end(key)
             self.replays += 1
-            return captured.replay(pytree.tree_leaves((args, kwargs)))
+            return captured.replay(leaves)
         if key in self.uncapturable:
             return self._eager(device, args, kwargs)
         if key not in self.ready:
@@ -334,8 +339,8 @@ def _recover_from_failed_capture(device: torch.device, pool) -> None:
     generator.graphsafe_set_state(generator.clone_state())  # a fresh state object: same seed and offset
 
 
-def _cuda_device(args, kwargs) -> torch.device | None:
-    for leaf in pytree.tree_leaves((args, kwargs)):
+def _cuda_device(leaves: list) -> torch.device | None:
+    for leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
             return leaf.device
     return None
