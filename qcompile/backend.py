@@ -22,7 +22,7 @@ from . import _compat, calibration, released
 from .distributed import LocalSignature
 from .graph_key import structure_key
 from .options import QuantOptions
-from .passes.lower import lower_for_device
+from .passes.lower import constant_layouts, lower_for_device
 from .passes.lower_cpu import is_decode_graph
 from .passes.quantize_linears import quantize_linears
 from .passes.records import PassResult, WeightRef, WeightUse
@@ -320,7 +320,9 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
         example_inputs = signature.flatten(example_inputs)
     device = device_of(example_inputs)
     lower_for_device(result.gm, device, options)
-    constants = [t for _, t in result.constants]
+    layouts = constant_layouts(result.gm)  # e.g. CPU kernels' interleaved rows
+    lay_out = [layouts.get(name) for name, _ in result.constants]
+    constants = _laid_out(lay_out, [t for _, t in result.constants])
     inputs = [example_inputs[i] for i in kept] + constants
     cudagraphs = options.cudagraphs and device.type == "cuda"
     if options.cudagraphs and not cudagraphs:
@@ -344,8 +346,13 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
     if not options.keep_float_weights:
         _release_float_weights(weights, kept, options, sources)
 
-    return _bound_run(compiled, result, weights, kept, WeightBinding(result, weights, constants, options, sources),
-                      signature), result
+    return _bound_run(compiled, result, weights, kept,
+                      WeightBinding(result, weights, constants, options, sources, lay_out), signature), result
+
+
+def _laid_out(lay_out: list, constants: list) -> list:
+    """Each constant in the layout its lowering asked for (`lay_out`: a function or None per constant)."""
+    return [f(t) if f is not None else t for f, t in zip(lay_out, constants)]
 
 
 def _on_one_intra_op_thread(compiled):
@@ -398,7 +405,7 @@ class WeightBinding:
     (quantized on first use, from the same cache), never the first instance's."""
 
     def __init__(self, result: PassResult, weights: dict[int, WeightRef], constants: list, options: QuantOptions,
-                 sources: dict[int, _compat.ParameterSource | None]):
+                 sources: dict[int, _compat.ParameterSource | None], lay_out: list | None = None):
         position = {id(ref): i for i, ref in weights.items()}
         # per constant group (one linear's tensors): the input position of each weight it was quantized from
         self.groups = [(tuple(position[id(u.weight)] for u in g.uses), g) for g in result.constant_groups]
@@ -406,6 +413,7 @@ class WeightBinding:
         self.constants = constants
         self.options = options
         self.sources = sources
+        self.lay_out = lay_out or [None] * len(constants)  # per constant: the lowering's layout function, or None
 
     def bound_to(self, args, sources: dict[int, _compat.ParameterSource | None]) -> "WeightBinding":
         """This binding with `args`' weights (another graph's, whose parameters `sources` locates) as the ones its
@@ -442,7 +450,7 @@ class WeightBinding:
                     owner = self.sources[i].owner_in_callers(args[i])  # this instance's module, in the caller
                     if owner is not None:
                         released.attach(owner, released_weight)
-        return constants
+        return _laid_out(self.lay_out, constants)
 
 
 def device_of(values) -> torch.device:

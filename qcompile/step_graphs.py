@@ -168,8 +168,8 @@ class _Captured:
     keep: list = field(default_factory=list)  # the original call's non-tensor leaves (a cache object) stay alive
 
     def replay(self, leaves: list):
-        for position, static in zip(self.tensor_positions, self.static_leaves):
-            static.copy_(leaves[position])
+        if self.static_leaves:  # one launch for all the inputs (host time while the GPU waits for the replay)
+            torch._foreach_copy_(self.static_leaves, [leaves[position] for position in self.tensor_positions])
         self.graph.replay()
         return self.output
 

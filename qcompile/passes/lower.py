@@ -13,6 +13,7 @@ import torch
 
 from ..options import QuantOptions
 from .attention import attend_grouped_kv_heads_cuda
+from . import lower_cpu
 from .lower_cpu import attend_few_rows_cpu, attend_grouped_kv_heads_cpu, lower_intx_linears_cpu
 from .lower_cuda import lower_quantized_linears_to_triton
 
@@ -29,3 +30,9 @@ def lower_for_device(gm: torch.fx.GraphModule, device: torch.device, options: Qu
         lowering(gm, device, options)
     gm.graph.lint()
     gm.recompile()
+
+
+def constant_layouts(gm: torch.fx.GraphModule) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """What the lowerings asked of the quantized tensors the lowered `gm` reads: by placeholder name, a function its
+    caller applies to the tensor it feeds there (once per tensor: the functions cache). Absent names: as quantized."""
+    return lower_cpu.constant_layouts(gm)

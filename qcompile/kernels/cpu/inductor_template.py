@@ -20,6 +20,7 @@ from torch._inductor.codegen.cpp_utils import cexpr_index
 from torch._inductor.utils import IndentedBuffer, parallel_num_threads, sympy_product
 from torch._inductor.virtualized import V
 
+from . import layout as cpu_layout
 from . import ops
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,14 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class IntxLinearTemplate(CppTemplate):
-    """One instance per lowered linear: y[M, N] = entry<BITS, GROUP>(x[M, K], packed, scale, bias)."""
+    """One instance per lowered linear: y[M, N] = entry<BITS, GROUP, ..., ROWS>(x[M, K], packed, scale, bias)
+    (ROWS: packed's row layout, kernels/cpu/layout.py)."""
 
-    def __init__(self, entry: str, input_nodes, layout: ir.Layout, bits: int, group_size: int, has_bias: bool):
+    def __init__(self, entry: str, input_nodes, layout: ir.Layout, bits: int, group_size: int, has_bias: bool,
+                 row_block: int):
         super().__init__(f"qcompile_{entry}_b{bits}_g{group_size}", input_nodes, layout, parallel_num_threads())
         self.entry, self.bits, self.group_size, self.has_bias = entry, bits, group_size, has_bias
+        self.row_block = row_block
 
     def render(self, kernel, template_buffer_node=None, flag_template_buffer_has_other_users=None,
                epilogue_nodes=None, **kwargs) -> str:
@@ -61,8 +65,8 @@ class IntxLinearTemplate(CppTemplate):
         bias_type = kernel.dtype(bias) if bias is not None else "float"
         return _kernel_code(self, kernel, signature, KERNEL_SOURCE,
                             f"qcompile_cpu::{self.entry}<{self.bits}, {self.group_size}, {kernel.dtype(x)}, "
-                            f"{kernel.dtype(scale)}, {bias_type}, {kernel.dtype(y)}>(X, W, S, {bias_arg}, Y, {M}, {N}, "
-                            f"{K}, {self.num_threads});")
+                            f"{kernel.dtype(scale)}, {bias_type}, {kernel.dtype(y)}, {self.row_block}>(X, W, S, "
+                            f"{bias_arg}, Y, {M}, {N}, {K}, {self.num_threads});")
 
 
 def _kernel_code(template: CppTemplate, kernel, signature: str, source: str, call: str) -> str:
@@ -86,7 +90,7 @@ def _realized(node):
     return ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(node))
 
 
-def _unusable(x, packed, scale, bias, bits, group_size, dtype) -> str | None:
+def _unusable(x, packed, scale, bias, bits, group_size, dtype, row_block) -> str | None:
     if x.get_device().type != "cpu":
         return f"device {x.get_device()} is not the CPU"
     dtypes = {"activation": x.get_dtype(), "output": dtype, "scale": scale.get_dtype()}
@@ -97,20 +101,23 @@ def _unusable(x, packed, scale, bias, bits, group_size, dtype) -> str | None:
         return f"dtypes {bad or packed.get_dtype()} (needs float32/bfloat16/float16, uint8 packed weights)"
     if not (1 <= bits <= 8 and group_size % 32 == 0):
         return f"bits={bits}, group_size={group_size} (needs 1-8 bits, group size a multiple of 32)"
+    if row_block not in (1, cpu_layout.row_block(bits)):
+        return f"row_block={row_block} for {bits}-bit weights (the kernel reads 1 or {cpu_layout.row_block(bits)})"
     return None
 
 
-def _lower(op, x, packed, scale, bias, bits, group_size, dtype):
+def _lower(op, x, packed, scale, bias, bits, group_size, dtype, row_block=1):
     """Inductor lowering: a CppTemplateBuffer running the generated kernel (CPU, float activations), else the op's
     reference as an extern fallback."""
-    reason = _unusable(x, packed, scale, bias, bits, group_size, dtype)
+    reason = _unusable(x, packed, scale, bias, bits, group_size, dtype, row_block)
     if reason is not None:
         log.warning("qcompile: %s runs its reference implementation, not the generated kernel: %s", op, reason)
-        return fallback_handler(op, add_to_fallback_set=False)(x, packed, scale, bias, bits, group_size, dtype)
+        return fallback_handler(op, add_to_fallback_set=False)(x, packed, scale, bias, bits, group_size, dtype,
+                                                               row_block)
     inputs = [_realized(x), _realized(packed), _realized(scale)] + ([_realized(bias)] if bias is not None else [])
     size = [*x.get_size()[:-1], packed.get_size()[0]]
     layout = ir.FixedLayout(x.get_device(), dtype, size, ir.FlexibleLayout.contiguous_strides(size))
-    template = IntxLinearTemplate(ENTRY_POINTS[op], inputs, layout, bits, group_size, bias is not None)
+    template = IntxLinearTemplate(ENTRY_POINTS[op], inputs, layout, bits, group_size, bias is not None, row_block)
     node = template.generate().output_node()
     # the kernel writes its output buffer directly; it has no code path for fused pointwise epilogues
     node.data.data.allow_epilogue_fusion = False

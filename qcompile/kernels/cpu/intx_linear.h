@@ -3,10 +3,13 @@
 // tests/kernels/cpu/arm compile it standalone. Self-contained on purpose: no torch headers, C++17, one ISA chosen at
 // compile time (x86: AVX-512 VNNI, else AVX2; ARM: i8mm, dotprod, else NEON; else portable C++).
 //
-// Weight layout read (no repack): the bit-plane layout of qcompile/quant/packing.py.
-// Row n is K*BITS/8 contiguous bytes; plane of width w (8, 4, 2, 1 where BITS has that bit) starts at byte
+// Weight layout read: the bit-plane layout of qcompile/quant/packing.py.
+// Row n is K*BITS/8 bytes; plane of width w (8, 4, 2, 1 where BITS has that bit) starts at byte
 // K*col/8 (col = BITS & ~(2w-1), the wider planes' widths) and holds value bits [lo, lo+w) (lo = BITS & (w-1));
 // value k sits in byte k/(8/w) at bit (k%(8/w))*w. Unsigned u in [0, 2^BITS); the kernel uses w = u - 2^(BITS-1).
+// Where the rows lie (template argument ROWS, RowLayout below): ROWS = 1, row-major [N, K*BITS/8]; ROWS = 4 (4- and
+// 8-bit weights, whose rows are one plane), blocks of 4 rows interleaved by 64-byte chunks
+// (qcompile/kernels/cpu/layout.py writes it).
 // Scales: [N, K/GROUP] (float or bfloat16), row-major. GROUP is a multiple of 32; K a multiple of GROUP.
 //
 // Two entry points, each a GEMV for M < QC_GEMM_MIN_M and a blocked GEMM (weights unpacked once per row block,
@@ -483,6 +486,44 @@ inline T* thread_scratch(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Where row n's packed bytes lie. ROWS = 1: row-major. ROWS = 4: rows in blocks of 4 (the last block holds what is
+// left), each block's rows interleaved by 64-byte chunks: chunk c of each of the block's rows in turn, then chunk
+// c + 1 (a row's last, shorter chunk likewise). The GEMV reads a block's rows together, so it reads one linear
+// stream instead of 4 (SmolLM2's decode sweep, benchmarks/cpu_intx_kernels.cpp, AVX-512 VNNI, 1 thread: 1.4-1.6x
+// the row-major layout's speed). The other paths read a row in order from a per-thread copy (`row`).
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t QC_CHUNK_BYTES = 64;
+
+template <int ROWS>
+struct RowLayout {
+  static_assert(ROWS == 1 || ROWS == 4, "rows are row-major (1) or interleaved in blocks of 4");
+  const uint8_t* packed;
+  int64_t N, row_bytes;
+  // byte b of row n; the rest of b's 64-byte chunk of the row follows it
+  const uint8_t* at(int64_t n, int64_t b) const {
+    if constexpr (ROWS == 1) {
+      return packed + n * row_bytes + b;
+    } else {
+      const int64_t first = n / ROWS * ROWS, rows = std::min<int64_t>(ROWS, N - first);
+      const int64_t c = b / QC_CHUNK_BYTES * QC_CHUNK_BYTES;
+      return packed + first * row_bytes + c * rows + (n - first) * std::min(QC_CHUNK_BYTES, row_bytes - c) + (b - c);
+    }
+  }
+  // row n's bytes in order: in place (ROWS = 1), else gathered into this thread's copy (valid until its next call)
+  const uint8_t* row(int64_t n) const {
+    if constexpr (ROWS == 1) {
+      return at(n, 0);
+    } else {
+      static thread_local std::vector<uint8_t> storage;
+      uint8_t* copy = thread_scratch(storage, (size_t)row_bytes);
+      for (int64_t c = 0; c < row_bytes; c += QC_CHUNK_BYTES)
+        std::memcpy(copy + c, at(n, c), (size_t)std::min(QC_CHUNK_BYTES, row_bytes - c));
+      return copy;
+    }
+  }
+};
+
 // The calling thread's scratch for M quantized tokens of K values each, with a float scale and one int32 (zero
 // point or correction term) per token; the vectors only grow, so steady-state calls allocate nothing.
 template <typename A>
@@ -632,39 +673,54 @@ inline __m512i load_w64(const uint8_t* row, int64_t K, int64_t k0, int count) {
 // the rows share each activation load and the loop overhead.
 constexpr int QC_VNNI_ROWS = 4;
 
+// The QC_VNNI_ROWS rows of one GEMV call (a tail block repeats its last row) and how far ahead it prefetches:
+// `ahead` bytes along each row's stream (prefetches past the weights are harmless: they never fault), the scales
+// `ahead_rows` rows on.
+template <int ROWS>
+struct GemvRows {
+  RowLayout<ROWS> layout;
+  int64_t n[QC_VNNI_ROWS];
+  int64_t ahead, ahead_rows;
+  // o with o + b = row r's byte b for b in one 64-byte chunk: a row's chunk loads read o + k0 * BITS / 8 (one
+  // plane), or its planes at o + col * K / 8 + k0 * w / 8 (ROWS = 1: o is the row's start)
+  const uint8_t* origin(int r, int64_t b) const { return layout.at(n[r], b) - b; }
+};
+
 // For each block of QC_VNNI_ROWS rows this thread owns (an orphaned omp for: call it inside a parallel region):
-// gemv(std::integral_constant<int, M>, rows, srows, prefetch_rows, out) fills out[r * M + m], then store(m, n,
+// gemv(std::integral_constant<int, M>, rows, srows, out) fills out[r * M + m] (rows: GemvRows), then store(m, n,
 // value) takes each result. A tail of rows repeats the last one (its results are not stored).
-template <typename ST, typename Gemv, typename Store>
-inline void vnni_row_blocks(const uint8_t* packed, const ST* scale, int64_t M, int64_t N, int64_t row_bytes,
-                            int64_t groups, Gemv&& gemv, Store&& store) {
+template <int ROWS, typename ST, typename Gemv, typename Store>
+inline void vnni_row_blocks(const RowLayout<ROWS>& layout, const ST* scale, int64_t M, int64_t groups, Gemv&& gemv,
+                            Store&& store) {
+  static_assert(ROWS == 1 || ROWS == QC_VNNI_ROWS, "interleaved blocks are the GEMV's blocks");
+  const int64_t N = layout.N, ahead_rows = 4096 / layout.row_bytes + 1;
+  // row-major: the rows ~4 KB on; interleaved: 4 KB on in the block's one stream
+  const int64_t ahead = ROWS == 1 ? ahead_rows * layout.row_bytes : 4096;
 #pragma omp for schedule(static) nowait
   for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
-    const uint8_t* rows[QC_VNNI_ROWS];
+    GemvRows<ROWS> rows{layout, {}, ahead, ahead_rows};
     const ST* srows[QC_VNNI_ROWS];
     for (int r = 0; r < QC_VNNI_ROWS; ++r) {
-      const int64_t n = std::min(n0 + r, N - 1);
-      rows[r] = packed + n * row_bytes, srows[r] = scale + n * groups;
+      rows.n[r] = std::min(n0 + r, N - 1);
+      srows[r] = scale + rows.n[r] * groups;
     }
     float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
-    const int64_t ahead = 4096 / row_bytes + 1;  // prefetches past the last row are harmless (never fault)
-    if (M == 1) gemv(std::integral_constant<int, 1>{}, rows, srows, ahead, out);
-    else if (M == 2) gemv(std::integral_constant<int, 2>{}, rows, srows, ahead, out);
-    else gemv(std::integral_constant<int, 3>{}, rows, srows, ahead, out);
+    if (M == 1) gemv(std::integral_constant<int, 1>{}, rows, srows, out);
+    else if (M == 2) gemv(std::integral_constant<int, 2>{}, rows, srows, out);
+    else gemv(std::integral_constant<int, 3>{}, rows, srows, out);
     for (int r = 0; r < QC_VNNI_ROWS && n0 + r < N; ++r)
       for (int64_t m = 0; m < M; ++m) store(m, n0 + r, out[r * M + m]);
   }
 }
 
-template <int BITS, int GROUP, int MT, typename ST>
-inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, const uint8_t* act,
-                           const int32_t* lane_offsets, const int32_t* c, int64_t K, int64_t K_pad,
-                           int64_t prefetch_rows, float* out) {
+template <int BITS, int GROUP, int MT, typename ST, int ROWS>
+inline void vnni_gemv_rows(const GemvRows<ROWS>& row, const ST* const* srow, const uint8_t* act,
+                           const int32_t* lane_offsets, const int32_t* c, int64_t K, int64_t K_pad, float* out) {
   constexpr int CHUNK = vnni_chunk<BITS>, R = QC_VNNI_ROWS;
   const int64_t chunks = K_pad / CHUNK, groups = K / GROUP;
-  // software prefetch of the rows `prefetch_rows` ahead: with the hardware prefetcher alone the decode sweep of
-  // benchmarks/cpu_intx_kernels.cpp took 1.1x (4-bit) to 1.6x (8-bit) as long on the Zen 5 VM
-  const int64_t pf_w = prefetch_rows * (K * BITS / 8), pf_s = prefetch_rows * groups;
+  // software prefetch ~4 KB ahead: with the hardware prefetcher alone the decode sweep of
+  // benchmarks/cpu_intx_kernels.cpp took 1.1x (4-bit) to 1.6x (8-bit) as long on this VM
+  const int64_t pf_w = row.ahead, pf_s = row.ahead_rows * groups;
   __m512 facc[R][MT];
   __m512i cb[MT];
   for (int t = 0; t < MT; ++t) cb[t] = _mm512_set1_epi8((char)c[t]);
@@ -682,10 +738,11 @@ inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, con
         start[t] = _mm512_loadu_si512(lane_offsets + (t * chunks + ch) * 16);
       }
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(row[r] + k0 / 2 + pf_w), _MM_HINT_T0);
+        const uint8_t* w = row.origin(r, k0 / 2) + k0 / 2;
+        _mm_prefetch((const char*)(w + pf_w), _MM_HINT_T0);
         _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
         const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
-        const __m512i p = load_bytes(row[r] + k0 / 2, count / 2);
+        const __m512i p = load_bytes(w, count / 2);
         const __m512i lo = _mm512_and_si512(p, m4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
         const __m512i both = _mm512_add_epi8(lo, hi);
         for (int t = 0; t < MT; ++t) {
@@ -698,10 +755,11 @@ inline void vnni_gemv_rows(const uint8_t* const* row, const ST* const* srow, con
       __m512i a[MT];
       for (int t = 0; t < MT; ++t) a[t] = _mm512_loadu_si512(act + t * K_pad + k0);
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(row[r] + k0 * BITS / 8 + pf_w), _MM_HINT_T0);
+        const uint8_t* origin = row.origin(r, k0 * BITS / 8);
+        _mm_prefetch((const char*)(origin + k0 * BITS / 8 + pf_w), _MM_HINT_T0);
         _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
         const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
-        const __m512i w = load_w64<BITS>(row[r], K, k0, count);
+        const __m512i w = load_w64<BITS>(origin, K, k0, count);
         for (int t = 0; t < MT; ++t) {
           __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), a[t], w);
           acc = _mm512_sub_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), cb[t], w));
@@ -743,17 +801,18 @@ struct VnniPanel {
 
 inline size_t vnni_panel_bytes(int64_t K, int64_t groups) { return (size_t)(16 * K + 16 * groups * 8); }
 
-template <int BITS, int GROUP, typename ST>
-inline VnniPanel unpack_vnni_panel(const uint8_t* packed, const ST* scale, int64_t n0, int64_t rows, int64_t K,
+template <int BITS, int GROUP, typename ST, int ROWS>
+inline VnniPanel unpack_vnni_panel(const RowLayout<ROWS>& layout, const ST* scale, int64_t n0, int64_t rows, int64_t K,
                                    uint8_t* storage) {
-  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
+  const int64_t groups = K / GROUP;
   VnniPanel p{(int8_t*)storage, (float*)(storage + 16 * K), (int32_t*)(storage + 16 * K + 16 * groups * 4)};
   alignas(64) int8_t wrow[64];
   for (int r = 0; r < 16; ++r) {
+    const uint8_t* row = r < rows ? layout.row(n0 + r) : nullptr;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int count = (int)std::min<int64_t>(64, K - k0);
       if (r < rows) {
-        const __m512i w = load_w64_in_order<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
+        const __m512i w = load_w64_in_order<BITS>(row, K, k0, count);
         _mm512_store_si512(wrow, w);
       } else {
         std::memset(wrow, 0, sizeof(wrow));
@@ -805,11 +864,12 @@ inline void vnni_gemm_tile(const VnniPanel* panels, const uint8_t* const* a, con
   }
 }
 
-template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT, int ROWS>
 void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
                                    int64_t M, int64_t N, int64_t K, int num_threads) {
   constexpr int CHUNK = vnni_chunk<BITS>;
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  const RowLayout<ROWS> layout{packed, N, row_bytes};
   const int64_t K_pad = (K + CHUNK - 1) / CHUNK * CHUNK, chunks = K_pad / CHUNK;
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
   (void)num_threads; (void)parallel;
@@ -833,10 +893,9 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
         if constexpr (BITS == 4) nibble_lane_offsets(act + m * K_pad, K, chunks, c[m], lane_offsets + m * chunks * 16);
       }
       vnni_row_blocks(
-          packed, scale, M, N, row_bytes, groups,
-          [&](auto mt, const uint8_t* const* rows, const ST* const* srows, int64_t ahead, float* out) {
-            vnni_gemv_rows<BITS, GROUP, decltype(mt)::value, ST>(rows, srows, act, lane_offsets, c, K, K_pad, ahead,
-                                                                 out);
+          layout, scale, M, groups,
+          [&](auto mt, const GemvRows<ROWS>& rows, const ST* const* srows, float* out) {
+            vnni_gemv_rows<BITS, GROUP, decltype(mt)::value, ST, ROWS>(rows, srows, act, lane_offsets, c, K, K_pad, out);
           },
           [&](int64_t m, int64_t n, float value) { store(m, n, value, a_scale[m]); });
     }
@@ -859,7 +918,7 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
       VnniPanel panels[QC_VNNI_NR];
       for (int p = 0; p < QC_VNNI_NR; ++p)
-        panels[p] = unpack_vnni_panel<BITS, GROUP, ST>(packed, scale, n0 + 16 * p,
+        panels[p] = unpack_vnni_panel<BITS, GROUP, ST, ROWS>(layout, scale, n0 + 16 * p,
                                                        std::max<int64_t>(0, std::min<int64_t>(16, N - n0 - 16 * p)), K,
                                                        storage + p * panel_bytes);
       for (int64_t m0 = 0; m0 < M; m0 += QC_VNNI_MR) {
@@ -886,21 +945,23 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
-// Entry point 1: int8 dynamic activations x intx weights. x [M, K], packed [N, K*BITS/8], scale [N, K/GROUP],
-// bias [N] or nullptr, y [M, N].
+// Entry point 1: int8 dynamic activations x intx weights. x [M, K], packed [N, K*BITS/8] (rows laid out as ROWS
+// says: RowLayout), scale [N, K/GROUP], bias [N] or nullptr, y [M, N].
 // ---------------------------------------------------------------------------------------------------------
-template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT, int ROWS = 1>
 void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
                               int64_t M, int64_t N, int64_t K, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
   static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+  static_assert(ROWS == 1 || BITS == 4 || BITS == 8, "interleaved rows are for one-plane (4- and 8-bit) weights");
 #if defined(QC_X86_VNNI)
   if constexpr (vnni_fits<BITS, GROUP>) {
-    intx_linear_dynamic_int8_vnni<BITS, GROUP, XT, ST, BT, OT>(x, packed, scale, bias, y, M, N, K, num_threads);
+    intx_linear_dynamic_int8_vnni<BITS, GROUP, XT, ST, BT, OT, ROWS>(x, packed, scale, bias, y, M, N, K, num_threads);
     return;
   }
 #endif
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  const RowLayout<ROWS> layout{packed, N, row_bytes};
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
   (void)num_threads; (void)parallel;
   auto quantize_tokens = [&](int64_t m, act_t* act, float* a_scale, int32_t* a_zero) {
@@ -920,8 +981,9 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
       for (int64_t m = 0; m < M; ++m) quantize_tokens(m, act, a_scale, a_zero);
 #pragma omp for schedule(static) nowait
       for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = layout.row(n);
         for (int64_t m = 0; m < M; ++m) {
-          float v = gemv_row<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, act + m * K, a_zero[m], K) * a_scale[m];
+          float v = gemv_row<BITS, GROUP, ST>(row, scale + n * groups, act + m * K, a_zero[m], K) * a_scale[m];
           if (bias) v += static_cast<float>(bias[n]);
           y[m * N + n] = static_cast<OT>(v);
         }
@@ -946,7 +1008,7 @@ void intx_linear_dynamic_int8(const XT* x, const uint8_t* packed, const ST* scal
       for (int64_t n0 = 0; n0 < N; n0 += QC_NB) {
         const int64_t nb = std::min<int64_t>(QC_NB, N - n0);
         for (int64_t r = 0; r < nb; ++r)
-          unpack_row<BITS, GROUP, true>(packed + (n0 + r) * row_bytes, K, wbuf + r * K, wsum + r * groups);
+          unpack_row<BITS, GROUP, true>(layout.row(n0 + r), K, wbuf + r * K, wsum + r * groups);
         for (int64_t m0 = 0; m0 < M; m0 += QC_MR) {
           const int mr = (int)std::min<int64_t>(QC_MR, M - m0);
           auto store_row = [&](int64_t r, const float* out) {
@@ -1174,6 +1236,7 @@ inline __m512 next_weights(__m512i (&lanes)[4], __m512 table) {
 // token in float, chunk order (float_chunk_order). Any width below 8.
 template <int BITS>
 struct FloatTableDot {
+  static constexpr int bits = BITS;
   static constexpr int STEPS = QC_FLOAT_GEMV_CHUNK / 16;
   static constexpr int parts(int MT) { return MT == 1 ? 2 : 1; }  // FMA chains per (row, token): two at one token
   using Word = float;
@@ -1217,6 +1280,7 @@ struct FloatTableDot {
 QC_BF16_TARGET_BEGIN
 template <int SPLIT>
 struct Bf16PairDot {
+  static constexpr int bits = 4;
   static constexpr int STEPS = 4;
   static constexpr int parts(int MT) { return SPLIT == 1 && MT == 1 ? 2 : SPLIT; }
   using Word = uint32_t;
@@ -1276,10 +1340,9 @@ struct Bf16PairDot {
 #endif
 
 // out[r * MT + t] for QC_VNNI_ROWS rows and MT tokens (xs: the tokens as Dot stores them, `stride` words apart).
-template <class Dot, int GROUP, int MT, typename ST>
-inline void float_gemv_rows(const Dot& dot, const uint8_t* const* row, const ST* const* srow,
-                            const typename Dot::Word* xs, int64_t stride, int64_t K, int64_t K_pad,
-                            int64_t prefetch_rows, int64_t row_bytes, float* out) {
+template <class Dot, int GROUP, int MT, typename ST, int ROWS>
+inline void float_gemv_rows(const Dot& dot, const GemvRows<ROWS>& row, const ST* const* srow,
+                            const typename Dot::Word* xs, int64_t stride, int64_t K, int64_t K_pad, float* out) {
   constexpr int CHUNK = QC_FLOAT_GEMV_CHUNK, R = QC_VNNI_ROWS, NP = Dot::parts(MT);
   const int64_t groups = K / GROUP;
   __m512 facc[R][MT];
@@ -1290,8 +1353,8 @@ inline void float_gemv_rows(const Dot& dot, const uint8_t* const* row, const ST*
     typename Dot::Row rows[R];
     __m512 part[R][MT][NP];
     for (int r = 0; r < R; ++r) {
-      dot.load(row[r], K, k0, count, prefetch_rows * row_bytes, rows[r]);
-      _mm_prefetch((const char*)(srow[r] + k0 / GROUP + prefetch_rows * groups), _MM_HINT_T0);
+      dot.load(row.origin(r, k0 * Dot::bits / 8), K, k0, count, row.ahead, rows[r]);
+      _mm_prefetch((const char*)(srow[r] + k0 / GROUP + row.ahead_rows * groups), _MM_HINT_T0);
       for (int t = 0; t < MT; ++t)
         for (int i = 0; i < NP; ++i) part[r][t][i] = _mm512_setzero_ps();
     }
@@ -1309,9 +1372,10 @@ inline void float_gemv_rows(const Dot& dot, const uint8_t* const* row, const ST*
     for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(facc[r][t]);
 }
 
-template <class Dot, int GROUP, typename XT, typename ST, typename BT, typename OT>
+template <class Dot, int GROUP, int ROWS, typename XT, typename ST, typename BT, typename OT>
 void float_gemv_with(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
                      int64_t N, int64_t K, int64_t row_bytes, int num_threads) {
+  const RowLayout<ROWS> layout{packed, N, row_bytes};
   const int64_t groups = K / GROUP, K_pad = (K + QC_FLOAT_GEMV_CHUNK - 1) / QC_FLOAT_GEMV_CHUNK * QC_FLOAT_GEMV_CHUNK;
   const int64_t stride = Dot::token_words(K_pad);
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
@@ -1326,10 +1390,9 @@ void float_gemv_with(const XT* x, const uint8_t* packed, const ST* scale, const 
     float* xc = thread_scratch(xc_storage, (size_t)K_pad);
     for (int64_t m = 0; m < M; ++m) Dot::store_token(x + m * K, K, K_pad, xs + m * stride, xc);
     vnni_row_blocks(
-        packed, scale, M, N, row_bytes, groups,
-        [&](auto mt, const uint8_t* const* rows, const ST* const* srows, int64_t ahead, float* out) {
-          float_gemv_rows<Dot, GROUP, decltype(mt)::value, ST>(dot, rows, srows, xs, stride, K, K_pad, ahead,
-                                                              row_bytes, out);
+        layout, scale, M, groups,
+        [&](auto mt, const GemvRows<ROWS>& rows, const ST* const* srows, float* out) {
+          float_gemv_rows<Dot, GROUP, decltype(mt)::value, ST, ROWS>(dot, rows, srows, xs, stride, K, K_pad, out);
         },
         [&](int64_t m, int64_t n, float value) {
           y[m * N + n] = static_cast<OT>(value + (bias ? static_cast<float>(bias[n]) : 0.f));
@@ -1358,7 +1421,7 @@ inline bool bf16_dot_enabled() {
 
 inline const char* float_gemv_name(int bits) { return bits == 4 && bf16_dot_enabled() ? "bf16_pair" : "fp32_table"; }
 
-template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT, int ROWS>
 void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
                                    int64_t M, int64_t N, int64_t K, int num_threads) {
   const int64_t row_bytes = K * BITS / 8;
@@ -1368,29 +1431,30 @@ void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST*
       // bf16 activations are one bf16 term; float and half need two (this header names no torch types: a 16-bit
       // type that rounds 1 + 2^-8 to 1 has bf16's 8-bit significand)
       static const bool is_bf16 = sizeof(XT) == 2 && static_cast<float>(XT(1.0f + 1.0f / 256)) == 1.0f;
-      if (is_bf16) float_gemv_with<Bf16PairDot<1>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
-      else float_gemv_with<Bf16PairDot<2>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      if (is_bf16) float_gemv_with<Bf16PairDot<1>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      else float_gemv_with<Bf16PairDot<2>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
       return;
     }
   }
 #endif
-  float_gemv_with<FloatTableDot<BITS>, GROUP>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+  float_gemv_with<FloatTableDot<BITS>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
 }
 #endif
 
 #if defined(QC_X86_VNNI)
 // Float GEMM (AVX-512): 16 rows dequantized (w * scale, the reference's float weights) into a panel [K][16], so one
 // FMA multiplies a broadcast activation with the same k of 16 rows; QC_VNNI_MR tokens x QC_VNNI_NR panels per tile.
-template <int BITS, int GROUP, typename ST>
-inline void dequantize_float_panel(const uint8_t* packed, const ST* scale, int64_t n0, int64_t rows, int64_t K,
-                                   float* panel) {
-  const int64_t groups = K / GROUP, row_bytes = K * BITS / 8;
+template <int BITS, int GROUP, typename ST, int ROWS>
+inline void dequantize_float_panel(const RowLayout<ROWS>& layout, const ST* scale, int64_t n0, int64_t rows,
+                                   int64_t K, float* panel) {
+  const int64_t groups = K / GROUP;
   alignas(64) float wrow[64];
   for (int r = 0; r < 16; ++r) {
+    const uint8_t* row = r < rows ? layout.row(n0 + r) : nullptr;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int count = (int)std::min<int64_t>(64, K - k0);
       if (r < rows) {
-        const __m512i w = load_w64_in_order<BITS>(packed + (n0 + r) * row_bytes, K, k0, count);
+        const __m512i w = load_w64_in_order<BITS>(row, K, k0, count);
         alignas(64) int8_t wi[64];
         _mm512_store_si512(wi, w);
         for (int q = 0; q < 4; ++q) {
@@ -1407,9 +1471,10 @@ inline void dequantize_float_panel(const uint8_t* packed, const ST* scale, int64
   }
 }
 
-template <int BITS, int GROUP, typename ST, typename BT, typename OT>
+template <int BITS, int GROUP, typename ST, typename BT, typename OT, int ROWS>
 void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
                                    int64_t M, int64_t N, int64_t K, int num_threads) {
+  const RowLayout<ROWS> layout{packed, N, K * BITS / 8};
   constexpr int MR = QC_VNNI_MR, NR = QC_VNNI_NR;
   constexpr int64_t BLOCK = 16 * NR;
   const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
@@ -1422,7 +1487,7 @@ void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const 
 #pragma omp for schedule(dynamic)
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
       for (int p = 0; p < NR; ++p)
-        dequantize_float_panel<BITS, GROUP, ST>(packed, scale, n0 + 16 * p,
+        dequantize_float_panel<BITS, GROUP, ST, ROWS>(layout, scale, n0 + 16 * p,
                                                 std::max<int64_t>(0, std::min<int64_t>(16, N - n0 - 16 * p)), K,
                                                 panels + p * 16 * K);
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -1453,20 +1518,22 @@ void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const 
 }
 #endif
 
-template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT>
+template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT, int ROWS = 1>
 void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M,
                        int64_t N, int64_t K, int num_threads) {
   static_assert(BITS >= 1 && BITS <= 8, "BITS must be 1..8");
   static_assert(GROUP % 32 == 0, "GROUP must be a multiple of 32");
+  static_assert(ROWS == 1 || BITS == 4 || BITS == 8, "interleaved rows are for one-plane (4- and 8-bit) weights");
 #if defined(QC_X86_VNNI)
   if constexpr (float_gemv_fits<BITS, GROUP>) {
     if (M < QC_GEMM_MIN_M) {
-      intx_linear_float_gemv_avx512<BITS, GROUP, XT, ST, BT, OT>(x, packed, scale, bias, y, M, N, K, num_threads);
+      intx_linear_float_gemv_avx512<BITS, GROUP, XT, ST, BT, OT, ROWS>(x, packed, scale, bias, y, M, N, K, num_threads);
       return;
     }
   }
 #endif
   const int64_t row_bytes = K * BITS / 8, groups = K / GROUP;
+  const RowLayout<ROWS> layout{packed, N, row_bytes};
   const float* xf;
   static thread_local std::vector<float> xf_storage;
   if constexpr (std::is_same_v<XT, float>) {
@@ -1478,7 +1545,7 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
   }
 #if defined(QC_X86_VNNI)
   if (M >= QC_GEMM_MIN_M) {
-    intx_linear_float_gemm_avx512<BITS, GROUP, ST, BT, OT>(xf, packed, scale, bias, y, M, N, K, num_threads);
+    intx_linear_float_gemm_avx512<BITS, GROUP, ST, BT, OT, ROWS>(xf, packed, scale, bias, y, M, N, K, num_threads);
     return;
   }
 #endif
@@ -1500,15 +1567,15 @@ void intx_linear_float(const XT* x, const uint8_t* packed, const ST* scale, cons
       if (M < QC_GEMM_MIN_M) {
         float out[QC_GEMM_MIN_M];
 #if defined(QC_X86_AVX2)
-        gemv_row_float_x86<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, xf, M, K, out);
+        gemv_row_float_x86<BITS, GROUP, ST>(layout.row(n), scale + n * groups, xf, M, K, out);
 #else
-        gemv_row_float_arm<BITS, GROUP, ST>(packed + n * row_bytes, scale + n * groups, xf, M, K, out);
+        gemv_row_float_arm<BITS, GROUP, ST>(layout.row(n), scale + n * groups, xf, M, K, out);
 #endif
         for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<OT>(out[m] + b);
         continue;
       }
 #endif
-      unpack_row<BITS, GROUP, false>(packed + n * row_bytes, K, wq, wsum);
+      unpack_row<BITS, GROUP, false>(layout.row(n), K, wq, wsum);
       for (int64_t g = 0; g < groups; ++g) {
         const float s = static_cast<float>(scale[n * groups + g]);
         for (int i = 0; i < GROUP; ++i) wf[g * GROUP + i] = (float)wq[g * GROUP + i] * s;

@@ -1,7 +1,9 @@
 """The fused CPU intx linear ops the CPU lowering inserts; Inductor lowers them to the generated C++ kernel.
 
 Their eager (and non-Inductor) implementation is the composition of the `qcompile::` reference ops they
-replace, so a graph holding them runs anywhere, and numerics are defined by the reference.
+replace, so a graph holding them runs anywhere, and numerics are defined by the reference. The intx linears'
+`row_block` says how `packed`'s rows are laid out (layout.py: 1 row-major, 4 interleaved in blocks of 4); the
+reference reads them back in order first.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import torch
 
 from ... import ops as reference
 from ..autograd import register_reference_gradient
+from . import layout
 
 _lib = torch.library.Library(reference.NAMESPACE, "FRAGMENT")
 
-_ARGS = "(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int bits, int group_size, ScalarType dtype) -> Tensor"
+_ARGS = ("(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int bits, int group_size, ScalarType dtype, "
+         "int row_block=1) -> Tensor")
 # what registers the ops' Inductor lowerings (the package's __init__ sets it: inductor_template.py builds on this
 # module, so this module cannot import it)
 _inductor_lowerings: Callable[[], None] | None = None
@@ -50,20 +54,20 @@ def _define(name: str, doc: str, args: str = _ARGS, fake_output=None):
     return register
 
 
-def _linear_output(x, packed, scale, bias, bits, group_size, dtype):
+def _linear_output(x, packed, scale, bias, bits, group_size, dtype, row_block=1):
     return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=dtype)
 
 
 @_define("intx_linear_dynamic_int8_cpu", "quantize_int8_per_token_asym -> matmul_intx -> scale_output, fused")
-def intx_linear_dynamic_int8_cpu(x, packed, scale, bias, bits, group_size, dtype):
+def intx_linear_dynamic_int8_cpu(x, packed, scale, bias, bits, group_size, dtype, row_block=1):
     xq, x_scale, x_zero = reference.quantize_int8_per_token_asym(x)
-    acc = reference.matmul_intx(xq, x_zero, packed, scale, None, bits, group_size)
+    acc = reference.matmul_intx(xq, x_zero, layout.rows_in_order(packed, row_block), scale, None, bits, group_size)
     return reference.scale_output(acc, x_scale, None, bias, dtype)
 
 
 @_define("intx_linear_float_cpu", "linear(x, dequantize_intx(...), bias), fused")
-def intx_linear_float_cpu(x, packed, scale, bias, bits, group_size, dtype):
-    w = reference.dequantize_intx(packed, scale, None, bits, group_size, x.dtype)
+def intx_linear_float_cpu(x, packed, scale, bias, bits, group_size, dtype, row_block=1):
+    w = reference.dequantize_intx(layout.rows_in_order(packed, row_block), scale, None, bits, group_size, x.dtype)
     return torch.nn.functional.linear(x, w, bias).to(dtype)
 
 

@@ -28,23 +28,36 @@ std::vector<uint8_t> pack_rows(const std::vector<int>& u, int64_t N, int64_t K, 
   return out;
 }
 
+// The 4-row interleaved layout (qcompile/kernels/cpu/layout.py), written independently of the kernel's RowLayout:
+// rows in blocks of 4 (the last one: what is left), each block's rows interleaved by 64-byte chunks.
+std::vector<uint8_t> interleave_rows(const std::vector<uint8_t>& rows, int64_t N, int64_t row_bytes) {
+  std::vector<uint8_t> out;
+  out.reserve(rows.size());
+  for (int64_t first = 0; first < N; first += 4)
+    for (int64_t c = 0; c < row_bytes; c += 64)
+      for (int64_t n = first; n < std::min<int64_t>(first + 4, N); ++n)
+        for (int64_t b = c; b < std::min<int64_t>(c + 64, row_bytes); ++b) out.push_back(rows[n * row_bytes + b]);
+  return out;
+}
+
 struct Case {
   int64_t M, N, K;
 };
 
 int passed = 0, failed = 0;
 
-void report(const char* what, int bits, int group, const Case& c, double err, double tol) {
+void report(const char* what, int bits, int group, const Case& c, double err, double tol, int rows = 1) {
   if (err <= tol) {
     ++passed;
   } else {
     ++failed;
-    std::printf("FAIL %s bits=%d group=%d M=%lld N=%lld K=%lld rel_err=%.3g (tol %.3g)\n", what, bits, group,
-                (long long)c.M, (long long)c.N, (long long)c.K, err, tol);
+    std::printf("FAIL %s bits=%d group=%d rows=%d M=%lld N=%lld K=%lld rel_err=%.3g (tol %.3g)\n", what, bits, group,
+                rows, (long long)c.M, (long long)c.N, (long long)c.K, err, tol);
   }
 }
 
-template <int BITS, int GROUP>
+// ROWS: the rows' layout the kernel reads (1: row-major, 4: interleave_rows)
+template <int BITS, int GROUP, int ROWS>
 void check(const Case& c, std::mt19937& rng) {
   const int64_t M = c.M, N = c.N, K = (c.K + GROUP - 1) / GROUP * GROUP, G = K / GROUP;
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -56,11 +69,12 @@ void check(const Case& c, std::mt19937& rng) {
   for (auto& v : u) v = uval(rng);
   for (auto& v : scale) v = uscale(rng);
   for (auto& v : bias) v = normal(rng);
-  const std::vector<uint8_t> packed = pack_rows(u, N, K, BITS);
+  const std::vector<uint8_t> row_major = pack_rows(u, N, K, BITS);
+  const std::vector<uint8_t> packed = ROWS == 1 ? row_major : interleave_rows(row_major, N, K * BITS / 8);
   const int mid = 1 << (BITS - 1);
 
   // dynamic int8: the reference quantizes the same way in float, then sums exactly in 64-bit / double
-  qcompile_cpu::intx_linear_dynamic_int8<BITS, GROUP, float, float, float, float>(
+  qcompile_cpu::intx_linear_dynamic_int8<BITS, GROUP, float, float, float, float, ROWS>(
       x.data(), packed.data(), scale.data(), bias.data(), y.data(), M, N, K, 2);
   double max_err = 0, max_ref = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -83,9 +97,9 @@ void check(const Case& c, std::mt19937& rng) {
       max_ref = std::max(max_ref, std::fabs(ref));
     }
   }
-  report("dynamic_int8", BITS, GROUP, c, max_err / max_ref, 2e-6);
+  report("dynamic_int8", BITS, GROUP, c, max_err / max_ref, 2e-6, ROWS);
 
-  qcompile_cpu::intx_linear_float<BITS, GROUP, float, float, float, float>(
+  qcompile_cpu::intx_linear_float<BITS, GROUP, float, float, float, float, ROWS>(
       x.data(), packed.data(), scale.data(), bias.data(), y.data(), M, N, K, 2);
   max_err = 0, max_ref = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -100,7 +114,7 @@ void check(const Case& c, std::mt19937& rng) {
 #if defined(QC_X86_VNNI)
   bf16_pair = M < qcompile_cpu::QC_GEMM_MIN_M && std::strcmp(qcompile_cpu::float_gemv_name(BITS), "bf16_pair") == 0;
 #endif
-  report("float", BITS, GROUP, c, max_err / max_ref, bf16_pair ? 1.5e-5 : 2e-6);
+  report("float", BITS, GROUP, c, max_err / max_ref, bf16_pair ? 1.5e-5 : 2e-6, ROWS);
 }
 
 // An infinite activation gives the float products: +-inf where the weight is non-zero, NaN where it is 0 (inf * 0),
@@ -131,13 +145,18 @@ void check_nonfinite(std::mt19937& rng) {
 
 template <int BITS>
 void check_bits(std::mt19937& rng) {
-  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail; K = 352 (384
-  // with groups of 128) leaves a partial 128-value chunk; the 16400 and 401 rows are big enough
+  // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail (and an
+  // interleaved block of 1 row), 39 one of 3 rows; K = 352 (384 with groups of 128) leaves a partial 128-value chunk
+  // (and a partial 64-byte chunk of an interleaved row); the 16400 and 401 rows are big enough
   // (>= QC_PARALLEL_MIN_MACS) to run multi-threaded where OpenMP is on
   for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}, Case{2, 37, 352},
-                 Case{6, 37, 352}, Case{1, 16400, 256}, Case{41, 401, 256}}) {
-    check<BITS, 32>(c, rng);
-    check<BITS, 128>(c, rng);
+                 Case{6, 37, 352}, Case{1, 39, 352}, Case{5, 39, 352}, Case{1, 16400, 256}, Case{41, 401, 256}}) {
+    check<BITS, 32, 1>(c, rng);
+    check<BITS, 128, 1>(c, rng);
+    if constexpr (BITS == 4 || BITS == 8) {  // the interleaved rows too
+      check<BITS, 32, 4>(c, rng);
+      check<BITS, 128, 4>(c, rng);
+    }
   }
 }
 

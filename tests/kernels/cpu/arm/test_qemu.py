@@ -16,7 +16,8 @@ import qcompile.kernels.cpu
 KERNEL_DIR = Path(qcompile.kernels.cpu.__file__).parent
 CHECK_SOURCE = Path(__file__).parent / "intx_linear_check.cpp"
 CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
-EXPECTED_SUMMARY = "257 passed, 0 failed"  # 8 bit widths x 2 group sizes x 8 shapes x 2 entry points, + inf / NaN
+# (8 bit widths, row-major + 4- and 8-bit interleaved) x 2 group sizes x 10 shapes x 2 entry points, + inf / NaN
+EXPECTED_SUMMARY = "401 passed, 0 failed"
 
 needs_cross = pytest.mark.skipif(
     shutil.which(CROSS_CXX) is None or shutil.which(QEMU) is None,
