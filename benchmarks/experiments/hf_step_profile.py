@@ -65,19 +65,57 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
         before = [end for end in syncs if end <= launch]
         if before:
             gaps.append(launch - before[-1])
-    by_name = collections.Counter()
-    counts = collections.Counter()
-    for k in kernels:
-        by_name[k.name[:90]] += k.time_range.elapsed_us()
-        counts[k.name[:90]] += 1
     n = max(len(per_step), 1)
     mean = lambda i: round(sum(s[i] for s in per_step) / n, 1)  # noqa: E731
     return {"batch": batch, "tok_s": round(batch * (steps - 1) / (full - one), 1), "warm_up_s": round(first, 1),
             "graph_launches": len(launches), "step_wall_us": mean(0), "step_gpu_busy_us": mean(1),
             "step_gpu_span_us": mean(2), "kernels_per_step": mean(3),
             "host_gap_after_sync_us": round(sum(gaps) / max(len(gaps), 1), 1),
-            "top_kernels_us_per_step": [(name, round(t / steps, 1), round(counts[name] / steps, 1))
-                                        for name, t in by_name.most_common(30)]}
+            "top_kernels_us_per_step": kernel_table(kernels, steps)}
+
+
+def kernel_table(kernels, steps: int) -> list:
+    by_name, counts = collections.Counter(), collections.Counter()
+    for k in kernels:
+        by_name[k.name[:90]] += k.time_range.elapsed_us()
+        counts[k.name[:90]] += 1
+    return [(name, round(t / steps, 1), round(counts[name] / steps, 1)) for name, t in by_name.most_common(30)]
+
+
+def profile_own_decode(model, row, batch: int, steps: int, prompt_len: int = 32, cache_len: int = 288) -> dict:
+    """Our own Llama model's decode step as llama_e2e times it (the pieces compiled per layer, the step captured
+    whole as one CUDA graph, no host sync between steps): the GPU work a transformers step is compared with."""
+    device = model.emb.weight.device
+    cache = llama_model.KVCache(model.config, batch, cache_len, device, model.emb.weight.dtype)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    for t in (ids, pos):
+        torch._dynamo.mark_static_address(t)
+    step = llama_e2e.compile_for(llama_model.decode_step, row, device, cuda_graphs=True)
+    with torch.no_grad():
+        for i in range(prompt_len):
+            pos.fill_(i)
+            step(model, ids, pos, cache)
+        replay = llama_e2e.captured_step(lambda: step(model, ids, pos, cache), device)
+
+        def run(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for j in range(n):
+                out = replay()
+                ids.copy_(out)
+                pos.fill_(prompt_len + j)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+        run(steps)
+        wall = min(run(steps) for _ in range(3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run(steps)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(k.time_range.elapsed_us() for k in kernels) / steps
+    return {"batch": batch, "tok_s": round(batch * steps / wall, 1), "step_wall_us": round(wall / steps * 1e6, 1),
+            "step_gpu_busy_us": round(busy, 1), "kernels_per_step": round(len(kernels) / steps, 1),
+            "top_kernels_us_per_step": kernel_table(kernels, steps)}
 
 
 def _attention_as_matmuls():
@@ -101,7 +139,8 @@ def _attention_as_matmuls():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="transformers")
+    ap.add_argument("--rows", default="transformers", help="transformers rows profile generate(); others (e.g. "
+                    "int4_weight_only: our own model) llama_e2e's captured decode step")
     ap.add_argument("--batches", default="1,128")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32)
@@ -132,7 +171,8 @@ def main():
         for batch in map(int, args.batches.split(",")):
             result = {"row": name, "fold_grouped_heads": not args.keep_attention,
                       "attention_form": args.attention_form,
-                      **profile_generate(model, batch, args.steps)}
+                      **(profile_generate(model, batch, args.steps) if row.model == "transformers"
+                         else profile_own_decode(model, row, batch, args.steps))}
             print(json.dumps(result, indent=1), flush=True)
             results.append(result)
         del model
