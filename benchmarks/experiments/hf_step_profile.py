@@ -7,6 +7,7 @@ the next launch (the GPU idles through it), and the kernels by total time.
 """
 import argparse
 import collections
+import functools
 import inspect
 import json
 import sys
@@ -44,6 +45,7 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
         first = time.perf_counter() - first
         one = min(generate(1) for _ in range(3))
         full = min(generate(steps) for _ in range(3))
+        host = host_breakdown(model, lambda: generate(steps), steps) if model.device.type == "cuda" or FORCE else {}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             generate(steps)
@@ -70,8 +72,63 @@ def profile_generate(model, batch: int, steps: int, prompt_len: int = 32, cache_
     return {"batch": batch, "tok_s": round(batch * (steps - 1) / (full - one), 1), "warm_up_s": round(first, 1),
             "graph_launches": len(launches), "step_wall_us": mean(0), "step_gpu_busy_us": mean(1),
             "step_gpu_span_us": mean(2), "kernels_per_step": mean(3),
-            "host_gap_after_sync_us": round(sum(gaps) / max(len(gaps), 1), 1),
+            "host_gap_after_sync_us": round(sum(gaps) / max(len(gaps), 1), 1), "host_us_per_step": host,
             "top_kernels_us_per_step": kernel_table(kernels, steps)}
+
+
+FORCE = False
+
+
+def host_breakdown(model, generate, steps: int) -> dict:
+    """Host time per decode step of generate() by part, timed by wrappers (no profiler): transformers'
+    prepare_inputs_for_generation (its 4D mask creation apart), the model call up to the graph replay (StepGraphs'
+    signature, input copies, replay launch), and where generate() synchronizes with the host (sync debug mode)."""
+    import warnings
+    import transformers.generation.utils as generation_utils
+    from qcompile import step_graphs
+    totals = collections.Counter()
+
+    def timed(name, fn):
+        @functools.wraps(fn)  # generate() reads prepare_inputs_for_generation's signature
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return wrapper
+
+    patches = [(model, "prepare_inputs_for_generation"), (generation_utils, "create_masks_for_generate"),
+               (step_graphs, "_signature_of_leaves"), (step_graphs._Captured, "replay"),
+               (step_graphs.StepGraphs, "__call__"), (model, "_update_model_kwargs_for_generation")]
+    saved = [(owner, name, owner.__dict__.get(name, None), getattr(owner, name)) for owner, name in patches]
+    for owner, name, _, fn in saved:
+        setattr(owner, name, timed(name, fn))
+    syncs = collections.Counter()
+    try:
+        wall = time.perf_counter()
+        generate()
+        wall = time.perf_counter() - wall
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            if "synchronizing" in str(w.message):
+                syncs[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    finally:
+        for owner, name, own, _ in saved:
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+    per_step = {name: round(t / 2 / steps * 1e6, 1) for name, t in totals.items()}  # two generate() calls
+    per_step["generate_wall"] = round(wall / steps * 1e6, 1)
+    per_step["syncs_per_step"] = {k: round(v / steps, 2) for k, v in syncs.most_common(8)}
+    return per_step
 
 
 def kernel_table(kernels, steps: int) -> list:
@@ -133,7 +190,7 @@ def _attention_as_matmuls():
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(B, Hq, Lq, D)
 
-    lib.impl("grouped_query_attention", matmul_form, "CompositeImplicitAutograd")
+    lib.impl("grouped_query_attention", matmul_form, "CompositeImplicitAutograd", allow_override=True)
     _attention_as_matmuls.lib = lib  # the registration lives as long as its Library
 
 
