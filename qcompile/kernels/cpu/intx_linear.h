@@ -678,12 +678,29 @@ constexpr int QC_VNNI_ROWS = 4;
 // `ahead_rows` rows on.
 template <int ROWS>
 struct GemvRows {
-  RowLayout<ROWS> layout;
-  int64_t n[QC_VNNI_ROWS];
   int64_t ahead, ahead_rows;
-  // o with o + b = row r's byte b for b in one 64-byte chunk: a row's chunk loads read o + k0 * BITS / 8 (one
-  // plane), or its planes at o + col * K / 8 + k0 * w / 8 (ROWS = 1: o is the row's start)
-  const uint8_t* origin(int r, int64_t b) const { return layout.at(n[r], b) - b; }
+  // ROWS = 1: each row's start. ROWS = 4: the block's start (row[0]), its rows, row_bytes, each row's place in it.
+  const uint8_t* row[QC_VNNI_ROWS];
+  int64_t rows, row_bytes;
+  int64_t lead[QC_VNNI_ROWS];
+  GemvRows(const RowLayout<ROWS>& layout, int64_t n0, int64_t ahead, int64_t ahead_rows)
+      : ahead(ahead), ahead_rows(ahead_rows), rows(std::min<int64_t>(QC_VNNI_ROWS, layout.N - n0)),
+        row_bytes(layout.row_bytes) {
+    for (int r = 0; r < QC_VNNI_ROWS; ++r) {
+      lead[r] = std::min<int64_t>(r, rows - 1);  // a tail block repeats its last row
+      row[r] = ROWS == 1 ? layout.at(n0 + lead[r], 0) : layout.at(n0, 0);
+    }
+  }
+  // o with o + b = row r's byte b for b in one 64-byte chunk (RowLayout::at): a row's chunk loads read
+  // o + k0 * BITS / 8 (one plane), or its planes at o + col * K / 8 + k0 * w / 8 (ROWS = 1: o is the row's start)
+  const uint8_t* origin(int r, int64_t b) const {
+    if constexpr (ROWS == 1) {
+      return row[r];
+    } else {
+      const int64_t c = b & ~(QC_CHUNK_BYTES - 1);
+      return row[0] + c * (rows - 1) + lead[r] * std::min(QC_CHUNK_BYTES, row_bytes - c);
+    }
+  }
 };
 
 // For each block of QC_VNNI_ROWS rows this thread owns (an orphaned omp for: call it inside a parallel region):
@@ -698,12 +715,9 @@ inline void vnni_row_blocks(const RowLayout<ROWS>& layout, const ST* scale, int6
   const int64_t ahead = ROWS == 1 ? ahead_rows * layout.row_bytes : 4096;
 #pragma omp for schedule(static) nowait
   for (int64_t n0 = 0; n0 < N; n0 += QC_VNNI_ROWS) {
-    GemvRows<ROWS> rows{layout, {}, ahead, ahead_rows};
+    const GemvRows<ROWS> rows(layout, n0, ahead, ahead_rows);
     const ST* srows[QC_VNNI_ROWS];
-    for (int r = 0; r < QC_VNNI_ROWS; ++r) {
-      rows.n[r] = std::min(n0 + r, N - 1);
-      srows[r] = scale + rows.n[r] * groups;
-    }
+    for (int r = 0; r < QC_VNNI_ROWS; ++r) srows[r] = scale + (n0 + rows.lead[r]) * groups;
     float out[QC_VNNI_ROWS * QC_GEMM_MIN_M];
     if (M == 1) gemv(std::integral_constant<int, 1>{}, rows, srows, out);
     else if (M == 2) gemv(std::integral_constant<int, 2>{}, rows, srows, out);

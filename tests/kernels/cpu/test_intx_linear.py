@@ -19,15 +19,15 @@ from qcompile.quant.metrics import sqnr_db
 N, K = 40, 256  # N is not a multiple of the kernel's 16-row blocks: the tail is exercised
 
 
-def _quantized_weight(bits, group_size, dtype=torch.float32):
-    w = torch.randn(N, K) * 0.05
+def _quantized_weight(bits, group_size, dtype=torch.float32, n=N, k=K):
+    w = torch.randn(n, k) * 0.05
     scale = affine.choose_qparams_symmetric(w, group_size, bits).to(dtype)
     q = affine.quantize_symmetric(w, scale.float(), group_size, bits)
     return w, packing.pack_along_k(q.to(torch.int32) + (1 << (bits - 1)), bits), scale
 
 
 def _dequantized_f64(packed, scale, bits, group_size):
-    u = packing.unpack_along_k(packed, bits, K).double()
+    u = packing.unpack_along_k(packed, bits, packed.shape[1] * 8 // bits).double()
     return (u - (1 << (bits - 1))) * scale.double().repeat_interleave(group_size, dim=1)
 
 
@@ -79,6 +79,50 @@ def test_generated_kernels_gemv_and_gemm():
             assert sqnr_db(exact, out) > 6 * bits - 8, (kind, bits, M)
 
 
+def test_interleaved_rows_gemv_and_gemm():
+    """4- and 8-bit rows interleaved in blocks of 4 (kernels/cpu/layout.py, row_block=4), through Inductor: N = 39
+    leaves a block of 3 rows, K = 352 a partial 64-byte chunk; GEMV and GEMM give what the row-major weights give
+    (float64), and the ops' reference reads the rows back in order."""
+    from qcompile.kernels.cpu import layout
+
+    n, k = 39, 352
+    cases = [("dynamic", 4, 32), ("dynamic", 8, 32), ("float", 4, 32), ("float", 8, 32)]
+    weights = [_quantized_weight(bits, group_size, n=n, k=k) for _, bits, group_size in cases]
+    interleaved = [layout.interleave_rows(packed) for _, packed, _ in weights]
+    bias = torch.randn(n)
+    ops = {"dynamic": cpu_ops.intx_linear_dynamic_int8_cpu, "float": cpu_ops.intx_linear_float_cpu}
+
+    def f(x):
+        return [ops[kind](x, rows, scale, bias, bits, group_size, torch.float32, 4)
+                for (kind, bits, group_size), (_, _, scale), rows in zip(cases, weights, interleaved)]
+
+    compiled = torch.compile(f)
+    for M in (1, 3, 9):  # the GEMV, a 3-token GEMV, the GEMM with a token tail
+        x = torch.randn(M, k) + 0.2
+        outs, (code,) = run_and_get_code(compiled, x)
+        assert code.count(", 4>(X, W, S, B, Y") == len(cases)
+        for out, (kind, bits, group_size), (_, packed, scale), rows in zip(outs, cases, weights, interleaved):
+            if kind == "dynamic":
+                expected = _expected_dynamic_f64(x, packed, scale, bias, bits, group_size)
+            else:
+                expected = x.double() @ _dequantized_f64(packed, scale, bits, group_size).t() + bias.double()
+            assert _relative_error(out, expected) < 1e-5, (kind, bits, M)
+            reference = ops[kind](x, rows, scale, bias, bits, group_size, torch.float32, 4)  # eager: the reference
+            assert torch.equal(reference, ops[kind](x, packed, scale, bias, bits, group_size, torch.float32))
+
+
+def test_instances_sharing_one_graph_read_their_own_interleaved_rows():
+    """Dynamo serves both instances from one graph: the second's quantized weights, quantized when it first calls,
+    are fed interleaved as the first's were (backend.WeightBinding). Rows of 128 and 80 bytes: more than one 64-byte
+    chunk (rows of at most 64 bytes are interleaved as they were)."""
+    models = [nn.Sequential(nn.Linear(256, 160), nn.SiLU(), nn.Linear(160, 37)) for _ in range(2)]
+    x = torch.randn(3, 256)
+    options = {"scheme": "int8_dynamic_intx", "bits": 4, "group_size": 32, "keep_float_weights": True}
+    with torch.no_grad():
+        for model in models:
+            assert sqnr_db(model(x), torch.compile(model, backend="qcompile", options=options)(x)) > 15
+
+
 @pytest.mark.parametrize("shape", [(3, 5, K), (1, 2, K)], ids=["gemm", "gemv"])
 def test_bfloat16_activations_scales_and_output(shape):
     w, packed, scale = _quantized_weight(4, 32, torch.bfloat16)
@@ -90,7 +134,7 @@ def test_bfloat16_activations_scales_and_output(shape):
                 cpu_ops.intx_linear_float_cpu(x, packed, scale, bias, 4, 32, torch.bfloat16))
 
     (dyn, flt), (code, *_) = run_and_get_code(torch.compile(f), x)
-    assert re.search(r"qcompile_cpu::intx_linear_dynamic_int8<4, 32(, (at::|c10::)?BFloat16){4}>", code)
+    assert re.search(r"qcompile_cpu::intx_linear_dynamic_int8<4, 32(, (at::|c10::)?BFloat16){4}, 1>", code)
     assert dyn.dtype == flt.dtype == torch.bfloat16 and dyn.shape == (*shape[:-1], N)
     expected = _expected_dynamic_f64(x, packed, scale, bias.float(), 4, 32)
     assert _relative_error(dyn, expected) < 1e-2  # bf16 output rounding
@@ -124,8 +168,9 @@ def test_backend_lowers_intx_linears_to_generated_kernel(scheme, op_name):
         compiled = torch.compile(model, backend="qcompile",
                                  options={"scheme": scheme, "bits": 4, "group_size": 32, "keep_float_weights": True})
         out, (code, *_) = run_and_get_code(compiled, x)
-    assert COUNTS == {f"{scheme}: lowered": 2}
-    assert code.count(f"qcompile_cpu::{op_name}<4, 32, float, float") == 2
+    # 4-bit weights only lowered ops read: their rows interleaved (kernels/cpu/layout.py), the kernel told so
+    assert COUNTS == {f"{scheme}: lowered": 2, "packed weights: rows interleaved in blocks of 4": 2}
+    assert code.count(f"qcompile_cpu::{op_name}<4, 32, float, float, float, float, 4>") == 2
     assert sqnr_db(expected, out) > 15
 
 
@@ -212,9 +257,9 @@ input up_weight__qweight
 input up_weight__scale
 input down_weight__qweight
 input down_weight__scale
-up_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
+up_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32, 4)
 silu = silu(up_intx_linear_dynamic_int8_cpu)
-down_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
+down_intx_linear_dynamic_int8_cpu = qcompile::intx_linear_dynamic_int8_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32, 4)
 slice_1 = slice.Tensor(arg2_1, 1, 0, 32)
 add = add.Tensor(down_intx_linear_dynamic_int8_cpu, slice_1)
 return ('add',)""")
@@ -227,9 +272,9 @@ input up_weight__qweight
 input up_weight__scale
 input down_weight__qweight
 input down_weight__scale
-up_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32)
+up_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(arg2_1, up_weight__qweight, up_weight__scale, arg1_1, 4, 32, torch.float32, 4)
 silu = silu(up_intx_linear_float_cpu)
-down_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32)
+down_intx_linear_float_cpu = qcompile::intx_linear_float_cpu(silu, down_weight__qweight, down_weight__scale, None, 4, 32, torch.float32, 4)
 slice_1 = slice.Tensor(arg2_1, 1, 0, 32)
 add = add.Tensor(down_intx_linear_float_cpu, slice_1)
 return ('add',)""")

@@ -1,0 +1,79 @@
+"""How the CPU kernels want a lowered linear's packed weight laid out: its rows interleaved in blocks of 4.
+
+intx_linear.h's GEMV reads 4 rows at a time. Row-major, those are 4 streams through memory; interleaved (each block
+of 4 rows stored chunk by chunk: 64 bytes of each row in turn, a row's last shorter chunk likewise; the last block
+holds the rows that are left), the GEMV reads one linear stream: SmolLM2-135M's decode sweep runs 1.4-1.6x faster on
+one AVX-512 VNNI core (BENCHMARKS.md, issue 24 session 15). Only 4- and 8-bit weights, whose packed rows are one
+bit plane (a chunk is consecutive values); other widths stay row-major. Same shape and bytes, in another order.
+
+The lowering (passes/lower_cpu.py) asks for it where lowered ops are the packed tensor's only readers; the tensors
+the graph runs with are laid out once (`laid_out`, the backend and export call it); the ops' reference reads
+the rows back in order (`rows_in_order`). Numerics are untouched: that is qcompile/quant's.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+ROW_BLOCK = 4  # intx_linear.h: QC_VNNI_ROWS, RowLayout<4>
+CHUNK_BYTES = 64  # intx_linear.h: QC_CHUNK_BYTES
+
+
+def row_block(bits: int) -> int:
+    """The rows per interleaved block the kernel reads for `bits`-bit weights (1: row-major)."""
+    return ROW_BLOCK if bits in (4, 8) else 1
+
+
+def _blocks(n_rows: int, rows: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each block: full blocks, then the rows left."""
+    full = n_rows // rows * rows
+    return [(0, full)] * (full > 0) + [(full, n_rows - full)] * (n_rows > full)
+
+
+def interleave_rows(packed: torch.Tensor, rows: int = ROW_BLOCK) -> torch.Tensor:
+    """`packed` [N, row_bytes] (row-major) with each block of `rows` rows interleaved by CHUNK_BYTES chunks."""
+    if rows == 1:
+        return packed
+    n, row_bytes = packed.shape
+    whole = row_bytes // CHUNK_BYTES * CHUNK_BYTES
+    parts = []
+    for first, count in _blocks(n, rows):
+        block = min(rows, count)
+        x = packed[first:first + count].reshape(count // block, block, row_bytes)
+        chunks = x[..., :whole].reshape(count // block, block, -1, CHUNK_BYTES).transpose(1, 2)
+        parts += [torch.cat([chunks.reshape(count // block, -1), x[..., whole:].reshape(count // block, -1)], 1)
+                  .reshape(-1)]
+    return torch.cat(parts).reshape(n, row_bytes)
+
+
+def rows_in_order(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The row-major tensor that `interleave_rows(·, rows)` made `packed` from."""
+    if rows == 1:
+        return packed
+    n, row_bytes = packed.shape
+    whole = row_bytes // CHUNK_BYTES * CHUNK_BYTES
+    flat = packed.reshape(-1)
+    parts = []
+    for first, count in _blocks(n, rows):
+        block = min(rows, count)
+        x = flat[first * row_bytes:(first + count) * row_bytes].reshape(count // block, block * row_bytes)
+        chunks = x[:, :block * whole].reshape(count // block, -1, block, CHUNK_BYTES).transpose(1, 2)
+        tail = x[:, block * whole:].reshape(count // block, block, -1)
+        parts += [torch.cat([chunks.reshape(count // block, block, whole), tail], 2).reshape(count, row_bytes)]
+    return torch.cat(parts)
+
+
+_LAID_OUT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def laid_out(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """`interleave_rows(packed, rows)`, computed once per tensor (recompiles and rebound graphs reuse it). The
+    row-major tensor stays where the weight cache holds it: readers other than the lowered ops may need it."""
+    if rows == 1:
+        return packed
+    per_tensor = _LAID_OUT.setdefault(packed, {})
+    key = (rows, packed._version)
+    if key not in per_tensor:
+        per_tensor.clear()
+        per_tensor[key] = interleave_rows(packed, rows)
+    return per_tensor[key]
