@@ -510,6 +510,9 @@ struct RowLayout {
       return packed + first * row_bytes + c * rows + (n - first) * std::min(QC_CHUNK_BYTES, row_bytes - c) + (b - c);
     }
   }
+  // o with o + b = at(n, b) for b in one 64-byte chunk: a one-plane row's loads of k0's chunk read
+  // o + k0 * BITS / 8 (ROWS = 1: the row's start, for any plane)
+  const uint8_t* origin(int64_t n, int64_t b) const { return at(n, b) - b; }
   // row n's bytes in order: in place (ROWS = 1), else gathered into this thread's copy (valid until its next call)
   const uint8_t* row(int64_t n) const {
     if constexpr (ROWS == 1) {
@@ -822,11 +825,10 @@ inline VnniPanel unpack_vnni_panel(const RowLayout<ROWS>& layout, const ST* scal
   VnniPanel p{(int8_t*)storage, (float*)(storage + 16 * K), (int32_t*)(storage + 16 * K + 16 * groups * 4)};
   alignas(64) int8_t wrow[64];
   for (int r = 0; r < 16; ++r) {
-    const uint8_t* row = r < rows ? layout.row(n0 + r) : nullptr;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int count = (int)std::min<int64_t>(64, K - k0);
       if (r < rows) {
-        const __m512i w = load_w64_in_order<BITS>(row, K, k0, count);
+        const __m512i w = load_w64_in_order<BITS>(layout.origin(n0 + r, k0 * BITS / 8), K, k0, count);
         _mm512_store_si512(wrow, w);
       } else {
         std::memset(wrow, 0, sizeof(wrow));
@@ -1464,11 +1466,10 @@ inline void dequantize_float_panel(const RowLayout<ROWS>& layout, const ST* scal
   const int64_t groups = K / GROUP;
   alignas(64) float wrow[64];
   for (int r = 0; r < 16; ++r) {
-    const uint8_t* row = r < rows ? layout.row(n0 + r) : nullptr;
     for (int64_t k0 = 0; k0 < K; k0 += 64) {
       const int count = (int)std::min<int64_t>(64, K - k0);
       if (r < rows) {
-        const __m512i w = load_w64_in_order<BITS>(row, K, k0, count);
+        const __m512i w = load_w64_in_order<BITS>(layout.origin(n0 + r, k0 * BITS / 8), K, k0, count);
         alignas(64) int8_t wi[64];
         _mm512_store_si512(wi, w);
         for (int q = 0; q < 4; ++q) {
