@@ -18,6 +18,9 @@ def test_a_signature_is_the_structure_of_a_call_not_its_values():
     key, positions = signature((torch.ones(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})
     same, _ = signature((torch.zeros(1, 3),), {"cache": cache, "use_cache": True, "mask": torch.zeros(1, 1, 8)})
     assert key == same and positions == [0, 3]  # the tensors' values are copied in, not part of the key
+    nested, nested_positions = signature(((torch.ones(1, 3),),), {"cache": cache, "use_cache": True,
+                                                                  "mask": torch.ones(1, 1, 8)})
+    assert nested != key and nested_positions == [0, 3]  # a nested argument: pytree's structure, same leaves
     assert signature((torch.ones(1, 4),), {"cache": cache, "use_cache": True, "mask": torch.ones(1, 1, 8)})[0] != key
     assert signature((torch.ones(1, 3),), {"cache": cache, "use_cache": False, "mask": torch.ones(1, 1, 8)})[0] != key
     assert signature((torch.ones(1, 3).long(),), {"cache": cache, "use_cache": True,
@@ -32,7 +35,8 @@ def test_a_signature_is_the_structure_of_a_call_not_its_values():
 
 def test_an_objects_tensors_are_walked_again_only_when_its_containers_changed():
     """The walk's result is remembered per object (_Holdings) while the identities of every container's items
-    stay the same; a tensor resized in place still changes the signature (its layout is read every call)."""
+    stay the same; a held tensor given new storage in place still changes the signature (its address is read every
+    call)."""
     from qcompile import step_graphs
 
     cache = _Cache()
@@ -40,7 +44,7 @@ def test_an_objects_tensors_are_walked_again_only_when_its_containers_changed():
     tensors = step_graphs._HOLDINGS[id(cache)].tensors
     key = signature((), {"cache": cache})[0]
     assert step_graphs._HOLDINGS[id(cache)].tensors is tensors
-    cache.position.resize_(2)
+    cache.position.set_(torch.zeros(3, dtype=torch.long))
     assert signature((), {"cache": cache})[0] != key and step_graphs._HOLDINGS[id(cache)].tensors is tensors
     cache.position = torch.zeros((), dtype=torch.long)
     assert step_graphs._holdings(cache)[1] is cache.position

@@ -8,8 +8,9 @@ flash attention maps query heads to KV heads itself (lower_cpu drops the repeat)
 fewer KV heads with a mask, so `attend_grouped_kv_heads_cuda` folds each KV head's query heads into rows of one
 head instead: q [B, Hq, Lq, D] -> [B, Hkv, rep * Lq, D] against the unrepeated cache, the mask broadcast the same
 way, the output unfolded (qcompile::grouped_query_attention). Every query row is computed as before (softmax is
-per row), so the numbers are the same kernel's; only decode-sized calls (Lq <= FEW_QUERY_ROWS, not causal, no
-dropout, the logsumexp unused) are rewritten, where the folded mask stays a view.
+per row), in transformers' eager-attention numerics (q k^T in the inputs' dtype, float32 softmax: ops.py says why
+not the fused kernel); only decode-sized calls (Lq <= FEW_QUERY_ROWS, not causal, no dropout, the logsumexp
+unused) are rewritten, where the folded mask stays a view.
 """
 from __future__ import annotations
 

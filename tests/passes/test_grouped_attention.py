@@ -50,6 +50,15 @@ def test_grouped_query_attention_matches_float64(dtype, query_rows, mask_shape):
     assert sqnr_db(_attention_f64(q, k, v, mask, 0.3), out.double()) > (100 if dtype == torch.float32 else 40)
 
 
+def test_grouped_query_attention_takes_a_boolean_mask():
+    """transformers' 4D masks are boolean (True: attend); SDPA's bias may be either."""
+    q = torch.randn(2, 8, 1, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 37, 16, dtype=torch.bfloat16) for _ in range(2))
+    additive = _mask((2, 1, 1, 37))
+    out = ops.grouped_query_attention(q, k, v, additive == 0, 0.3)
+    assert sqnr_db(_attention_f64(q, k, v, additive, 0.3), out.double()) > 40
+
+
 def _decode_attention(rep, causal=False):
     def attention(q, k, v, bias):
         out = aten._scaled_dot_product_efficient_attention(q, _repeat_kv(k, rep), _repeat_kv(v, rep), bias, False,
