@@ -112,10 +112,8 @@ class _Holdings:
     def current(self, obj) -> bool:
         if self.ref() is not obj:  # a new object at a dead one's address
             return False
-        for container, is_dict, ids in self.containers:
-            if tuple(map(id, container.values() if is_dict else container)) != ids:
-                return False
-        return True
+        return all(tuple(map(id, container.values() if is_dict else container)) == ids
+                   for container, is_dict, ids in self.containers)
 
 
 _HOLDINGS: dict[int, _Holdings] = {}
