@@ -30,6 +30,7 @@ def main():
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128256)
     model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None  # as llama_e2e's transformers rows: random weights never stop
     steps = capture_steps(model)
     cache = StaticCache(config=config, max_cache_len=32 + args.steps + 1)
     prompt = torch.randint(0, config.vocab_size, (1, 32), device=device)
