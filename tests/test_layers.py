@@ -20,7 +20,8 @@ FLOORS = [
      "graph keys": ["qcompile.graph_key"], "tensor parallelism": ["qcompile.distributed"]},
     {"backend": ["qcompile.backend"]},
     {"debug": ["qcompile.debug"], "export": ["qcompile.export"], "prepare": ["qcompile.prepare"],
-     "per-layer compile": ["qcompile.per_layer", "qcompile.block_views", "qcompile.step_graphs"]},
+     "per-layer compile": ["qcompile.per_layer", "qcompile.block_views", "qcompile.step_graphs",
+                           "qcompile.decode_masks"]},
     {"entry points": ["qcompile.cli", "qcompile.__main__"]},
 ]
 TOP = "qcompile"  # the package's __init__: the public names, and where the floors are wired together
