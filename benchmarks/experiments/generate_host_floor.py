@@ -1,7 +1,9 @@
 """Lab (issue 21): the host's floor of one transformers generate() decode step — a 2-layer Llama (hidden 64) whose
 forward is one CUDA-graph replay (qcompile.step_graphs), vocab 128256 as Llama-3's (the logits generate() reads),
 static cache: per-step wall time is then generate()'s own Python and launches plus ours, whatever the model.
-Parts timed by wrappers: prepare_inputs_for_generation (4D mask creation apart), the forward (StepGraphs).
+Parts timed by wrappers: prepare_inputs_for_generation (4D mask creation apart), the forward (StepGraphs). Run
+twice: with transformers' own mask creation and with qcompile.decode_masks' one-op decode-step mask (the tokens of
+the two must agree: the masks are equal).
 
   python benchmarks/experiments/generate_host_floor.py [--steps 128] [--out FILE.json]
 """
@@ -18,6 +20,7 @@ import transformers.generation.utils as generation_utils
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from qcompile.decode_masks import install_decode_step_masks  # noqa: E402
 from qcompile.step_graphs import capture_steps  # noqa: E402
 
 
@@ -59,20 +62,46 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    with torch.no_grad():
-        for n in (1, 2, 8, args.steps):
-            generate(n)
-        step_s = min(generate(args.steps) - generate(1) for _ in range(3)) / (args.steps - 1)
-        model.prepare_inputs_for_generation = timed("prepare_inputs_for_generation",
-                                                    model.prepare_inputs_for_generation)
-        generation_utils.create_masks_for_generate = timed("create_masks_for_generate",
-                                                           generation_utils.create_masks_for_generate)
-        model.forward = timed("forward (StepGraphs)", model.forward)
-        generate(args.steps)
+    def measure(fast_masks: bool) -> dict:
+        model.__dict__.pop("create_masks_for_generate", None)
+        if fast_masks:
+            install_decode_step_masks(model)
+        totals.clear()
+        with torch.no_grad():
+            for n in (1, 2, 8, args.steps):
+                generate(n)
+            step_s = min(generate(args.steps) - generate(1) for _ in range(3)) / (args.steps - 1)
+            tokens = tokens_of(args.steps)
+            patched = [(model, "prepare_inputs_for_generation"), (generation_utils, "create_masks_for_generate"),
+                       (model, "forward")]
+            if fast_masks:
+                patched.append((model, "create_masks_for_generate"))
+            saved = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in patched]
+            for owner, name, fn, _ in saved:
+                setattr(owner, name, timed(name, fn))
+            try:
+                generate(args.steps)
+            finally:
+                for owner, name, fn, own in saved:
+                    if own:
+                        setattr(owner, name, fn)
+                    else:
+                        delattr(owner, name)
+        return {"step_us": round(step_s * 1e6, 1), "steps_per_s": round(1 / step_s, 1),
+                "parts_us_per_step": {k: round(v / args.steps * 1e6, 1) for k, v in totals.items()},
+                "tokens": tokens}
+
+    def tokens_of(n):
+        cache.reset()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0, **{cache_kwarg: cache})
+        return out[0, -n:].tolist()
+
+    runs = {"transformers masks": measure(False), "decode_masks": measure(True)}
+    same_tokens = runs["transformers masks"].pop("tokens") == runs["decode_masks"].pop("tokens")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "step_us": round(step_s * 1e6, 1), "steps_per_s": round(1 / step_s, 1),
-              "parts_us_per_step": {k: round(v / args.steps * 1e6, 1) for k, v in totals.items()},
+              **runs, "same_tokens": same_tokens,
               "step_graphs": {"captures": steps.captures, "replays": steps.replays, "eager": steps.eager_calls}}
     print(json.dumps(result, indent=1))
     if args.out:
