@@ -62,6 +62,7 @@ def compile_sass(fn, signature, constants, attrs, num_warps) -> str:
     options = backend.parse_options({"num_warps": num_warps, "num_stages": 3})
     compiled = triton.compile(src, target=TARGET, options=options.__dict__)
     compile_sass.last_ttgir = compiled.asm["ttgir"]
+    compile_sass.last_wgmma_serialized = wgmma_serialized(compiled.asm["ptx"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -69,6 +70,20 @@ def compile_sass(fn, signature, constants, attrs, num_warps) -> str:
         found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
         compile_sass.last_registers = (int(found.group(1)), int(found.group(2))) if found else (None, None)
         return subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def wgmma_serialized(ptx: str) -> str | None:
+    """ptxas's reason when it serializes the kernel's wgmma instructions (info C7515: each one waited for before the
+    next issues — the decode never overlaps the tensor cores), else None. Session 15 found every int4 pair-decode
+    tile serialized ("non wgmma instructions defining accumulator registers"), fixed for BLOCK_M <= 16."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        out = subprocess.run([str(ptxas), f"-arch=sm_{TARGET.arch}a", "-v", str(source), "-o",
+                              str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
+    found = re.search(r"serialized due to (.*?) in the function", out.stdout + out.stderr)
+    return found.group(1) if found else None
 
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -109,7 +124,8 @@ def summarize(name, sass, weights_per_iteration, threads) -> dict:
     registers, local_bytes = getattr(compile_sass, "last_registers", (None, None))
     return {"variant": name, "registers": registers, "local_bytes": local_bytes, "loop_instructions": len(body), "weights_per_thread": weights_per_iteration / threads,
             "instructions_per_weight": round(per_weight, 2), "loop_shared_stores": counts["STS"],
-            "wgmma_a": wgmma_a_operands(getattr(compile_sass, "last_ttgir", "")), "top": counts.most_common(12)}
+            "wgmma_a": wgmma_a_operands(getattr(compile_sass, "last_ttgir", "")),
+            "wgmma_serialized": getattr(compile_sass, "last_wgmma_serialized", None), "top": counts.most_common(12)}
 
 
 VARIANTS = {
