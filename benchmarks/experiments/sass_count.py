@@ -31,7 +31,7 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_pg", "stride_om"]
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
                      activation="float", num_warps=4, planes=False, join_planes=False, fused=False,
-                     reduce_each=False, pair_decode=False, scale_after_dot=False):
+                     reduce_each=False, pair_decode=False, scale_after_dot=False, block_product=False):
     types = {"x_ptr": {"float": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[activation], "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
              "w_ptr": {"int8": "*i8", "fp8": "*fp8e4nv"}.get(weight_format, "*u8"), "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
              "w_zero_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*u8", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -43,7 +43,7 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes, JOIN_PLANES=join_planes,
                      USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False, A_FUSED=fused, REDUCE_EACH=reduce_each, PAIR_DECODE=pair_decode,
-                     SCALE_AFTER_DOT=scale_after_dot)
+                     SCALE_AFTER_DOT=scale_after_dot, BLOCK_PRODUCT=block_product)
     if fused:  # x arrives in bf16 and the GEMV applies the scale it computes
         types["x_ptr"], constants["A_SCALE"] = "*bf16", "none"
     constants["stride_pn"] = 1  # group parameters column-major (layout.py): Triton specializes the 1
@@ -75,7 +75,7 @@ def compile_sass(fn, signature, constants, attrs, num_warps) -> str:
 def wgmma_serialized(ptx: str) -> str | None:
     """ptxas's reason when it serializes the kernel's wgmma instructions (info C7515: each one waited for before the
     next issues — the decode never overlaps the tensor cores), else None. Session 15 found every int4 pair-decode
-    tile serialized ("non wgmma instructions defining accumulator registers"), fixed for BLOCK_M <= 16."""
+    tile of 16 tokens serialized ("non wgmma instructions defining accumulator registers"): block_product avoids it."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
@@ -165,6 +165,13 @@ VARIANTS = {
                                      swap_ab=True, pair_decode=True, num_warps=8, scale_after_dot=True),
     "int4_pairs128": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=64, block_k=128, swap_ab=True,
                           pair_decode=True),
+    "int4_pairs16_n128_product": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
+                                      swap_ab=True, pair_decode=True, block_product=True),
+    "int4_pairs64_n128_product": dict(weight_format="int4_tinygemm", bits=4, block_m=64, block_n=128, block_k=128,
+                                      swap_ab=True, pair_decode=True, block_product=True),
+    "int4_pairs128_n256_k64_product": dict(weight_format="int4_tinygemm", bits=4, block_m=128, block_n=256,
+                                           block_k=64, swap_ab=True, pair_decode=True, block_product=True,
+                                           num_warps=8),
     "int4_pairs16_k256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=64, block_k=256,
                               swap_ab=True, pair_decode=True),
     "int4_pairs16_n128_k256": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=256,

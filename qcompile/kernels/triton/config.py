@@ -22,3 +22,5 @@ class KernelConfig:
     reduce_each: bool = False  # elementwise GEMV only: per-row sums every K block (fewer registers, more programs)
     pair_decode: bool = False  # swapped int4 tile: words decoded by byte pairs into wgmma's register operand
     scale_after_dot: bool = False  # ... as 128 + q, the group scale and zero applied to each K block's product
+    block_product: bool = False  # ... each K block's product from zero, added after (wgmma not serialized by ptxas,
+    # for BLOCK_M / BLOCK_K add instructions per weight)

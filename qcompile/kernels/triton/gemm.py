@@ -193,7 +193,8 @@ def _fragment_k(BLOCK_K: tl.constexpr):
 @triton.jit
 def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k0, stride_wn, stride_pn,
                      stride_pg, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
-                     USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+                     BLOCK_PRODUCT: tl.constexpr, USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr,
+                     BF16_BY_BITS: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] + the K block's W x^T for int4 tinygemm weights (group_size a multiple of 32): the
     packed words load as they are stored, decode by byte pairs straight into the register operand of the dot, and
     x comes in the same K order (_in_fragment_order). The decode gives (q - 8) * scale + zero (the zero folded in,
@@ -225,12 +226,12 @@ def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_i
         zero = tl.load(z_ptr + group).to(dtype)
         w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N,
                                BLOCK_K)
-        if USE_PTX and rows_in.shape[0] <= 16:
+        if USE_PTX and BLOCK_PRODUCT:
             # the K block's product from zero, added after: accumulating in place (Triton folds acc + dot into the
             # dot's accumulator) made ptxas serialize every wgmma of these register-operand tiles (C7515: "non
             # wgmma instructions defining accumulator registers"; one wait per wgmma in the SASS), so the decode
             # of the next 16 columns never overlapped the tensor cores. The opaque move keeps Triton from folding;
-            # the add costs BLOCK_M / BLOCK_K of an instruction per weight (1/8 here; BLOCK_M 128 would pay 1-2)
+            # the add costs BLOCK_M / BLOCK_K of an instruction per weight (1/8 at 16 tokens, 1 at 128 x 128)
             part = _tile_dot(a, w, "float", False, DOT_FP32, True)
             return acc + tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [part], dtype=tl.float32,
                                                    is_pure=True, pack=1)
@@ -444,7 +445,8 @@ def quantized_linear_kernel(
         A_FUSED: tl.constexpr,  # the elementwise GEMV quantizes x (in its own dtype) to e4m3 per row itself
         REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
         PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
-        SCALE_AFTER_DOT: tl.constexpr = False):  # ... the group scale and zero applied to each K block's product
+        SCALE_AFTER_DOT: tl.constexpr = False,  # ... the group scale and zero applied to each K block's product
+        BLOCK_PRODUCT: tl.constexpr = False):  # ... each K block's product from zero, added after (_pair_decode_dot)
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -494,7 +496,7 @@ def quantized_linear_kernel(
             elif PAIR_DECODE:  # int4 words decoded by byte pairs into the dot's register operand
                 acc = _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k0,
                                        stride_wn, stride_pn, stride_pg, GROUP_SIZE, BLOCK_K, SCALE_AFTER_DOT,
-                                       USE_PTX, DOT_FP32, BF16_BY_BITS)
+                                       BLOCK_PRODUCT, USE_PTX, DOT_FP32, BF16_BY_BITS)
             else:
                 a = tl.load(x_ptr + rows_in[:, None] * stride_xm + (k0 + offs_k)[None, :])
                 w = load_weight_tile(w_ptr, w_scale_ptr, w_zero_ptr, w_aux_ptr, cols_in, k0, K, stride_wn,

@@ -186,6 +186,10 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError(f"Triton linear: scale_after_dot applies a group's scale to the pair decode's K block "
                          f"product; it needs pair_decode=True and BLOCK_K dividing group_size={spec.group_size} "
                          f"({config})")
+    if config.block_product and not (config.pair_decode and not config.scale_after_dot):
+        raise ValueError(f"Triton linear: block_product adds each K block's product of the pair decode to its "
+                         f"accumulator; it needs pair_decode=True without scale_after_dot (which does that already) "
+                         f"({config})")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
@@ -212,7 +216,8 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         GROUP_M=config.group_m, SWAP_AB=config.swap_ab, PLANES=config.planes, JOIN_PLANES=config.join_planes,
         USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation, REDUCE_EACH=config.reduce_each,
-        PAIR_DECODE=config.pair_decode, SCALE_AFTER_DOT=config.scale_after_dot, num_warps=config.num_warps,
+        PAIR_DECODE=config.pair_decode, SCALE_AFTER_DOT=config.scale_after_dot,
+        BLOCK_PRODUCT=config.block_product, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 

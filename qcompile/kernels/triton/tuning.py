@@ -82,6 +82,10 @@ _PAIR_DECODE = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128,
 # for the decode, 2.9 for the whole loop at 16 tokens; at 128 tokens the per-block correction of the [BLOCK_N, 128]
 # accumulator costs more than it saves: 10.1)
 _PAIR_DECODE_AFTER_DOT = [(16, 128, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 128, 128, 4, 4, 3)]
+# _PAIR_DECODE's and these each also as block_product: ptxas serializes every wgmma of the 16-token tiles and of most
+# of these when the K block's product accumulates in place (C7515, sass_count.py's wgmma_serialized), not when it is
+# added after — for BLOCK_M / BLOCK_K add instructions per weight (1/8 at 16 tokens, 1 at 128 x 128): found offline
+# (sm_90), unmeasured on a GPU, so both forms are candidates
 _PAIR_DECODE_MEDIUM = [(64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (128, 128, 128, 1, 8, 3),
                        (128, 256, 64, 1, 8, 3), (128, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
                        (128, 256, 128, 1, 8, 3), (32, 128, 128, 2, 4, 3), (32, 256, 128, 1, 8, 3)]
@@ -96,11 +100,12 @@ def _current_device() -> str:
 def pair_decode_tiles(bucket: int) -> list[KernelConfig]:
     """The pair-decode tiles for an M bucket up to 256 (16 tokens for M <= 16, 32 / 64 up to 64, 64 / 128 above)."""
     if bucket <= 16:
-        return ([KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE]
+        return ([KernelConfig(*c, swap_ab=True, pair_decode=True, block_product=product) for c in _PAIR_DECODE
+                 for product in (False, True)]
                 + [KernelConfig(*c, swap_ab=True, pair_decode=True, scale_after_dot=True)
                    for c in _PAIR_DECODE_AFTER_DOT])
-    return [KernelConfig(*c, swap_ab=True, pair_decode=True) for c in _PAIR_DECODE_MEDIUM
-            if bucket // 4 <= c[0] <= bucket]  # each token tile decodes the weights once more
+    return [KernelConfig(*c, swap_ab=True, pair_decode=True, block_product=product) for c in _PAIR_DECODE_MEDIUM
+            for product in (False, True) if bucket // 4 <= c[0] <= bucket]  # each token tile decodes once more
 
 
 def candidates(spec: LinearSpec, M: int, N: int, K: int) -> list[KernelConfig]:

@@ -24,6 +24,8 @@ VARIANTS = {
                                swap_ab=True, planes=True, join_planes=True),
     "int4_pair_decode_tile": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128, block_k=128,
                                   swap_ab=True, pair_decode=True),
+    "int4_pair_decode_block_product": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128,
+                                           block_k=128, swap_ab=True, pair_decode=True, block_product=True),
     "int4_pair_decode_scale_after_dot": dict(weight_format="int4_tinygemm", bits=4, block_m=16, block_n=128,
                                              block_k=128, swap_ab=True, pair_decode=True, scale_after_dot=True),
     "fp8_dynamic_fused_gemv": dict(weight_format="fp8", bits=8, block_m=1, block_n=2, block_k=4096, activation="fp8",
@@ -35,7 +37,9 @@ VARIANTS = {
 }
 
 # variants whose decoded weight must reach wgmma as its register operand, never through shared memory
-REGISTER_A = ("int4_pair_decode_tile",)
+REGISTER_A = ("int4_pair_decode_tile", "int4_pair_decode_block_product")
+# variants whose wgmma ptxas must not serialize (info C7515: a wait after every wgmma, no decode/MMA overlap)
+NOT_SERIALIZED = ("int4_pair_decode_block_product", "int4_pair_decode_scale_after_dot")
 
 # the activation kernel's formats with the GPU's e4m3 conversion (HW_FP8) and the integer ones
 ACTIVATION_VARIANTS = {"activation_fp8_row": ("fp8_row", "*fp8e4nv"), "activation_fp8_tensor": ("fp8_tensor", "*fp8e4nv"),
@@ -66,6 +70,11 @@ def main():
         operands = sass_count.wgmma_a_operands(sass_count.compile_sass.last_ttgir)
         loop_stores = sum(op.startswith("STS") for _, op in sass_count.loop_body(sass))
         print("wgmma_a", name, operands["registers"], operands["shared"], loop_stores, flush=True)
+    for name in NOT_SERIALIZED:
+        fn, signature, constants, attrs, warps, _ = sass_count.template_variant(**VARIANTS[name])
+        sass_count.compile_sass(fn, signature, constants, attrs, warps)
+        reason = sass_count.compile_sass.last_wgmma_serialized
+        print("serialized", name, "no" if reason is None else reason.replace(" ", "_"), flush=True)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,8 @@ def test_pair_decode_matches_reference_ops(group):
                KernelConfig(16, 32, 256, 1, swap_ab=True, pair_decode=True),
                KernelConfig(16, 32, 64, 4, swap_ab=True, pair_decode=True),
                KernelConfig(32, 64, 32, 1, swap_ab=True, pair_decode=True),
-               KernelConfig(16, 64, 32, 2, swap_ab=True, pair_decode=True, scale_after_dot=True)]
+               KernelConfig(16, 64, 32, 2, swap_ab=True, pair_decode=True, scale_after_dot=True),
+               KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, block_product=True)]
     exact_all = x_all.double() @ w.double().t() + bias.double()
     for M in range(1, 18) if group == 128 else (1, 17):
         x = x_all[:M]
@@ -354,6 +355,8 @@ def test_kernel_variants_refuse_what_they_cannot_take():
              "pair_decode is the swapped tile"),
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, scale_after_dot=True),
              "scale_after_dot applies"),
+            ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, block_product=True),
+             "block_product adds"),
             ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)

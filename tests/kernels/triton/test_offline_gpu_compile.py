@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from sm90_compile_probe import ACTIVATION_VARIANTS, REGISTER_A, VARIANTS
+from sm90_compile_probe import ACTIVATION_VARIANTS, NOT_SERIALIZED, REGISTER_A, VARIANTS
 
 
 def _run_without_interpreter(script: str) -> str:
@@ -24,12 +24,14 @@ def test_gpu_variants_compile_for_sm90():
     (Triton's TTGIR: every warp_group_dot takes A as a dot_op tensor) and its K loop stores nothing to shared
     memory: the decoded tile never round-trips through it."""
     lines = [line.split() for line in _run_without_interpreter("sm90_compile_probe.py").splitlines() if line.strip()]
-    compiled = {line[0]: int(line[1]) for line in lines if line[0] != "wgmma_a"}
+    compiled = {line[0]: int(line[1]) for line in lines if line[0] not in ("wgmma_a", "serialized")}
     assert set(compiled) == set(VARIANTS) | set(ACTIVATION_VARIANTS) and all(size > 0 for size in compiled.values())
     register_a = {line[1]: tuple(map(int, line[2:])) for line in lines if line[0] == "wgmma_a"}
     assert set(register_a) == set(REGISTER_A)
     for name, (from_registers, from_shared, loop_shared_stores) in register_a.items():
         assert from_registers > 0 and from_shared == 0 and loop_shared_stores == 0, (name, register_a[name])
+    # ptxas issues their wgmma asynchronously (the in-place pair tile's it serializes: sass_count.wgmma_serialized)
+    assert {line[1]: line[2] for line in lines if line[0] == "serialized"} == dict.fromkeys(NOT_SERIALIZED, "no")
 
 
 def test_inductor_sees_the_template_write_only_its_output():
