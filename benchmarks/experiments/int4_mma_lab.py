@@ -110,7 +110,8 @@ def config_name(config: KernelConfig) -> str:
     if config.library:
         return config.library
     tags = [t for t, on in (("swap", config.swap_ab), ("planes", config.planes), ("join", config.join_planes),
-                            ("pairs", config.pair_decode), ("after_dot", config.scale_after_dot)) if on]
+                            ("pairs", config.pair_decode), ("after_dot", config.scale_after_dot),
+                            ("product", config.block_product)) if on]
     return (f"m{config.block_m}n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}"
             f"st{config.num_stages}" + "".join("_" + t for t in tags))
 
@@ -166,7 +167,8 @@ def main():
             if a.smoke:  # tiles that fit the tiny shape: one token block, split-K, a K block over groups
                 pairs = [KernelConfig(16, 64, 128, 2, swap_ab=True, pair_decode=True),
                          KernelConfig(16, 32, 256, 1, swap_ab=True, pair_decode=True),
-                         KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, scale_after_dot=True)]
+                         KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, scale_after_dot=True),
+                         KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, block_product=True)]
             else:
                 pairs = [c for c in pair_decode_tiles(bucket) if fits(c, K)]
             runs += [("pairs/" + config_name(c), c) for c in pairs]
