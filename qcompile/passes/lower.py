@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from ..options import QuantOptions
-from .attention import attend_grouped_kv_heads_cuda
 from . import lower_cpu
+from .attention import attend_grouped_kv_heads_cuda
 from .lower_cpu import attend_few_rows_cpu, attend_grouped_kv_heads_cpu, lower_intx_linears_cpu
 from .lower_cuda import lower_quantized_linears_to_triton
 

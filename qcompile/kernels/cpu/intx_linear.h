@@ -489,9 +489,10 @@ inline T* thread_scratch(std::vector<T>& v, size_t n) {
 // ---------------------------------------------------------------------------------------------------------
 // Where row n's packed bytes lie. ROWS = 1: row-major. ROWS = 4: rows in blocks of 4 (the last block holds what is
 // left), each block's rows interleaved by 64-byte chunks: chunk c of each of the block's rows in turn, then chunk
-// c + 1 (a row's last, shorter chunk likewise). The GEMV reads a block's rows together, so it reads one linear
-// stream instead of 4 (SmolLM2's decode sweep, benchmarks/cpu_intx_kernels.cpp, AVX-512 VNNI, 1 thread: 1.4-1.6x
-// the row-major layout's speed). The other paths read a row in order from a per-thread copy (`row`).
+// c + 1 (a row's last, shorter chunk likewise). The AVX-512 GEMVs read a block's rows together, so they read one
+// linear stream instead of 4 (SmolLM2's decode sweep, benchmarks/cpu_intx_kernels.cpp, 1 thread, alternating:
+// 4-bit 1.1-1.6x, 8-bit 1.5-1.8x the row-major layout's speed); the AVX-512 GEMMs read a chunk in place (`origin`),
+// the other ISAs' paths a row in order from a per-thread copy (`row`).
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t QC_CHUNK_BYTES = 64;
 
@@ -911,7 +912,8 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
       vnni_row_blocks(
           layout, scale, M, groups,
           [&](auto mt, const GemvRows<ROWS>& rows, const ST* const* srows, float* out) {
-            vnni_gemv_rows<BITS, GROUP, decltype(mt)::value, ST, ROWS>(rows, srows, act, lane_offsets, c, K, K_pad, out);
+            vnni_gemv_rows<BITS, GROUP, decltype(mt)::value, ST, ROWS>(rows, srows, act, lane_offsets, c, K, K_pad,
+                                                                       out);
           },
           [&](int64_t m, int64_t n, float value) { store(m, n, value, a_scale[m]); });
     }
@@ -1447,8 +1449,10 @@ void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST*
       // bf16 activations are one bf16 term; float and half need two (this header names no torch types: a 16-bit
       // type that rounds 1 + 2^-8 to 1 has bf16's 8-bit significand)
       static const bool is_bf16 = sizeof(XT) == 2 && static_cast<float>(XT(1.0f + 1.0f / 256)) == 1.0f;
-      if (is_bf16) float_gemv_with<Bf16PairDot<1>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
-      else float_gemv_with<Bf16PairDot<2>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      if (is_bf16)
+        float_gemv_with<Bf16PairDot<1>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
+      else
+        float_gemv_with<Bf16PairDot<2>, GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, row_bytes, num_threads);
       return;
     }
   }

@@ -2,9 +2,10 @@
 
 intx_linear.h's GEMV reads 4 rows at a time. Row-major, those are 4 streams through memory; interleaved (each block
 of 4 rows stored chunk by chunk: 64 bytes of each row in turn, a row's last shorter chunk likewise; the last block
-holds the rows that are left), the GEMV reads one linear stream: SmolLM2-135M's decode sweep runs 1.4-1.6x faster on
-one AVX-512 VNNI core (BENCHMARKS.md, issue 24 session 15). Only 4- and 8-bit weights, whose packed rows are one
-bit plane (a chunk is consecutive values); other widths stay row-major. Same shape and bytes, in another order.
+holds the rows that are left), the GEMV reads one linear stream: SmolLM2-135M's 4-bit decode sweep runs 1.1-1.6x
+faster on one AVX-512 VNNI core, its decode 1.09-1.26x (BENCHMARKS.md, issue 24 session 15). Only 4- and 8-bit weights,
+whose packed rows are one bit plane (a chunk is consecutive values); other widths stay row-major. Same shape and
+bytes, in another order.
 
 The lowering (passes/lower_cpu.py) asks for it where lowered ops are the packed tensor's only readers; the tensors
 the graph runs with are laid out once (`laid_out`, the backend and export call it); the ops' reference reads
