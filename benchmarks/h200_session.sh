@@ -54,6 +54,23 @@ stage() {
     return 0
 }
 
+# record_versions: the GPU, its driver and the library versions, into $OUT/stages.txt (every call's first line).
+record_versions() {
+    { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+      python -c "import torch, triton; import importlib.util as u; t = u.find_spec('transformers')
+print(torch.__version__, triton.__version__, 'transformers', __import__('transformers').__version__ if t else None)"
+    } >> "$OUT/stages.txt" 2>&1
+}
+
+# e2e_results: the llama_e2e results file of this GPU kind copied to $OUT/e2e.json (llama_e2e appends its rows to
+# it; here afterwards, its new rows go back to the same file: _h100 for the H100, the other for the H200).
+e2e_results() {
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader)" in
+        *H100*) cp benchmarks/llama_e2e_results_h100.json "$OUT/e2e.json" ;;
+        *) cp benchmarks/llama_e2e_results.json "$OUT/e2e.json" ;;
+    esac
+}
+
 # save_tuning: the tuned configs as one file, $OUT/tuning.tgz (the device tool brings back few files a call: a
 # ninth file was left out); here, `mkdir -p /tmp/tuning && tar -xzf <files_at>/tuning.tgz -C /tmp/tuning` and
 # `python benchmarks/h200_seed.py /tmp/tuning`.

@@ -9,9 +9,7 @@
 # Writes stages.txt, floor.json, floor.txt, int4_lab.json, int4_lab.txt, tests.txt, tuning.tgz under $OUT; here
 # afterwards: tuning.tgz through benchmarks/h200_seed.py, int4_lab.json to benchmarks/experiments/ if it is news.
 source benchmarks/h200_session.sh
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-} >> "$OUT/stages.txt" 2>&1
+record_versions
 stage 90 floor python benchmarks/experiments/generate_host_floor.py --steps 128 --out "$OUT/floor.json"
 stage 240 int4_lab python benchmarks/experiments/int4_mma_lab.py --out "$OUT/int4_lab.json"
 stage 120 tests python -m pytest -m gpu tests/kernels/triton/test_linear.py -k "pair" -p no:cacheprovider -q -o addopts="" -x

@@ -12,13 +12,8 @@
 # llama_e2e_results_h100.json for the H100), unpack tuning.tgz and run benchmarks/h200_seed.py on it.
 if [ "$1" = warm ] && [ -f .whl/inductor_cache.tgz ]; then mkdir -p .cache && tar -xzf .whl/inductor_cache.tgz -C .cache; fi
 source benchmarks/h200_session.sh
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-} >> "$OUT/stages.txt" 2>&1
-case "$(nvidia-smi --query-gpu=name --format=csv,noheader)" in
-    *H100*) cp benchmarks/llama_e2e_results_h100.json "$OUT/e2e.json" ;;
-    *) cp benchmarks/llama_e2e_results.json "$OUT/e2e.json" ;;
-esac
+record_versions
+e2e_results
 stage 480 e2e python benchmarks/llama_e2e.py --rows transformers,int4_weight_only,transformers_bf16_reduce_overhead \
     --phases decode_b1,decode_b128 --compile-scope layer --budget-s 400 --out "$OUT/e2e.json"
 stage 70 tests python -m pytest -m gpu tests/test_per_layer.py -p no:cacheprovider -q -o addopts="" -p no:logging

@@ -8,8 +8,7 @@
 # GPU work a transformers step is compared with). Session 14's run of it did not happen (the device could not be started); b1 stood at 0.78x
 # our own model's int4 row.
 source benchmarks/h200_session.sh
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"; } >> "$OUT/stages.txt" 2>&1
+record_versions
 stage 230 prof python benchmarks/experiments/hf_step_profile.py --rows transformers,int4_weight_only --batches 1,128 \
     --out "$OUT/prof.json"
 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_mm stage 140 prof_mm python benchmarks/experiments/hf_step_profile.py --batches 1,128 \

@@ -7,13 +7,8 @@
 # here afterwards: the new rows of <files_at>/e2e.json into benchmarks/llama_e2e_results_h100.json (H100) or
 # llama_e2e_results.json (H200), tuning.tgz through benchmarks/h200_seed.py.
 source benchmarks/h200_session.sh
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-} >> "$OUT/stages.txt" 2>&1
-case "$(nvidia-smi --query-gpu=name --format=csv,noheader)" in
-    *H100*) cp benchmarks/llama_e2e_results_h100.json "$OUT/e2e.json" ;;
-    *) cp benchmarks/llama_e2e_results.json "$OUT/e2e.json" ;;
-esac
+record_versions
+e2e_results
 stage 500 e2e python benchmarks/llama_e2e.py \
     --rows transformers,int4_weight_only,transformers_bf16_reduce_overhead,transformers_float8_dynamic,transformers_int8_dynamic \
     --phases decode_b1,decode_b128 --compile-scope layer --budget-s 420 --out "$OUT/e2e.json"

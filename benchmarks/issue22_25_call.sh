@@ -4,9 +4,7 @@
 #     bash benchmarks/issue22_25_call.sh
 # Writes stages.txt, aoti.txt, int4_lab.txt, int4_lab.json, tuning.tgz under $OUT (<= 8 files).
 source benchmarks/h200_session.sh
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  python -c "import torch, triton; print(torch.__version__, triton.__version__)"
-} >> "$OUT/stages.txt" 2>&1
+record_versions
 stage 190 aoti python benchmarks/experiments/aoti_control.py --timeout 120 --cases linear \
     --steps metadata,aoti_load_package,runner_so
 stage 300 int4_lab python benchmarks/experiments/int4_mma_lab.py --out "$OUT/int4_lab.json"
