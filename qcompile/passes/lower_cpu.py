@@ -195,7 +195,8 @@ def _interleave_packed_rows(gm: GraphModule) -> None:
         if meta is None or not users or any(u.op != "call_function" or u.target not in _LOWERED_LINEARS
                                             or u.args[1] is not node for u in users):
             continue
-        rows = {cpu_layout.row_block(u.args[4]) for u in users}
+        rows = {cpu_layout.row_block(u.args[4], float_activation=u.target is cpu_ops.intx_linear_float_cpu)
+                for u in users}
         if len(rows) != 1 or rows == {1}:
             continue
         meta[LAYOUT_KEY] = row_block = rows.pop()
