@@ -28,13 +28,10 @@ def _decode_step_masks_apply(config) -> bool:
             and getattr(config, "attention_chunk_size", None) is None)
 
 
-def _static_cache_length(cache) -> int | None:
+def _static_cache_length(cache, static_layer: type) -> int | None:
     """The slot count of a cache whose every layer is transformers' plain StaticLayer (full attention), else None."""
     layers = getattr(cache, "layers", None)
-    if not layers:
-        return None
-    from transformers.cache_utils import StaticLayer
-    if any(type(layer) is not StaticLayer for layer in layers):
+    if not layers or any(type(layer) is not static_layer for layer in layers):
         return None
     length = getattr(layers[0], "max_cache_len", None)
     return length if isinstance(length, int) else None
@@ -47,11 +44,12 @@ def install_decode_step_masks(model: nn.Module) -> bool:
     if not hasattr(model, "prepare_inputs_for_generation") or not _decode_step_masks_apply(model.config):
         return False
     from transformers import masking_utils
+    from transformers.cache_utils import StaticLayer
     transformers_masks = masking_utils.create_masks_for_generate
 
     def create_masks_for_generate(config, inputs_embeds, attention_mask, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        length = _static_cache_length(cache)
+        length = _static_cache_length(cache, StaticLayer)
         if (args or length is None or inputs_embeds.shape[1] != 1 or not isinstance(attention_mask, torch.Tensor)
                 or attention_mask.ndim != 2 or attention_mask.shape[1] > length
                 or kwargs.get("or_mask_function") is not None or kwargs.get("and_mask_function") is not None
