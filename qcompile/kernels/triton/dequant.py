@@ -48,17 +48,21 @@ def small_int_to_float(u, OFFSET: tl.constexpr):
 @triton.jit
 def mantissa_fma(acc, words, x, WIDTH: tl.constexpr, POS: tl.constexpr, LOW: tl.constexpr, USE_PTX: tl.constexpr):
     """acc + u * 2^LOW * x for the WIDTH-bit values u at bit POS of uint32 `words` (POS + WIDTH <= 23): u is
-    masked where it lies and or-ed into the mantissa of 2^23 (one LOP3, inline on CUDA: the compiler emits an
-    AND and an OR), which minus 2^23 is u * 2^POS exactly; x is taken times 2^(LOW - POS), also exact."""
+    masked where it lies and or-ed into the mantissa of 2^E, E = 23 + LOW - POS (one LOP3, inline on CUDA: the
+    compiler emits an AND and an OR), whose mantissa's unit at bit POS is 2^LOW: minus 2^E it is u * 2^LOW
+    exactly, so x is used as it is (no scaling per position)."""
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << POS
+    EXPONENT: tl.constexpr = 23 + LOW - POS
+    MAGIC: tl.constexpr = (127 + EXPONENT) << 23
     if USE_PTX:
-        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x4B000000, 0xea;", "=r,r,r",
-                                         [words, tl.full(words.shape, MASK, tl.uint32)], dtype=tl.uint32,
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xea;", "=r,r,r,r",
+                                         [words, tl.full(words.shape, MASK, tl.uint32),
+                                          tl.full(words.shape, MAGIC, tl.uint32)], dtype=tl.uint32,
                                          is_pure=True, pack=1)
     else:
-        bits = (words & MASK) | 0x4B000000
-    u = bits.to(tl.float32, bitcast=True) - 8388608.0
-    return acc + u * (x * (2.0 ** (LOW - POS)))[None, :]
+        bits = (words & MASK) | MAGIC
+    u = bits.to(tl.float32, bitcast=True) - (2.0 ** EXPONENT)
+    return acc + u * x[None, :]
 
 
 @triton.jit

@@ -226,16 +226,16 @@ def _pair_decode_dot(acc, x_ptr, rows_in, stride_xm, w_ptr, s_ptr, z_ptr, cols_i
         zero = tl.load(z_ptr + group).to(dtype)
         w = _in_fragment_order(decode_int4_words(words, scale, zero, dtype, USE_PTX, BF16_BY_BITS), BLOCK_N,
                                BLOCK_K)
+        part = _tile_dot(a, w, "float", False, DOT_FP32, True)
         if USE_PTX and BLOCK_PRODUCT:
             # the K block's product from zero, added after: accumulating in place (Triton folds acc + dot into the
             # dot's accumulator) made ptxas serialize every wgmma of these register-operand tiles (C7515: "non
             # wgmma instructions defining accumulator registers"; one wait per wgmma in the SASS), so the decode
             # of the next 16 columns never overlapped the tensor cores. The opaque move keeps Triton from folding;
             # the add costs BLOCK_M / BLOCK_K of an instruction per weight (1/8 at 16 tokens, 1 at 128 x 128)
-            part = _tile_dot(a, w, "float", False, DOT_FP32, True)
-            return acc + tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [part], dtype=tl.float32,
-                                                   is_pure=True, pack=1)
-        return acc + _tile_dot(a, w, "float", False, DOT_FP32, True)
+            part = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [part], dtype=tl.float32, is_pure=True,
+                                             pack=1)
+        return acc + part
 
 
 @triton.jit
