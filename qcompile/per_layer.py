@@ -17,7 +17,9 @@ CUDA graphs of their own and each call of the model is captured whole as one CUD
 between them and the LM head. Inductor's CUDA-graph trees per block cost ~100 us of host work per block and replay
 (194 against 268 tokens/s on the H200), and freed each block's output before the next read it unless steps were
 marked. A transformers model also gets decode_masks' one-op decode-step mask (generate() builds it on the host
-between its per-step sync and the replay).
+between its per-step sync and the replay) and deferred_stop's one-step-late stop check on CUDA (transformers' own
+DeferredStopCheck: the host queues the next step while the GPU runs this one, instead of idling the GPU through
+generate()'s per-step host work).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import nn
 from .backend import keep_float_weight, shared_parameters
 from .block_views import share_block_traces
 from .decode_masks import install_decode_step_masks
+from .deferred_stop import install_deferred_stop_check
 from .options import QuantOptions
 from .step_graphs import capture_steps
 
@@ -94,6 +97,7 @@ def compile_regions(model: nn.Module, blocks: list[nn.Module], shapes_per_block:
                           f"them", stacklevel=3)
         capture_steps(model)
         install_decode_step_masks(model)  # generate()'s per-step mask in one op (host time the GPU waits for)
+        install_deferred_stop_check(model)  # ... and the host's step work overlapped with the GPU's previous step
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "disable_compile"):
         # transformers' generate() would torch.compile the whole model again (its own recipe under a static
