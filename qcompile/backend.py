@@ -21,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _compat, calibration, released
 from .distributed import LocalSignature
 from .graph_key import structure_key
+from .kernels.cpu import layout as cpu_layout
 from .options import QuantOptions
 from .passes.lower import constant_layouts, lower_for_device
 from .passes.lower_cpu import is_decode_graph
@@ -28,7 +29,8 @@ from .passes.quantize_linears import quantize_linears
 from .passes.records import PassResult, WeightRef, WeightUse
 
 # tensor -> {(options key, cast dtype, layout, version): quantized tensors}; the first weight of fused siblings
-# -> also {("siblings", options key, members' keys): (weak references to the other members, fused tensors)}
+# -> also {("siblings", options key, members' keys): (weak references to the other members, fused tensors)}. A
+# packed tensor a lowering laid out for its kernels is held in that layout only (`_hold_laid_out`)
 _QUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # float weights whose storage qcompile released -> (name, options that released it), and weights some compiled
 # graph still reads in float (tensor-identity maps: a WeakSet would compare tensors with ==)
@@ -37,6 +39,8 @@ _READ_IN_FLOAT = WeakIdKeyDictionary()
 # (graph structure, options) -> the first compiled run of that structure (qcompile/graph_key.py); weak: an entry
 # lives as long as Dynamo keeps that run
 _COMPILED_BY_STRUCTURE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# tensors a lowering laid out that `_hold_laid_out` has looked up in the cache already
+_LOOKED_UP = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,19 @@ def find_weight_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, We
 
 def quantized_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_is_nk: bool,
                      hessian: torch.Tensor | None = None) -> dict:
-    """The scheme's quantized tensors for one weight, computed once per (tensor, options). `hessian`: the
+    """The scheme's quantized tensors for one weight, computed once per (tensor, options), with their rows in
+    order (the numerics' layout: a copy of what the cache holds laid out for the CPU kernels). `hessian`: the
     calibration statistics of the weight's inputs, for algorithm "gptq"."""
+    return _in_order(_held_weight(ref, options, cast_dtype, weight_is_nk, hessian))
+
+
+def _in_order(tensors: dict) -> dict:
+    return {name: cpu_layout.laid_out(t, rows=1) for name, t in tensors.items()}
+
+
+def _held_weight(ref: WeightRef, options: QuantOptions, cast_dtype, weight_is_nk: bool,
+                 hessian: torch.Tensor | None = None) -> dict:
+    """`quantized_weight` as the cache holds it (some tensors may be laid out for the kernels)."""
     tensor = ref.tensor
     key = _cache_key(tensor, options, cast_dtype, weight_is_nk)
     per_tensor = _QUANTIZED.setdefault(tensor, {})
@@ -103,17 +118,24 @@ def _cache_key(tensor: torch.Tensor, options: QuantOptions, cast_dtype, weight_i
 
 
 def quantized_weights(uses: tuple[WeightUse, ...], options: QuantOptions, hessians: dict | None = None) -> dict:
-    """The quantized tensors one linear reads: one weight's (`quantized_weight`), or for sibling linears fused
-    into one, the members' tensors concatenated along N — quantized one by one, so bit-exact the separate
-    linears. Cached for the group; each member's own cache entry then becomes its rows of the fused tensors
-    (views: one copy in memory, and a later unfused graph still finds its weight quantized). `hessians`: by
-    id of the weight tensor, for algorithm "gptq"."""
+    """The quantized tensors one linear reads, rows in order: one weight's (`quantized_weight`), or for sibling
+    linears fused into one, the members' tensors concatenated along N — quantized one by one, so bit-exact the
+    separate linears. Cached for the group; each member's own cache entry then becomes its rows of the fused
+    tensors (views: one copy in memory, and a later unfused graph still finds its weight quantized). `hessians`:
+    by id of the weight tensor, for algorithm "gptq"."""
+    return _in_order(_held_weights(uses, options, hessians))
+
+
+def _held_weights(uses: tuple[WeightUse, ...], options: QuantOptions, hessians: dict | None = None) -> dict:
+    """`quantized_weights` as the cache holds them: what a graph's binding feeds without a copy."""
     def member(use: WeightUse) -> dict:
         hessian = (hessians or {}).get(id(use.weight.tensor))
         return quantized_weight(use.weight, options, use.cast_dtype, use.weight_is_nk, hessian)
 
     if len(uses) == 1:
-        return member(uses[0])
+        use = uses[0]
+        return _held_weight(use.weight, options, use.cast_dtype, use.weight_is_nk,
+                            (hessians or {}).get(id(use.weight.tensor)))
     first, others = uses[0].weight.tensor, [u.weight.tensor for u in uses[1:]]
     key = ("siblings", *(_cache_key(u.weight.tensor, options, u.cast_dtype, u.weight_is_nk) + (id(u.weight.tensor),)
                          for u in uses))
@@ -323,6 +345,8 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
     layouts = constant_layouts(result.gm)  # e.g. CPU kernels' interleaved rows
     lay_out = [layouts.get(name) for name, _ in result.constants]
     constants = _laid_out(lay_out, [t for _, t in result.constants])
+    # what the lowered graph reads (and no longer the row-major tensors the cache has let go)
+    result.constants[:] = [(name, t) for (name, _), t in zip(result.constants, constants)]
     inputs = [example_inputs[i] for i in kept] + constants
     cudagraphs = options.cudagraphs and device.type == "cuda"
     if options.cudagraphs and not cudagraphs:
@@ -351,8 +375,56 @@ def _compile_quantized(gm: torch.fx.GraphModule, example_inputs, options: QuantO
 
 
 def _laid_out(lay_out: list, constants: list) -> list:
-    """Each constant in the layout its lowering asked for (`lay_out`: a function or None per constant)."""
-    return [f(t) if f is not None else t for f, t in zip(lay_out, constants)]
+    """Each constant in the layout its lowering asked for (`lay_out`: a function, or None for rows in order, per
+    constant); the weight cache then holds the laid-out tensors in place of those they were laid out from."""
+    laid = [f(t) if f is not None else cpu_layout.laid_out(t, rows=1) for f, t in zip(lay_out, constants)]
+    _hold_laid_out([(t, new) for t, new in zip(constants, laid) if new is not t])
+    return laid
+
+
+def laid_out_constants(layouts: dict, constants: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each constant in the layout `layouts` (`constant_layouts` of the lowered graph) asks for,
+    held so in the weight cache: for export, whose program stores them."""
+    laid = _laid_out([layouts.get(name) for name, _ in constants], [t for _, t in constants])
+    return [(name, t) for (name, _), t in zip(constants, laid)]
+
+
+def _hold_laid_out(replaced: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The weight cache keeps each packed tensor once: where a lowering laid a cached tensor out for its kernels
+    (the same bytes in another order), the cache holds the laid-out tensor instead, and readers that need rows in
+    order get a copy (`quantized_weight`). Fused siblings' member entries (views of the fused tensor's rows)
+    become views of the laid-out one where its blocks allow (`layout.rows_view`); where one cannot, or where the
+    old tensor is not the cache's, the cache keeps what it has. A graph that reads the old tensor (a reference op,
+    not lowered) keeps it alive itself."""
+    by_storage = {before.untyped_storage().data_ptr(): (before, after) for before, after in replaced
+                  if before.device.type == "cpu" and before.numel() and before not in _LOOKED_UP}
+    if not by_storage:
+        return
+    for before, _ in by_storage.values():  # once per tensor: a graph's binding lays out at every call
+        _LOOKED_UP[before] = True
+    plans: dict[int, list] = {}  # storage -> [(cache entry, name, replacement or None)]
+    for per_tensor in list(_QUANTIZED.values()):
+        for entry in per_tensor.values():
+            tensors = entry[1] if isinstance(entry, tuple) else entry  # ([weakrefs], fused) for siblings
+            for name, t in tensors.items():
+                storage = t.untyped_storage().data_ptr()
+                if storage in by_storage:
+                    plans.setdefault(storage, []).append((tensors, name, _rows_of(t, *by_storage[storage])))
+    for plan in plans.values():
+        if all(new is not None for _, _, new in plan):
+            for tensors, name, new in plan:
+                tensors[name] = new
+
+
+def _rows_of(t: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    """`t` (`before` or a view of some of its rows) as the same rows of `after`, `before` laid out; else None."""
+    if t is before:
+        return after
+    offset = t.storage_offset() - before.storage_offset()
+    if (t.dim() != 2 or t.stride() != before.stride() or t.shape[1:] != before.shape[1:]
+            or offset % before.stride(0) or not 0 <= offset // before.stride(0) <= before.shape[0] - t.shape[0]):
+        return None
+    return cpu_layout.rows_view(after, offset // before.stride(0), t.shape[0])
 
 
 def _on_one_intra_op_thread(compiled):
@@ -438,7 +510,7 @@ class WeightBinding:
         for positions, group in self.groups:
             uses = tuple(WeightUse(WeightRef(u.weight.name, args[i]), u.cast_dtype, u.weight_is_nk)
                          for i, u in zip(positions, group.uses))
-            tensors = quantized_weights(uses, self.options)
+            tensors = _held_weights(uses, self.options)
             if len(tensors) != group.count:
                 raise AssertionError(f"{'+'.join(u.weight.name for u in uses)}: {len(tensors)} quantized tensors, "
                                      f"the graph takes {group.count}")

@@ -18,7 +18,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .backend import device_of, quantized_weights
+from .backend import device_of, laid_out_constants, quantized_weights
 from .options import QuantOptions
 from .passes.lower import constant_layouts, lower_for_device
 from .passes.quantize_linears import quantize_linears
@@ -52,8 +52,9 @@ def quantize_exported_program(ep: ExportedProgram, options: QuantOptions) -> tup
         elif node.name not in constant_values and node in weights and not node.users:
             gm.graph.erase_node(node)  # a float weight the quantized graph no longer reads
     lower_for_device(gm, device_of([*ep.state_dict.values(), *ep.constants.values()]), options)
-    for name, lay_out in constant_layouts(gm).items():  # e.g. CPU kernels' interleaved rows
-        constant_values[name] = lay_out(constant_values[name])
+    # e.g. CPU kernels' interleaved rows (held so in the weight cache too); the result reports what the program reads
+    result.constants[:] = laid_out_constants(constant_layouts(gm), result.constants)
+    constant_values = dict(result.constants)
 
     state_dict = dict(ep.state_dict)
     constants = dict(ep.constants)

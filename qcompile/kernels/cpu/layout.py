@@ -8,8 +8,10 @@ whose packed rows are one bit plane (a chunk is consecutive values); other width
 bytes, in another order.
 
 The lowering (passes/lower_cpu.py) asks for it where lowered ops are the packed tensor's only readers; the tensors
-the graph runs with are laid out once (`laid_out`, the backend and export call it); the ops' reference reads
-the rows back in order (`rows_in_order`). Numerics are untouched: that is qcompile/quant's.
+the graph runs with are laid out once (`laid_out`, the backend and export call it), and the backend's weight cache
+then holds the laid-out tensor instead of the row-major one (`rows_of` says which a tensor is; readers that need
+rows in order get a copy). The ops' reference reads the rows back in order (`rows_in_order`). Numerics are
+untouched: that is qcompile/quant's.
 """
 from __future__ import annotations
 
@@ -68,17 +70,48 @@ def rows_in_order(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+# tensors laid out here -> their row block (every other tensor is row-major)
+_ROWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# a tensor -> {(row block, its version): the same rows laid out so}. One direction only: a row-major tensor remembers
+# its interleaved form, a row-major copy of an interleaved tensor remembers where it came from, never both ways
+# (each would keep the other alive)
 _LAID_OUT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def rows_of(packed: torch.Tensor) -> int:
+    """The row block `packed` is laid out in (1: row-major)."""
+    return _ROWS.get(packed, 1)
+
+
 def laid_out(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    """`interleave_rows(packed, rows)`, computed once per tensor (recompiles and rebound graphs reuse it). The
-    row-major tensor stays where the weight cache holds it: readers other than the lowered ops may need it."""
-    if rows == 1:
+    """`packed`'s rows in blocks of `rows` (1: row-major), whatever layout `packed` has. Interleaving is computed
+    once per tensor and version (recompiles and rebound graphs reuse it); putting the rows back in order is a
+    copy each time (for a reader that needs them so: the linear pass, an eager call, a reference op), which
+    remembers the tensor it came from, so laying the copy out again returns that tensor, not a second one."""
+    have = rows_of(packed)
+    if have == rows:
         return packed
-    per_tensor = _LAID_OUT.setdefault(packed, {})
-    key = (rows, packed._version)
-    if key not in per_tensor:
-        per_tensor.clear()
-        per_tensor[key] = interleave_rows(packed, rows)
-    return per_tensor[key]
+    remembered = _LAID_OUT.get(packed, {}).get((rows, packed._version))
+    if remembered is not None:
+        return remembered
+    if rows == 1:
+        in_order = rows_in_order(packed, have)
+        _LAID_OUT[in_order] = {(have, in_order._version): packed}
+        return in_order
+    interleaved = interleave_rows(laid_out(packed, 1), rows)
+    _ROWS[interleaved] = rows
+    _LAID_OUT[packed] = {(rows, packed._version): interleaved}
+    return interleaved
+
+
+def rows_view(packed: torch.Tensor, first: int, count: int) -> torch.Tensor | None:
+    """Rows first..first+count of `packed` (as `packed.narrow(0, first, count)` of its row-major form) as a view
+    in `packed`'s layout, or None where they are not one: interleaved, they are when `first` starts a block and
+    `count` ends one or reaches the last row (a fused linear's member, e.g.)."""
+    rows = rows_of(packed)
+    if rows > 1 and (first % rows or (count % rows and first + count != packed.shape[0])):
+        return None
+    view = packed.narrow(0, first, count)
+    if rows > 1:
+        _ROWS[view] = rows
+    return view

@@ -34,3 +34,25 @@ def test_laid_out_once_per_tensor_and_version():
     assert layout.laid_out(packed, 4) is first and layout.laid_out(packed, 1) is packed
     packed[0, 0] ^= 1  # written in place: laid out again
     assert torch.equal(layout.laid_out(packed, 4), layout.interleave_rows(packed))
+
+
+def test_rows_in_order_are_a_copy_that_lays_out_as_the_original():
+    """The weight cache holds the interleaved tensor only: a reader that needs rows in order gets a copy, and the
+    linear pass's copy, laid out again by the lowering, is the cached tensor itself (no second interleaved one)."""
+    packed = torch.randint(0, 256, (10, 96), dtype=torch.uint8)
+    interleaved = layout.laid_out(packed, 4)
+    assert layout.rows_of(packed) == 1 and layout.rows_of(interleaved) == 4
+    in_order = layout.laid_out(interleaved, 1)
+    assert torch.equal(in_order, packed) and in_order is not packed and layout.rows_of(in_order) == 1
+    assert layout.laid_out(in_order, 4) is interleaved and layout.laid_out(interleaved, 4) is interleaved
+
+
+@pytest.mark.parametrize("first, count, view", [(0, 4, True), (4, 6, True), (0, 10, True), (4, 3, False),
+                                                (2, 8, False)])
+def test_rows_view_of_an_interleaved_tensor(first, count, view):
+    """A fused linear's member rows: a view where they start a block and end one (or reach the last row)."""
+    packed = torch.randint(0, 256, (10, 96), dtype=torch.uint8)
+    rows = layout.rows_view(layout.laid_out(packed, 4), first, count)
+    assert (rows is not None) == view
+    if view:
+        assert layout.rows_of(rows) == 4 and torch.equal(layout.laid_out(rows, 1), packed[first:first + count])
