@@ -9,9 +9,9 @@
 source benchmarks/h200_session.sh
 record_versions
 e2e_results
-# ROWS, BUDGET (llama_e2e's --budget-s) and E2E_LIMIT (the stage's) shrink the call where device time is short
+# ROWS, BUDGET (llama_e2e's --budget-s), E2E_LIMIT (the stage's) and TESTS=0 shrink the call where device time is short
 stage ${E2E_LIMIT:-490} e2e python benchmarks/llama_e2e.py \
     --rows ${ROWS:-transformers,int4_weight_only,transformers_bf16_reduce_overhead,transformers_torchao_int4,transformers_torchao_float8,transformers_float8_dynamic,transformers_int8_dynamic} \
     --phases decode_b1,decode_b128 --compile-scope layer --budget-s ${BUDGET:-400} --out "$OUT/e2e.json"
-stage 30 tests python -m pytest -m gpu tests/test_step_graphs.py tests/test_per_layer.py -p no:cacheprovider -q -o addopts="" -x
+[ "${TESTS:-1}" = 0 ] || stage 30 tests python -m pytest -m gpu tests/test_step_graphs.py tests/test_per_layer.py -p no:cacheprovider -q -o addopts="" -x
 save_tuning
