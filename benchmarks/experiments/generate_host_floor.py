@@ -1,9 +1,12 @@
-"""Lab (issue 21): the host's floor of one transformers generate() decode step — a 2-layer Llama (hidden 64) whose
-forward is one CUDA-graph replay (qcompile.step_graphs), vocab 128256 as Llama-3's (the logits generate() reads),
-static cache: per-step wall time is then generate()'s own Python and launches plus ours, whatever the model.
-Parts timed by wrappers: prepare_inputs_for_generation (4D mask creation apart), the forward (StepGraphs). Run
-twice: with transformers' own mask creation and with qcompile.decode_masks' one-op decode-step mask (the tokens of
-the two must agree: the masks are equal).
+"""Lab (issue 21): the host's floor of one transformers generate() decode step — a 2-layer Llama (hidden 64)
+compiled as compile_blocks does it (each block compiled, each call of the model one CUDA-graph replay:
+qcompile.step_graphs), vocab 128256 as Llama-3's (the logits generate() reads), static cache: per-step wall time is
+then generate()'s own Python and launches plus ours, whatever the model. Parts timed by wrappers:
+prepare_inputs_for_generation (4D mask creation apart), the forward (StepGraphs). Three runs, whose tokens must
+agree: transformers' own mask creation and per-step stop check; qcompile.decode_masks' one-op decode-step mask;
+that and qcompile.deferred_stop's one-step-late stop check (CUDA: the host's step work overlaps the GPU's previous
+step — with this tiny model the GPU step is short, so the floor shows the host's own time).
+(Session 16's run compiled nothing: its eager forward synchronized and StepGraphs captured no step.)
 
   python benchmarks/experiments/generate_host_floor.py [--steps 128] [--out FILE.json]
 """
@@ -21,7 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qcompile.decode_masks import install_decode_step_masks  # noqa: E402
-from qcompile.step_graphs import capture_steps  # noqa: E402
+from qcompile.deferred_stop import install_deferred_stop_check  # noqa: E402
+from qcompile.per_layer import compile_regions  # noqa: E402
 
 
 def main():
@@ -34,7 +38,8 @@ def main():
                          num_key_value_heads=2, vocab_size=128256)
     model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
     model.generation_config.eos_token_id = None  # as llama_e2e's transformers rows: random weights never stop
-    steps = capture_steps(model)
+    compile_regions(model, list(model.model.layers), mode="reduce-overhead", dynamic=False)
+    steps = model.forward  # StepGraphs
     cache = StaticCache(config=config, max_cache_len=32 + args.steps + 1)
     prompt = torch.randint(0, config.vocab_size, (1, 32), device=device)
     # transformers 5.2x renamed generate()'s past_key_values to cache (forward's signature says which it takes)
@@ -62,10 +67,13 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def measure(fast_masks: bool) -> dict:
+    def measure(fast_masks: bool, deferred: bool = False) -> dict:
         model.__dict__.pop("create_masks_for_generate", None)
+        model.__dict__.pop("generate", None)
         if fast_masks:
             install_decode_step_masks(model)
+        if deferred:
+            install_deferred_stop_check(model)
         totals.clear()
         with torch.no_grad():
             for n in (1, 2, 8, args.steps):
@@ -97,8 +105,10 @@ def main():
                              pad_token_id=0, **{cache_kwarg: cache})
         return out[0, -n:].tolist()
 
-    runs = {"transformers masks": measure(False), "decode_masks": measure(True)}
-    same_tokens = runs["transformers masks"].pop("tokens") == runs["decode_masks"].pop("tokens")
+    runs = {"transformers masks": measure(False), "decode_masks": measure(True),
+            "decode_masks + deferred_stop": measure(True, deferred=True)}
+    tokens = [run.pop("tokens") for run in runs.values()]
+    same_tokens = all(t == tokens[0] for t in tokens)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               **runs, "same_tokens": same_tokens,
