@@ -21,7 +21,7 @@ FLOORS = [
     {"backend": ["qcompile.backend"]},
     {"debug": ["qcompile.debug"], "export": ["qcompile.export"], "prepare": ["qcompile.prepare"],
      "per-layer compile": ["qcompile.per_layer", "qcompile.block_views", "qcompile.step_graphs",
-                           "qcompile.decode_masks"]},
+                           "qcompile.decode_masks", "qcompile.deferred_stop"]},
     {"entry points": ["qcompile.cli", "qcompile.__main__"]},
 ]
 TOP = "qcompile"  # the package's __init__: the public names, and where the floors are wired together
