@@ -4,7 +4,9 @@
 // qcompile runs (sibling fusion: q/k/v one linear, gate/up one). For 4- and 8-bit weights, sweeps over the row-major
 // layout (ROWS = 1) and the interleaved one the lowering picks (ROWS = 4, kernels/cpu/layout.py) alternate; prints
 // the best of `reps` sweeps of each and the median of the per-round ratios. Build once per ISA with the flags
-// Inductor passes (torch._inductor.cpu_vec_isa), e.g.
+// Inductor passes (torch._inductor.cpu_vec_isa), e.g. (Inductor also passes -march=native and its fast-math set:
+// on this Zen 4 that tunes for znver3, and kernel variants compared faster under the flags below but slower under
+// Inductor's: compare variants with experiments/cpu_float_gemv_ab.cpp's full flag list)
 //   g++ -O3 -std=c++17 -fopenmp -mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx512vnni \
 //       -DWEIGHT_BITS=4 -DENTRY_POINT=intx_linear_dynamic_int8 -Iqcompile/kernels/cpu benchmarks/cpu_intx_kernels.cpp -o vnni4
 //   g++ -O3 -std=c++17 -fopenmp -mavx2 -mfma -mf16c ... -o avx2_4
