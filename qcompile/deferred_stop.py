@@ -8,9 +8,10 @@ on the device's host against a 3.6 ms int4 8B step (session 15/16 profiles). tra
 the GPU runs step n; a stop that only the device knows, an EOS, costs one extra forward that generate() undoes),
 but enables it on mps only ("we should enable it for cuda if we observe perf gains"). For a model installed here,
 generate() runs with it on CUDA where transformers' own safety rule holds — no cache, a croppable one, or one not
-handed back — and also for a cache of plain StaticLayers (full attention) handed back, which transformers cannot
-crop: there a rolled-back step is its `cumulative_length` one lower, the slot it wrote lying past the cache's length,
-hidden by every mask and overwritten by the next step. Stops at max_length are decided on the host: no extra step.
+handed back — and also for a cache of plain StaticLayers (full attention) handed back, which transformers 5.17
+cannot crop: there a rolled-back step is its `cumulative_length` one lower, the slot it wrote lying past the cache's
+length, hidden by every mask and overwritten by the next step (transformers 5.2x's own StaticLayer.crop does the
+same). Stops at max_length are decided on the host: no extra step.
 Everywhere else (other devices, other models, other caches) generate() behaves exactly as transformers ships it.
 """
 from __future__ import annotations

@@ -57,7 +57,11 @@ def _run(model, prompt, new_tokens, eos=None):
     return out, len(calls), cache
 
 
-def test_deferred_generate_gives_the_same_tokens_and_cache(host_events):
+@pytest.mark.parametrize("static_layers_crop", [True, False], ids=["transformers-crops", "qcompile-rolls-back"])
+def test_deferred_generate_gives_the_same_tokens_and_cache(host_events, monkeypatch, static_layers_crop):
+    # transformers 5.2x crops a StaticLayer itself (is_croppable); 5.17 cannot, and deferred_stop rolls it back
+    from transformers.cache_utils import StaticLayer
+    monkeypatch.setattr(StaticLayer, "is_croppable", static_layers_crop)
     model = _tiny_llama()
     prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     reference, reference_calls, _ = _run(model, prompt, 12)
