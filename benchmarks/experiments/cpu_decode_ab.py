@@ -1,7 +1,12 @@
 """SmolLM2-135M decode on this CPU, engines alternated in one process, per-round ratios: int8_dynamic_intx 4-bit
-against intx_weight_only 4-bit compiled with the CPU kernel header of a git revision and with the working tree's.
+against intx_weight_only 4-bit compiled with the CPU kernel header of a git revision and with the working tree's
+(or with header files named by --headers instead).
 
     PYTHONPATH=.:benchmarks python benchmarks/experiments/cpu_decode_ab.py [--rev HEAD] [--rounds 9] [--split]
+        [--headers a.h b.h] [--split-rounds 5]
+
+--split profiles each engine's decode (GEMVs / other kernels / rest) in --split-rounds alternating runs and prints
+medians (min-max): one profiled run swung by +-20% here.
 
 cpu_smollm2.py's engines (each its own code object) and model; its table alternates more engines with fewer rounds.
 Each weight-only engine renders intx_linear.h from its own source (the CppTemplate pastes KERNEL_SOURCE) under its
@@ -43,7 +48,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--headers", nargs="+", help="variant intx_linear.h files (each named by its stem) instead "
+                                                     "of the working tree's")
     parser.add_argument("--split", action="store_true", help="also print each engine's profiled decode-step split")
+    parser.add_argument("--split-rounds", type=int, default=5, help="alternating profiled runs per engine")
     args = parser.parse_args()
     if args.split:
         torch._inductor.config.cpp.enable_kernel_profile = True
@@ -52,8 +60,11 @@ def main():
     torch._dynamo.config.accumulated_recompile_limit = 1024
     root = Path(__file__).resolve().parents[2]
     sources = {args.rev: subprocess.run(["git", "show", f"{args.rev}:{HEADER}"], cwd=root, check=True,
-                                        capture_output=True, text=True).stdout,
-               "working tree": (root / HEADER).read_text()}
+                                        capture_output=True, text=True).stdout}
+    if args.headers:
+        sources.update((Path(path).stem, Path(path).read_text()) for path in args.headers)
+    else:
+        sources["working tree"] = (root / HEADER).read_text()
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 49000, bench.PROMPT_PREFILL)]
 
     def options(scheme, tag):
@@ -85,15 +96,21 @@ def main():
     print(bench.table(["engine", "decode tok/s (median)", f"per-round ratio to {base} (median)", "ratios, sorted"],
                       rows))
     wo = [e.name for e in runs[1:]]
-    ratios = sorted(a / b for a, b in zip(tok_s[wo[1]], tok_s[wo[0]]))
-    print(f"\n{wo[1]} / {wo[0]}: median {statistics.median(ratios):.3f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+    for other in wo[1:]:
+        ratios = sorted(a / b for a, b in zip(tok_s[other], tok_s[wo[0]]))
+        print(f"\n{other} / {wo[0]}: median {statistics.median(ratios):.3f} ({', '.join(f'{x:.2f}' for x in ratios)})")
     if args.split:
         print()
-        rows = []
-        for engine in runs:
-            t = bench.decode_split_ms(engine, prompt[:bench.PROMPT_DECODE], args.decode_tokens)
-            rows.append([engine.name] + [f"{t[k]:.2f}" for k in ("step", "gemv", "other", "rest")])
+        splits = {e.name: [] for e in runs}
+        for r in range(args.split_rounds):
+            for engine in (runs if r % 2 == 0 else runs[::-1]):
+                splits[engine.name].append(bench.decode_split_ms(engine, prompt[:bench.PROMPT_DECODE],
+                                                                 args.decode_tokens))
+        keys = ("step", "gemv", "other", "rest")
+        rows = [[name] + [f"{statistics.median(t[k] for t in ts):.2f} ({min(t[k] for t in ts):.2f}-"
+                          f"{max(t[k] for t in ts):.2f})" for k in keys] for name, ts in splits.items()]
         print(bench.table(["engine", "step ms", "qcompile templates", "other kernels + aten ops", "rest"], rows))
+        print(f"medians (min-max) of {args.split_rounds} alternating profiled runs per engine")
 
 
 if __name__ == "__main__":
