@@ -636,19 +636,22 @@ inline float scale_at(const ST* s, int64_t i) { return static_cast<float>(s[i]);
 
 // The scale of each lane's group for the chunk of CHUNK values at k0, lane l holding values k0 + l * CHUNK/16 up to
 // the next lane's (0 for groups past the row's end).
-template <int CHUNK, int GROUP, typename ST>
+// WHOLE: the chunk lies within the row (all its groups exist).
+template <int CHUNK, int GROUP, typename ST, bool WHOLE = false>
 inline __m512 chunk_scales(const ST* srow, int64_t k0, int64_t groups) {
   const int64_t base = k0 / GROUP;
   if constexpr (GROUP >= CHUNK) {
     return _mm512_set1_ps(scale_at(srow, base));
   } else {
     constexpr int per_chunk = CHUNK / GROUP, lanes_per_group = 16 / per_chunk;
-    const int count = (int)std::min<int64_t>(per_chunk, groups - base);
+    const int count = WHOLE ? per_chunk : (int)std::min<int64_t>(per_chunk, groups - base);
     __m128 s;
     if (std::is_same_v<ST, float> && per_chunk == 4 && count == 4) {
       s = _mm_loadu_ps((const float*)srow + base);
-    } else if (std::is_same_v<ST, float> && per_chunk == 2 && count == 2) {
+    } else if (std::is_same_v<ST, float> && count == 2) {  // the upper two lanes zero
       s = _mm_castpd_ps(_mm_load_sd((const double*)(srow + base)));
+    } else if (std::is_same_v<ST, float> && count == 1) {
+      s = _mm_load_ss((const float*)srow + base);
     } else {  // from registers: four scalar stores read back as one vector would stall store forwarding
       auto at = [&](int i) { return i < count ? scale_at(srow, base + i) : 0.f; };
       s = _mm_setr_ps(at(0), at(1), at(2), at(3));
@@ -1421,8 +1424,258 @@ void float_gemv_with(const XT* x, const uint8_t* packed, const ST* scale, const 
 QC_BF16_TARGET_END
 #endif
 
-// Which float GEMV runs: "bf16_pair" (4-bit where the CPU has AVX512_BF16, unless QCOMPILE_CPU_BF16_DOT=0) or
-// "fp32_table".
+// Digits GEMV (4-bit, float32 tokens): vpdpbusd, as the int8 GEMV, on the nibbles it reads (an and, a shift, an and
+// per 64 bytes), against the token written as exact integers. Lane l of a 128-value chunk holds values k0 + 8l ..
+// k0 + 8l + 7 (the int8 GEMV's lane); all chunks' lane l form lane class l, with one power of two per class and
+// token: m = round(x * 2^(21 - e_l)), e_l the exponent of the class's largest |x| (at least -100), so |m| <= 2^22
+// and x is within 2^(e_l - 22) of m * 2^(e_l - 21): 2^-22 of the class's largest value (the bf16 pairs' products:
+// 2^-17 of each). m = d2 * 2^16 + d1 * 2^8 + d0 in signed 8-bit digits; per lane and digit, two vpdpbusd (even and
+// odd values) sum u * d exactly. The top digit's chain, shifted by 8, starts the middle one's; the low one's starts
+// from -8 * sum(m) (w = u - 8), so v = c0 + (c1 << 8) is the lane's exact sum of w * m (|v| <= 2^28; int32 wraps
+// on the way, exactly). Per 128 weights and row: 6 vpdpbusd and 1 FMA on the pipe that also runs vdpbf16ps (the
+// bf16 pairs: 8 + 1). The class's power of two multiplies each row's float accumulator once, after the last chunk.
+// A row's last chunk of 64 values or fewer (K = 576: half of one) runs on 256-bit vectors. Inf and NaN have no
+// digits: a call whose tokens hold one takes the bf16 pairs or the float table.
+constexpr int QC_DIGITS = 3;
+
+// Token m's digits, per-lane start values and lane-class powers of two, `chunks` chunks per token:
+// digits[(m * chunks + c) * 384 + 64 * v + b]: vector v = 2 i + odd holds digit i of the chunk's even (odd) values,
+// byte b of the int8 GEMV's order; starts[(m * chunks + c) * 16 + l]: -8 * sum of m over lane l;
+// powers[m * 16 + l] = 2^(e_l - 21).
+struct TokenDigits {
+  int8_t* digits;
+  int32_t* starts;
+  float* powers;
+};
+
+inline bool all_finite(const float* x, int64_t n) {
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);  // all ones: +-inf, NaN
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(x + i), exponent), exponent);
+  for (; i < n; ++i) bad |= !std::isfinite(x[i]);
+  return bad == 0;
+}
+
+// One token's digits (x: K floats; the chunks past K read as zeros).
+inline void float_token_digits(const float* x, int64_t K, int64_t K_pad, int8_t* digits, int32_t* starts,
+                               float* powers) {
+  const int64_t chunks = K_pad / 128;
+  auto chunk_vector = [&](int64_t c, int i) {  // values c * 128 + 16 i .. + 15
+    const int64_t k = c * 128 + 16 * i;
+    if (k + 16 <= K) return _mm512_loadu_ps(x + k);
+    if (k >= K) return _mm512_setzero_ps();
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << (K - k)) - 1), x + k);
+  };
+  // each lane class's largest |x|: vector i of a chunk holds classes 2i (its lanes 0-7) and 2i + 1 (8-15)
+  __m512 big[8];
+  for (int i = 0; i < 8; ++i) big[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int i = 0; i < 8; ++i) big[i] = _mm512_max_ps(big[i], _mm512_abs_ps(chunk_vector(c, i)));
+  __m512 up[8];  // 2^(21 - e) per value of vector i
+  alignas(64) float class_power[16];
+  for (int i = 0; i < 8; ++i) {
+    __m512 b = big[i];  // the largest of each half, in all 8 of its lanes
+    b = _mm512_max_ps(b, _mm512_permute_ps(b, 0x4E));
+    b = _mm512_max_ps(b, _mm512_permute_ps(b, 0xB1));
+    b = _mm512_max_ps(b, _mm512_shuffle_f32x4(b, b, 0xB1));
+    const __m512 e = _mm512_max_ps(_mm512_getexp_ps(b), _mm512_set1_ps(-100.f));  // zeros: e = -100, m = 0
+    up[i] = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_set1_ps(21.f), e));
+    const __m512 down = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(e, _mm512_set1_ps(21.f)));
+    class_power[2 * i] = _mm512_cvtss_f32(down);
+    class_power[2 * i + 1] = _mm512_cvtss_f32(_mm512_castps256_ps512(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(down), 1))));
+  }
+  std::memcpy(powers, class_power, sizeof(class_power));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8((char)0x80);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int8_t* d = digits + c * QC_DIGITS * 128;
+    for (int q = 0; q < 4; ++q) {  // 32 values: 16 evens to the chunk's first half, 16 odds to its second
+      const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(chunk_vector(c, 2 * q), up[2 * q]));
+      const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(chunk_vector(c, 2 * q + 1), up[2 * q + 1]));
+      for (int half = 0; half < 2; ++half) {
+        __m512i m = _mm512_permutex2var_epi32(lo, half ? odd : even, hi);
+        for (int i = 0; i < QC_DIGITS; ++i) {  // d_i = m's low byte as signed; m = (m - d_i) / 256
+          const __m512i digit = _mm512_srai_epi32(_mm512_slli_epi32(m, 24), 24);
+          _mm_storeu_si128((__m128i*)(d + 128 * i + 64 * half + 16 * q), _mm512_cvtepi32_epi8(digit));
+          m = _mm512_srai_epi32(_mm512_sub_epi32(m, digit), 8);
+        }
+      }
+    }
+    // per lane: sum of m = sum_i 256^i sum(d_i), each sum(d_i) = sum(d_i + 128) - 8 * 128
+    __m512i sum_m = _mm512_setzero_si512();
+    for (int i = QC_DIGITS - 1; i >= 0; --i) {
+      __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(d + 128 * i), bias), ones);
+      sum = _mm512_dpbusd_epi32(sum, _mm512_xor_si512(_mm512_loadu_si512(d + 128 * i + 64), bias), ones);
+      sum_m = _mm512_add_epi32(_mm512_slli_epi32(sum_m, 8), _mm512_sub_epi32(sum, _mm512_set1_epi32(8 * 128)));
+    }
+    _mm512_storeu_si512(starts + c * 16, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum_m, 3)));
+  }
+}
+
+// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds a load into every instruction
+// that reads v (the digits into each row's vpdpbusd, the weights into both nibble masks), and zmm loads issue one a
+// cycle on this Zen 4: the loop became load-bound
+template <typename T>
+inline T qc_in_register(T v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// A lane's exact sum of (u - 8) * m from the nibbles lo (even values) and hi (odd) and the chunk's digit vectors d
+// (DigitsDot's order) and start: 512-bit, or 256-bit for the first 8 lanes.
+inline __m512i digit_lane_sums(__m512i lo, __m512i hi, const __m512i* d, __m512i start) {
+  const __m512i c2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, d[4]), hi, d[5]);
+  const __m512i c1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(c2, 8), lo, d[2]), hi, d[3]);
+  const __m512i c0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, d[0]), hi, d[1]);
+  return _mm512_add_epi32(c0, _mm512_slli_epi32(c1, 8));
+}
+inline __m256i digit_lane_sums(__m256i lo, __m256i hi, const __m256i* d, __m256i start) {
+  const __m256i c2 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, d[4]), hi, d[5]);
+  const __m256i c1 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(c2, 8), lo, d[2]), hi, d[3]);
+  const __m256i c0 = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(start, lo, d[0]), hi, d[1]);
+  return _mm256_add_epi32(c0, _mm256_slli_epi32(c1, 8));
+}
+
+// The sums of 4 vectors' lanes, in one vector (one combined reduction instead of four)
+inline __m128 reduce_add_4(const __m512 (&f)[4]) {
+  __m256 h[4];
+  for (int r = 0; r < 4; ++r)
+    h[r] = _mm256_add_ps(_mm512_castps512_ps256(f[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[r]), 1)));
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(h[0], h[1]), _mm256_unpackhi_ps(h[0], h[1]));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(h[2], h[3]), _mm256_unpackhi_ps(h[2], h[3]));
+  const __m256 abcd = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// out[r * MT + t] for the QC_VNNI_ROWS rows: the whole chunks, then the last, partial one. (Each row's pointer stepped
+// one chunk on, interleaved rows 64 bytes apart, with one scale prefetch per chunk for the block, ran 1.2x faster in
+// L2 but 0.95x from DRAM; this loop's per-row addresses and prefetches keep both: benchmarks/experiments/
+// cpu_float_gemv_ab.cpp, BENCHMARKS.md "Issue 24: session 17".)
+template <int GROUP, int MT, typename ST, int ROWS>
+inline void digits_gemv_rows(const GemvRows<ROWS>& row, const ST* const* srow, const TokenDigits& t, int64_t K,
+                             int64_t chunks, float* out) {
+  constexpr int CHUNK = 128, R = QC_VNNI_ROWS, V = 2 * QC_DIGITS;
+  static_assert(R == 4, "reduce_add_4");
+  const int64_t whole = K / CHUNK, groups = K / GROUP;
+  const int tail = (int)(K - whole * CHUNK);
+  const int64_t pf_s = row.ahead_rows * groups;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 facc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) facc[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < whole; ++c) {
+    const int64_t k0 = c * CHUNK;
+    __m512i d[MT][V], start[MT];
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* dm = t.digits + (m * chunks + c) * V * 64;
+      for (int v = 0; v < V; ++v) d[m][v] = qc_in_register(_mm512_loadu_si512(dm + 64 * v));
+      start[m] = _mm512_loadu_si512(t.starts + (m * chunks + c) * 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = row.origin(r, k0 / 2) + k0 / 2;
+      _mm_prefetch((const char*)(wr + row.ahead), _MM_HINT_T0);
+      _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
+      const __m512 s = chunk_scales<CHUNK, GROUP, ST, true>(srow[r], k0, groups);
+      const __m512i p = qc_in_register(_mm512_loadu_si512(wr));
+      const __m512i lo = _mm512_and_si512(p, m4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+      for (int m = 0; m < MT; ++m)
+        facc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digit_lane_sums(lo, hi, d[m], start[m])), s, facc[m][r]);
+    }
+  }
+  if (tail != 0) {
+    const int64_t c = whole, k0 = whole * CHUNK;
+    if (tail <= 64) {  // lanes 0-7 (values 0-63): 256-bit
+      const __m256i m4h = _mm256_set1_epi8(0x0F);
+      __m256i d[MT][V], start[MT];
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* dm = t.digits + (m * chunks + c) * V * 64;
+        for (int v = 0; v < V; ++v) d[m][v] = qc_in_register(_mm256_loadu_si256((const __m256i*)(dm + 64 * v)));
+        start[m] = _mm256_loadu_si256((const __m256i*)(t.starts + (m * chunks + c) * 16));
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wr = row.origin(r, k0 / 2) + k0 / 2;
+        _mm_prefetch((const char*)(wr + row.ahead), _MM_HINT_T0);
+        _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
+        const __m256 s = _mm512_castps512_ps256(chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups));
+        const __m256i p = tail == 64 ? _mm256_loadu_si256((const __m256i*)wr)
+                                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)wr));
+        const __m256i lo = _mm256_and_si256(p, m4h), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4h);
+        for (int m = 0; m < MT; ++m) {
+          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(digit_lane_sums(lo, hi, d[m], start[m])), s);
+          facc[m][r] = _mm512_add_ps(facc[m][r], _mm512_zextps256_ps512(f));
+        }
+      }
+    } else {
+      __m512i d[MT][V], start[MT];
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* dm = t.digits + (m * chunks + c) * V * 64;
+        for (int v = 0; v < V; ++v) d[m][v] = qc_in_register(_mm512_loadu_si512(dm + 64 * v));
+        start[m] = _mm512_loadu_si512(t.starts + (m * chunks + c) * 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wr = row.origin(r, k0 / 2) + k0 / 2;
+        _mm_prefetch((const char*)(wr + row.ahead), _MM_HINT_T0);
+        _mm_prefetch((const char*)(srow[r] + k0 / GROUP + pf_s), _MM_HINT_T0);
+        const __m512 s = chunk_scales<CHUNK, GROUP, ST>(srow[r], k0, groups);
+        const __m512i p = load_bytes(wr, tail / 2);
+        const __m512i lo = _mm512_and_si512(p, m4), hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+        for (int m = 0; m < MT; ++m)
+          facc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digit_lane_sums(lo, hi, d[m], start[m])), s, facc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    const __m512 power = _mm512_loadu_ps(t.powers + m * 16);
+    for (int r = 0; r < R; ++r) facc[m][r] = _mm512_mul_ps(facc[m][r], power);
+    alignas(16) float sums[R];
+    _mm_store_ps(sums, reduce_add_4(facc[m]));
+    for (int r = 0; r < R; ++r) out[r * MT + m] = sums[r];
+  }
+}
+
+template <int GROUP, int ROWS, typename ST, typename BT, typename OT>
+void digits_gemv(const float* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y, int64_t M, int64_t N,
+                 int64_t K, int num_threads) {
+  const RowLayout<ROWS> layout{packed, N, K / 2};
+  const int64_t groups = K / GROUP, K_pad = (K + 127) / 128 * 128, chunks = K_pad / 128;
+  const bool parallel = M * N * K >= QC_PARALLEL_MIN_MACS;
+  (void)num_threads; (void)parallel;
+  // every thread writes the few tokens' digits itself (no barrier between that and the dot products)
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+    static thread_local std::vector<int8_t> digit_storage;
+    static thread_local std::vector<int32_t> start_storage;
+    static thread_local std::vector<float> power_storage;
+    const TokenDigits t{thread_scratch(digit_storage, (size_t)(M * chunks * QC_DIGITS * 128)),
+                        thread_scratch(start_storage, (size_t)(M * chunks * 16)),
+                        thread_scratch(power_storage, (size_t)(M * 16))};
+    for (int64_t m = 0; m < M; ++m)
+      float_token_digits(x + m * K, K, K_pad, t.digits + m * chunks * QC_DIGITS * 128, t.starts + m * chunks * 16,
+                         t.powers + m * 16);
+    vnni_row_blocks(
+        layout, scale, M, groups,
+        [&](auto mt, const GemvRows<ROWS>& rows, const ST* const* srows, float* out) {
+          digits_gemv_rows<GROUP, decltype(mt)::value, ST, ROWS>(rows, srows, t, K, chunks, out);
+        },
+        [&](int64_t m, int64_t n, float value) {
+          y[m * N + n] = static_cast<OT>(value + (bias ? static_cast<float>(bias[n]) : 0.f));
+        });
+  }
+}
+
+// The 4-bit float GEMV on digits unless QCOMPILE_CPU_DIGITS_DOT=0 (A/B, and the tests check both)
+inline bool digits_dot_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("QCOMPILE_CPU_DIGITS_DOT");
+    return !(env && env[0] == '0');
+  }();
+  return enabled;
+}
+
+// Whether the 4-bit float GEMV may multiply bf16 pairs (CPUs with AVX512_BF16, unless QCOMPILE_CPU_BF16_DOT=0)
 inline bool bf16_dot_enabled() {
 #if defined(QC_X86_BF16_DOT)
   static const bool enabled = [] {
@@ -1437,12 +1690,22 @@ inline bool bf16_dot_enabled() {
 #endif
 }
 
-inline const char* float_gemv_name(int bits) { return bits == 4 && bf16_dot_enabled() ? "bf16_pair" : "fp32_table"; }
+// Which float GEMV a float32 token takes: "digits" (4-bit, unless QCOMPILE_CPU_DIGITS_DOT=0 or the token holds an inf
+// or NaN), "bf16_pair" (4-bit where bf16_dot_enabled; bf16 and half tokens too) or "fp32_table".
+inline const char* float_gemv_name(int bits) {
+  return bits != 4 ? "fp32_table" : digits_dot_enabled() ? "digits" : bf16_dot_enabled() ? "bf16_pair" : "fp32_table";
+}
 
 template <int BITS, int GROUP, typename XT, typename ST, typename BT, typename OT, int ROWS>
 void intx_linear_float_gemv_avx512(const XT* x, const uint8_t* packed, const ST* scale, const BT* bias, OT* y,
                                    int64_t M, int64_t N, int64_t K, int num_threads) {
   const int64_t row_bytes = K * BITS / 8;
+  if constexpr (BITS == 4 && std::is_same_v<XT, float>) {
+    if (digits_dot_enabled() && all_finite(x, M * K)) {
+      digits_gemv<GROUP, ROWS>(x, packed, scale, bias, y, M, N, K, num_threads);
+      return;
+    }
+  }
 #if defined(QC_X86_BF16_DOT)
   if constexpr (BITS == 4) {
     if (bf16_dot_enabled()) {

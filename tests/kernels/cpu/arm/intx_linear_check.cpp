@@ -109,7 +109,8 @@ void check(const Case& c, std::mt19937& rng) {
       max_err = std::max(max_err, std::fabs(acc - y[m * N + n]));
       max_ref = std::max(max_ref, std::fabs(acc));
     }
-  // the 4-bit GEMV on AVX512_BF16 carries a float token as two bf16 terms: each product within 2^-17 of float's
+  // the 4-bit GEMV on AVX512_BF16 carries a float token as two bf16 terms: each product within 2^-17 of float's (the
+  // digits GEMV's token is within 2^-22 of its lane class's largest value: the float bound holds)
   bool bf16_pair = false;
 #if defined(QC_X86_VNNI)
   bf16_pair = M < qcompile_cpu::QC_GEMM_MIN_M && std::strcmp(qcompile_cpu::float_gemv_name(BITS), "bf16_pair") == 0;
@@ -147,10 +148,12 @@ template <int BITS>
 void check_bits(std::mt19937& rng) {
   // M = 1 and 3 take the GEMV, 4 and 9 the GEMM (9: a token tail); N = 37 leaves a row-block tail (and an
   // interleaved block of 1 row), 39 one of 3 rows; K = 352 (384 with groups of 128) leaves a partial 128-value chunk
-  // (and a partial 64-byte chunk of an interleaved row); the 16400 and 401 rows are big enough
+  // (and a partial 64-byte chunk of an interleaved row), 320 and 288 (groups of 32) a last chunk of 64 and 32
+  // values (the digits GEMV takes those on 256-bit vectors); the 16400 and 401 rows are big enough
   // (>= QC_PARALLEL_MIN_MACS) to run multi-threaded where OpenMP is on
   for (Case c : {Case{1, 37, 256}, Case{3, 37, 256}, Case{4, 37, 256}, Case{9, 37, 256}, Case{2, 37, 352},
-                 Case{6, 37, 352}, Case{1, 39, 352}, Case{5, 39, 352}, Case{1, 16400, 256}, Case{41, 401, 256}}) {
+                 Case{6, 37, 352}, Case{1, 39, 352}, Case{5, 39, 352}, Case{1, 33, 320}, Case{3, 37, 288},
+                 Case{1, 16400, 256}, Case{41, 401, 256}}) {
     check<BITS, 32, 1>(c, rng);
     check<BITS, 128, 1>(c, rng);
     if constexpr (BITS == 4 || BITS == 8) {  // the interleaved rows too

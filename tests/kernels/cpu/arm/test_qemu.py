@@ -16,8 +16,8 @@ import qcompile.kernels.cpu
 KERNEL_DIR = Path(qcompile.kernels.cpu.__file__).parent
 CHECK_SOURCE = Path(__file__).parent / "intx_linear_check.cpp"
 CROSS_CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
-# (8 bit widths, row-major + 4- and 8-bit interleaved) x 2 group sizes x 10 shapes x 2 entry points, + inf / NaN
-EXPECTED_SUMMARY = "401 passed, 0 failed"
+# (8 bit widths, row-major + 4- and 8-bit interleaved) x 2 group sizes x 12 shapes x 2 entry points, + inf / NaN
+EXPECTED_SUMMARY = "481 passed, 0 failed"
 
 needs_cross = pytest.mark.skipif(
     shutil.which(CROSS_CXX) is None or shutil.which(QEMU) is None,
@@ -88,17 +88,20 @@ def test_native_builds(tmp_path, flags, needs, isa):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found: apt-get install g++")
-def test_avx512_float_gemv_both_dot_products(tmp_path):
-    """The 4-bit float GEMV picks vdpbf16ps where CPUID has AVX512_BF16 (the check's tolerance follows the one it
-    reports) and the float-table kernel otherwise or under QCOMPILE_CPU_BF16_DOT=0: both are checked here."""
+def test_avx512_float_gemv_every_dot_product(tmp_path):
+    """The 4-bit float GEMV takes float32 tokens as 8-bit digits on vpdpbusd; under QCOMPILE_CPU_DIGITS_DOT=0 it
+    picks vdpbf16ps where CPUID has AVX512_BF16 (the check's tolerance follows the one it reports) and the
+    float-table kernel otherwise or also under QCOMPILE_CPU_BF16_DOT=0: all three are checked here."""
     cpu = _x86_cpu_flags()
     missing = {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni", "fma"} - cpu
     if missing or platform.machine() != "x86_64":
         pytest.skip(f"needs an x86-64 CPU with AVX-512 VNNI (lacks {sorted(missing)})")
     binary = _build(tmp_path, "g++", ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
                                       "-mavx512vnni", "-fopenmp"], "vnni")
-    for env, expected in ((None, "bf16_pair" if "avx512_bf16" in cpu else "fp32_table"), ("0", "fp32_table")):
+    for env, expected in (({}, "digits"),
+                          ({"QCOMPILE_CPU_DIGITS_DOT": "0"}, "bf16_pair" if "avx512_bf16" in cpu else "fp32_table"),
+                          ({"QCOMPILE_CPU_DIGITS_DOT": "0", "QCOMPILE_CPU_BF16_DOT": "0"}, "fp32_table")):
         result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "QCOMPILE_CPU_BF16_DOT": env} if env else None)
+                                env={**os.environ, **env})
         _assert_checked(result, "x86_avx512_vnni")
         assert result.stdout.splitlines()[1] == f"float_gemv {expected}", result.stdout
