@@ -8,6 +8,8 @@ float64 product of the dequantized weight:
                 code for those configs), or the bucket's first candidate where none is cached
   pairs/<cfg>   the pair-decode tiles (KernelConfig.pair_decode: int4 words decoded by byte pairs straight into
                 wgmma's register operand), every candidate the autotuner has for the bucket
+  gemv/<cfg>    at M = 1: the word GEMVs the tuner's prefetching candidates come from, each without (pf0) and
+                with an L1 prefetch of the words 1 or 2 K blocks ahead (KernelConfig.prefetch_words)
   tinygemm      torch's _weight_int4pack_mm (torchao's int4 kernel) at M = 1, 16, on a random packed weight
 A split-K config's partial sum is one more launch here, as in BENCHMARKS' table (a compiled model fuses it into
 the consumer). Prints a table of per-linear times and the four-linear sums (speedup over bf16: the issue asks
@@ -35,7 +37,8 @@ from qcompile import ops  # noqa: E402
 from qcompile.kernels.triton import layout  # noqa: E402
 from qcompile.kernels.triton.linear import pair_decode_verified, run_linear  # noqa: E402
 from qcompile.kernels.triton.ops import spec_for  # noqa: E402
-from qcompile.kernels.triton.tuning import SHIPPED, KernelConfig, candidates, m_bucket, pair_decode_tiles  # noqa: E402
+from qcompile.kernels.triton.tuning import (_GEMV_PREFETCH, SHIPPED, KernelConfig, candidates, m_bucket,  # noqa: E402
+                                            pair_decode_tiles)
 from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
 
@@ -106,6 +109,12 @@ def precompile(tasks, workers: int) -> None:
     print(f"compiled {len(set(tasks))} kernels in {time.time() - start:.0f} s", flush=True)
 
 
+def gemv_rows(M: int) -> list[KernelConfig]:
+    """At M = 1: the prefetching GEMVs' shapes, each with prefetch_words 0, 1 and 2."""
+    return [KernelConfig(1, *c, prefetch_words=ahead) for c in _GEMV_PREFETCH for ahead in (0, 1, 2)] if M == 1 \
+        else []
+
+
 def config_name(config: KernelConfig) -> str:
     if config.library:
         return config.library
@@ -113,7 +122,8 @@ def config_name(config: KernelConfig) -> str:
                             ("pairs", config.pair_decode), ("after_dot", config.scale_after_dot),
                             ("product", config.block_product)) if on]
     return (f"m{config.block_m}n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}"
-            f"st{config.num_stages}" + "".join("_" + t for t in tags))
+            f"st{config.num_stages}" + "".join("_" + t for t in tags)
+            + (f"_pf{config.prefetch_words}" if config.block_m == 1 else ""))
 
 
 def main():
@@ -141,7 +151,8 @@ def main():
         cached = cached_choices(spec)
         precompile([(M, c) for _, N, K in shapes for M in ms
                     for c in [cached.get((m_bucket(M), N, K)) or candidates(spec, M, N, K)[0],
-                              *pair_decode_tiles(m_bucket(M))] if fits(c, K) and not c.library], a.workers)
+                              *pair_decode_tiles(m_bucket(M)), *gemv_rows(M)] if fits(c, K) and not c.library],
+                   a.workers)
         deadline = time.time() + a.budget_s
     linears = {}  # every linear's tensors, prepared once: the sweep goes M by M, so a budget cut keeps small M whole
     for shape, N, K in shapes:
@@ -172,6 +183,7 @@ def main():
             else:
                 pairs = [c for c in pair_decode_tiles(bucket) if fits(c, K)]
             runs += [("pairs/" + config_name(c), c) for c in pairs]
+            runs += [("gemv/" + config_name(c), c) for c in gemv_rows(M) if fits(c, K) and not a.smoke]
             if tinygemm is not None and M <= 16:
                 runs.append(("tinygemm", lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm[0], GROUP,
                                                                                    tinygemm[1])))
@@ -202,7 +214,7 @@ def main():
                   pair_decode_verified=verified, summary=summary, rows=rows)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    bad = [r for r in rows if r["kind"] in ("today", "pairs") and (r.get("error") or (r.get("sqnr_db") or 0) < 25)]
+    bad = [r for r in rows if r["kind"] in ("today", "pairs", "gemv") and (r.get("error") or (r.get("sqnr_db") or 0) < 25)]
     for r in bad:
         print(f"NOT OK: {r['shape']} M={r['M']} {r['name']}: {r.get('error') or str(r['sqnr_db']) + ' dB'}")
     print(f"wrote {a.out}" + ("" if bad else " (every kernel output within 25 dB of the float64 product)"))
@@ -218,18 +230,19 @@ def summarize(rows, ms, shapes) -> dict:
         return min(times) if times else None
 
     summary = {}
-    print(f"\n{'M':>4s} {'linear':8s} {'bf16':>8s} {'today':>8s} {'pairs':>8s} {'tuned':>8s} {'tinygemm':>9s}   "
-          f"best pair config")
+    print(f"\n{'M':>4s} {'linear':8s} {'bf16':>8s} {'today':>8s} {'pairs':>8s} {'gemv':>8s} {'tuned':>8s} "
+          f"{'tinygemm':>9s}   best pair / GEMV config")
     for M in ms:
         sums = {}
         for shape in shapes:
-            cells = {kind: best(shape, M, kind) for kind in ("bf16", "today", "pairs", "tinygemm")}
-            ours = [cells[k] for k in ("today", "pairs") if cells[k] is not None]
+            cells = {kind: best(shape, M, kind) for kind in ("bf16", "today", "pairs", "gemv", "tinygemm")}
+            ours = [cells[k] for k in ("today", "pairs", "gemv") if cells[k] is not None]
             cells["tuned"] = min(ours) if ours else None
-            pick = min((r for r in rows if r["shape"] == shape and r["M"] == M and r["kind"] == "pairs" and "us" in r
+            pick = min((r for r in rows if r["shape"] == shape and r["M"] == M and r["kind"] in ("pairs", "gemv")
+                        and "us" in r
                         and (r.get("sqnr_db") or 0) >= 25), key=lambda r: r["us"], default=None)
             print(f"{M:4d} {shape:8s} " + " ".join(f"{cells[k]:8.1f}" if cells[k] else f"{'-':>8s}"
-                                                 for k in ("bf16", "today", "pairs", "tuned")) +
+                                                 for k in ("bf16", "today", "pairs", "gemv", "tuned")) +
                   (f" {cells['tinygemm']:9.1f}" if cells["tinygemm"] else f" {'-':>9s}") +
                   f"   {pick['name'] if pick else '-'}")
             for kind, us in cells.items():
@@ -239,7 +252,7 @@ def summarize(rows, ms, shapes) -> dict:
         summary[M] = dict(sum_us={k: round(v, 1) for k, v in sums.items() if v}, speedup_over_bf16=speedups,
                           target=TARGETS.get(M))
         print(f"{M:4d} {'sum':8s} " + " ".join(f"{sums[k]:8.1f}" if sums.get(k) else f"{'-':>8s}"
-                                              for k in ("bf16", "today", "pairs", "tuned"))
+                                              for k in ("bf16", "today", "pairs", "gemv", "tuned"))
               + f"   speedup over bf16: {speedups} (target {TARGETS.get(M)}x)")
     return summary
 

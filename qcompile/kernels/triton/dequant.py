@@ -145,6 +145,18 @@ def _prefetch_to_l1(ptrs):
 
 
 @triton.jit
+def prefetch_plane_words(w_ptr, offs_n, k0, K, stride_wn, BITS: tl.constexpr, WIDTH: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """Prefetch into L1 the WIDTH-bit plane's words of rows offs_n for the K block at k0 (nothing if BITS has no
+    such plane; the layout is _plane_gemv's): one prefetch per row and 128-byte line."""
+    if (BITS & WIDTH) != 0:
+        COL: tl.constexpr = BITS - (BITS & (2 * WIDTH - 1))
+        LINES: tl.constexpr = max(BLOCK_K * WIDTH // 8 // 128, 1)
+        start = (COL * K) // 8 + (k0 * WIDTH) // 8
+        _prefetch_to_l1(w_ptr + offs_n[:, None] * stride_wn + start + 128 * tl.arange(0, LINES)[None, :])
+
+
+@triton.jit
 def prefetch_group_params(s_ptr, z_ptr, offs_n, k0, K, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
     """Prefetch into L1 the group parameters of the K block after k0 (the last block's own at the end). The

@@ -21,7 +21,7 @@ import triton.language as tl
 from .activation import amax_of, fp8_scale, quantize_e4m3
 from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
                       decode_int4_words, decode_int4_words_raw, decode_plane, decode_planes_ptx, load_plane_words,
-                      load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
+                      load_weight_tile, mantissa_fma, prefetch_group_params, prefetch_plane_words, to_float)
 
 
 @triton.jit
@@ -280,18 +280,25 @@ def _plane_gemv(x_ptr, row, stride_xm, w_ptr, cols_in, k0, K, stride_wn, BITS: t
 @triton.jit
 def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn, stride_pn,
                  stride_pg, W_FORMAT: tl.constexpr, BITS: tl.constexpr, W_HAS_ZERO: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
+                 GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr,
+                 PREFETCH_WORDS: tl.constexpr):
     """One row times affine group-wise weights (w = u * scale + shift per group): per group, scale * sum(u x)
     + shift * sum(x), so the weights are never dequantized one by one (~3-4 instructions per weight: decode
     in the float mantissa, subtract, multiply-add). int8 weights are the case of one group per row, u = q +
     128, shift -128, the row scale left to the epilogue. Float or e4m3 activations (an e4m3 one multiplied as
-    its float values, its scale the epilogue's); int8 ones take the DP4A GEMV."""
+    its float values, its scale the epilogue's); int8 ones take the DP4A GEMV. PREFETCH_WORDS > 0: each K block
+    first prefetches into L1 the words of the block that many ahead (Triton pipelines no load that feeds no dot,
+    so each block's word loads otherwise wait out DRAM's latency with only this block's bytes in flight)."""
     ROW_SCALED: tl.constexpr = W_FORMAT == "int8"
     PLANE_BITS: tl.constexpr = 8 if ROW_SCALED else BITS
     TOP_PLANE: tl.constexpr = 8 if PLANE_BITS >= 8 else 4 if PLANE_BITS >= 4 else 2 if PLANE_BITS >= 2 else 1
     SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
+        if USE_PTX and PREFETCH_WORDS > 0:  # the last block's own words past the split's end (an L1 hit)
+            k_ahead = tl.minimum(k_block + PREFETCH_WORDS * BLOCK_K, k_end - BLOCK_K)
+            for plane_bit in tl.static_range(4):
+                prefetch_plane_words(w_ptr, cols_in, k_ahead, K, stride_wn, PLANE_BITS, 8 >> plane_bit, BLOCK_K)
         if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
             prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE, W_HAS_ZERO,
                                   BLOCK_K)
@@ -446,7 +453,8 @@ def quantized_linear_kernel(
         REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
         PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
         SCALE_AFTER_DOT: tl.constexpr = False,  # ... the group scale and zero applied to each K block's product
-        BLOCK_PRODUCT: tl.constexpr = False):  # ... each K block's product from zero, added after (_pair_decode_dot)
+        BLOCK_PRODUCT: tl.constexpr = False,  # ... each K block's product from zero, added after (_pair_decode_dot)
+        PREFETCH_WORDS: tl.constexpr = 0):  # word GEMV: L1 prefetch of the words this many K blocks ahead
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -520,7 +528,7 @@ def quantized_linear_kernel(
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start, k_end, K,
                            stride_wn, stride_pn, stride_pg, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K,
-                           USE_PTX)[None, :]
+                           USE_PTX, PREFETCH_WORDS)[None, :]
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (no
         # zero-point activation reaches the GEMVs but the DP4A one: int8_asym comes only with intx weights)
         row = pid_m % M

@@ -15,6 +15,10 @@ import sass_count  # noqa: E402  (the offline sm_90 variant builder)
 VARIANTS = {
     "int4_gemv": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=128, block_k=128),
     "int8_weight_only_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256),
+    "int4_gemv_prefetch": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=64, block_k=512,
+                               prefetch_words=2),
+    "int8_weight_only_gemv_prefetch": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256,
+                                           prefetch_words=1),
     "int8_dynamic_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256, activation="int8"),
     "int8_dynamic_int4_gemv": dict(weight_format="intx", bits=4, block_m=1, block_n=128, block_k=128,
                                    activation="int8"),

@@ -357,7 +357,10 @@ def test_kernel_variants_refuse_what_they_cannot_take():
              "scale_after_dot applies"),
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, block_product=True),
              "block_product adds"),
-            ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise")]:
+            ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise"),
+            ("int4_weight_only", KernelConfig(16, 64, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
+            ("float8_weight_only", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
+            ("int8_dynamic", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)
         spec = _spec(case, options, case.weight_args(q), bias)
@@ -455,6 +458,61 @@ def test_ptx_gemvs_on_gpu_real_shape(case):
         out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
         assert sqnr_db(reference.float(), out.float()) > 40, config
         assert _as_accurate(out, reference, exact), config
+
+
+WORD_GEMV_CASES = [c for c in CASES if LinearSpec(c.activation, c.weight_format).word_gemv]
+
+
+@pytest.mark.parametrize("case", WORD_GEMV_CASES, ids=case_id)
+def test_word_gemvs_that_prefetch_their_words(case):
+    """The word GEMVs' candidates with an L1 prefetch of the words K blocks ahead (KernelConfig.prefetch_words)
+    are offered for exactly the word GEMV's weights and compute what the GEMV without it does (the interpreter
+    runs no PTX: the prefetch itself runs in test_word_gemv_prefetch_on_gpu_real_shape)."""
+    x_all, w, bias = _inputs()
+    q, options = quantized(case, w)
+    weight_args = case.weight_args(q)
+    spec = _spec(case, options, weight_args, bias)
+    K = x_all.shape[1]
+    prefetching = [c for c in candidates(spec, 1, N, 4096) if c.prefetch_words]
+    assert {c.prefetch_words for c in prefetching} == {1, 2}
+    config = KernelConfig(1, 32, 64, 2, prefetch_words=2)
+    assert spec.groups_fit(config.block_k, False, gemv=True) and K % config.block_k == 0
+    out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
+    plain = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, dataclasses.replace(config, prefetch_words=0))
+    assert torch.equal(out, plain)
+    assert sqnr_db(case.reference(x_all[:1], q, bias, options).float(), out.float()) > 30
+
+
+def test_only_word_gemvs_are_offered_a_prefetch():
+    _, w, bias = _inputs()
+    for case in CASES:
+        q, options = quantized(case, w)
+        spec = _spec(case, options, case.weight_args(q), bias)
+        assert any(c.prefetch_words for c in candidates(spec, 1, 4096, 4096)) == spec.word_gemv, case_id(case)
+        assert not any(c.prefetch_words for c in candidates(spec, 16, 4096, 4096)), case_id(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", WORD_GEMV_CASES, ids=case_id)
+def test_word_gemv_prefetch_on_gpu_real_shape(case):
+    """The prefetching word GEMVs at a real shape: bit-identical to the same GEMV without the prefetch (it moves
+    bytes into L1, not values), split-K and the last block's clamp included."""
+    from qcompile.kernels.triton import layout
+
+    n, k = 4096, 4096
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    grouped = case.weight_format != "int8"
+    q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
+                                                                    **({"group_size": 128} if grouped else {})}
+                                                                   .items())), w)
+    weight_args = case.weight_args(layout.for_kernels(q))
+    spec = _spec(case, options, weight_args, None)
+    for config in (KernelConfig(1, 64, 512, 4, prefetch_words=2), KernelConfig(1, 128, 128, 4, 4, 3, prefetch_words=1),
+                   KernelConfig(1, 32, 512, 2, prefetch_words=2)):
+        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
+        plain = run_linear(x, *weight_args, None, spec, x.dtype, dataclasses.replace(config, prefetch_words=0))
+        assert torch.equal(out, plain), config
 
 
 @pytest.mark.gpu
