@@ -16,6 +16,7 @@ the consumer). Prints a table of per-linear times and the four-linear sums (spee
 >= 2.5x at M=1, >= 2.2x at M=16, >= 1.2x at M=128) and writes JSON (the whole sweep).
 
   python benchmarks/experiments/int4_mma_lab.py --out $OUT/int4_lab.json          # GPU, ~3 minutes
+  python benchmarks/experiments/int4_mma_lab.py --ms 1 --out $OUT/int4_lab.json  # GPU, decode only (~1 minute)
   TRITON_INTERPRET=1 python benchmarks/experiments/int4_mma_lab.py --smoke         # CPU: correctness only
 """
 from __future__ import annotations
@@ -133,13 +134,15 @@ def main():
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop timing after this many seconds (counted after compiling)")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the kernels before the timing")
+    ap.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",")), default=MS,
+                    help="token counts to sweep, comma-separated (default 1,16,128)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     timed = device == "cuda"
     if a.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         print("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
     shapes = [("tiny", 96, 512)] if a.smoke else SHAPES
-    ms = (1, 5, 17) if a.smoke else MS
+    ms = (1, 5, 17) if a.smoke else a.ms
     deadline = time.time() + a.budget_s
     options = QuantOptions.from_dict({"scheme": "int4_weight_only", "group_size": GROUP})
     verified = pair_decode_verified(f"cuda:{torch.cuda.current_device()}" if timed else "cpu")

@@ -295,10 +295,8 @@ def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k
     SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for k_block in range(k_start, k_end, BLOCK_K):
-        if USE_PTX and PREFETCH_WORDS > 0:  # the last block's own words past the split's end (an L1 hit)
-            k_ahead = tl.minimum(k_block + PREFETCH_WORDS * BLOCK_K, k_end - BLOCK_K)
-            for plane_bit in tl.static_range(4):
-                prefetch_plane_words(w_ptr, cols_in, k_ahead, K, stride_wn, PLANE_BITS, 8 >> plane_bit, BLOCK_K)
+        if USE_PTX and PREFETCH_WORDS > 0:
+            prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, PLANE_BITS, BLOCK_K, PREFETCH_WORDS)
         if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
             prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE, W_HAS_ZERO,
                                   BLOCK_K)
@@ -320,6 +318,16 @@ def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k
                 zero = tl.load(z_ptr + group).to(tl.float32) if W_HAS_ZERO else None
                 acc += dot * scale + affine_shift(scale, zero, W_FORMAT, W_HAS_ZERO, BITS) * x_sum
     return acc
+
+
+@triton.jit
+def prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                         AHEAD: tl.constexpr):
+    """Prefetch into L1 every bit plane's words of the K block AHEAD blocks after k_block (the split's last block
+    past its end: an L1 hit)."""
+    k_ahead = tl.minimum(k_block + AHEAD * BLOCK_K, k_end - BLOCK_K)
+    for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
+        prefetch_plane_words(w_ptr, cols_in, k_ahead, K, stride_wn, BITS, 8 >> plane_bit, BLOCK_K)
 
 
 @triton.jit
@@ -390,12 +398,13 @@ def _plane_dp4a(x_ptr, row, stride_xm, words_ptr, k0, K, BITS: tl.constexpr, WID
 def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn,
                stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
                W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               USE_PTX: tl.constexpr):
+               USE_PTX: tl.constexpr, PREFETCH_WORDS: tl.constexpr):
     """One row of an int8 activation times int8 or intx weights in integer arithmetic, four products per DP4A
     instruction: exact, as the reference's integer matmul. int8 weights (symmetric, row-scaled): the int32 dot,
     scales in the epilogue. intx (group-wise, bit planes): each plane's words split into byte lanes (a mask and
     a shift) that meet the activation bytes of the same K positions; per group sum (a - za)(u - zw) = sum a u -
-    zw sum a - za sum u + n za zw, every sum by DP4A (sum u against bytes of ones), times the group scale."""
+    zw sum a - za sum u + n za zw, every sum by DP4A (sum u against bytes of ones), times the group scale.
+    PREFETCH_WORDS: as _affine_gemv's (the int8 loop does ~0.4 instructions per weight: it waits on memory alone)."""
     ONES: tl.constexpr = 0x01010101
     x_words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm) // 4
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
@@ -403,6 +412,8 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
         NW: tl.constexpr = BLOCK_K // 4
         dots = tl.zeros((BLOCK_N, NW), tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
+            if USE_PTX and PREFETCH_WORDS > 0:
+                prefetch_words_ahead(w_ptr, cols_in, k0, k_end, K, stride_wn, 8, BLOCK_K, PREFETCH_WORDS)
             x_words = tl.load(x_words_ptr + k0 // 4 + tl.arange(0, NW))
             w = tl.load(words_ptr + (k0 // 4 + tl.arange(0, NW))[None, :])
             dots = _dp4a(w, tl.broadcast_to(x_words[None, :], (BLOCK_N, NW)), dots, True, USE_PTX)
@@ -414,6 +425,8 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
         a_zero = tl.load(x_zero_ptr + row) if A_HAS_ZERO else 0
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for k_block in range(k_start, k_end, BLOCK_K):
+            if USE_PTX and PREFETCH_WORDS > 0:
+                prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, BITS, BLOCK_K, PREFETCH_WORDS)
             if USE_PTX:  # the next block's group parameters (dequant.prefetch_group_params)
                 prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE,
                                       W_HAS_ZERO, BLOCK_K)
@@ -524,7 +537,7 @@ def quantized_linear_kernel(
     elif A_FORMAT == "int8" and (W_FORMAT == "int8" or W_FORMAT == "intx"):  # DP4A GEMV
         acc = _dp4a_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start,
                          k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS, W_HAS_ZERO,
-                         GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
+                         GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX, PREFETCH_WORDS)[None, :]
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start, k_end, K,
                            stride_wn, stride_pn, stride_pg, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K,

@@ -77,9 +77,9 @@ class LinearSpec:
 
     @property
     def word_gemv(self) -> bool:
-        """At M=1 the weights take the word GEMV (gemm._affine_gemv: int4 / intx / int8 words decoded per group,
-        float activations)."""
-        return self.gemm_activation == "float" and self.weight_format in ("int4_tinygemm", "intx", "int8")
+        """At M=1 the weights take a word GEMV: int4 / intx / int8 words decoded per group (gemm._affine_gemv, float
+        or e4m3 activations) or multiplied by DP4A (gemm._dp4a_gemv, int8 activations)."""
+        return self.weight_format in ("int4_tinygemm", "intx", "int8")
 
     @property
     def gemv_quantizes_activation(self) -> bool:
@@ -198,7 +198,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
                          f"({config})")
     if config.prefetch_words and not (config.block_m == 1 and spec.word_gemv and config.prefetch_words > 0):
         raise ValueError(f"Triton linear: prefetch_words (K blocks ahead, > 0) is the word GEMV's (BLOCK_M=1; int4 "
-                         f"tinygemm, intx and int8 weights with float activations); got {spec.key()} with {config}")
+                         f"tinygemm, intx and int8 weights); got {spec.key()} with {config}")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):

@@ -360,7 +360,7 @@ def test_kernel_variants_refuse_what_they_cannot_take():
             ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise"),
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
             ("float8_weight_only", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
-            ("int8_dynamic", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV")]:
+            ("codebook", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)
         spec = _spec(case, options, case.weight_args(q), bias)
