@@ -38,7 +38,7 @@ from qcompile import ops  # noqa: E402
 from qcompile.kernels.triton import layout  # noqa: E402
 from qcompile.kernels.triton.linear import pair_decode_verified, run_linear  # noqa: E402
 from qcompile.kernels.triton.ops import spec_for  # noqa: E402
-from qcompile.kernels.triton.tuning import (_GEMV_PREFETCH, SHIPPED, KernelConfig, candidates, m_bucket,  # noqa: E402
+from qcompile.kernels.triton.tuning import (GEMV_PREFETCH, SHIPPED, KernelConfig, candidates, m_bucket,  # noqa: E402
                                             pair_decode_tiles)
 from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
@@ -112,7 +112,7 @@ def precompile(tasks, workers: int) -> None:
 
 def gemv_rows(M: int) -> list[KernelConfig]:
     """At M = 1: the prefetching GEMVs' shapes, each with prefetch_words 0, 1 and 2."""
-    return [KernelConfig(1, *c, prefetch_words=ahead) for c in _GEMV_PREFETCH for ahead in (0, 1, 2)] if M == 1 \
+    return [KernelConfig(1, *c, prefetch_words=ahead) for c in GEMV_PREFETCH for ahead in (0, 1, 2)] if M == 1 \
         else []
 
 
