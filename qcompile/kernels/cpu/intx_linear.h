@@ -1608,7 +1608,9 @@ inline void digits_gemv_rows(const GemvRows<ROWS>& row, const ST* const* srow, c
           facc[m][r] = _mm512_add_ps(facc[m][r], _mm512_zextps256_ps512(f));
         }
       }
-    } else {
+    } else {  // the whole chunks' body with the bytes masked in, written out again: the two as one generic lambda
+      // (std::true_type / false_type) compiled to other register choices and ran 0.94x hot, 0.95x the sweep
+      // (cpu_float_gemv_ab.cpp, 31 rounds, session 17)
       __m512i d[MT][V], start[MT];
       for (int m = 0; m < MT; ++m) {
         const int8_t* dm = t.digits + (m * chunks + c) * V * 64;
