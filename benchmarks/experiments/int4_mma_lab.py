@@ -186,7 +186,7 @@ def main():
             else:
                 pairs = [c for c in pair_decode_tiles(bucket) if fits(c, K)]
             runs += [("pairs/" + config_name(c), c) for c in pairs]
-            runs += [("gemv/" + config_name(c), c) for c in gemv_rows(M) if fits(c, K) and not a.smoke]
+            runs += [("gemv/" + config_name(c), c) for c in gemv_rows(M) if fits(c, K)]
             if tinygemm is not None and M <= 16:
                 runs.append(("tinygemm", lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm[0], GROUP,
                                                                                    tinygemm[1])))
