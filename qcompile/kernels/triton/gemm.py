@@ -21,7 +21,7 @@ import triton.language as tl
 from .activation import amax_of, fp8_scale, quantize_e4m3
 from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
                       decode_int4_words, decode_int4_words_raw, decode_plane, decode_planes_ptx, load_plane_words,
-                      load_weight_tile, mantissa_fma, prefetch_group_params, prefetch_plane_words, to_float)
+                      load_weight_tile, mantissa_fma, prefetch_group_params, prefetch_words_ahead, to_float)
 
 
 @triton.jit
@@ -318,16 +318,6 @@ def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k
                 zero = tl.load(z_ptr + group).to(tl.float32) if W_HAS_ZERO else None
                 acc += dot * scale + affine_shift(scale, zero, W_FORMAT, W_HAS_ZERO, BITS) * x_sum
     return acc
-
-
-@triton.jit
-def prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                         AHEAD: tl.constexpr):
-    """Prefetch into L1 every bit plane's words of the K block AHEAD blocks after k_block (the split's last block
-    past its end: an L1 hit)."""
-    k_ahead = tl.minimum(k_block + AHEAD * BLOCK_K, k_end - BLOCK_K)
-    for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
-        prefetch_plane_words(w_ptr, cols_in, k_ahead, K, stride_wn, BITS, 8 >> plane_bit, BLOCK_K)
 
 
 @triton.jit

@@ -472,7 +472,6 @@ def test_word_gemvs_that_prefetch_their_words(case):
     q, options = quantized(case, w)
     weight_args = case.weight_args(q)
     spec = _spec(case, options, weight_args, bias)
-    K = x_all.shape[1]
     config = KernelConfig(1, 32, 64, 2, prefetch_words=2)
     assert spec.groups_fit(config.block_k, False, gemv=True) and K % config.block_k == 0
     out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
