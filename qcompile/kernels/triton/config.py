@@ -25,3 +25,5 @@ class KernelConfig:
     block_product: bool = False  # ... each K block's product from zero, added after (wgmma not serialized by ptxas,
     # for BLOCK_M / BLOCK_K add instructions per weight)
     prefetch_words: int = 0  # word GEMV only: the packed words this many K blocks ahead prefetched into L1
+    pipelined: bool = False  # GEMV only (BLOCK_M=1): its K loop software-pipelined num_stages deep by Triton's
+    # tl.range, the weight loads too, through cp.async into shared memory
