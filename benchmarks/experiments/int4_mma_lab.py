@@ -19,6 +19,7 @@ the consumer). Prints a table of per-linear times and the four-linear sums (spee
 
   python benchmarks/experiments/int4_mma_lab.py --out $OUT/int4_lab.json          # GPU, ~3 minutes
   python benchmarks/experiments/int4_mma_lab.py --ms 1 --out $OUT/int4_lab.json  # GPU, decode only (~1 minute)
+  python benchmarks/experiments/int4_mma_lab.py --ms 1 --no-pairs ...             # ... the GEMV rows alone
   TRITON_INTERPRET=1 python benchmarks/experiments/int4_mma_lab.py --smoke         # CPU: correctness only
 """
 from __future__ import annotations
@@ -154,6 +155,8 @@ def main():
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the kernels before the timing")
     ap.add_argument("--ms", type=lambda v: tuple(int(m) for m in v.split(",")), default=MS,
                     help="token counts to sweep, comma-separated (default 1,16,128)")
+    ap.add_argument("--no-pairs", action="store_true",
+                    help="leave the pair-decode tiles out (compiled and timed: ~20 per linear and M)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     timed = device == "cuda"
@@ -172,7 +175,8 @@ def main():
         cached = cached_choices(spec)
         precompile([(M, c) for _, N, K in shapes for M in ms
                     for c in [cached.get((m_bucket(M), N, K)) or candidates(spec, M, N, K)[0],
-                              *pair_decode_tiles(m_bucket(M)), *gemv_rows(M)] if fits(c, K) and not c.library],
+                              *([] if a.no_pairs else pair_decode_tiles(m_bucket(M))), *gemv_rows(M)]
+                    if fits(c, K) and not c.library],
                    a.workers)
         deadline = time.time() + a.budget_s
     linears = {}  # every linear's tensors, prepared once: the sweep goes M by M, so a budget cut keeps small M whole
@@ -202,7 +206,7 @@ def main():
                          KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, scale_after_dot=True),
                          KernelConfig(16, 64, 128, 1, swap_ab=True, pair_decode=True, block_product=True)]
             else:
-                pairs = [c for c in pair_decode_tiles(bucket) if fits(c, K)]
+                pairs = [] if a.no_pairs else [c for c in pair_decode_tiles(bucket) if fits(c, K)]
             runs += [("pairs/" + config_name(c), c) for c in pairs]
             runs += [("gemv/" + config_name(c), c) for c in gemv_rows(M) if fits(c, K)]
             if tinygemm is not None and M <= 16:
