@@ -8,10 +8,7 @@ float64 product of the dequantized weight:
                 code for those configs), or the bucket's first candidate where none is cached
   pairs/<cfg>   the pair-decode tiles (KernelConfig.pair_decode: int4 words decoded by byte pairs straight into
                 wgmma's register operand), every candidate the autotuner has for the bucket
-  gemv/<cfg>    at M = 1: the word GEMVs the tuner's prefetching candidates come from, each without (pf0) and
-                with an L1 prefetch of the words 1 or 2 K blocks ahead (KernelConfig.prefetch_words), and with
-                its K loop software-pipelined by Triton 2, 3 or 4 stages deep instead (_pipe: KernelConfig.pipelined,
-                the words through cp.async into shared memory), those whose buffers fit sm_90's shared memory
+  gemv/<cfg>    at M = 1: the word GEMVs of GEMV_SHAPES (the H200's picks for these linears and their neighbours)
   tinygemm      torch's _weight_int4pack_mm (torchao's int4 kernel) at M = 1, 16, on a random packed weight
 A split-K config's partial sum is one more launch here, as in BENCHMARKS' table (a compiled model fuses it into
 the consumer). Prints a table of per-linear times and the four-linear sums (speedup over bf16: the issue asks
@@ -41,8 +38,7 @@ from qcompile import ops  # noqa: E402
 from qcompile.kernels.triton import layout  # noqa: E402
 from qcompile.kernels.triton.linear import pair_decode_verified, run_linear  # noqa: E402
 from qcompile.kernels.triton.ops import spec_for  # noqa: E402
-from qcompile.kernels.triton.tuning import (GEMV_PREFETCH, SHIPPED, KernelConfig, candidates, m_bucket,  # noqa: E402
-                                            pair_decode_tiles)
+from qcompile.kernels.triton.tuning import SHIPPED, KernelConfig, candidates, m_bucket, pair_decode_tiles  # noqa: E402
 from qcompile.options import QuantOptions  # noqa: E402
 from qcompile.quant.metrics import sqnr_db  # noqa: E402
 
@@ -113,26 +109,15 @@ def precompile(tasks, workers: int) -> None:
     print(f"compiled {len(set(tasks))} kernels in {time.time() - start:.0f} s", flush=True)
 
 
-SHARED_PER_BLOCK = 227 * 1024  # sm_90's most shared memory for one program
-
-
-def pipelined_shared_bytes(config: KernelConfig, bits: int = 4) -> int:
-    """The shared memory a pipelined word GEMV's buffers take: num_stages - 1 K blocks of its packed words. The
-    int4 GEMV_PREFETCH shapes compiled for sm_90 take this plus at most 2 KB (metadata.shared): the final
-    reduction's scratch, and at 2 warps the group parameters (4 bytes a thread there; 2 at 4 warps, and x's
-    strided values, are too few for cp.async)."""
-    return (config.num_stages - 1) * config.block_n * config.block_k * bits // 8
+# word GEMVs (block_n, block_k, split_k, num_warps, num_stages): the shapes the H200 picked for these linears and
+# their neighbours
+GEMV_SHAPES = [(64, 512, 4, 4, 2), (128, 128, 4, 4, 3), (128, 512, 4, 4, 2), (64, 128, 4, 4, 2), (32, 512, 2, 4, 2),
+               (128, 128, 8, 2, 3)]
 
 
 def gemv_rows(M: int) -> list[KernelConfig]:
-    """At M = 1: the prefetching GEMVs' shapes, each with prefetch_words 0, 1 and 2, and pipelined 2, 3 and 4
-    stages deep (where the buffers fit: all of them for int4, at most 96 KB at 128 x 512 and 4 stages)."""
-    if M != 1:
-        return []
-    prefetching = [KernelConfig(1, *c, prefetch_words=ahead) for c in GEMV_PREFETCH for ahead in (0, 1, 2)]
-    pipelined = [KernelConfig(1, *c[:4], num_stages=stages, pipelined=True) for c in GEMV_PREFETCH
-                 for stages in (2, 3, 4)]
-    return prefetching + [c for c in pipelined if pipelined_shared_bytes(c) + 2048 <= SHARED_PER_BLOCK]
+    """At M = 1: the word GEMVs of GEMV_SHAPES."""
+    return [KernelConfig(1, *c) for c in GEMV_SHAPES] if M == 1 else []
 
 
 def config_name(config: KernelConfig) -> str:
@@ -140,10 +125,9 @@ def config_name(config: KernelConfig) -> str:
         return config.library
     tags = [t for t, on in (("swap", config.swap_ab), ("planes", config.planes), ("join", config.join_planes),
                             ("pairs", config.pair_decode), ("after_dot", config.scale_after_dot),
-                            ("product", config.block_product), ("pipe", config.pipelined)) if on]
+                            ("product", config.block_product)) if on]
     return (f"m{config.block_m}n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}"
-            f"st{config.num_stages}" + "".join("_" + t for t in tags)
-            + (f"_pf{config.prefetch_words}" if config.block_m == 1 else ""))
+            f"st{config.num_stages}" + "".join("_" + t for t in tags))
 
 
 def main():

@@ -31,11 +31,9 @@ INTS = ["M", "N", "K", "stride_xm", "stride_wn", "stride_pg", "stride_om"]
 
 def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, block_k: int, swap_ab=False,
                      activation="float", num_warps=4, planes=False, join_planes=False, fused=False,
-                     reduce_each=False, pair_decode=False, scale_after_dot=False, block_product=False,
-                     prefetch_words=0, pipelined=False, num_stages=3):
-    """The kernel, its signature, constexprs and attributes for one variant (the KernelConfig fields by name;
-    num_stages: the pipelined GEMV loop's own depth, tl.range's, which compile_sass's launch num_stages of 3 does
-    not change), its warps and the weights one program decodes per K block."""
+                     reduce_each=False, pair_decode=False, scale_after_dot=False, block_product=False):
+    """The kernel, its signature, constexprs and attributes for one variant (the KernelConfig fields by name), its
+    warps and the weights one program decodes per K block."""
     types = {"x_ptr": {"float": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[activation], "x_scale_ptr": "*fp32", "x_zero_ptr": "*i32",
              "w_ptr": {"int8": "*i8", "fp8": "*fp8e4nv"}.get(weight_format, "*u8"), "w_scale_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*fp32",
              "w_zero_ptr": "*bf16" if weight_format == "int4_tinygemm" else "*u8", "w_aux_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -47,8 +45,7 @@ def template_variant(weight_format: str, bits: int, block_m: int, block_n: int, 
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, GROUP_M=8, SWAP_AB=swap_ab, PLANES=planes, JOIN_PLANES=join_planes,
                      USE_PTX=True, DOT_FP32=False,
                      BF16_BY_BITS=False, A_FUSED=fused, REDUCE_EACH=reduce_each, PAIR_DECODE=pair_decode,
-                     SCALE_AFTER_DOT=scale_after_dot, BLOCK_PRODUCT=block_product,
-                     PREFETCH_WORDS=prefetch_words, GEMV_STAGES=num_stages if pipelined else 0)
+                     SCALE_AFTER_DOT=scale_after_dot, BLOCK_PRODUCT=block_product)
     if fused:  # x arrives in bf16 and the GEMV applies the scale it computes
         types["x_ptr"], constants["A_SCALE"] = "*bf16", "none"
     constants["stride_pn"] = 1  # group parameters column-major (layout.py): Triton specializes the 1

@@ -1,7 +1,7 @@
-"""Lab: a hash of the sm_90 SASS of the template's variants (sass_count.VARIANTS, the elementwise GEMVs the
-tuner picks at M=1, and GEMVs whose K loop prefetches or is pipelined), compiled offline — to show that a
-kernel-source edit left every existing variant's machine code as it was. Then the H200 tuning seed still holds
-for them: re-key it (benchmarks/h200_seed.py --rekey-from <old hash>) instead of tuning everything again.
+"""Lab: a hash of the sm_90 SASS of the template's variants (sass_count.VARIANTS and the elementwise GEMVs the
+tuner picks at M=1), compiled offline — to show that a kernel-source edit left every existing variant's machine
+code as it was. Then the H200 tuning seed still holds for them: re-key it (benchmarks/h200_seed.py --rekey-from
+<old hash>) instead of tuning everything again.
 
     python benchmarks/experiments/sass_fingerprint.py > before.txt   # edit the kernels, then:
     python benchmarks/experiments/sass_fingerprint.py > after.txt && diff before.txt after.txt
@@ -20,11 +20,6 @@ for fmt, bits in (("fp8", 8), ("mxfp8", 8), ("nvfp4", 4), ("codebook", 4)):
 VARIANTS["fp8dyn_gemv_16x512"] = dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512,
                                       activation="fp8")
 VARIANTS["fp8_fused_gemv_16x512"] = dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512, fused=True)
-# the GEMVs' K loops: the word GEMVs' L1 prefetch, and Triton's software pipelining (KernelConfig.pipelined)
-for name in ("int4_gemv", "int8_gemv", "int8dyn_gemv", "int8dyn_int4_gemv", "fp8_wo_gemv"):
-    if name != "fp8_wo_gemv":
-        VARIANTS[f"{name}_pf2"] = dict(VARIANTS[name], prefetch_words=2)
-    VARIANTS[f"{name}_pipe3"] = dict(VARIANTS[name], pipelined=True, num_stages=3)
 
 
 def fingerprint(variant: dict) -> str:

@@ -24,6 +24,3 @@ class KernelConfig:
     scale_after_dot: bool = False  # ... as 128 + q, the group scale and zero applied to each K block's product
     block_product: bool = False  # ... each K block's product from zero, added after (wgmma not serialized by ptxas,
     # for BLOCK_M / BLOCK_K add instructions per weight)
-    prefetch_words: int = 0  # word GEMV only: the packed words this many K blocks ahead prefetched into L1
-    pipelined: bool = False  # GEMV only (BLOCK_M=1): its K loop software-pipelined num_stages deep by Triton's
-    # tl.range, the weight loads too, through cp.async into shared memory

@@ -145,27 +145,6 @@ def _prefetch_to_l1(ptrs):
 
 
 @triton.jit
-def _prefetch_plane_words(w_ptr, offs_n, k0, K, stride_wn, BITS: tl.constexpr, WIDTH: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    if (BITS & WIDTH) != 0:
-        COL: tl.constexpr = BITS - (BITS & (2 * WIDTH - 1))
-        LINES: tl.constexpr = max(BLOCK_K * WIDTH // 8 // 128, 1)
-        start = (COL * K) // 8 + (k0 * WIDTH) // 8
-        _prefetch_to_l1(w_ptr + offs_n[:, None] * stride_wn + start + 128 * tl.arange(0, LINES)[None, :])
-
-
-@triton.jit
-def prefetch_words_ahead(w_ptr, offs_n, k_block, k_end, K, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                         AHEAD: tl.constexpr):
-    """Prefetch into L1 the bit-plane words (the word GEMVs' layout, quant/packing.py) of rows offs_n for the K
-    block AHEAD blocks after k_block (the split's last block past its end: an L1 hit): one prefetch per row, plane
-    and 128-byte line."""
-    k_ahead = tl.minimum(k_block + AHEAD * BLOCK_K, k_end - BLOCK_K)
-    for plane_bit in tl.static_range(4):  # the 8-, 4-, 2- and 1-bit planes, those BITS has
-        _prefetch_plane_words(w_ptr, offs_n, k_ahead, K, stride_wn, BITS, 8 >> plane_bit, BLOCK_K)
-
-
-@triton.jit
 def prefetch_group_params(s_ptr, z_ptr, offs_n, k0, K, stride_pn, stride_pg, GROUP_SIZE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
     """Prefetch into L1 the group parameters of the K block after k0 (the last block's own at the end). The

@@ -10,9 +10,8 @@ PAIR_DECODE: int4 words decoded byte pair by byte pair straight into wgmma's reg
 and split-K (SPLIT_K > 1: each split stores its fp32 partial [M, N] in its slice of out [SPLIT_K, M, N]; the
 caller sums them: no zero-filled buffer, no atomics, the same answer every run). A_FUSED (float8_dynamic per row
 at M=1): the elementwise GEMV takes x in its own dtype and quantizes it to e4m3 itself, the row's scale from a
-first pass over K — one launch instead of the activation kernel's and the GEMV's. GEMV_STAGES: the GEMV's K
-loop software-pipelined by Triton (tl.range's num_stages). The epilogue applies the activation's row/tensor
-scale, the weight's row/tensor scale and the bias in float32 and casts once.
+first pass over K — one launch instead of the activation kernel's and the GEMV's. The epilogue applies the
+activation's row/tensor scale, the weight's row/tensor scale and the bias in float32 and casts once.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import triton.language as tl
 from .activation import amax_of, fp8_scale, quantize_e4m3
 from .dequant import (INT4_MAGIC_BF16, INT4_MAGIC_F16, MXFP8_BLOCK, NVFP4_BLOCK, affine_shift, cast_to,
                       decode_int4_words, decode_int4_words_raw, decode_plane, decode_planes_ptx, load_plane_words,
-                      load_weight_tile, mantissa_fma, prefetch_group_params, prefetch_words_ahead, to_float)
+                      load_weight_tile, mantissa_fma, prefetch_group_params, to_float)
 
 
 @triton.jit
@@ -281,26 +280,18 @@ def _plane_gemv(x_ptr, row, stride_xm, w_ptr, cols_in, k0, K, stride_wn, BITS: t
 @triton.jit
 def _affine_gemv(x_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn, stride_pn,
                  stride_pg, W_FORMAT: tl.constexpr, BITS: tl.constexpr, W_HAS_ZERO: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr,
-                 PREFETCH_WORDS: tl.constexpr, GEMV_STAGES: tl.constexpr):
+                 GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
     """One row times affine group-wise weights (w = u * scale + shift per group): per group, scale * sum(u x)
     + shift * sum(x), so the weights are never dequantized one by one (~3-4 instructions per weight: decode
     in the float mantissa, subtract, multiply-add). int8 weights are the case of one group per row, u = q +
     128, shift -128, the row scale left to the epilogue. Float or e4m3 activations (an e4m3 one multiplied as
-    its float values, its scale the epilogue's); int8 ones take the DP4A GEMV. PREFETCH_WORDS > 0: each K block
-    first prefetches into L1 the words of the block that many ahead (in a loop without stages Triton pipelines no
-    load that feeds no dot, so each block's word loads otherwise wait out DRAM's latency with only this block's
-    bytes in flight). GEMV_STAGES >= 2, the other route: Triton's pipeliner runs the K loop that many stages deep,
-    a block's loads of 4 bytes a thread or more (the words; x where contiguous) issued by cp.async into shared
-    memory GEMV_STAGES - 1 blocks ahead; 0: tl.range without stages, the same SASS as a plain range loop."""
+    its float values, its scale the epilogue's); int8 ones take the DP4A GEMV."""
     ROW_SCALED: tl.constexpr = W_FORMAT == "int8"
     PLANE_BITS: tl.constexpr = 8 if ROW_SCALED else BITS
     TOP_PLANE: tl.constexpr = 8 if PLANE_BITS >= 8 else 4 if PLANE_BITS >= 4 else 2 if PLANE_BITS >= 2 else 1
     SUB_K: tl.constexpr = BLOCK_K if ROW_SCALED or BLOCK_K < GROUP_SIZE else GROUP_SIZE  # within one group
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for k_block in tl.range(k_start, k_end, BLOCK_K, num_stages=GEMV_STAGES):
-        if USE_PTX and PREFETCH_WORDS > 0:
-            prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, PLANE_BITS, BLOCK_K, PREFETCH_WORDS)
+    for k_block in range(k_start, k_end, BLOCK_K):
         if USE_PTX and not ROW_SCALED:  # the next block's group parameters (dequant.prefetch_group_params)
             prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE, W_HAS_ZERO,
                                   BLOCK_K)
@@ -392,23 +383,19 @@ def _plane_dp4a(x_ptr, row, stride_xm, words_ptr, k0, K, BITS: tl.constexpr, WID
 def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, k_start, k_end, K, stride_wn,
                stride_pn, stride_pg, A_HAS_ZERO: tl.constexpr, W_FORMAT: tl.constexpr, BITS: tl.constexpr,
                W_HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               USE_PTX: tl.constexpr, PREFETCH_WORDS: tl.constexpr, GEMV_STAGES: tl.constexpr):
+               USE_PTX: tl.constexpr):
     """One row of an int8 activation times int8 or intx weights in integer arithmetic, four products per DP4A
     instruction: exact, as the reference's integer matmul. int8 weights (symmetric, row-scaled): the int32 dot,
     scales in the epilogue. intx (group-wise, bit planes): each plane's words split into byte lanes (a mask and
     a shift) that meet the activation bytes of the same K positions; per group sum (a - za)(u - zw) = sum a u -
-    zw sum a - za sum u + n za zw, every sum by DP4A (sum u against bytes of ones), times the group scale.
-    PREFETCH_WORDS, GEMV_STAGES: as _affine_gemv's (the int8 loop does ~0.4 instructions per weight: it waits on
-    memory alone)."""
+    zw sum a - za sum u + n za zw, every sum by DP4A (sum u against bytes of ones), times the group scale."""
     ONES: tl.constexpr = 0x01010101
     x_words_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + (row * stride_xm) // 4
     words_ptr = w_ptr.to(tl.pointer_type(tl.int32)) + cols_in[:, None] * (stride_wn // 4)
     if W_FORMAT == "int8":
         NW: tl.constexpr = BLOCK_K // 4
         dots = tl.zeros((BLOCK_N, NW), tl.int32)
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=GEMV_STAGES):
-            if USE_PTX and PREFETCH_WORDS > 0:
-                prefetch_words_ahead(w_ptr, cols_in, k0, k_end, K, stride_wn, 8, BLOCK_K, PREFETCH_WORDS)
+        for k0 in range(k_start, k_end, BLOCK_K):
             x_words = tl.load(x_words_ptr + k0 // 4 + tl.arange(0, NW))
             w = tl.load(words_ptr + (k0 // 4 + tl.arange(0, NW))[None, :])
             dots = _dp4a(w, tl.broadcast_to(x_words[None, :], (BLOCK_N, NW)), dots, True, USE_PTX)
@@ -419,9 +406,7 @@ def _dp4a_gemv(x_ptr, x_zero_ptr, row, stride_xm, w_ptr, s_ptr, z_ptr, cols_in, 
         x_ones = tl.full((SUB_WORDS,), ONES, tl.int32)
         a_zero = tl.load(x_zero_ptr + row) if A_HAS_ZERO else 0
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k_block in tl.range(k_start, k_end, BLOCK_K, num_stages=GEMV_STAGES):
-            if USE_PTX and PREFETCH_WORDS > 0:
-                prefetch_words_ahead(w_ptr, cols_in, k_block, k_end, K, stride_wn, BITS, BLOCK_K, PREFETCH_WORDS)
+        for k_block in range(k_start, k_end, BLOCK_K):
             if USE_PTX:  # the next block's group parameters (dequant.prefetch_group_params)
                 prefetch_group_params(s_ptr, z_ptr, cols_in, k_block, K, stride_pn, stride_pg, GROUP_SIZE,
                                       W_HAS_ZERO, BLOCK_K)
@@ -461,9 +446,7 @@ def quantized_linear_kernel(
         REDUCE_EACH: tl.constexpr = False,  # the elementwise GEMV sums each K block's products per row
         PAIR_DECODE: tl.constexpr = False,  # swapped int4 tinygemm tile: words decoded by byte pairs into wgmma's A
         SCALE_AFTER_DOT: tl.constexpr = False,  # ... the group scale and zero applied to each K block's product
-        BLOCK_PRODUCT: tl.constexpr = False,  # ... each K block's product from zero, added after (_pair_decode_dot)
-        PREFETCH_WORDS: tl.constexpr = 0,  # word GEMV: L1 prefetch of the words this many K blocks ahead
-        GEMV_STAGES: tl.constexpr = 0):  # GEMV: its K loop pipelined this many stages deep by Triton (0: not)
+        BLOCK_PRODUCT: tl.constexpr = False):  # ... each K block's product from zero, added after (_pair_decode_dot)
     USE_DOT: tl.constexpr = BLOCK_M >= 16  # else BLOCK_M == 1: the GEMV variant
     RAW: tl.constexpr = A_FORMAT != "float"
     SCALE_PER_GROUP: tl.constexpr = RAW and W_FORMAT == "intx"  # group scales multiply partial products
@@ -533,11 +516,11 @@ def quantized_linear_kernel(
     elif A_FORMAT == "int8" and (W_FORMAT == "int8" or W_FORMAT == "intx"):  # DP4A GEMV
         acc = _dp4a_gemv(x_ptr, x_zero_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start,
                          k_end, K, stride_wn, stride_pn, stride_pg, A_HAS_ZERO, W_FORMAT, BITS, W_HAS_ZERO,
-                         GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX, PREFETCH_WORDS, GEMV_STAGES)[None, :]
+                         GROUP_SIZE, BLOCK_N, BLOCK_K, USE_PTX)[None, :]
     elif W_FORMAT == "int4_tinygemm" or W_FORMAT == "intx" or W_FORMAT == "int8":  # GEMV of words, group sums
         acc = _affine_gemv(x_ptr, pid_m % M, stride_xm, w_ptr, w_scale_ptr, w_zero_ptr, cols_in, k_start, k_end, K,
                            stride_wn, stride_pn, stride_pg, W_FORMAT, BITS, W_HAS_ZERO, GROUP_SIZE, BLOCK_N, BLOCK_K,
-                           USE_PTX, PREFETCH_WORDS, GEMV_STAGES)[None, :]
+                           USE_PTX)[None, :]
     else:  # GEMV (one row): products accumulate elementwise in a [BLOCK_N, BLOCK_K] tile, reduced once (no
         # zero-point activation reaches the GEMVs but the DP4A one: int8_asym comes only with intx weights)
         row = pid_m % M
@@ -552,7 +535,7 @@ def quantized_linear_kernel(
         # loads in flight, for ~0.6 more SASS instructions per weight
         ACC_K: tl.constexpr = 1 if REDUCE_EACH else BLOCK_K
         acc_tile = tl.zeros((BLOCK_N, ACC_K), dtype=tl.float32)
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=GEMV_STAGES):  # (0: as a plain range loop)
+        for k0 in range(k_start, k_end, BLOCK_K):
             a = tl.load(x_ptr + row * stride_xm + k0 + offs_k).to(tl.float32)
             if A_FUSED:
                 a = quantize_e4m3(a, a_scale, USE_PTX)

@@ -76,12 +76,6 @@ class LinearSpec:
         return self.weight_format in ("fp8", "mxfp8", "nvfp4", "codebook")
 
     @property
-    def word_gemv(self) -> bool:
-        """At M=1 the weights take a word GEMV: int4 / intx / int8 words decoded per group (gemm._affine_gemv, float
-        or e4m3 activations) or multiplied by DP4A (gemm._dp4a_gemv, int8 activations)."""
-        return self.weight_format in ("int4_tinygemm", "intx", "int8")
-
-    @property
     def gemv_quantizes_activation(self) -> bool:
         """Whether the GEMV can quantize the activation itself (KernelConfig.fuse_activation): e4m3 per row into
         the elementwise GEMV."""
@@ -196,12 +190,6 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         raise ValueError(f"Triton linear: block_product adds each K block's product of the pair decode to its "
                          f"accumulator; it needs pair_decode=True without scale_after_dot (which does that already) "
                          f"({config})")
-    if config.prefetch_words and not (config.block_m == 1 and spec.word_gemv and config.prefetch_words > 0):
-        raise ValueError(f"Triton linear: prefetch_words (K blocks ahead, > 0) is the word GEMV's (BLOCK_M=1; int4 "
-                         f"tinygemm, intx and int8 weights); got {spec.key()} with {config}")
-    if config.pipelined and not (config.block_m == 1 and config.num_stages >= 2):  # (every format has a GEMV)
-        raise ValueError(f"Triton linear: pipelined software-pipelines the GEMV's K loop (BLOCK_M=1) num_stages deep: "
-                         f"it needs BLOCK_M=1 and num_stages >= 2; got {spec.key()} with {config}")
     if config.join_planes and not config.planes:
         raise ValueError(f"Triton linear: join_planes joins the plane decode's K-planes; it needs planes=True ({config})")
     if K % config.block_k or not spec.groups_fit(config.block_k, config.planes, config.block_m == 1):
@@ -229,8 +217,7 @@ def run_gemm(xq, x_scale, x_zero, qweight, w_scale, w_zero, w_aux, bias, spec: L
         USE_PTX=not _interpreting(), DOT_FP32=_interpreting(),
         BF16_BY_BITS=_interpreting(), A_FUSED=config.fuse_activation, REDUCE_EACH=config.reduce_each,
         PAIR_DECODE=config.pair_decode, SCALE_AFTER_DOT=config.scale_after_dot,
-        BLOCK_PRODUCT=config.block_product, PREFETCH_WORDS=config.prefetch_words,
-        GEMV_STAGES=config.num_stages if config.pipelined else 0, num_warps=config.num_warps,
+        BLOCK_PRODUCT=config.block_product, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out if split_k == 1 else out.sum(0).to(out_dtype)  # torch's cast rounds to nearest even
 

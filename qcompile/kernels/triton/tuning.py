@@ -54,12 +54,6 @@ _GEMV = [(32, 256, 1, 4, 3), (64, 128, 2, 4, 3), (32, 512, 2, 4, 2), (16, 256, 4
 # work allows (LinearSpec.few_row_gemvs): sub-byte words need wide row blocks to amortise their decode
 _GEMV_ROWS = [(2, 4096, 1, 8, 1), (4, 4096, 1, 8, 1), (2, 2048, 1, 4, 1), (4, 2048, 1, 4, 1), (8, 1024, 1, 4, 2),
               (16, 512, 1, 4, 2), (8, 4096, 1, 8, 1)]
-# word GEMVs (int4 / intx / int8 weights, any activation) that prefetch the words 1 or 2 K blocks ahead into L1: the
-# shapes the H200 picked for the Llama linears and their neighbours. Timed by benchmarks/experiments/int4_mma_lab.py
-# beside their plain twins; not offered to the tuner until measured on a GPU — every candidate adds a compile and a
-# timing to each cold compile of a word-GEMV shape (issue 21's cold-compile budget), so only measured winners go in
-GEMV_PREFETCH = [(64, 512, 4, 4, 2), (128, 128, 4, 4, 3), (128, 512, 4, 4, 2), (64, 128, 4, 4, 2),
-                  (32, 512, 2, 4, 2), (128, 128, 8, 2, 3)]
 # and GEMVs that quantize the activation themselves (float8_dynamic per row): the few-row ones above and these
 _GEMV_FUSED = [(32, 1024, 1, 8, 2), (32, 256, 1, 4, 3), (64, 128, 4, 4, 2)]
 _SMALL = [(64, 128, 1, 4, 4), (32, 256, 2, 4, 3), (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 2, 4, 3),

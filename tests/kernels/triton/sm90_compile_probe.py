@@ -1,10 +1,9 @@
 """Run as a script, without TRITON_INTERPRET: compile variants of the linear template and of the activation
 kernel for sm_90 through Triton's whole pipeline, ptxas included, on a machine without a GPU. The interpreter
 runs the kernels' Python, not Triton's compiler: a constexpr reassigned in an unrolled loop, or inline PTX that
-ptxas rejects, only shows here. Prints one line per variant: its name and the size of its cubin, and for the
-PIPELINED variants "cp_async <name> <cp.async in its PTX>"; then, for the variants in REGISTER_A, "wgmma_a <name>
-<dots with A from registers> <from shared memory> <shared stores in the K loop's SASS>"."""
-import re
+ptxas rejects, only shows here. Prints one line per variant: its name and the size of its cubin; then, for the
+variants in REGISTER_A, "wgmma_a <name> <dots with A from registers> <from shared memory> <shared stores in the
+K loop's SASS>"."""
 import sys
 from pathlib import Path
 
@@ -16,26 +15,6 @@ import sass_count  # noqa: E402  (the offline sm_90 variant builder)
 VARIANTS = {
     "int4_gemv": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=128, block_k=128),
     "int8_weight_only_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256),
-    "int4_gemv_prefetch": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=64, block_k=512,
-                               prefetch_words=2),
-    "int8_weight_only_gemv_prefetch": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256,
-                                           prefetch_words=1),
-    "int8_dynamic_gemv_prefetch": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256,
-                                       activation="int8", prefetch_words=2),
-    "int8_dynamic_int4_gemv_prefetch": dict(weight_format="intx", bits=4, block_m=1, block_n=128, block_k=128,
-                                            activation="int8", prefetch_words=1),
-    "int4_gemv_pipelined": dict(weight_format="int4_tinygemm", bits=4, block_m=1, block_n=64, block_k=512,
-                                pipelined=True, num_stages=3),
-    "int3_gemv_pipelined": dict(weight_format="intx", bits=3, block_m=1, block_n=128, block_k=256, pipelined=True,
-                                num_stages=2),
-    "int8_weight_only_gemv_pipelined": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256,
-                                            pipelined=True, num_stages=3),
-    "int8_dynamic_gemv_pipelined": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256,
-                                        activation="int8", pipelined=True, num_stages=2),
-    "int8_dynamic_int4_gemv_pipelined": dict(weight_format="intx", bits=4, block_m=1, block_n=128, block_k=128,
-                                             activation="int8", pipelined=True, num_stages=4),
-    "fp8_weight_only_gemv_pipelined": dict(weight_format="fp8", bits=8, block_m=1, block_n=16, block_k=512,
-                                           pipelined=True, num_stages=3),
     "int8_dynamic_gemv": dict(weight_format="int8", bits=8, block_m=1, block_n=128, block_k=256, activation="int8"),
     "int8_dynamic_int4_gemv": dict(weight_format="intx", bits=4, block_m=1, block_n=128, block_k=128,
                                    activation="int8"),
@@ -57,8 +36,6 @@ VARIANTS = {
                              activation="fp8"),
 }
 
-# GEMVs whose K loop Triton must software-pipeline (KernelConfig.pipelined): their PTX has cp.async
-PIPELINED = tuple(name for name in VARIANTS if name.endswith("_pipelined"))
 # variants whose decoded weight must reach wgmma as its register operand, never through shared memory
 REGISTER_A = ("int4_pair_decode_tile", "int4_pair_decode_block_product")
 # variants whose wgmma ptxas must not serialize (info C7515: a wait after every wgmma, no decode/MMA overlap)
@@ -87,8 +64,6 @@ def main():
                                                                                  "num_stages": 3})
         compiled = triton.compile(src, target=sass_count.TARGET, options=options.__dict__)
         print(name, len(compiled.asm["cubin"]), flush=True)
-        if name in PIPELINED:
-            print("cp_async", name, len(re.findall(r"cp\.async\.c[ag]\.", compiled.asm["ptx"])), flush=True)
     for name in REGISTER_A:
         fn, signature, constants, attrs, warps, _ = sass_count.template_variant(**VARIANTS[name])
         sass = sass_count.compile_sass(fn, signature, constants, attrs, warps)

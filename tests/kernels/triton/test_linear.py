@@ -357,12 +357,7 @@ def test_kernel_variants_refuse_what_they_cannot_take():
              "scale_after_dot applies"),
             ("int4_weight_only", KernelConfig(16, 64, 128, 1, swap_ab=True, block_product=True),
              "block_product adds"),
-            ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise"),
-            ("int4_weight_only", KernelConfig(16, 64, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
-            ("float8_weight_only", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
-            ("codebook", KernelConfig(1, 32, 128, 1, prefetch_words=1), "prefetch_words .* is the word GEMV"),
-            ("int4_weight_only", KernelConfig(16, 64, 128, 1, pipelined=True), "pipelined .* needs BLOCK_M=1"),
-            ("float8_weight_only", KernelConfig(1, 32, 128, 1, 4, 1, pipelined=True), "num_stages >= 2")]:
+            ("float8_weight_only", KernelConfig(16, 64, 128, 1, reduce_each=True), "reduce_each is the elementwise")]:
         case = next(c for c in CASES if c.scheme == scheme)
         q, options = quantized(case, w)
         spec = _spec(case, options, case.weight_args(q), bias)
@@ -460,95 +455,6 @@ def test_ptx_gemvs_on_gpu_real_shape(case):
         out = run_linear(x, *weight_args, bias, spec, x.dtype, config)
         assert sqnr_db(reference.float(), out.float()) > 40, config
         assert _as_accurate(out, reference, exact), config
-
-
-WORD_GEMV_CASES = [c for c in CASES if LinearSpec(c.activation, c.weight_format).word_gemv]
-
-
-@pytest.mark.parametrize("case", WORD_GEMV_CASES, ids=case_id)
-def test_word_gemvs_that_prefetch_their_words(case):
-    """The word GEMVs with an L1 prefetch of the words K blocks ahead (KernelConfig.prefetch_words) compute what
-    the GEMV without it does (the interpreter runs no PTX: the prefetch itself runs in
-    test_word_gemv_prefetch_on_gpu_real_shape)."""
-    x_all, w, bias = _inputs()
-    q, options = quantized(case, w)
-    weight_args = case.weight_args(q)
-    spec = _spec(case, options, weight_args, bias)
-    config = KernelConfig(1, 32, 64, 2, prefetch_words=2)
-    assert spec.groups_fit(config.block_k, False, gemv=True) and K % config.block_k == 0
-    out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
-    plain = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, dataclasses.replace(config, prefetch_words=0))
-    assert torch.equal(out, plain)
-    assert sqnr_db(case.reference(x_all[:1], q, bias, options).float(), out.float()) > 30
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", WORD_GEMV_CASES, ids=case_id)
-def test_word_gemv_prefetch_on_gpu_real_shape(case):
-    """The prefetching word GEMVs at a real shape: bit-identical to the same GEMV without the prefetch (it moves
-    bytes into L1, not values), split-K and the last block's clamp included."""
-    from qcompile.kernels.triton import layout
-
-    n, k = 4096, 4096
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    grouped = case.weight_format != "int8"
-    q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
-                                                                    **({"group_size": 128} if grouped else {})}
-                                                                   .items())), w)
-    weight_args = case.weight_args(layout.for_kernels(q))
-    spec = _spec(case, options, weight_args, None)
-    for config in (KernelConfig(1, 64, 512, 4, prefetch_words=2), KernelConfig(1, 128, 128, 4, 4, 3, prefetch_words=1),
-                   KernelConfig(1, 32, 512, 2, prefetch_words=2)):
-        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
-        plain = run_linear(x, *weight_args, None, spec, x.dtype, dataclasses.replace(config, prefetch_words=0))
-        assert torch.equal(out, plain), config
-
-
-# the GEMVs whose K loop Triton can software-pipeline (KernelConfig.pipelined): every word GEMV, through float and
-# DP4A, and an elementwise one
-PIPELINED_GEMV_CASES = WORD_GEMV_CASES + [next(c for c in CASES if c.scheme == "float8_weight_only")]
-
-
-@pytest.mark.parametrize("case", PIPELINED_GEMV_CASES, ids=case_id)
-def test_gemvs_whose_k_loop_is_pipelined(case):
-    """The GEMVs whose K loop is tl.range's, num_stages deep (KernelConfig.pipelined), compute what the plain loop
-    does (the interpreter runs the loop as it is written: the pipelining itself runs in
-    test_pipelined_gemv_on_gpu_real_shape)."""
-    x_all, w, bias = _inputs()
-    q, options = quantized(case, w)
-    weight_args = case.weight_args(q)
-    spec = _spec(case, options, weight_args, bias)
-    config = KernelConfig(1, 32, 64, 2, 4, 3, pipelined=True)
-    assert spec.groups_fit(config.block_k, False, gemv=True) and K % config.block_k == 0
-    out = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, config)
-    plain = run_linear(x_all[:1], *weight_args, bias, spec, x_all.dtype, dataclasses.replace(config, pipelined=False))
-    assert torch.equal(out, plain)
-    assert sqnr_db(case.reference(x_all[:1], q, bias, options).float(), out.float()) > 30
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", PIPELINED_GEMV_CASES, ids=case_id)
-def test_pipelined_gemv_on_gpu_real_shape(case):
-    """The pipelined GEMVs at a real shape, 2 to 4 stages (cp.async into shared memory): bit-identical to the same
-    GEMV's plain loop (the same loads and math, issued earlier), split-K included."""
-    from qcompile.kernels.triton import layout
-
-    n, k = 4096, 4096
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    grouped = case.weight_format not in ("int8", "fp8")
-    q, options = quantized(dataclasses.replace(case, options=tuple({**dict(case.options),
-                                                                    **({"group_size": 128} if grouped else {})}
-                                                                   .items())), w)
-    weight_args = case.weight_args(layout.for_kernels(q))
-    spec = _spec(case, options, weight_args, None)
-    for config in (KernelConfig(1, 64, 512, 4, 4, 2, pipelined=True), KernelConfig(1, 128, 128, 4, 4, 3,
-                                                                                 pipelined=True),
-                   KernelConfig(1, 32, 512, 2, 4, 4, pipelined=True)):
-        out = run_linear(x, *weight_args, None, spec, x.dtype, config)
-        plain = run_linear(x, *weight_args, None, spec, x.dtype, dataclasses.replace(config, pipelined=False))
-        assert torch.equal(out, plain), config
 
 
 @pytest.mark.gpu
