@@ -1,9 +1,9 @@
-"""SmolLM2-135M decode on this CPU, engines alternated in one process, per-round ratios: int8_dynamic_intx 4-bit
-against intx_weight_only 4-bit compiled with the CPU kernel header of a git revision and with the working tree's
-(or with header files named by --headers instead).
+"""SmolLM2-135M decode (and with --prefill, 512-token prefill) on this CPU, engines alternated in one process,
+per-round ratios: int8_dynamic_intx 4-bit against --scheme (intx_weight_only 4-bit unless named) compiled with the
+CPU kernel header of a git revision and with the working tree's (or with header files named by --headers instead).
 
     PYTHONPATH=.:benchmarks python benchmarks/experiments/cpu_decode_ab.py [--rev HEAD] [--rounds 9] [--split]
-        [--headers a.h b.h] [--split-rounds 5]
+        [--headers a.h b.h] [--split-rounds 5] [--scheme int8_dynamic_intx] [--prefill]
 
 --split profiles each engine's decode (GEMVs / other kernels / rest) in --split-rounds alternating runs and prints
 medians (min-max): one profiled run swung by +-20% here.
@@ -52,6 +52,8 @@ def main():
                                                      "of the working tree's")
     parser.add_argument("--split", action="store_true", help="also print each engine's profiled decode-step split")
     parser.add_argument("--split-rounds", type=int, default=5, help="alternating profiled runs per engine")
+    parser.add_argument("--scheme", default="intx_weight_only", help="the scheme the header variants compile")
+    parser.add_argument("--prefill", action="store_true", help="also time a 512-token prefill every round")
     args = parser.parse_args()
     if args.split:
         torch._inductor.config.cpp.enable_kernel_profile = True
@@ -72,33 +74,38 @@ def main():
                 "exclude": f"no layer is named {tag}"}
 
     engines = [("int8_dynamic_intx", None, options("int8_dynamic_intx", "int8"))]
-    engines += [(f"intx_weight_only ({label})", text, options("intx_weight_only", label)) for label, text in
-                sources.items()]
+    engines += [(f"{args.scheme} ({label})", text, options(args.scheme, label)) for label, text in sources.items()]
     runs = []
     for name, text, opts in engines:
         engine = bench.TorchEngine(name, opts, "qcompile", args.decode_tokens)
         with kernel_source(text) if text is not None else contextlib.nullcontext():
             print(f"warm-up (compile) {name}: {engine.warm_up(prompt):.1f} s", flush=True)
         runs.append(engine)
-    tok_s = {e.name: [] for e in runs}
+    phases = ("decode", "prefill") if args.prefill else ("decode",)
+    tok_s = {(phase, e.name): [] for phase in phases for e in runs}
     for r in range(args.rounds):
         for engine in (runs if r % 2 == 0 else runs[::-1]):
-            tok_s[engine.name].append(args.decode_tokens / engine.decode(prompt[:bench.PROMPT_DECODE],
-                                                                          args.decode_tokens))
+            tok_s["decode", engine.name].append(args.decode_tokens / engine.decode(prompt[:bench.PROMPT_DECODE],
+                                                                                   args.decode_tokens))
+            if args.prefill:
+                tok_s["prefill", engine.name].append(bench.PROMPT_PREFILL / engine.prefill(prompt))
     print(f"\n{bench.versions_line()}; threads {args.threads}; {args.rounds} alternating rounds of "
-          f"{args.decode_tokens} decode tokens\n")
+          f"{args.decode_tokens} decode tokens" + (f" and a {bench.PROMPT_PREFILL}-token prefill" if args.prefill else "")
+          + "\n")
     base = runs[0].name
-    rows = []
-    for engine in runs:
-        ratios = sorted(a / b for a, b in zip(tok_s[engine.name], tok_s[base]))
-        rows.append([engine.name, f"{statistics.median(tok_s[engine.name]):.1f}",
-                     f"{statistics.median(ratios):.3f}", ", ".join(f"{x:.2f}" for x in ratios)])
-    print(bench.table(["engine", "decode tok/s (median)", f"per-round ratio to {base} (median)", "ratios, sorted"],
-                      rows))
-    wo = [e.name for e in runs[1:]]
-    for other in wo[1:]:
-        ratios = sorted(a / b for a, b in zip(tok_s[other], tok_s[wo[0]]))
-        print(f"\n{other} / {wo[0]}: median {statistics.median(ratios):.3f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+    for phase in phases:
+        rows = []
+        for engine in runs:
+            ratios = sorted(a / b for a, b in zip(tok_s[phase, engine.name], tok_s[phase, base]))
+            rows.append([engine.name, f"{statistics.median(tok_s[phase, engine.name]):.1f}",
+                         f"{statistics.median(ratios):.3f}", ", ".join(f"{x:.2f}" for x in ratios)])
+        print(bench.table(["engine", f"{phase} tok/s (median)", f"per-round ratio to {base} (median)",
+                           "ratios, sorted"], rows))
+        variants = [e.name for e in runs[1:]]
+        for other in variants[1:]:
+            ratios = sorted(a / b for a, b in zip(tok_s[phase, other], tok_s[phase, variants[0]]))
+            print(f"\n{phase}: {other} / {variants[0]}: median {statistics.median(ratios):.3f} "
+                  f"({', '.join(f'{x:.2f}' for x in ratios)})\n")
     if args.split:
         print()
         splits = {e.name: [] for e in runs}

@@ -555,6 +555,15 @@ TokenScratch<A> token_scratch(int64_t M, int64_t K) {
 // and y = x_scale * sum_g scale_g * that + bias, as the reference sums it.
 // ---------------------------------------------------------------------------------------------------------
 #if defined(QC_X86_VNNI)
+// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds a load into every instruction
+// that reads v (the digits into each row's vpdpbusd, the weights into both nibble masks, the GEMM tile's weights
+// into each token's vpdpbusd: that tile ran 1.2x faster pinned), and zmm loads issue one a cycle on this Zen 4
+template <typename T>
+inline T qc_in_register(T v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 // The GEMV walks a row in chunks of 16 int32 lanes: 4-bit, 128 values from 64 packed bytes (lane l holds
 // k0+8l..k0+8l+7: its 4 even k from the low nibbles, its 4 odd k from the high ones, so the activations of a
 // chunk are stored evens then odds); other widths, 64 values in order (lane l holds k0+4l..k0+4l+3). Every lane
@@ -822,33 +831,82 @@ struct VnniPanel {
 
 inline size_t vnni_panel_bytes(int64_t K, int64_t groups) { return (size_t)(16 * K + 16 * groups * 8); }
 
+// out[q] = dword q of each of the 16 rows r[0..15] (a 16 x 16 transpose of int32: unpacks within 128-bit lanes,
+// then the 4 x 4 lanes by shuffle_i32x4)
+inline void transpose_16x16_epi32(const __m512i (&r)[16], __m512i (&out)[16]) {
+  __m512i pair[16], quad[16];
+  for (int i = 0; i < 8; ++i) {  // lane L: r[2i][4L + {0,1}] r[2i+1][...] / {2,3}
+    pair[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    pair[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g)  // quad[4g + j], lane L: dword 4L + j of rows 4g..4g+3
+    for (int h = 0; h < 2; ++h) {
+      quad[4 * g + 2 * h] = _mm512_unpacklo_epi64(pair[4 * g + h], pair[4 * g + 2 + h]);
+      quad[4 * g + 2 * h + 1] = _mm512_unpackhi_epi64(pair[4 * g + h], pair[4 * g + 2 + h]);
+    }
+  for (int j = 0; j < 4; ++j) {  // out[4L + j], lane g = quad[4g + j]'s lane L
+    const __m512i c0 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0x44), c1 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0xEE);
+    const __m512i c2 = _mm512_shuffle_i32x4(quad[8 + j], quad[12 + j], 0x44);
+    const __m512i c3 = _mm512_shuffle_i32x4(quad[8 + j], quad[12 + j], 0xEE);
+    out[j] = _mm512_shuffle_i32x4(c0, c2, 0x88), out[4 + j] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
+    out[8 + j] = _mm512_shuffle_i32x4(c1, c3, 0x88), out[12 + j] = _mm512_shuffle_i32x4(c1, c3, 0xDD);
+  }
+}
+
+// The panel of rows n0..n0+rows-1 in `storage`: 64 values of each row at a time, transposed by 4-value dwords into
+// the panel's [K/4][16][4]; the group sums by vpdpbusd with ones (exact: <= 128 * GROUP in int32). Vectorized: the
+// value-by-value copy and byte sums took ~10% of a prefill GEMM's time.
 template <int BITS, int GROUP, typename ST, int ROWS>
 inline VnniPanel unpack_vnni_panel(const RowLayout<ROWS>& layout, const ST* scale, int64_t n0, int64_t rows, int64_t K,
                                    uint8_t* storage) {
   const int64_t groups = K / GROUP;
   VnniPanel p{(int8_t*)storage, (float*)(storage + 16 * K), (int32_t*)(storage + 16 * K + 16 * groups * 4)};
-  alignas(64) int8_t wrow[64];
-  for (int r = 0; r < 16; ++r) {
-    for (int64_t k0 = 0; k0 < K; k0 += 64) {
-      const int count = (int)std::min<int64_t>(64, K - k0);
-      if (r < rows) {
-        const __m512i w = load_w64_in_order<BITS>(layout.origin(n0 + r, k0 * BITS / 8), K, k0, count);
-        _mm512_store_si512(wrow, w);
-      } else {
-        std::memset(wrow, 0, sizeof(wrow));
-      }
-      for (int q = 0; q < count / 4; ++q) std::memcpy(p.w + ((k0 / 4 + q) * 16 + r) * 4, wrow + 4 * q, 4);
-      for (int i = 0; i < count; i += GROUP < 64 ? GROUP : 64) {
-        int32_t s = 0;
-        for (int j = 0; j < std::min(GROUP, count - i); ++j) s += wrow[i + j];
-        const int64_t g = (k0 + i) / GROUP;
-        if ((k0 + i) % GROUP == 0) p.wsum[g * 16 + r] = 0;
-        p.wsum[g * 16 + r] += s;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i group_sum = _mm512_setzero_si512();
+  for (int64_t k0 = 0; k0 < K; k0 += 64) {
+    const int count = (int)std::min<int64_t>(64, K - k0);
+    __m512i w[16], quads[16];
+    for (int r = 0; r < 16; ++r)
+      w[r] = r < rows ? load_w64_in_order<BITS>(layout.origin(n0 + r, k0 * BITS / 8), K, k0, count)
+                      : _mm512_setzero_si512();
+    transpose_16x16_epi32(w, quads);
+    for (int q = 0; q < count / 4; ++q) {
+      _mm512_store_si512(p.w + (k0 / 4 + q) * 64, quads[q]);
+      group_sum = _mm512_dpbusd_epi32(group_sum, ones, quads[q]);
+      if ((k0 + 4 * q + 4) % GROUP == 0) {
+        _mm512_store_si512(p.wsum + (k0 + 4 * q) / GROUP * 16, group_sum);
+        group_sum = _mm512_setzero_si512();
       }
     }
-    for (int64_t g = 0; g < groups; ++g) p.scale[g * 16 + r] = r < rows ? scale_at(scale + (n0 + r) * groups, g) : 0.f;
   }
+  for (int r = 0; r < 16; ++r)
+    for (int64_t g = 0; g < groups; ++g) p.scale[g * 16 + r] = r < rows ? scale_at(scale + (n0 + r) * groups, g) : 0.f;
   return p;
+}
+
+// One token's 16 outputs from a GEMM tile register: y[l] = v[l] * a_scale (+ bias[l]) for l < count, rounded to OT,
+// as the scalar store does (value by value these stores took ~20% of a prefill GEMM's time)
+template <typename BT, typename OT>
+inline void store_tile_row(OT* y, __m512 v, float a_scale, const BT* bias, int64_t count) {
+  if constexpr (std::is_same_v<OT, float> && std::is_same_v<BT, float>) {
+    v = _mm512_mul_ps(v, _mm512_set1_ps(a_scale));
+    if (count >= 16) {  // plain loads and stores: masked ones cost more on this AMD CPU
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+      _mm512_storeu_ps(y, v);
+    } else {
+      const __mmask16 mask = __mmask16((1u << count) - 1);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias));
+      _mm512_mask_storeu_ps(y, mask, v);
+    }
+  } else {
+    alignas(64) float values[16];
+    _mm512_store_ps(values, v);
+    for (int64_t l = 0; l < count; ++l) {
+      float value = values[l] * a_scale;
+      if (bias) value += static_cast<float>(bias[l]);
+      y[l] = static_cast<OT>(value);
+    }
+  }
 }
 
 // GEMM micro-tile: QC_VNNI_MR tokens (a[t], natural order, u8) x QC_VNNI_NR panels; returns, per token and panel,
@@ -869,7 +927,7 @@ inline void vnni_gemm_tile(const VnniPanel* panels, const uint8_t* const* a, con
     }
     for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 4) {
       __m512i w[NR];
-      for (int p = 0; p < NR; ++p) w[p] = _mm512_loadu_si512(panels[p].w + k * 16);
+      for (int p = 0; p < NR; ++p) w[p] = qc_in_register(_mm512_loadu_si512(panels[p].w + k * 16));
       for (int t = 0; t < MR; ++t) {
         int32_t quad;
         std::memcpy(&quad, a[t] + k, 4);
@@ -954,10 +1012,8 @@ void intx_linear_dynamic_int8_vnni(const XT* x, const uint8_t* packed, const ST*
         vnni_gemm_tile<GROUP>(panels, a, ct, K, f);
         for (int t = 0; t < mr; ++t)
           for (int p = 0; p < QC_VNNI_NR; ++p) {
-            alignas(64) float v[16];
-            _mm512_store_ps(v, f[t][p]);
-            const int64_t nb = std::min<int64_t>(16, N - n0 - 16 * p);
-            for (int64_t l = 0; l < nb; ++l) store(m0 + t, n0 + 16 * p + l, v[l], a_scale[m0 + t]);
+            const int64_t n = n0 + 16 * p;
+            if (n < N) store_tile_row(y + (m0 + t) * N + n, f[t][p], a_scale[m0 + t], bias ? bias + n : bias, N - n);
           }
       }
     }
@@ -1515,15 +1571,6 @@ inline void float_token_digits(const float* x, int64_t K, int64_t K_pad, int8_t*
   }
 }
 
-// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds a load into every instruction
-// that reads v (the digits into each row's vpdpbusd, the weights into both nibble masks), and zmm loads issue one a
-// cycle on this Zen 4: the loop became load-bound
-template <typename T>
-inline T qc_in_register(T v) {
-  asm("" : "+v"(v));
-  return v;
-}
-
 // A lane's exact sum of (u - 8) * m from the nibbles lo (even values) and hi (odd) and the chunk's digit vectors d
 // (DigitsDot's order) and start: 512-bit, or 256-bit for the first 8 lanes.
 inline __m512i digit_lane_sums(__m512i lo, __m512i hi, const __m512i* d, __m512i start) {
@@ -1791,10 +1838,8 @@ void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const 
         }
         for (int t = 0; t < mr; ++t)
           for (int p = 0; p < NR; ++p) {
-            alignas(64) float v[16];
-            _mm512_store_ps(v, acc[t][p]);
-            for (int64_t l = 0, n = n0 + 16 * p; l < 16 && n < N; ++l, ++n)
-              y[(m0 + t) * N + n] = static_cast<OT>(v[l] + (bias ? static_cast<float>(bias[n]) : 0.f));
+            const int64_t n = n0 + 16 * p;
+            if (n < N) store_tile_row(y + (m0 + t) * N + n, acc[t][p], 1.f, bias ? bias + n : bias, N - n);
           }
       }
     }
