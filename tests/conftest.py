@@ -18,6 +18,12 @@ else:
     os.environ.setdefault("QCOMPILE_AUTOTUNE", "0")
 
 import qcompile  # noqa: E402,F401  (registers the qcompile:: ops)
+from qcompile import _compat  # noqa: E402
+
+# The kernel tests compile qcompile's ops under plain torch.compile, outside the backend that stamps Inductor's cache
+# keys with the kernel sources: stamp them here too, or an edited kernel's test is served the old kernel's graph
+torch._inductor.config.post_grad_custom_post_pass = _compat._kernel_stamp_pass(
+    torch._inductor.config.post_grad_custom_post_pass)
 
 
 @pytest.fixture(autouse=True)
