@@ -49,6 +49,17 @@ inline __m512 exp16(__m512 x) {
 
 constexpr int QC_ATTN_ROWS = 4;  // query rows sharing each key / value row load (the rows of one kv head)
 
+#if defined(__AVX512F__) && !defined(QC_IN_REGISTER_DEFINED)
+#define QC_IN_REGISTER_DEFINED
+// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds the load into every FMA that
+// reads v (a key or value tile row into each query row's FMA: 4x the loads, at one zmm load a cycle on Zen 4)
+template <typename T>
+inline T qc_in_register(T v) {
+  asm("" : "+v"(v));
+  return v;
+}
+#endif
+
 #if defined(__AVX512F__)
 // {sum(a), sum(b), sum(c), sum(d)}: four horizontal sums sharing their last shuffles (one vector sum each costs
 // about as much as the four FMAs of a 64-wide dot)
@@ -74,7 +85,7 @@ inline void attention_scores(const float* const* q, const float* k, int64_t n, i
         for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 16)
         for (int c = 0; c < 4; ++c) {
-          const __m512 kv = _mm512_loadu_ps(k + (j + c) * D + d);
+          const __m512 kv = qc_in_register(_mm512_loadu_ps(k + (j + c) * D + d));
           for (int r = 0; r < rows; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + d), kv, acc[r][c]);
         }
       for (int r = 0; r < rows; ++r) {
@@ -143,7 +154,7 @@ inline void weighted_values(const float* w, int64_t stride, const float* v, int6
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       __m512 vj[C];
-      for (int c = 0; c < C; ++c) vj[c] = _mm512_loadu_ps(v + j * D + d + 16 * c);
+      for (int c = 0; c < C; ++c) vj[c] = qc_in_register(_mm512_loadu_ps(v + j * D + d + 16 * c));
       for (int r = 0; r < rows; ++r) {
         const __m512 wr = _mm512_set1_ps(w[r * stride + j]);
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wr, vj[c], acc[r][c]);
@@ -157,7 +168,7 @@ inline void weighted_values(const float* w, int64_t stride, const float* v, int6
     __m512 acc[rows];
     for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m512 vj = _mm512_loadu_ps(v + j * D + d);
+      const __m512 vj = qc_in_register(_mm512_loadu_ps(v + j * D + d));
       for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * stride + j]), vj, acc[r]);
     }
     for (int r = 0; r < rows; ++r) _mm512_storeu_ps(o[r] + d, _mm512_div_ps(acc[r], _mm512_set1_ps(total[r])));
@@ -253,7 +264,7 @@ inline void prefill_scores(const float* const* q, const float* kt, int64_t n, in
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
       __m512 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(tile + d * 64 + 16 * c);
+      for (int c = 0; c < C; ++c) kv[c] = qc_in_register(_mm512_loadu_ps(tile + d * 64 + 16 * c));
       for (int r = 0; r < R; ++r) {
         const __m512 qd = _mm512_set1_ps(q[r][d]);
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(qd, kv[c], acc[r][c]);

@@ -558,11 +558,14 @@ TokenScratch<A> token_scratch(int64_t M, int64_t K) {
 // v, loaded once into a register: under Inductor's -march=native GCC otherwise folds a load into every instruction
 // that reads v (the digits into each row's vpdpbusd, the weights into both nibble masks, the GEMM tile's weights
 // into each token's vpdpbusd: that tile ran 1.2x faster pinned), and zmm loads issue one a cycle on this Zen 4
+#if !defined(QC_IN_REGISTER_DEFINED)  // decode_attention.h has the same helper
+#define QC_IN_REGISTER_DEFINED
 template <typename T>
 inline T qc_in_register(T v) {
   asm("" : "+v"(v));
   return v;
 }
+#endif
 
 // The GEMV walks a row in chunks of 16 int32 lanes: 4-bit, 128 values from 64 packed bytes (lane l holds
 // k0+8l..k0+8l+7: its 4 even k from the low nibbles, its 4 odd k from the high ones, so the activations of a
@@ -1830,7 +1833,7 @@ void intx_linear_float_gemm_avx512(const float* x, const uint8_t* packed, const 
           for (int p = 0; p < NR; ++p) acc[t][p] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; ++k) {
           __m512 w[NR];
-          for (int p = 0; p < NR; ++p) w[p] = _mm512_load_ps(panels + p * 16 * K + k * 16);
+          for (int p = 0; p < NR; ++p) w[p] = qc_in_register(_mm512_load_ps(panels + p * 16 * K + k * 16));
           for (int t = 0; t < MR; ++t) {
             const __m512 xb = _mm512_set1_ps(a[t][k]);
             for (int p = 0; p < NR; ++p) acc[t][p] = _mm512_fmadd_ps(xb, w[p], acc[t][p]);
