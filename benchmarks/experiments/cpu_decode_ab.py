@@ -67,6 +67,8 @@ def main():
         sources.update((Path(path).stem, Path(path).read_text()) for path in args.headers)
     else:
         sources["working tree"] = (root / HEADER).read_text()
+    # as the CppTemplate pastes it: the working tree's simd.h (and any other local include) in place of its #include
+    sources = {label: inductor_template.inline_includes(text) for label, text in sources.items()}
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 49000, bench.PROMPT_PREFILL)]
 
     def options(scheme, tag):

@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -48,17 +50,6 @@ inline __m512 exp16(__m512 x) {
 #endif
 
 constexpr int QC_ATTN_ROWS = 4;  // query rows sharing each key / value row load (the rows of one kv head)
-
-#if defined(__AVX512F__) && !defined(QC_IN_REGISTER_DEFINED)
-#define QC_IN_REGISTER_DEFINED
-// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds the load into every FMA that
-// reads v (a key or value tile row into each query row's FMA: 4x the loads, at one zmm load a cycle on Zen 4)
-template <typename T>
-inline T qc_in_register(T v) {
-  asm("" : "+v"(v));
-  return v;
-}
-#endif
 
 #if defined(__AVX512F__)
 // {sum(a), sum(b), sum(c), sum(d)}: four horizontal sums sharing their last shuffles (one vector sum each costs

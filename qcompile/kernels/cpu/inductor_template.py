@@ -24,8 +24,19 @@ from . import layout as cpu_layout
 from . import ops
 
 log = logging.getLogger(__name__)
-KERNEL_SOURCE = (Path(__file__).parent / "intx_linear.h").read_text()
-ATTENTION_SOURCE = (Path(__file__).parent / "decode_attention.h").read_text()
+KERNEL_DIR = Path(__file__).parent
+
+
+def inline_includes(text: str, directory: Path = KERNEL_DIR) -> str:
+    """A header's text with each `#include "name"` of a file in `directory` replaced by that file's (inlined) text:
+    the output code Inductor compiles is one file in its own cache folder, where no include path finds our headers."""
+    def replace(match):
+        return inline_includes((directory / match[1]).read_text(), directory)
+    return re.sub(r'^#include "([\w.]+)"$', replace, text, flags=re.MULTILINE)
+
+
+KERNEL_SOURCE = inline_includes((KERNEL_DIR / "intx_linear.h").read_text())
+ATTENTION_SOURCE = inline_includes((KERNEL_DIR / "decode_attention.h").read_text())
 # query rows from which decode_attention.h takes its multi-threaded prefill path (read from the header: one source)
 PREFILL_MIN_ROWS = int(re.search(r"QC_PREFILL_MIN_ROWS = (\d+);", ATTENTION_SOURCE)[1])
 

@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QC_X86_AVX2 1
@@ -555,18 +557,6 @@ TokenScratch<A> token_scratch(int64_t M, int64_t K) {
 // and y = x_scale * sum_g scale_g * that + bias, as the reference sums it.
 // ---------------------------------------------------------------------------------------------------------
 #if defined(QC_X86_VNNI)
-// v, loaded once into a register: under Inductor's -march=native GCC otherwise folds a load into every instruction
-// that reads v (the digits into each row's vpdpbusd, the weights into both nibble masks, the GEMM tile's weights
-// into each token's vpdpbusd: that tile ran 1.2x faster pinned), and zmm loads issue one a cycle on this Zen 4
-#if !defined(QC_IN_REGISTER_DEFINED)  // decode_attention.h has the same helper
-#define QC_IN_REGISTER_DEFINED
-template <typename T>
-inline T qc_in_register(T v) {
-  asm("" : "+v"(v));
-  return v;
-}
-#endif
-
 // The GEMV walks a row in chunks of 16 int32 lanes: 4-bit, 128 values from 64 packed bytes (lane l holds
 // k0+8l..k0+8l+7: its 4 even k from the low nibbles, its 4 odd k from the high ones, so the activations of a
 // chunk are stored evens then odds); other widths, 64 values in order (lane l holds k0+4l..k0+4l+3). Every lane
