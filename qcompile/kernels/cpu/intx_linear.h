@@ -838,7 +838,8 @@ inline void transpose_16x16_epi32(const __m512i (&r)[16], __m512i (&out)[16]) {
       quad[4 * g + 2 * h + 1] = _mm512_unpackhi_epi64(pair[4 * g + h], pair[4 * g + 2 + h]);
     }
   for (int j = 0; j < 4; ++j) {  // out[4L + j], lane g = quad[4g + j]'s lane L
-    const __m512i c0 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0x44), c1 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0xEE);
+    const __m512i c0 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0x44);
+    const __m512i c1 = _mm512_shuffle_i32x4(quad[j], quad[4 + j], 0xEE);
     const __m512i c2 = _mm512_shuffle_i32x4(quad[8 + j], quad[12 + j], 0x44);
     const __m512i c3 = _mm512_shuffle_i32x4(quad[8 + j], quad[12 + j], 0xEE);
     out[j] = _mm512_shuffle_i32x4(c0, c2, 0x88), out[4 + j] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
