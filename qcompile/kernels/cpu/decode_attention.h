@@ -241,35 +241,48 @@ inline int64_t unmasked_keys(const float* const* m, int rows, int64_t Lk) {
   return keys;
 }
 
+#if defined(__AVX512F__)
+// One 64-key tile's scores for its first 16 * C keys (C < 4: the causal edge's tile, whose keys past n would be
+// computed only to be dropped)
+template <int R, int C>
+inline void prefill_tile_scores(const float* const* q, const float* tile, int64_t j, int64_t n, int64_t D, float scale,
+                                const float* const* m, float* s, int64_t stride) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = qc_in_register(_mm512_loadu_ps(tile + d * 64 + 16 * c));
+    for (int r = 0; r < R; ++r) {
+      const __m512 qd = _mm512_set1_ps(q[r][d]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(qd, kv[c], acc[r][c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const int64_t j0 = j + 16 * c;
+    const __mmask16 live = n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1);
+    for (int r = 0; r < R; ++r) {
+      __m512 v = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale));
+      if (m[r]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, m[r] + j0));
+      _mm512_mask_storeu_ps(s + r * stride + j0, live, v);
+    }
+  }
+}
+#endif
+
 // s[r * stride + j] = scale * q_r . k_j + m_r[j] for j < n, from kt: K transposed in tiles of 64 keys ([Lk / 64][D]
 // [64], zero past Lk), so a tile's 16-key rows are one contiguous stream
 template <int R>
 inline void prefill_scores(const float* const* q, const float* kt, int64_t n, int64_t D, float scale,
                            const float* const* m, float* s, int64_t stride) {
 #if defined(__AVX512F__)
-  constexpr int C = 4;  // 64 keys a tile: R x 4 accumulators
-  for (int64_t j = 0; j < n; j += 16 * C) {
+  for (int64_t j = 0; j < n; j += 64) {
     const float* tile = kt + j * D;
-    __m512 acc[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      __m512 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = qc_in_register(_mm512_loadu_ps(tile + d * 64 + 16 * c));
-      for (int r = 0; r < R; ++r) {
-        const __m512 qd = _mm512_set1_ps(q[r][d]);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(qd, kv[c], acc[r][c]);
-      }
-    }
-    for (int c = 0; c < C; ++c) {
-      const int64_t j0 = j + 16 * c;
-      if (j0 >= n) break;
-      const __mmask16 live = n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1);
-      for (int r = 0; r < R; ++r) {
-        __m512 v = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale));
-        if (m[r]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, m[r] + j0));
-        _mm512_mask_storeu_ps(s + r * stride + j0, live, v);
-      }
+    switch (std::min<int64_t>(4, (n - j + 15) / 16)) {  // 16-key columns of this tile below n
+      case 1: prefill_tile_scores<R, 1>(q, tile, j, n, D, scale, m, s, stride); break;
+      case 2: prefill_tile_scores<R, 2>(q, tile, j, n, D, scale, m, s, stride); break;
+      case 3: prefill_tile_scores<R, 3>(q, tile, j, n, D, scale, m, s, stride); break;
+      default: prefill_tile_scores<R, 4>(q, tile, j, n, D, scale, m, s, stride); break;
     }
   }
 #else
